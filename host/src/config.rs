@@ -1,0 +1,359 @@
+//! The host's configuration file (TOML). Unknown keys are errors that name
+//! the key, so a typo never silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::event::DEFAULT_MAX_BODY_BYTES;
+use crate::mq::{ConsumeFrom, ConsumerSettings, DEFAULT_PRODUCER_GROUP, ProducerSettings};
+use crate::outcome::UndecodablePolicy;
+use crate::topic::{DEFAULT_TOPIC, TopicName, TopicNameError, check_resource_name};
+use crate::wasm::{InstanceMode, PluginSettings, RuntimeSettings};
+
+pub const DEFAULT_NAME_SERVER: &str = "127.0.0.1:9876";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {cause}", path.display())]
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("config file {}: {cause}", path.display())]
+    Parse {
+        path: PathBuf,
+        cause: toml::de::Error,
+    },
+    #[error(transparent)]
+    Topic(#[from] TopicNameError),
+    #[error("plugin {plugin}: {problem}")]
+    Plugin { plugin: String, problem: String },
+}
+
+/// The whole configuration. Every key is optional except the plugins' `name`
+/// and `path`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Name server address(es), `;`-separated.
+    #[serde(default = "default_name_server")]
+    pub name_server: String,
+    /// The topic as users know it; dots become underscores on the wire.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// What to do with a body that is not a task event.
+    #[serde(default)]
+    pub on_undecodable: UndecodablePolicy,
+    /// Bodies over this size are undecodable.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default, rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+    #[serde(default)]
+    pub producer: ProducerConfig,
+}
+
+/// Engine-wide limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Plugin instances alive at once, over all plugins.
+    pub max_instances: u32,
+    /// The most memory any plugin may be given, in MiB.
+    pub max_memory_mb: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        let defaults = RuntimeSettings::default();
+        RuntimeConfig {
+            max_instances: defaults.max_instances,
+            max_memory_mb: defaults.max_memory_bytes / MIB,
+        }
+    }
+}
+
+/// One plugin and the consumer that feeds it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Used in logs and in the default consumer group.
+    pub name: String,
+    /// The component file; relative paths are relative to the config file.
+    pub path: PathBuf,
+    /// Consumer group; default `mqplug-<name>`. Each plugin has its own, so
+    /// one plugin's retries never re-run another's successes.
+    pub group: Option<String>,
+    /// RocketMQ tag expression: `*`, or event types like `A || B`.
+    #[serde(default = "default_tags")]
+    pub tags: String,
+    /// Messages handled at once by this plugin.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Redeliveries before the broker dead-letters a message.
+    #[serde(default = "default_max_reconsume_times")]
+    pub max_reconsume_times: i32,
+    #[serde(default)]
+    pub instance_mode: InstanceMode,
+    /// Per-event deadline; keep well under the client's 30 s listener timeout.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    #[serde(default = "default_memory_limit_mb")]
+    pub memory_limit_mb: usize,
+    /// Where a new consumer group starts: `last` (default) or `first`.
+    #[serde(default)]
+    pub consume_from: ConsumeFrom,
+}
+
+/// The built-in producer: off unless `enabled`, like the platform's nil producer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerConfig {
+    pub enabled: bool,
+    pub group: String,
+    pub retries: u32,
+    pub send_timeout_ms: u64,
+    /// Create the topic with this many queues at start-up (for local brokers;
+    /// leave unset against a managed cluster).
+    pub create_topic_queues: Option<i32>,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            enabled: false,
+            group: DEFAULT_PRODUCER_GROUP.to_string(),
+            retries: 2,
+            send_timeout_ms: 3000,
+            create_topic_queues: None,
+        }
+    }
+}
+
+const MIB: usize = 1024 * 1024;
+/// The RocketMQ client counts a listener running past 30 s as failed.
+const LISTENER_TIMEOUT_MS: u64 = 30_000;
+
+fn default_name_server() -> String {
+    DEFAULT_NAME_SERVER.to_string()
+}
+fn default_topic() -> String {
+    DEFAULT_TOPIC.to_string()
+}
+fn default_max_body_bytes() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_tags() -> String {
+    "*".to_string()
+}
+fn default_concurrency() -> u32 {
+    4
+}
+fn default_max_reconsume_times() -> i32 {
+    16
+}
+fn default_deadline_ms() -> u64 {
+    5000
+}
+fn default_memory_limit_mb() -> usize {
+    64
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("the empty config is valid")
+    }
+}
+
+impl HostConfig {
+    /// Reads a config file; plugin paths become relative to its folder.
+    pub fn from_file(path: &Path) -> Result<HostConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        let mut config: HostConfig = toml::from_str(&text).map_err(|cause| ConfigError::Parse {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for plugin in &mut config.plugins {
+            if plugin.path.is_relative() {
+                plugin.path = base.join(&plugin.path);
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn topic(&self) -> Result<TopicName, TopicNameError> {
+        TopicName::new(&self.topic)
+    }
+
+    pub fn runtime_settings(&self) -> RuntimeSettings {
+        RuntimeSettings {
+            max_instances: self.runtime.max_instances,
+            max_memory_bytes: self.runtime.max_memory_mb.saturating_mul(MIB),
+        }
+    }
+
+    pub fn producer_settings(&self) -> Result<ProducerSettings, ConfigError> {
+        Ok(ProducerSettings {
+            name_server: self.name_server.clone(),
+            group: self.producer.group.clone(),
+            topic: self.topic()?,
+            retries: self.producer.retries,
+            send_timeout: Duration::from_millis(self.producer.send_timeout_ms),
+        })
+    }
+
+    /// Checks everything that can be checked before connecting anywhere.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.topic()?;
+        let mut names = std::collections::HashSet::new();
+        for plugin in &self.plugins {
+            let problem = |problem: String| ConfigError::Plugin {
+                plugin: plugin.name.clone(),
+                problem,
+            };
+            if !names.insert(plugin.name.as_str()) {
+                return Err(problem("the name is used by another plugin".into()));
+            }
+            check_resource_name(&plugin.group())
+                .map_err(|bad| problem(format!("consumer group {:?}: {bad}", plugin.group())))?;
+            if plugin.deadline_ms == 0 || plugin.deadline_ms >= LISTENER_TIMEOUT_MS {
+                return Err(problem(format!(
+                    "deadline_ms = {} must be between 1 and {} (the RocketMQ client's listener timeout)",
+                    plugin.deadline_ms,
+                    LISTENER_TIMEOUT_MS - 1
+                )));
+            }
+            if plugin.concurrency == 0 {
+                return Err(problem("concurrency must be at least 1".into()));
+            }
+            if plugin.memory_limit_mb > self.runtime.max_memory_mb {
+                return Err(problem(format!(
+                    "memory_limit_mb = {} is over runtime.max_memory_mb = {}",
+                    plugin.memory_limit_mb, self.runtime.max_memory_mb
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PluginConfig {
+    /// A plugin with every setting at its default.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        PluginConfig {
+            name: name.into(),
+            path: path.into(),
+            group: None,
+            tags: default_tags(),
+            concurrency: default_concurrency(),
+            max_reconsume_times: default_max_reconsume_times(),
+            instance_mode: InstanceMode::default(),
+            deadline_ms: default_deadline_ms(),
+            memory_limit_mb: default_memory_limit_mb(),
+            consume_from: ConsumeFrom::default(),
+        }
+    }
+
+    /// The consumer group: configured, or `mqplug-<name>` with characters
+    /// RocketMQ rejects replaced by `-`.
+    pub fn group(&self) -> String {
+        self.group.clone().unwrap_or_else(|| {
+            let name: String = self
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+                .collect();
+            format!("mqplug-{name}")
+        })
+    }
+
+    pub fn plugin_settings(&self) -> PluginSettings {
+        PluginSettings {
+            name: self.name.clone(),
+            deadline: Duration::from_millis(self.deadline_ms),
+            memory_limit_bytes: self.memory_limit_mb.saturating_mul(MIB),
+            instance_mode: self.instance_mode,
+        }
+    }
+
+    pub fn consumer_settings(&self, name_server: &str, topic: &TopicName) -> ConsumerSettings {
+        ConsumerSettings {
+            name_server: name_server.to_string(),
+            group: self.group(),
+            topic: topic.clone(),
+            tags: self.tags.clone(),
+            concurrency: self.concurrency,
+            max_reconsume_times: self.max_reconsume_times,
+            consume_from: self.consume_from,
+            // In-flight handlers finish within their deadline; wait a little longer.
+            drain_timeout: Duration::from_millis(self.deadline_ms + 2000),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<HostConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_platform_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.name_server, "127.0.0.1:9876");
+        assert_eq!(config.topic().unwrap().wire(), "marketing_task_completed");
+        assert!(!config.producer.enabled);
+        assert_eq!(config.producer.group, "marketing-producer-group");
+        assert_eq!(config.producer.retries, 2);
+        assert_eq!(config.on_undecodable, UndecodablePolicy::Retry);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = parse("name_servr = 'x'").unwrap_err().to_string();
+        assert!(err.contains("unknown field `name_servr`"), "{err}");
+        let err = parse("[[plugin]]\nname='a'\npath='a.wasm'\nconcurency=2")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `concurency`"), "{err}");
+        let err = parse("[producer]\nenable = true").unwrap_err().to_string();
+        assert!(err.contains("unknown field `enable`"), "{err}");
+    }
+
+    #[test]
+    fn plugins_get_their_own_group_by_default() {
+        let config = parse(
+            "[[plugin]]\nname = 'reward logger'\npath = 'r.wasm'\n\
+             [[plugin]]\nname = 'audit'\npath = 'a.wasm'\ngroup = 'audit-team'\ninstance_mode = 'fresh-per-event'",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.plugins[0].group(), "mqplug-reward-logger");
+        assert_eq!(config.plugins[1].group(), "audit-team");
+        assert_eq!(
+            config.plugins[1].instance_mode,
+            InstanceMode::FreshPerEvent
+        );
+    }
+
+    #[test]
+    fn validation_names_the_plugin_and_the_problem() {
+        let config = parse("[[plugin]]\nname='slow'\npath='s.wasm'\ndeadline_ms=60000").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("plugin slow: deadline_ms = 60000"), "{err}");
+        let config = parse("[[plugin]]\nname='a'\npath='a'\n[[plugin]]\nname='a'\npath='b'").unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("used by another"));
+        let config = parse("topic = 'marketing task'").unwrap();
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! From a message body to a RocketMQ outcome: decode, call the handler, map,
+//! log. Plain functions over small traits, testable without a broker or wasm.
+
+use std::sync::Arc;
+
+use tracing::{debug, error, info_span, warn};
+
+use crate::delivery::Delivery;
+use crate::event::TaskEvent;
+use crate::mq::MessageHandler;
+use crate::observe::{HostEvent, Observers};
+use crate::outcome::{
+    DeliveryOutcome, HandlerOutcome, UndecodablePolicy, delivery_outcome, undecodable_outcome,
+};
+use crate::wasm::Plugin;
+
+/// Something that handles decoded events: a wasm plugin, or a fake in tests.
+pub trait EventHandler: Send + Sync + 'static {
+    fn handle(&self, event: &TaskEvent, delivery: &Delivery) -> HandlerOutcome;
+}
+
+impl EventHandler for Plugin {
+    fn handle(&self, event: &TaskEvent, delivery: &Delivery) -> HandlerOutcome {
+        Plugin::handle(self, event, delivery)
+    }
+}
+
+/// Hands one plugin's messages to its handler and decides their outcome.
+pub struct Dispatcher {
+    plugin: Arc<str>,
+    handler: Arc<dyn EventHandler>,
+    undecodable: UndecodablePolicy,
+    max_body_bytes: usize,
+    observers: Observers,
+}
+
+impl Dispatcher {
+    pub fn new(
+        plugin: &str,
+        handler: Arc<dyn EventHandler>,
+        undecodable: UndecodablePolicy,
+        max_body_bytes: usize,
+        observers: Observers,
+    ) -> Self {
+        Dispatcher {
+            plugin: Arc::from(plugin),
+            handler,
+            undecodable,
+            max_body_bytes,
+            observers,
+        }
+    }
+
+    /// Decodes the body, runs the handler, logs what happened and returns
+    /// what to tell the broker. Never panics.
+    pub fn dispatch(&self, delivery: &Delivery, body: &[u8]) -> DeliveryOutcome {
+        let span = info_span!(
+            "message",
+            plugin = %self.plugin,
+            message_id = %delivery.message_id,
+            reconsume_times = delivery.reconsume_times,
+        );
+        let _entered = span.enter();
+        let (outcome, cause) = match TaskEvent::decode(body, self.max_body_bytes) {
+            Err(err) => {
+                let outcome = undecodable_outcome(self.undecodable);
+                error!(
+                    body_bytes = body.len(),
+                    ?outcome,
+                    "undecodable message: {err}; fix the producer (this plugin's handler was not called)"
+                );
+                (outcome, Some(format!("undecodable: {err}")))
+            }
+            Ok(event) => {
+                let handled = self.handler.handle(&event, delivery);
+                let outcome = delivery_outcome(&handled);
+                let cause = match handled {
+                    HandlerOutcome::Accepted => {
+                        debug!(event_type = %event.event_type, "handled");
+                        None
+                    }
+                    HandlerOutcome::Rejected { reason } => {
+                        warn!(?outcome, "handler returned an error: {reason}");
+                        Some(format!("handler error: {reason}"))
+                    }
+                    HandlerOutcome::Failed(failure) => {
+                        error!(?outcome, "handler failed ({failure}); instance discarded");
+                        Some(failure.to_string())
+                    }
+                };
+                (outcome, cause)
+            }
+        };
+        self.observers.emit(|| HostEvent::Handled {
+            plugin: self.plugin.clone(),
+            message_id: delivery.message_id.clone(),
+            reconsume_times: delivery.reconsume_times,
+            outcome,
+            cause,
+        });
+        outcome
+    }
+}
+
+impl MessageHandler for Dispatcher {
+    fn on_message(&self, delivery: &Delivery, body: &[u8]) -> DeliveryOutcome {
+        self.dispatch(delivery, body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::event::DEFAULT_MAX_BODY_BYTES;
+    use crate::observe::Observer;
+    use crate::outcome::HandlerFailure;
+
+    /// Answers with a fixed outcome and remembers the events it saw.
+    struct Scripted {
+        outcome: HandlerOutcome,
+        seen: Mutex<Vec<TaskEvent>>,
+    }
+
+    impl EventHandler for Scripted {
+        fn handle(&self, event: &TaskEvent, _delivery: &Delivery) -> HandlerOutcome {
+            self.seen.lock().unwrap().push(event.clone());
+            self.outcome.clone()
+        }
+    }
+
+    const BODY: &[u8] = br#"{"EventType":"USER_REGISTER","UserID":123,"TenantID":"tenant1",
+        "AppID":"app1","CampaignID":"campaign-1","CampaignName":"x","EventData":{},
+        "Timestamp":"2026-11-25T14:19:15Z"}"#;
+
+    fn dispatcher(
+        outcome: HandlerOutcome,
+        policy: UndecodablePolicy,
+    ) -> (Dispatcher, Arc<Scripted>, Arc<Mutex<Vec<HostEvent>>>) {
+        let handler = Arc::new(Scripted {
+            outcome,
+            seen: Mutex::default(),
+        });
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let observer: Observer = Arc::new(move |event| sink.lock().unwrap().push(event.clone()));
+        let dispatcher = Dispatcher::new(
+            "test-plugin",
+            handler.clone(),
+            policy,
+            DEFAULT_MAX_BODY_BYTES,
+            Observers::new(vec![observer]),
+        );
+        (dispatcher, handler, events)
+    }
+
+    fn delivery() -> Delivery {
+        Delivery {
+            message_id: "m-1".into(),
+            reconsume_times: 2,
+            ..Delivery::default()
+        }
+    }
+
+    #[test]
+    fn an_accepted_event_is_acknowledged_and_reported() {
+        let (dispatcher, handler, events) =
+            dispatcher(HandlerOutcome::Accepted, UndecodablePolicy::Retry);
+        assert_eq!(
+            dispatcher.dispatch(&delivery(), BODY),
+            DeliveryOutcome::ConsumeSuccess
+        );
+        assert_eq!(handler.seen.lock().unwrap()[0].user_id, 123);
+        assert_eq!(
+            events.lock().unwrap().as_slice(),
+            [HostEvent::Handled {
+                plugin: Arc::from("test-plugin"),
+                message_id: "m-1".into(),
+                reconsume_times: 2,
+                outcome: DeliveryOutcome::ConsumeSuccess,
+                cause: None,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_rejected_or_failed_event_is_retried_with_its_cause() {
+        for (outcome, expected_cause) in [
+            (
+                HandlerOutcome::Rejected {
+                    reason: "out of stock".into(),
+                },
+                "handler error: out of stock",
+            ),
+            (
+                HandlerOutcome::Failed(HandlerFailure::Trap {
+                    detail: "unreachable".into(),
+                }),
+                "trap: unreachable",
+            ),
+        ] {
+            let (dispatcher, _, events) = dispatcher(outcome, UndecodablePolicy::Retry);
+            assert_eq!(
+                dispatcher.dispatch(&delivery(), BODY),
+                DeliveryOutcome::ConsumeRetryLater
+            );
+            let events = events.lock().unwrap();
+            let HostEvent::Handled { cause, .. } = &events[0] else {
+                panic!("expected a Handled event, got {events:?}");
+            };
+            assert_eq!(cause.as_deref(), Some(expected_cause));
+        }
+    }
+
+    #[test]
+    fn an_undecodable_body_never_reaches_the_handler() {
+        let (dispatcher, handler, events) =
+            dispatcher(HandlerOutcome::Accepted, UndecodablePolicy::Retry);
+        assert_eq!(
+            dispatcher.dispatch(&delivery(), b"{not json"),
+            DeliveryOutcome::ConsumeRetryLater
+        );
+        assert!(handler.seen.lock().unwrap().is_empty());
+        let events = events.lock().unwrap();
+        let HostEvent::Handled { cause, .. } = &events[0] else {
+            panic!("expected a Handled event, got {events:?}");
+        };
+        assert!(cause.as_deref().unwrap().starts_with("undecodable: "), "{cause:?}");
+    }
+
+    #[test]
+    fn the_drop_policy_acknowledges_an_undecodable_body() {
+        let (dispatcher, _, _) = dispatcher(HandlerOutcome::Accepted, UndecodablePolicy::Drop);
+        assert_eq!(
+            dispatcher.dispatch(&delivery(), b"\xff"),
+            DeliveryOutcome::ConsumeSuccess
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! mqplug: a WebAssembly plugin host for consumer-side business handlers on
+//! Apache RocketMQ.
+//!
+//! One message's path: [`mq`] (push consumer) -> [`dispatch`] (decode with
+//! [`event`], call the handler, map with [`outcome`]) -> [`wasm`] (plugin
+//! instance) -> back to [`mq`] as ConsumeSuccess or ConsumeRetryLater.
+//! See ARCHITECTURE.md for the invariants.
+
+pub mod config;
+pub mod delivery;
+pub mod dispatch;
+pub mod event;
+pub mod host;
+pub mod mq;
+pub mod observe;
+pub mod outcome;
+pub mod replay;
+pub mod shutdown;
+pub mod topic;
+pub mod wasm;
+
+pub use config::{HostConfig, PluginConfig};
+pub use delivery::Delivery;
+pub use event::TaskEvent;
+pub use host::{Host, HostError};
+pub use outcome::{DeliveryOutcome, HandlerOutcome};

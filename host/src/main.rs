@@ -1,0 +1,345 @@
+//! `mqplug`: the command line over the mqplug library.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use mqplug::config::{HostConfig, PluginConfig};
+use mqplug::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
+use mqplug::mq::{MqRuntime, Publisher};
+use mqplug::observe::Observers;
+use mqplug::outcome::{DeliveryOutcome, UndecodablePolicy};
+use mqplug::replay::Replayer;
+use mqplug::topic::TopicName;
+use mqplug::wasm::{Plugin, PluginSettings, RuntimeSettings, WasmRuntime};
+use mqplug::{Host, shutdown};
+use tracing_subscriber::EnvFilter;
+
+/// A WebAssembly plugin host for RocketMQ consumers: teams ship handlers for
+/// the marketing platform's task events as wasm components; mqplug consumes
+/// `marketing.task.completed`, runs each plugin in a sandbox and acknowledges
+/// or retries every message by the plugin's answer.
+///
+/// Logging: MQPLUG_LOG (e.g. `debug`, `mqplug=trace`); default `warn,mqplug=info`.
+#[derive(Parser)]
+#[command(name = "mqplug", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume task events and hand them to the configured plugins until
+    /// SIGINT/SIGTERM, then drain in-flight handlers and exit.
+    Run(RunArgs),
+    /// Publish task events with the built-in producer: the platform's example
+    /// event, one given as flags or JSON, or many from a JSON Lines file.
+    Publish(PublishArgs),
+    /// Run message bodies from a JSON Lines file through a plugin, no broker
+    /// needed, and print what RocketMQ would be told for each.
+    Replay(ReplayArgs),
+}
+
+/// Settings shared by `run` and `publish`; flags beat environment variables,
+/// which beat the config file.
+#[derive(Args)]
+struct Connection {
+    /// Config file (TOML); see mqplug.example.toml.
+    #[arg(long, short, env = "MQPLUG_CONFIG")]
+    config: Option<PathBuf>,
+    /// Name server address(es), `;`-separated [default: 127.0.0.1:9876].
+    #[arg(long, env = "MQPLUG_NAME_SERVER")]
+    name_server: Option<String>,
+    /// Topic as users know it; dots become underscores on the wire
+    /// [default: marketing.task.completed].
+    #[arg(long, env = "MQPLUG_TOPIC")]
+    topic: Option<String>,
+}
+
+impl Connection {
+    fn load(&self) -> Result<HostConfig> {
+        let mut config = match &self.config {
+            Some(path) => HostConfig::from_file(path)?,
+            None => HostConfig::default(),
+        };
+        if let Some(name_server) = &self.name_server {
+            config.name_server.clone_from(name_server);
+        }
+        if let Some(topic) = &self.topic {
+            config.topic.clone_from(topic);
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Add a plugin with default settings: NAME=PATH (repeatable).
+    #[arg(long = "plugin", value_name = "NAME=PATH")]
+    plugins: Vec<String>,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// One event as JSON (snake_case or Go field names).
+    #[arg(long, conflicts_with = "file")]
+    json: Option<String>,
+    /// Many events, one JSON object a line.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Publish the same event this many times.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Create the topic with this many queues first (local brokers only).
+    #[arg(long, value_name = "QUEUES")]
+    create_topic: Option<i32>,
+    #[command(flatten)]
+    event: EventArgs,
+}
+
+/// The event to publish when neither --json nor --file is given; defaults
+/// are the marketing platform's example event.
+#[derive(Args)]
+struct EventArgs {
+    #[arg(long, default_value = "USER_REGISTER")]
+    event_type: String,
+    #[arg(long, default_value_t = 123)]
+    user_id: u64,
+    #[arg(long, default_value = "tenant1")]
+    tenant_id: String,
+    #[arg(long, default_value = "app1")]
+    app_id: String,
+    #[arg(long, default_value = "campaign-1")]
+    campaign_id: String,
+    #[arg(long, default_value = "测试活动")]
+    campaign_name: String,
+    /// A JSON object.
+    #[arg(long, default_value = r#"{"count":1}"#)]
+    event_data: String,
+    /// RFC 3339 [default: now].
+    #[arg(long)]
+    timestamp: Option<String>,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The plugin component (.wasm).
+    #[arg(long)]
+    plugin: PathBuf,
+    /// Message bodies, one a line.
+    #[arg(long)]
+    events: PathBuf,
+    /// Pretend every message is on this redelivery.
+    #[arg(long, default_value_t = 0)]
+    reconsume_times: u32,
+    /// Handler deadline in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    deadline_ms: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    let filter = EnvFilter::try_from_env("MQPLUG_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("warn,mqplug=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Publish(args) => publish(args).await,
+            Command::Replay(args) => replay(args),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> Result<std::process::ExitCode> {
+    let mut config = args.connection.load()?;
+    for spec in &args.plugins {
+        let (name, path) = spec
+            .split_once('=')
+            .with_context(|| format!("--plugin {spec:?}: expected NAME=PATH"))?;
+        config.plugins.push(PluginConfig::new(name, path));
+    }
+    if config.plugins.is_empty() {
+        bail!("no plugins: add [[plugin]] sections to the config file or pass --plugin NAME=PATH");
+    }
+    let host = Host::start(&config, Observers::default()).await?;
+    println!(
+        "mqplug: consuming {} with {} plugin(s); Ctrl-C or SIGTERM to stop",
+        host.topic(),
+        host.plugins().len()
+    );
+    shutdown::signal().await;
+    host.shutdown().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn publish(args: PublishArgs) -> Result<std::process::ExitCode> {
+    let config = args.connection.load()?;
+    let events = events_to_publish(&args)?;
+    let settings = config.producer_settings()?;
+    let mq = MqRuntime::new(0)?;
+    let result = async {
+        let mut publisher = Publisher::start(&mq, settings).await?;
+        let summary = async {
+            if let Some(queues) = args.create_topic {
+                publisher.create_topic(queues).await?;
+            }
+            println!("publishing {} event(s) to {}", events.len(), publisher.topic());
+            Ok::<_, anyhow::Error>(send_all(&publisher, &events).await)
+        }
+        .await;
+        publisher.shutdown().await;
+        summary
+    }
+    .await;
+    mq.shutdown().await;
+    let summary = result?;
+    Ok(if summary.failed == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+fn events_to_publish(args: &PublishArgs) -> Result<Vec<TaskEvent>> {
+    let parse = |text: &str, origin: &str| {
+        TaskEvent::decode(text.as_bytes(), DEFAULT_MAX_BODY_BYTES)
+            .with_context(|| format!("{origin} is not a valid task event"))
+    };
+    let mut events = Vec::new();
+    if let Some(path) = &args.file {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            events.push(parse(&line, &format!("{} line {}", path.display(), index + 1))?);
+        }
+    } else if let Some(json) = &args.json {
+        events.push(parse(json, "--json")?);
+    } else {
+        let e = &args.event;
+        let event_data: serde_json::Value =
+            serde_json::from_str(&e.event_data).context("--event-data is not JSON")?;
+        let timestamp = e.timestamp.clone().unwrap_or_else(|| {
+            chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        });
+        let body = serde_json::json!({
+            "event_type": e.event_type, "user_id": e.user_id, "tenant_id": e.tenant_id,
+            "app_id": e.app_id, "campaign_id": e.campaign_id, "campaign_name": e.campaign_name,
+            "event_data": event_data, "timestamp": timestamp,
+        });
+        events.push(parse(&body.to_string(), "the event given by flags")?);
+    }
+    let repeated = events.len() * usize::try_from(args.count).unwrap_or(usize::MAX);
+    Ok(events.into_iter().cycle().take(repeated).collect())
+}
+
+struct Summary {
+    failed: u64,
+}
+
+async fn send_all(publisher: &Publisher, events: &[TaskEvent]) -> Summary {
+    let bar = indicatif::ProgressBar::new(events.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
+            .expect("a valid progress template"),
+    );
+    let started = Instant::now();
+    let (mut sent, mut failed) = (0u64, 0u64);
+    for (index, event) in events.iter().enumerate() {
+        match publisher.publish(event).await {
+            Ok(receipt) => {
+                sent += 1;
+                if events.len() == 1 {
+                    bar.println(format!(
+                        "sent {} (message id {}, queue {:?}, offset {})",
+                        event.event_type, receipt.message_id, receipt.queue_id, receipt.queue_offset
+                    ));
+                }
+            }
+            Err(err) => {
+                failed += 1;
+                bar.println(format!("event {}: not sent: {err}", index + 1));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "sent {sent}, failed {failed} in {:.2} s ({:.0} msg/s)",
+        seconds,
+        sent as f64 / seconds
+    );
+    Summary { failed }
+}
+
+fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
+    let runtime = WasmRuntime::new(RuntimeSettings::default())
+        .map_err(|err| anyhow::anyhow!("cannot start the wasm engine: {err:#}"))?;
+    let name = args
+        .plugin
+        .file_stem()
+        .map_or_else(|| "plugin".to_string(), |s| s.to_string_lossy().into_owned());
+    let settings = PluginSettings {
+        deadline: Duration::from_millis(args.deadline_ms),
+        ..PluginSettings::new(name)
+    };
+    let plugin = Plugin::load_file(&runtime, settings, &args.plugin, Observers::default())?;
+    let replayer = Replayer::new(
+        Arc::new(plugin),
+        TopicName::new(mqplug::topic::DEFAULT_TOPIC)?,
+        UndecodablePolicy::Retry,
+        DEFAULT_MAX_BODY_BYTES,
+    );
+    let file = std::fs::File::open(&args.events)
+        .with_context(|| format!("cannot open {}", args.events.display()))?;
+    let (mut acked, mut retried) = (0, 0);
+    for (index, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", args.events.display()))?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let result = replayer.replay(index + 1, &line, args.reconsume_times);
+        match result.outcome {
+            DeliveryOutcome::ConsumeSuccess => acked += 1,
+            DeliveryOutcome::ConsumeRetryLater => retried += 1,
+        }
+        println!(
+            "line {}: {:?}{}",
+            index + 1,
+            result.outcome,
+            result.cause.map(|c| format!(" ({c})")).unwrap_or_default()
+        );
+    }
+    println!("{acked} acknowledged, {retried} to retry");
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,0 +1,164 @@
+//! One RocketMQ push consumer per plugin, in the plugin's own group.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rocketmq_client_rust::{
+    ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQPushConsumer,
+    MQPushConsumer, MessageListenerConcurrently,
+};
+use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
+use rocketmq_model::common::message::message_ext::MessageExt;
+use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
+use serde::Deserialize;
+
+use super::client::MqRuntime;
+use super::error::MqError;
+use crate::delivery::Delivery;
+use crate::outcome::DeliveryOutcome;
+use crate::topic::TopicName;
+
+/// Whatever handles a message; the dispatcher in mqplug, a closure in tests.
+pub trait MessageHandler: Send + Sync + 'static {
+    fn on_message(&self, delivery: &Delivery, body: &[u8]) -> DeliveryOutcome;
+}
+
+/// Where a consumer group that has no stored offset starts reading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsumeFrom {
+    /// Only messages published from now on (RocketMQ's default): a new
+    /// plugin does not replay the topic's history.
+    #[default]
+    Last,
+    /// Everything still on the broker.
+    First,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// Name server addresses, `;`-separated.
+    pub name_server: String,
+    pub group: String,
+    pub topic: TopicName,
+    /// RocketMQ tag expression, e.g. `*` or `USER_REGISTER || TASK_DONE`.
+    pub tags: String,
+    /// Messages handled at once.
+    pub concurrency: u32,
+    /// Redeliveries before the broker dead-letters a message; -1 is
+    /// RocketMQ's default (16).
+    pub max_reconsume_times: i32,
+    pub consume_from: ConsumeFrom,
+    /// How long shutdown waits for in-flight handlers.
+    pub drain_timeout: Duration,
+}
+
+/// A started push consumer; [`PluginConsumer::shutdown`] drains it.
+pub struct PluginConsumer {
+    consumer: DefaultMQPushConsumer,
+    group: String,
+}
+
+impl PluginConsumer {
+    /// Subscribes and starts consuming. Every message is handed to `handler`
+    /// one at a time (batch size 1), so each gets its own outcome.
+    pub async fn start(
+        runtime: &MqRuntime,
+        settings: &ConsumerSettings,
+        handler: Arc<dyn MessageHandler>,
+    ) -> Result<PluginConsumer, MqError> {
+        let concurrency = settings.concurrency.max(1);
+        let drain_millis = u64::try_from(settings.drain_timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut consumer = DefaultMQPushConsumer::builder(runtime.client())
+            .name_server_addr(settings.name_server.clone())
+            .consumer_group(settings.group.clone())
+            .message_model(MessageModel::Clustering)
+            .consume_from_where(match settings.consume_from {
+                ConsumeFrom::Last => ConsumeFromWhere::ConsumeFromLastOffset,
+                ConsumeFrom::First => ConsumeFromWhere::ConsumeFromFirstOffset,
+            })
+            .consume_thread_min(concurrency)
+            .consume_thread_max(concurrency)
+            .consume_message_batch_max_size(1)
+            .max_reconsume_times(settings.max_reconsume_times)
+            .await_termination_millis_when_shutdown(drain_millis)
+            .build();
+        let wire = settings.topic.wire();
+        consumer
+            .subscribe(wire, settings.tags.as_str())
+            .await
+            .map_err(|err| {
+                MqError::new(
+                    format!("group {} subscribe to {wire}", settings.group),
+                    &err,
+                )
+            })?;
+        consumer.register_message_listener_concurrently(Listener { handler });
+        consumer
+            .start()
+            .await
+            .map_err(|err| MqError::new(format!("start consumer group {}", settings.group), &err))?;
+        Ok(PluginConsumer {
+            consumer,
+            group: settings.group.clone(),
+        })
+    }
+
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Stops pulling, waits for in-flight handlers (up to the drain timeout)
+    /// so their outcomes reach the broker, and leaves the group.
+    pub async fn shutdown(mut self) {
+        self.consumer.shutdown().await;
+    }
+}
+
+struct Listener {
+    handler: Arc<dyn MessageHandler>,
+}
+
+impl MessageListenerConcurrently for Listener {
+    fn consume_message(
+        &self,
+        msgs: &[&MessageExt],
+        _context: &ConsumeConcurrentlyContext,
+    ) -> ClientResult<ConsumeConcurrentlyStatus> {
+        // The batch size is 1; should the client ever pass more, every
+        // message is still handled and one failure retries the batch.
+        let mut status = ConsumeConcurrentlyStatus::ConsumeSuccess;
+        for msg in msgs {
+            let body = msg.body();
+            let body = body.as_deref().unwrap_or_default();
+            match self.handler.on_message(&delivery_of(msg), body) {
+                DeliveryOutcome::ConsumeSuccess => {}
+                DeliveryOutcome::ConsumeRetryLater => {
+                    status = ConsumeConcurrentlyStatus::ReconsumeLater;
+                }
+            }
+        }
+        Ok(status)
+    }
+}
+
+/// The producer's id survives redeliveries; the broker's offset id does not.
+const UNIQ_KEY: &str = "UNIQ_KEY";
+
+fn delivery_of(msg: &MessageExt) -> Delivery {
+    let message_id = msg
+        .properties()
+        .get(UNIQ_KEY)
+        .map(|id| id.to_string())
+        .unwrap_or_else(|| msg.msg_id().to_string());
+    Delivery {
+        message_id,
+        topic: msg.topic().to_string(),
+        tags: msg.get_tags().map(|tags| tags.to_string()),
+        keys: msg.keys().unwrap_or_default(),
+        reconsume_times: u32::try_from(msg.reconsume_times()).unwrap_or(0),
+        queue_id: u32::try_from(msg.queue_id()).unwrap_or(0),
+        queue_offset: msg.queue_offset(),
+        born_timestamp: msg.born_timestamp(),
+    }
+}

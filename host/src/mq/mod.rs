@@ -1,0 +1,16 @@
+//! The RocketMQ adapter: a push consumer per plugin and the built-in producer.
+//!
+//! Knows the event model, nothing about wasmtime: a consumer hands each
+//! message to a [`MessageHandler`] and reports its [`DeliveryOutcome`].
+
+mod client;
+mod consumer;
+mod error;
+mod publisher;
+
+pub use client::MqRuntime;
+pub use consumer::{ConsumeFrom, ConsumerSettings, MessageHandler, PluginConsumer};
+pub use error::{MqError, error_chain};
+pub use publisher::{DEFAULT_PRODUCER_GROUP, ProducerSettings, PublishReceipt, Publisher};
+
+pub use crate::outcome::DeliveryOutcome;

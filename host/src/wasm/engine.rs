@@ -1,0 +1,119 @@
+//! One wasmtime engine for the whole host, its linker, and its epoch ticker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings;
+use super::state::HostState;
+
+/// How often the epoch advances; deadlines are whole ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Engine-wide limits. The pooling allocator reserves its slots up front.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    /// Plugin instances alive at once, over all plugins.
+    pub max_instances: u32,
+    /// The largest linear memory any plugin may have.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            max_instances: 256,
+            max_memory_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// The engine, the linker every plugin is linked with, and the epoch ticker
+/// that makes deadlines work. Cheap to share behind an `Arc`.
+pub struct WasmRuntime {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<HostState>,
+    settings: RuntimeSettings,
+    _ticker: EpochTicker,
+}
+
+impl WasmRuntime {
+    pub fn new(settings: RuntimeSettings) -> wasmtime::Result<Arc<Self>> {
+        let mut pooling = PoolingAllocationConfig::default();
+        // A wasip2 Rust component has a handful of core instances and tables.
+        pooling
+            .total_component_instances(settings.max_instances)
+            .total_core_instances(settings.max_instances * 8)
+            .total_memories(settings.max_instances * 2)
+            .total_tables(settings.max_instances * 4)
+            .max_memory_size(settings.max_memory_bytes);
+
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::new(&engine);
+        // WASI is linked because Rust's wasm32-wasip2 std imports it, but the
+        // context grants nothing: no preopens, env, args, stdio or sockets.
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| {
+            state
+        })?;
+
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Arc::new(WasmRuntime {
+            engine,
+            linker,
+            settings,
+            _ticker: ticker,
+        }))
+    }
+
+    pub fn settings(&self) -> &RuntimeSettings {
+        &self.settings
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("mqplug-epoch".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                }
+            })
+            .expect("spawning the epoch thread");
+        EpochTicker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The wasm runtime: compiles plugins, runs their handlers in a sandbox.
+//!
+//! Knows the event model, nothing about RocketMQ.
+
+mod bindings;
+mod engine;
+mod plugin;
+mod state;
+
+pub use engine::{EPOCH_TICK, RuntimeSettings, WasmRuntime};
+pub use plugin::{InstanceMode, Plugin, PluginLoadError, PluginSettings};

@@ -1,0 +1,270 @@
+//! A loaded plugin: its compiled component, pre-linked, and its instances.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use wasmtime::component::Component;
+use wasmtime::{Store, Trap};
+
+use super::bindings::{self, PluginPre};
+use super::engine::{EPOCH_TICK, WasmRuntime};
+use super::state::HostState;
+use crate::delivery::Delivery;
+use crate::event::TaskEvent;
+use crate::observe::Observers;
+use crate::outcome::{HandlerFailure, HandlerOutcome};
+
+/// How instances are used across events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceMode {
+    /// Keep instances and call them again (about 1.5 us an event). A plugin
+    /// may see state left by earlier events.
+    #[default]
+    Reuse,
+    /// A new instance for every event (about 25 us an event): no state
+    /// survives between events.
+    FreshPerEvent,
+}
+
+/// Per-plugin sandbox settings.
+#[derive(Debug, Clone)]
+pub struct PluginSettings {
+    pub name: String,
+    /// A handler running longer is interrupted (ConsumeRetryLater). Keep it
+    /// well under the RocketMQ client's 30 s listener timeout.
+    pub deadline: Duration,
+    /// Linear memory a plugin instance may grow to.
+    pub memory_limit_bytes: usize,
+    pub instance_mode: InstanceMode,
+}
+
+impl PluginSettings {
+    pub fn new(name: impl Into<String>) -> Self {
+        PluginSettings {
+            name: name.into(),
+            deadline: Duration::from_secs(5),
+            memory_limit_bytes: 64 * 1024 * 1024,
+            instance_mode: InstanceMode::Reuse,
+        }
+    }
+}
+
+/// Why a plugin could not be loaded. Each names the plugin and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginLoadError {
+    #[error("plugin {name}: cannot read {}: {cause}", path.display())]
+    Read {
+        name: String,
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("plugin {name}: not a valid wasm component: {cause:#}")]
+    Compile { name: String, cause: wasmtime::Error },
+    #[error("plugin {name}: imports something mqplug does not provide: {cause:#}")]
+    Link { name: String, cause: wasmtime::Error },
+    #[error(
+        "plugin {name}: does not export the mqplug:plugin handler (build it against wit/plugin.wit): {cause:#}"
+    )]
+    WrongWorld { name: String, cause: wasmtime::Error },
+    #[error("plugin {name}: failed to instantiate: {cause}")]
+    Instantiate {
+        name: String,
+        cause: HandlerFailure,
+    },
+    #[error("plugin {name}: memory limit {limit} bytes is over the host's maximum of {max} bytes")]
+    MemoryLimitTooLarge {
+        name: String,
+        limit: usize,
+        max: usize,
+    },
+}
+
+struct Instance {
+    store: Store<HostState>,
+    bindings: bindings::Plugin,
+}
+
+/// A compiled, linked plugin ready to handle events from many threads.
+pub struct Plugin {
+    name: Arc<str>,
+    runtime: Arc<WasmRuntime>,
+    pre: PluginPre<HostState>,
+    settings: PluginSettings,
+    observers: Observers,
+    /// Healthy instances waiting for an event (reuse mode only).
+    idle: Mutex<Vec<Instance>>,
+}
+
+impl Plugin {
+    /// Reads and loads a component file.
+    pub fn load_file(
+        runtime: &Arc<WasmRuntime>,
+        settings: PluginSettings,
+        path: &Path,
+        observers: Observers,
+    ) -> Result<Plugin, PluginLoadError> {
+        let bytes = std::fs::read(path).map_err(|cause| PluginLoadError::Read {
+            name: settings.name.clone(),
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        Plugin::load(runtime, settings, &bytes, observers)
+    }
+
+    /// Compiles, links and instantiates a component once, so a plugin that
+    /// cannot run is rejected at load time rather than on its first message.
+    pub fn load(
+        runtime: &Arc<WasmRuntime>,
+        settings: PluginSettings,
+        wasm: &[u8],
+        observers: Observers,
+    ) -> Result<Plugin, PluginLoadError> {
+        let name = settings.name.clone();
+        let max = runtime.settings().max_memory_bytes;
+        if settings.memory_limit_bytes > max {
+            return Err(PluginLoadError::MemoryLimitTooLarge {
+                name,
+                limit: settings.memory_limit_bytes,
+                max,
+            });
+        }
+        let component = Component::new(&runtime.engine, wasm).map_err(|cause| {
+            PluginLoadError::Compile {
+                name: name.clone(),
+                cause,
+            }
+        })?;
+        let instance_pre =
+            runtime
+                .linker
+                .instantiate_pre(&component)
+                .map_err(|cause| PluginLoadError::Link {
+                    name: name.clone(),
+                    cause,
+                })?;
+        let pre = PluginPre::new(instance_pre).map_err(|cause| PluginLoadError::WrongWorld {
+            name: name.clone(),
+            cause,
+        })?;
+        let plugin = Plugin {
+            name: Arc::from(name.as_str()),
+            runtime: runtime.clone(),
+            pre,
+            settings,
+            observers,
+            idle: Mutex::new(Vec::new()),
+        };
+        let first = plugin
+            .instantiate()
+            .map_err(|cause| PluginLoadError::Instantiate { name, cause })?;
+        plugin.release(first);
+        Ok(plugin)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn settings(&self) -> &PluginSettings {
+        &self.settings
+    }
+
+    /// Runs one event through the handler. Never panics: every failure is a
+    /// [`HandlerOutcome::Failed`], and an instance that failed is dropped with
+    /// its `Store` (a trapped `Store` cannot be entered again).
+    pub fn handle(&self, event: &TaskEvent, delivery: &Delivery) -> HandlerOutcome {
+        let mut instance = match self.acquire() {
+            Ok(instance) => instance,
+            Err(failure) => return HandlerOutcome::Failed(failure),
+        };
+        instance.store.data_mut().message_id.clone_from(&delivery.message_id);
+        instance.store.set_epoch_deadline(self.deadline_ticks());
+        let result = instance.bindings.mqplug_plugin_handler().call_handle(
+            &mut instance.store,
+            &bindings::TaskEvent::from(event),
+            &bindings::Delivery::from(delivery),
+        );
+        match result {
+            Ok(Ok(())) => {
+                self.release(instance);
+                HandlerOutcome::Accepted
+            }
+            Ok(Err(error)) => {
+                self.release(instance);
+                HandlerOutcome::Rejected {
+                    reason: error.reason,
+                }
+            }
+            Err(err) => HandlerOutcome::Failed(self.classify(&instance.store, err)),
+        }
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        let ticks = self.settings.deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
+        u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+    }
+
+    fn acquire(&self) -> Result<Instance, HandlerFailure> {
+        if self.settings.instance_mode == InstanceMode::Reuse
+            && let Some(instance) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        {
+            return Ok(instance);
+        }
+        self.instantiate()
+    }
+
+    fn release(&self, instance: Instance) {
+        if self.settings.instance_mode == InstanceMode::Reuse {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(instance);
+        }
+    }
+
+    fn instantiate(&self) -> Result<Instance, HandlerFailure> {
+        let state = HostState::new(
+            self.name.clone(),
+            self.settings.memory_limit_bytes,
+            self.observers.clone(),
+        );
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|state| state);
+        // The deadline must be set before instantiating: the default of 0
+        // would interrupt the component's start at once.
+        store.set_epoch_deadline(self.deadline_ticks());
+        match self.pre.instantiate(&mut store) {
+            Ok(bindings) => Ok(Instance { store, bindings }),
+            Err(err) => Err(self.classify(&store, err)),
+        }
+    }
+
+    fn classify(&self, store: &Store<HostState>, err: wasmtime::Error) -> HandlerFailure {
+        if let Some(desired) = store.data().memory_denied {
+            return HandlerFailure::MemoryLimit {
+                detail: format!(
+                    "tried to grow memory to {desired} bytes, limit {} bytes",
+                    self.settings.memory_limit_bytes
+                ),
+            };
+        }
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => HandlerFailure::Deadline {
+                limit: self.settings.deadline,
+            },
+            Some(Trap::UnreachableCodeReached) => HandlerFailure::Trap {
+                detail: "unreachable instruction executed (a Rust panic or abort in the plugin)"
+                    .into(),
+            },
+            Some(trap) => HandlerFailure::Trap {
+                detail: trap.to_string(),
+            },
+            None => HandlerFailure::Host {
+                detail: format!("{err:#}"),
+            },
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The per-`Store` state: the (empty) WASI context, limits, and the log import.
+
+use std::sync::Arc;
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::mqplug::plugin::{log, types};
+use crate::observe::{HostEvent, LogLevel, Observers};
+
+/// A plugin's log line is cut to this many bytes.
+pub const MAX_LOG_LINE_BYTES: usize = 16 * 1024;
+
+/// Most table elements a plugin may have; generous for any real plugin.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+pub struct HostState {
+    plugin: Arc<str>,
+    /// The message being handled, for log lines.
+    pub(crate) message_id: String,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    memory_limit_bytes: usize,
+    /// Set when the plugin tried to grow memory past its limit.
+    pub(crate) memory_denied: Option<usize>,
+    observers: Observers,
+}
+
+impl HostState {
+    pub fn new(plugin: Arc<str>, memory_limit_bytes: usize, observers: Observers) -> Self {
+        let wasi = WasiCtxBuilder::new()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        HostState {
+            plugin,
+            message_id: String::new(),
+            wasi,
+            table: ResourceTable::new(),
+            memory_limit_bytes,
+            memory_denied: None,
+            observers,
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit_bytes {
+            self.memory_denied = Some(desired);
+            wasmtime::bail!(
+                "memory limit: plugin tried to grow its memory to {desired} bytes, over its limit of {} bytes",
+                self.memory_limit_bytes
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+impl types::Host for HostState {}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, mut message: String) {
+        if message.len() > MAX_LOG_LINE_BYTES {
+            let mut cut = MAX_LOG_LINE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str(" [truncated]");
+        }
+        let plugin = &*self.plugin;
+        let message_id = &self.message_id;
+        let level = match level {
+            log::Level::Trace => {
+                tracing::trace!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                LogLevel::Trace
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                LogLevel::Debug
+            }
+            log::Level::Info => {
+                tracing::info!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                LogLevel::Info
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                LogLevel::Warn
+            }
+            log::Level::Error => {
+                tracing::error!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                LogLevel::Error
+            }
+        };
+        self.observers.emit(|| HostEvent::PluginLog {
+            plugin: self.plugin.clone(),
+            message_id: self.message_id.clone(),
+            level,
+            message,
+        });
+    }
+}

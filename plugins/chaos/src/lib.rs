@@ -1,0 +1,63 @@
+//! Test plugin for mqplug's own tests and for trying the host's failure
+//! handling. Its behaviour is chosen by the event type:
+//!
+//! | event type  | behaviour                                                  |
+//! |-------------|------------------------------------------------------------|
+//! | `FAIL`      | returns an error every time                                |
+//! | `FAIL_ONCE` | returns an error on first delivery, ok on redelivery       |
+//! | `PANIC`     | panics (a trap on the host)                                |
+//! | `LOOP`      | loops forever (stopped by the host's deadline)             |
+//! | `OOM`       | allocates until memory runs out                            |
+//! | anything else | ok                                                       |
+//!
+//! Every call first logs `seen <json>` with the whole event and delivery, so
+//! a test can check what reached the plugin.
+
+use mqplug_plugin::{Delivery, Event, Handler, log};
+use serde_json::json;
+
+struct Chaos;
+
+impl Handler for Chaos {
+    fn handle(event: Event, delivery: Delivery) -> Result<(), String> {
+        let seen = json!({
+            "event_type": event.event_type,
+            "user_id": event.user_id,
+            "tenant_id": event.tenant_id,
+            "app_id": event.app_id,
+            "campaign_id": event.campaign_id,
+            "campaign_name": event.campaign_name,
+            "event_data": event.event_data,
+            "timestamp": event.timestamp,
+            "message_id": delivery.message_id,
+            "topic": delivery.topic,
+            "tags": delivery.tags,
+            "keys": delivery.keys,
+            "reconsume_times": delivery.reconsume_times,
+            "queue_id": delivery.queue_id,
+            "queue_offset": delivery.queue_offset,
+            "born_timestamp": delivery.born_timestamp,
+        });
+        log::info(&format!("seen {seen}"));
+        match event.event_type.as_str() {
+            "FAIL" => Err("chaos: asked to fail".to_string()),
+            "FAIL_ONCE" if delivery.reconsume_times == 0 => {
+                Err("chaos: failing the first delivery".to_string())
+            }
+            "PANIC" => panic!("chaos: asked to panic"),
+            "LOOP" => loop {
+                std::hint::black_box(&event);
+            },
+            "OOM" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+mqplug_plugin::export_handler!(Chaos);

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The main job, end to end, on a fresh machine:
+#   installs what is missing, starts a RocketMQ name server and broker on
+#   127.0.0.1 (data in a temporary folder), starts mqplug with the example
+#   plugin, publishes the sample events with the built-in producer, and shows
+#   them handled. Everything it started is stopped when it exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+bash scripts/setup.sh
+
+echo "== building mqplug and the example plugins" >&2
+cargo build --quiet -p mqplug -p mqplug-tests --bins
+cargo build --quiet --release --target wasm32-wasip2 \
+    --manifest-path plugins/Cargo.toml --target-dir target
+mqplug="$root/target/debug/mqplug"
+
+work=$(mktemp -d -t mqplug-demo.XXXXXX)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== starting a RocketMQ name server and broker on 127.0.0.1" >&2
+"$root/target/debug/local-broker" >"$work/broker.out" 2>"$work/broker.err" &
+pids+=($!)
+for _ in $(seq 1 600); do
+    grep -q '^NAME_SERVER=' "$work/broker.out" 2>/dev/null && break
+    if ! kill -0 "${pids[0]}" 2>/dev/null; then cat "$work/broker.err" >&2; exit 1; fi
+    sleep 0.1
+done
+name_server=$(sed -n 's/^NAME_SERVER=//p' "$work/broker.out")
+[[ -n "$name_server" ]] || { echo "the broker did not start" >&2; cat "$work/broker.err" >&2; exit 1; }
+echo "name server: $name_server" >&2
+
+cat >"$work/mqplug.toml" <<TOML
+name_server = "$name_server"
+topic = "marketing.task.completed"
+
+[[plugin]]
+name = "reward-logger"
+path = "$root/target/wasm32-wasip2/release/reward_logger.wasm"
+consume_from = "first"
+max_reconsume_times = 2
+
+[producer]
+enabled = true
+create_topic_queues = 4
+TOML
+
+echo "== starting mqplug" >&2
+"$mqplug" run --config "$work/mqplug.toml" >"$work/mqplug.out" 2>"$work/mqplug.log" &
+pids+=($!)
+for _ in $(seq 1 600); do
+    grep -q 'consumer started' "$work/mqplug.log" 2>/dev/null && break
+    if ! kill -0 "${pids[1]}" 2>/dev/null; then cat "$work/mqplug.log" >&2; exit 1; fi
+    sleep 0.1
+done
+grep -E 'starting mqplug|consumer started' "$work/mqplug.log" >&2
+
+echo "== publishing examples/events.jsonl with the built-in producer" >&2
+"$mqplug" publish --name-server "$name_server" --file examples/events.jsonl
+
+expected=$(grep -c . examples/events.jsonl)
+echo "== waiting for mqplug to handle $expected events" >&2
+for _ in $(seq 1 600); do
+    handled=$(grep -c -E 'granting|handler returned an error' "$work/mqplug.log" || true)
+    [[ "$handled" -ge "$expected" ]] && break
+    sleep 0.1
+done
+echo
+echo "What the plugin did (one event carries a bad count on purpose: it is"
+echo "rejected and the broker will redeliver it, then dead-letter it):"
+grep -E 'granting|handler returned an error' "$work/mqplug.log" | sed 's/\x1b\[[0-9;]*m//g'
+echo
+echo "== stopping mqplug (SIGTERM: drains in-flight handlers) and the broker" >&2
+kill -TERM "${pids[1]}"; wait "${pids[1]}" || true
+tail -n 2 "$work/mqplug.log" | sed 's/\x1b\[[0-9;]*m//g' >&2
+[[ "$handled" -ge "$expected" ]] || { echo "only $handled of $expected events handled" >&2; exit 1; }
+echo "demo done: $handled of $expected events handled" >&2

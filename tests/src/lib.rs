@@ -1,0 +1,51 @@
+//! Test support: a real RocketMQ name server and broker on 127.0.0.1, the
+//! example and test plugins built for wasm32-wasip2, and a recorder of what
+//! the host did.
+
+pub mod broker;
+pub mod plugins;
+pub mod recorder;
+
+pub use broker::LocalBroker;
+pub use recorder::Recorder;
+
+use std::path::PathBuf;
+
+/// The repository's root folder.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+use mqplug::config::{HostConfig, PluginConfig};
+use mqplug::mq::ConsumeFrom;
+
+/// A host config for `broker` with the producer on (creating `topic` with 4
+/// queues) and `plugins` reading from the first offset.
+pub fn host_config(broker: &LocalBroker, topic: &str, plugins: Vec<PluginConfig>) -> HostConfig {
+    let mut config = HostConfig::default();
+    config.name_server.clone_from(&broker.name_server);
+    config.topic = topic.to_string();
+    config.producer.enabled = true;
+    config.producer.create_topic_queues = Some(4);
+    config.plugins = plugins
+        .into_iter()
+        .map(|plugin| PluginConfig {
+            consume_from: ConsumeFrom::First,
+            ..plugin
+        })
+        .collect();
+    config
+}
+
+/// The platform's example event with the given type and user.
+pub fn sample_event(event_type: &str, user_id: u64) -> mqplug::TaskEvent {
+    let body = serde_json::json!({
+        "event_type": event_type, "user_id": user_id, "tenant_id": "tenant1", "app_id": "app1",
+        "campaign_id": "campaign-1", "campaign_name": "测试活动", "event_data": {"count": 1},
+        "timestamp": "2026-11-25T14:19:15+08:00",
+    });
+    mqplug::TaskEvent::decode(body.to_string().as_bytes(), usize::MAX).expect("a valid event")
+}

@@ -1,0 +1,110 @@
+//! Records what the host did, so tests can wait for it and inspect it.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use mqplug::DeliveryOutcome;
+use mqplug::observe::{HostEvent, Observer, Observers};
+
+/// One message handled by one plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    pub plugin: String,
+    pub message_id: String,
+    pub reconsume_times: u32,
+    pub outcome: DeliveryOutcome,
+    pub cause: Option<String>,
+}
+
+/// Collects every [`HostEvent`] the host emits.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    inner: Arc<(Mutex<Vec<HostEvent>>, Condvar)>,
+}
+
+impl Recorder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn observers(&self) -> Observers {
+        let inner = self.inner.clone();
+        let observer: Observer = Arc::new(move |event: &HostEvent| {
+            let (events, changed) = &*inner;
+            events.lock().unwrap().push(event.clone());
+            changed.notify_all();
+        });
+        Observers::new(vec![observer])
+    }
+
+    pub fn handled(&self) -> Vec<Handled> {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|event| match event {
+                HostEvent::Handled {
+                    plugin,
+                    message_id,
+                    reconsume_times,
+                    outcome,
+                    cause,
+                } => Some(Handled {
+                    plugin: plugin.to_string(),
+                    message_id: message_id.clone(),
+                    reconsume_times: *reconsume_times,
+                    outcome: *outcome,
+                    cause: cause.clone(),
+                }),
+                HostEvent::PluginLog { .. } => None,
+            })
+            .collect()
+    }
+
+    pub fn handled_by(&self, plugin: &str) -> Vec<Handled> {
+        self.handled()
+            .into_iter()
+            .filter(|h| h.plugin == plugin)
+            .collect()
+    }
+
+    /// The log lines a plugin wrote, with the message id of each.
+    pub fn plugin_logs(&self, plugin: &str) -> Vec<(String, String)> {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|event| match event {
+                HostEvent::PluginLog {
+                    plugin: p,
+                    message_id,
+                    message,
+                    ..
+                } if &**p == plugin => Some((message_id.clone(), message.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Waits until `done` holds for the recorded events, or `timeout` passes.
+    /// Returns whether it held.
+    pub fn wait_until(&self, timeout: Duration, mut done: impl FnMut(&Recorder) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(self) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let (events, changed) = &*self.inner;
+            let guard = events.lock().unwrap();
+            let _ = changed
+                .wait_timeout(guard, (deadline - now).min(Duration::from_millis(200)))
+                .unwrap();
+        }
+    }
+}

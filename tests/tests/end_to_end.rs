@@ -1,0 +1,164 @@
+//! mqplug against a real RocketMQ name server and broker on 127.0.0.1:
+//! built-in producer -> broker -> push consumer -> wasm plugin -> ack or retry.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use mqplug::config::PluginConfig;
+use mqplug::{DeliveryOutcome, Host};
+use mqplug_tests::{LocalBroker, Recorder, host_config, plugins::plugin_path, sample_event};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_events_reach_the_plugin_intact_and_are_all_acknowledged() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let config = host_config(
+        &broker,
+        "marketing.task.completed",
+        vec![PluginConfig::new("chaos", plugin_path("chaos")?)],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    assert_eq!(host.topic().wire(), "marketing_task_completed");
+    let publisher = host.publisher().context("the producer is enabled")?;
+
+    const N: u64 = 40;
+    let mut published = HashMap::new();
+    for i in 0..N {
+        let mut event = sample_event("USER_REGISTER", 1000 + i);
+        event.campaign_name = format!("测试活动 #{i}");
+        event
+            .event_data
+            .insert("nested".into(), serde_json::json!({"i": i, "tags": ["a", "é"]}));
+        let receipt = publisher.publish(&event).await?;
+        published.insert(receipt.message_id, event);
+    }
+
+    let all_handled = recorder.wait_until(WAIT, |r| r.handled_by("chaos").len() >= N as usize);
+    // Give stray redeliveries a moment to show up before counting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    host.shutdown().await;
+    ensure!(all_handled, "not every event was handled:\n{}", broker.logs());
+
+    let handled = recorder.handled_by("chaos");
+    assert_eq!(handled.len(), N as usize, "each event handled once: {handled:#?}");
+    for h in &handled {
+        assert_eq!(h.outcome, DeliveryOutcome::ConsumeSuccess, "{h:?}");
+        assert_eq!(h.reconsume_times, 0, "nothing was retried: {h:?}");
+    }
+    let handled_ids: HashSet<_> = handled.iter().map(|h| h.message_id.clone()).collect();
+    let published_ids: HashSet<_> = published.keys().cloned().collect();
+    assert_eq!(handled_ids, published_ids, "handled ids are the producer's ids");
+
+    for (message_id, line) in recorder.plugin_logs("chaos") {
+        let seen: serde_json::Value = serde_json::from_str(line.strip_prefix("seen ").unwrap())?;
+        let event = &published[&message_id];
+        assert_eq!(seen["message_id"], message_id.as_str());
+        assert_eq!(seen["event_type"], event.event_type.as_str());
+        assert_eq!(seen["user_id"], event.user_id);
+        assert_eq!(seen["tenant_id"], event.tenant_id.as_str());
+        assert_eq!(seen["app_id"], event.app_id.as_str());
+        assert_eq!(seen["campaign_id"], event.campaign_id.as_str());
+        assert_eq!(seen["campaign_name"], event.campaign_name.as_str());
+        assert_eq!(seen["event_data"], serde_json::Value::Object(event.event_data.clone()));
+        assert_eq!(seen["timestamp"], event.timestamp.as_str());
+        assert_eq!(seen["topic"], "marketing_task_completed");
+        assert_eq!(seen["tags"], "USER_REGISTER", "the tag is the event type");
+        assert_eq!(seen["keys"], serde_json::json!([event.key()]));
+        assert!(seen["born_timestamp"].as_i64().unwrap() > 1_700_000_000_000);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_plugin_is_retried_alone_and_succeeds_on_redelivery() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let config = host_config(
+        &broker,
+        "retry.topic",
+        vec![
+            PluginConfig::new("chaos", plugin_path("chaos")?),
+            PluginConfig::new("rewards", plugin_path("reward-logger")?),
+        ],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let mut ids = HashSet::new();
+    for user in 0..3 {
+        ids.insert(publisher.publish(&sample_event("FAIL_ONCE", user)).await?.message_id);
+    }
+
+    let retried = recorder.wait_until(WAIT, |r| {
+        r.handled_by("chaos")
+            .iter()
+            .filter(|h| h.outcome == DeliveryOutcome::ConsumeSuccess)
+            .count()
+            >= 3
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    host.shutdown().await;
+    ensure!(retried, "the failed deliveries did not come back:\n{}", broker.logs());
+
+    let chaos = recorder.handled_by("chaos");
+    for id in &ids {
+        let mut attempts: Vec<_> = chaos
+            .iter()
+            .filter(|h| &h.message_id == id)
+            .map(|h| (h.reconsume_times, h.outcome))
+            .collect();
+        attempts.sort_by_key(|(times, _)| *times);
+        assert_eq!(
+            attempts,
+            [
+                (0, DeliveryOutcome::ConsumeRetryLater),
+                (1, DeliveryOutcome::ConsumeSuccess)
+            ],
+            "message {id}: fails first, succeeds on the first redelivery"
+        );
+    }
+    let rewards = recorder.handled_by("rewards");
+    assert_eq!(rewards.len(), 3, "the other plugin is not re-run: {rewards:#?}");
+    for h in &rewards {
+        assert_eq!((h.reconsume_times, h.outcome), (0, DeliveryOutcome::ConsumeSuccess));
+        assert!(ids.contains(&h.message_id));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_plugin_is_retried_and_the_next_message_is_handled() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let chaos = PluginConfig {
+        // One instance at a time: the event after the panic must get a new Store.
+        concurrency: 1,
+        max_reconsume_times: 1,
+        ..PluginConfig::new("chaos", plugin_path("chaos")?)
+    };
+    let config = host_config(&broker, "panic_topic", vec![chaos]);
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+
+    let panicking = publisher.publish(&sample_event("PANIC", 1)).await?.message_id;
+    let trapped = recorder.wait_until(WAIT, |r| {
+        r.handled().iter().any(|h| h.message_id == panicking)
+    });
+    let healthy = publisher.publish(&sample_event("USER_REGISTER", 2)).await?.message_id;
+    let recovered = recorder.wait_until(WAIT, |r| {
+        r.handled().iter().any(|h| h.message_id == healthy)
+    });
+    host.shutdown().await;
+    ensure!(trapped && recovered, "messages not handled:\n{}", broker.logs());
+
+    let handled = recorder.handled();
+    let panic = handled.iter().find(|h| h.message_id == panicking).unwrap();
+    assert_eq!(panic.outcome, DeliveryOutcome::ConsumeRetryLater);
+    let cause = panic.cause.as_deref().unwrap_or_default();
+    assert!(cause.starts_with("trap:") && cause.contains("unreachable"), "{cause}");
+    let next = handled.iter().find(|h| h.message_id == healthy).unwrap();
+    assert_eq!(next.outcome, DeliveryOutcome::ConsumeSuccess, "{next:?}");
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! The wasm side without a broker: each kind of plugin misbehaviour becomes
+//! the documented outcome, and a failed instance never poisons the next event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mqplug::delivery::Delivery;
+use mqplug::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
+use mqplug::outcome::{DeliveryOutcome, HandlerFailure, HandlerOutcome, UndecodablePolicy};
+use mqplug::replay::Replayer;
+use mqplug::topic::TopicName;
+use mqplug::wasm::{
+    InstanceMode, Plugin, PluginLoadError, PluginSettings, RuntimeSettings, WasmRuntime,
+};
+use mqplug_tests::{Recorder, plugins::plugin_path};
+
+fn event(event_type: &str) -> TaskEvent {
+    let body = format!(
+        r#"{{"event_type":"{event_type}","user_id":123,"tenant_id":"tenant1","app_id":"app1",
+            "campaign_id":"campaign-1","campaign_name":"测试活动","event_data":{{"count":1}},
+            "timestamp":"2026-11-25T14:19:15+08:00"}}"#
+    );
+    TaskEvent::decode(body.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap()
+}
+
+fn delivery(id: &str, reconsume_times: u32) -> Delivery {
+    Delivery {
+        message_id: id.into(),
+        topic: "marketing_task_completed".into(),
+        reconsume_times,
+        ..Delivery::default()
+    }
+}
+
+fn chaos(mode: InstanceMode, recorder: &Recorder) -> Plugin {
+    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    let settings = PluginSettings {
+        deadline: Duration::from_millis(200),
+        memory_limit_bytes: 16 * 1024 * 1024,
+        instance_mode: mode,
+        ..PluginSettings::new("chaos")
+    };
+    Plugin::load_file(
+        &runtime,
+        settings,
+        &plugin_path("chaos").unwrap(),
+        recorder.observers(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn every_field_reaches_the_plugin_and_its_log_reaches_the_host() {
+    let recorder = Recorder::new();
+    let plugin = chaos(InstanceMode::Reuse, &recorder);
+    let mut delivery = delivery("id-1", 3);
+    delivery.tags = Some("USER_REGISTER".into());
+    delivery.keys = vec!["k1".into(), "k2".into()];
+    delivery.queue_id = 2;
+    delivery.queue_offset = 41;
+    delivery.born_timestamp = 1_764_080_355_000;
+    assert_eq!(
+        plugin.handle(&event("USER_REGISTER"), &delivery),
+        HandlerOutcome::Accepted
+    );
+    let logs = recorder.plugin_logs("chaos");
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert_eq!(logs[0].0, "id-1", "log lines carry the message id");
+    let seen: serde_json::Value =
+        serde_json::from_str(logs[0].1.strip_prefix("seen ").unwrap()).unwrap();
+    assert_eq!(
+        seen,
+        serde_json::json!({
+            "event_type": "USER_REGISTER", "user_id": 123, "tenant_id": "tenant1",
+            "app_id": "app1", "campaign_id": "campaign-1", "campaign_name": "测试活动",
+            "event_data": {"count": 1}, "timestamp": "2026-11-25T14:19:15+08:00",
+            "message_id": "id-1", "topic": "marketing_task_completed",
+            "tags": "USER_REGISTER", "keys": ["k1", "k2"], "reconsume_times": 3,
+            "queue_id": 2, "queue_offset": 41, "born_timestamp": 1_764_080_355_000_i64,
+        })
+    );
+}
+
+#[test]
+fn a_handler_error_is_a_rejection_with_its_reason() {
+    let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
+    assert_eq!(
+        plugin.handle(&event("FAIL"), &delivery("a", 0)),
+        HandlerOutcome::Rejected {
+            reason: "chaos: asked to fail".into()
+        }
+    );
+    assert_eq!(
+        plugin.handle(&event("FAIL_ONCE"), &delivery("b", 0)),
+        HandlerOutcome::Rejected {
+            reason: "chaos: failing the first delivery".into()
+        }
+    );
+    assert_eq!(
+        plugin.handle(&event("FAIL_ONCE"), &delivery("b", 1)),
+        HandlerOutcome::Accepted
+    );
+}
+
+#[test]
+fn a_panic_is_a_trap_and_the_next_event_gets_a_fresh_store() {
+    let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
+    for round in 0..3 {
+        match plugin.handle(&event("PANIC"), &delivery("p", round)) {
+            HandlerOutcome::Failed(HandlerFailure::Trap { detail }) => {
+                assert!(detail.contains("unreachable"), "{detail}")
+            }
+            other => panic!("expected a trap, got {other:?}"),
+        }
+        assert_eq!(
+            plugin.handle(&event("USER_REGISTER"), &delivery("ok", 0)),
+            HandlerOutcome::Accepted,
+            "the event after a trap must run on a new Store"
+        );
+    }
+}
+
+#[test]
+fn an_endless_loop_is_stopped_by_the_deadline() {
+    let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
+    assert_eq!(
+        plugin.handle(&event("LOOP"), &delivery("l", 0)),
+        HandlerOutcome::Failed(HandlerFailure::Deadline {
+            limit: Duration::from_millis(200)
+        })
+    );
+    assert_eq!(
+        plugin.handle(&event("USER_REGISTER"), &delivery("ok", 0)),
+        HandlerOutcome::Accepted
+    );
+}
+
+#[test]
+fn growing_past_the_memory_limit_is_reported_as_such() {
+    let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
+    match plugin.handle(&event("OOM"), &delivery("m", 0)) {
+        HandlerOutcome::Failed(failure @ HandlerFailure::MemoryLimit { .. }) => {
+            assert!(failure.to_string().starts_with("memory limit"), "{failure}");
+        }
+        other => panic!("expected a memory limit failure, got {other:?}"),
+    }
+    assert_eq!(
+        plugin.handle(&event("USER_REGISTER"), &delivery("ok", 0)),
+        HandlerOutcome::Accepted
+    );
+}
+
+#[test]
+fn fresh_instance_mode_handles_events_too() {
+    let plugin = chaos(InstanceMode::FreshPerEvent, &Recorder::new());
+    for id in ["1", "2", "3"] {
+        assert_eq!(
+            plugin.handle(&event("USER_REGISTER"), &delivery(id, 0)),
+            HandlerOutcome::Accepted
+        );
+    }
+    assert!(matches!(
+        plugin.handle(&event("PANIC"), &delivery("4", 0)),
+        HandlerOutcome::Failed(_)
+    ));
+}
+
+#[test]
+fn the_example_plugin_grants_rewards_and_rejects_a_bad_count() {
+    let recorder = Recorder::new();
+    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    let plugin = Plugin::load_file(
+        &runtime,
+        PluginSettings::new("reward-logger"),
+        &plugin_path("reward-logger").unwrap(),
+        recorder.observers(),
+    )
+    .unwrap();
+    assert_eq!(
+        plugin.handle(&event("USER_REGISTER"), &delivery("r1", 0)),
+        HandlerOutcome::Accepted
+    );
+    let logs = recorder.plugin_logs("reward-logger");
+    assert!(
+        logs[0].1.contains("granting 10 points"),
+        "unexpected log: {logs:?}"
+    );
+    let mut bad = event("USER_REGISTER");
+    bad.event_data
+        .insert("count".into(), serde_json::json!("three"));
+    assert!(matches!(
+        plugin.handle(&bad, &delivery("r2", 0)),
+        HandlerOutcome::Rejected { reason } if reason.contains("count")
+    ));
+}
+
+#[test]
+fn a_file_that_is_not_a_component_is_rejected_at_load_time() {
+    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    let err = Plugin::load(
+        &runtime,
+        PluginSettings::new("junk"),
+        b"\0asm definitely not",
+        Default::default(),
+    )
+    .err()
+    .expect("junk must not load");
+    assert!(matches!(err, PluginLoadError::Compile { .. }), "{err}");
+    assert!(err.to_string().starts_with("plugin junk:"), "{err}");
+}
+
+#[test]
+fn a_component_of_another_world_is_rejected_naming_what_is_missing() {
+    // A component that exports nothing: valid, but not an mqplug plugin.
+    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    let empty_component = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+    let err = Plugin::load(
+        &runtime,
+        PluginSettings::new("empty"),
+        &empty_component,
+        Default::default(),
+    )
+    .err()
+    .expect("an empty component must not load");
+    assert!(matches!(err, PluginLoadError::WrongWorld { .. }), "{err}");
+    assert!(err.to_string().contains("handler"), "{err}");
+}
+
+#[test]
+fn replay_gives_the_same_outcomes_as_the_consumer_would() {
+    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    let plugin = Plugin::load_file(
+        &runtime,
+        PluginSettings::new("chaos"),
+        &plugin_path("chaos").unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    let replayer = Replayer::new(
+        Arc::new(plugin),
+        TopicName::new("marketing.task.completed").unwrap(),
+        UndecodablePolicy::Retry,
+        DEFAULT_MAX_BODY_BYTES,
+    );
+    let good = serde_json::to_vec(&event("USER_REGISTER")).unwrap();
+    let result = replayer.replay(1, &good, 0);
+    assert_eq!(result.outcome, DeliveryOutcome::ConsumeSuccess);
+    assert_eq!(result.cause, None);
+    let result = replayer.replay(2, b"{\"user_id\": 1", 0);
+    assert_eq!(result.outcome, DeliveryOutcome::ConsumeRetryLater);
+    assert!(result.cause.unwrap().starts_with("undecodable"));
+    let failing = serde_json::to_vec(&event("FAIL")).unwrap();
+    let result = replayer.replay(3, &failing, 0);
+    assert_eq!(result.outcome, DeliveryOutcome::ConsumeRetryLater);
+    assert_eq!(result.cause.as_deref(), Some("handler error: chaos: asked to fail"));
+}
