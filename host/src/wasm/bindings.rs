@@ -6,7 +6,7 @@ wasmtime::component::bindgen!({
     world: "plugin",
 });
 
-pub use mqplug::plugin::types::{Delivery, TaskEvent};
+pub use self::mqplug::plugin::types::{Delivery, TaskEvent};
 
 impl From<&crate::event::TaskEvent> for TaskEvent {
     fn from(event: &crate::event::TaskEvent) -> Self {
