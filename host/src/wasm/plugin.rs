@@ -226,6 +226,7 @@ impl Plugin {
     }
 
     fn instantiate(&self) -> Result<Instance, HandlerFailure> {
+        let _span = tracing::debug_span!("instantiate", plugin = %self.name).entered();
         let state = HostState::new(
             self.name.clone(),
             self.settings.memory_limit_bytes,

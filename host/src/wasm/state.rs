@@ -94,27 +94,26 @@ impl log::Host for HostState {
             message.truncate(cut);
             message.push_str(" [truncated]");
         }
-        let plugin = &*self.plugin;
-        let message_id = &self.message_id;
+        // The dispatcher's `message` span already carries plugin and message id.
         let level = match level {
             log::Level::Trace => {
-                tracing::trace!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                tracing::trace!(target: "mqplug::plugin", "{message}");
                 LogLevel::Trace
             }
             log::Level::Debug => {
-                tracing::debug!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                tracing::debug!(target: "mqplug::plugin", "{message}");
                 LogLevel::Debug
             }
             log::Level::Info => {
-                tracing::info!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                tracing::info!(target: "mqplug::plugin", "{message}");
                 LogLevel::Info
             }
             log::Level::Warn => {
-                tracing::warn!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                tracing::warn!(target: "mqplug::plugin", "{message}");
                 LogLevel::Warn
             }
             log::Level::Error => {
-                tracing::error!(target: "mqplug::plugin", plugin, message_id, "{message}");
+                tracing::error!(target: "mqplug::plugin", "{message}");
                 LogLevel::Error
             }
         };
