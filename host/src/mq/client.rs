@@ -45,7 +45,9 @@ impl MqRuntime {
         Ok(MqRuntime { owner, client })
     }
 
-    pub(crate) fn client(&self) -> Arc<ClientRuntime> {
+    /// The raw client runtime, for callers that build their own clients on
+    /// the same pools (the benchmarks' native consumer does).
+    pub fn client(&self) -> Arc<ClientRuntime> {
         self.client.clone()
     }
 

@@ -1,0 +1,13 @@
+//! Benchmark plugin: accepts every event, so a benchmark measures the host.
+
+use mqplug_plugin::{Delivery, Event, Handler};
+
+struct Noop;
+
+impl Handler for Noop {
+    fn handle(_event: Event, _delivery: Delivery) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+mqplug_plugin::export_handler!(Noop);

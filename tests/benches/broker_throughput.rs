@@ -1,0 +1,210 @@
+//! Throughput against a real broker on 127.0.0.1, in one run:
+//! - publish rate: mqplug's `Publisher` against the raw client's sync send;
+//! - backlog drain: mqplug with the no-op plugin against a plain Rust
+//!   consumer with the same no-op handler (decode, then nothing) compiled in.
+//!
+//!   cargo bench -p mqplug-tests --bench broker_throughput
+//!   MQPLUG_BENCH_MESSAGES=50000 cargo bench -p mqplug-tests --bench broker_throughput
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mqplug::config::PluginConfig;
+use mqplug::event::DEFAULT_MAX_BODY_BYTES;
+use mqplug::mq::{ConsumeFrom, MqRuntime, ProducerSettings, Publisher};
+use mqplug::observe::{HostEvent, Observer, Observers};
+use mqplug::topic::TopicName;
+use mqplug::{Host, HostConfig, TaskEvent};
+use mqplug_tests::{LocalBroker, plugins::plugin_path, sample_event};
+use rocketmq_client_rust::{
+    ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQProducer,
+    DefaultMQPushConsumer, MQPushConsumer, MessageListenerConcurrently,
+};
+use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
+use rocketmq_model::common::message::message_ext::MessageExt;
+use rocketmq_model::common::message::message_single::Message;
+
+const TOPIC: &str = "bench.throughput";
+const CONCURRENCY: u32 = 16;
+const PUBLISH_SAMPLE: usize = 2000;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("broker_throughput: run with `cargo bench`");
+        return Ok(());
+    }
+    let backlog: usize = std::env::var("MQPLUG_BENCH_MESSAGES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20_000);
+    let broker = LocalBroker::start()?;
+    let topic = TopicName::new(TOPIC)?;
+    let mq = MqRuntime::new(0)?;
+    let mut publisher =
+        Publisher::start(&mq, ProducerSettings::new(broker.name_server.clone(), topic.clone()))
+            .await?;
+    publisher.create_topic(4).await?;
+    let event = sample_event("USER_REGISTER", 123);
+
+    // Publish rate, one task each, alternating to share the machine's noise.
+    let mut raw = DefaultMQProducer::builder(mq.client())
+        .name_server_addr(broker.name_server.clone())
+        .producer_group("bench-raw-producer")
+        .retry_times_when_send_failed(2)
+        .build();
+    raw.start().await?;
+    let (mut mqplug_rate, mut raw_rate) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let started = Instant::now();
+        for _ in 0..PUBLISH_SAMPLE / 2 {
+            publisher.publish(&event).await?;
+        }
+        mqplug_rate.push(PUBLISH_SAMPLE as f64 / 2.0 / started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        for _ in 0..PUBLISH_SAMPLE / 2 {
+            let message = Message::builder()
+                .topic(topic.wire())
+                .tags("USER_REGISTER")
+                .keys(vec![event.key()])
+                .body(event.encode())
+                .build()?;
+            raw.send_with_timeout(message, 3000).await?;
+        }
+        raw_rate.push(PUBLISH_SAMPLE as f64 / 2.0 / started.elapsed().as_secs_f64());
+    }
+    raw.shutdown().await;
+    let mqplug_rate = mqplug_rate.iter().sum::<f64>() / 2.0;
+    let raw_rate = raw_rate.iter().sum::<f64>() / 2.0;
+
+    // The rest of the backlog, from 8 tasks.
+    let publisher = Arc::new(publisher);
+    let remaining = backlog.saturating_sub(PUBLISH_SAMPLE);
+    let mut tasks = Vec::new();
+    for task in 0..8 {
+        let publisher = publisher.clone();
+        let event = event.clone();
+        let count = remaining / 8 + usize::from(task < remaining % 8);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..count {
+                publisher.publish(&event).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Arc::into_inner(publisher)
+        .context("publisher still shared")?
+        .shutdown()
+        .await;
+    let total = PUBLISH_SAMPLE.max(backlog);
+    eprintln!("backlog of {total} messages published");
+
+    // Drain the same backlog in fresh groups, alternating which goes first.
+    let (mut native, mut hosted) = (Vec::new(), Vec::new());
+    for round in 0..2 {
+        native.push(drain_native(&mq, &broker, &topic, round, total).await?);
+        hosted.push(drain_mqplug(&broker, round, total).await?);
+    }
+    mq.shutdown().await;
+
+    let native_rate = native.iter().sum::<f64>() / native.len() as f64;
+    let hosted_rate = hosted.iter().sum::<f64>() / hosted.len() as f64;
+    println!("| measurement | mqplug | raw client | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| publish, sync send, 1 task (msg/s) | {mqplug_rate:.0} | {raw_rate:.0} | {:.2} |",
+        mqplug_rate / raw_rate
+    );
+    println!(
+        "| drain {total} msgs, concurrency {CONCURRENCY} (msg/s) | {hosted_rate:.0} | {native_rate:.0} | {:.2} |",
+        hosted_rate / native_rate
+    );
+    println!("rounds: mqplug {hosted:.0?}, native {native:.0?}");
+    Ok(())
+}
+
+struct NativeNoop(Arc<AtomicUsize>);
+
+impl MessageListenerConcurrently for NativeNoop {
+    fn consume_message(
+        &self,
+        msgs: &[&MessageExt],
+        _context: &ConsumeConcurrentlyContext,
+    ) -> ClientResult<ConsumeConcurrentlyStatus> {
+        for msg in msgs {
+            let body = msg.body();
+            let event = TaskEvent::decode(body.as_deref().unwrap_or_default(), DEFAULT_MAX_BODY_BYTES);
+            std::hint::black_box(event.is_ok());
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(ConsumeConcurrentlyStatus::ConsumeSuccess)
+    }
+}
+
+async fn wait_for(count: &AtomicUsize, total: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count.load(Ordering::Relaxed) < total {
+        if Instant::now() > deadline {
+            bail!("only {} of {total} drained", count.load(Ordering::Relaxed));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn drain_native(
+    mq: &MqRuntime,
+    broker: &LocalBroker,
+    topic: &TopicName,
+    round: usize,
+    total: usize,
+) -> Result<f64> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut consumer = DefaultMQPushConsumer::builder(mq.client())
+        .name_server_addr(broker.name_server.clone())
+        .consumer_group(format!("bench-native-{round}"))
+        .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+        .consume_thread_min(CONCURRENCY)
+        .consume_thread_max(CONCURRENCY)
+        .consume_message_batch_max_size(1)
+        .build();
+    consumer.subscribe(topic.wire(), "*").await?;
+    consumer.register_message_listener_concurrently(NativeNoop(count.clone()));
+    let started = Instant::now();
+    consumer.start().await?;
+    wait_for(&count, total).await?;
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    consumer.shutdown().await;
+    Ok(rate)
+}
+
+async fn drain_mqplug(broker: &LocalBroker, round: usize, total: usize) -> Result<f64> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    let observer: Observer = Arc::new(move |event: &HostEvent| {
+        if matches!(event, HostEvent::Handled { .. }) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let mut config = HostConfig::default();
+    config.name_server.clone_from(&broker.name_server);
+    config.topic = TOPIC.into();
+    config.plugins = vec![PluginConfig {
+        group: Some(format!("bench-mqplug-{round}")),
+        concurrency: CONCURRENCY,
+        consume_from: ConsumeFrom::First,
+        ..PluginConfig::new("noop", plugin_path("noop")?)
+    }];
+    let started = Instant::now();
+    let host = Host::start(&config, Observers::new(vec![observer])).await?;
+    wait_for(&count, total).await?;
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    host.shutdown().await;
+    Ok(rate)
+}

@@ -1,0 +1,147 @@
+//! Cost per event of mqplug's dispatch through a trivial (no-op) plugin,
+//! against a direct wasmtime call of the same export.
+//!
+//!   cargo bench -p mqplug-tests --bench dispatch
+
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use mqplug::delivery::Delivery;
+use mqplug::dispatch::Dispatcher;
+use mqplug::event::DEFAULT_MAX_BODY_BYTES;
+use mqplug::observe::Observers;
+use mqplug::outcome::{HandlerOutcome, UndecodablePolicy};
+use mqplug::wasm::{InstanceMode, Plugin, PluginSettings, RuntimeSettings, WasmRuntime};
+use mqplug_tests::{plugins::plugin_path, sample_event};
+use std::sync::Arc;
+
+/// The baseline: what a hand-written host does, with wasmtime's defaults
+/// (no pooling, no deadline), calling `handle` on one long-lived instance.
+mod direct {
+    use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+    use wasmtime::{Engine, Store};
+    use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+    wasmtime::component::bindgen!({ path: "../wit", world: "plugin" });
+
+    pub use self::mqplug::plugin::types::{Delivery, TaskEvent};
+
+    pub struct State {
+        wasi: WasiCtx,
+        table: ResourceTable,
+    }
+    impl WasiView for State {
+        fn ctx(&mut self) -> WasiCtxView<'_> {
+            WasiCtxView {
+                ctx: &mut self.wasi,
+                table: &mut self.table,
+            }
+        }
+    }
+    impl self::mqplug::plugin::types::Host for State {}
+    impl self::mqplug::plugin::log::Host for State {
+        fn log(&mut self, _level: self::mqplug::plugin::log::Level, _message: String) {}
+    }
+
+    pub fn instantiate(wasm: &[u8]) -> (Store<State>, Plugin) {
+        let engine = Engine::default();
+        let component = Component::new(&engine, wasm).unwrap();
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
+        Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).unwrap();
+        let mut store = Store::new(
+            &engine,
+            State {
+                wasi: WasiCtx::builder().build(),
+                table: ResourceTable::new(),
+            },
+        );
+        let plugin = Plugin::instantiate(&mut store, &component, &linker).unwrap();
+        (store, plugin)
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let path = plugin_path("noop").unwrap();
+    let wasm = std::fs::read(&path).unwrap();
+    let event = sample_event("USER_REGISTER", 123);
+    let delivery = Delivery {
+        message_id: "C0A8000100002A9F0000000000000001".into(),
+        topic: "marketing_task_completed".into(),
+        tags: Some("USER_REGISTER".into()),
+        keys: vec![event.key()],
+        ..Delivery::default()
+    };
+    let body = event.encode();
+
+    let mut group = c.benchmark_group("per_event");
+    group.measurement_time(Duration::from_secs(5));
+
+    let (mut store, plugin) = direct::instantiate(&wasm);
+    group.bench_function("direct_wasmtime_call", |b| {
+        b.iter(|| {
+            let wit_event = direct::TaskEvent {
+                event_type: event.event_type.clone(),
+                user_id: event.user_id,
+                tenant_id: event.tenant_id.clone(),
+                app_id: event.app_id.clone(),
+                campaign_id: event.campaign_id.clone(),
+                campaign_name: event.campaign_name.clone(),
+                event_data: event.event_data_json(),
+                timestamp: event.timestamp.clone(),
+            };
+            let wit_delivery = direct::Delivery {
+                message_id: delivery.message_id.clone(),
+                topic: delivery.topic.clone(),
+                tags: delivery.tags.clone(),
+                keys: delivery.keys.clone(),
+                reconsume_times: 0,
+                queue_id: 0,
+                queue_offset: 0,
+                born_timestamp: 0,
+            };
+            plugin
+                .mqplug_plugin_handler()
+                .call_handle(&mut store, &wit_event, &wit_delivery)
+                .unwrap()
+                .unwrap()
+        })
+    });
+
+    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    for (name, mode) in [
+        ("mqplug_reused_instance", InstanceMode::Reuse),
+        ("mqplug_fresh_instance", InstanceMode::FreshPerEvent),
+    ] {
+        let settings = PluginSettings {
+            instance_mode: mode,
+            ..PluginSettings::new("noop")
+        };
+        let plugin = Plugin::load(&runtime, settings, &wasm, Observers::default()).unwrap();
+        group.bench_function(name, |b| {
+            b.iter(|| assert_eq!(plugin.handle(&event, &delivery), HandlerOutcome::Accepted))
+        });
+    }
+
+    let plugin = Plugin::load(
+        &runtime,
+        PluginSettings::new("noop"),
+        &wasm,
+        Observers::default(),
+    )
+    .unwrap();
+    let dispatcher = Dispatcher::new(
+        "noop",
+        Arc::new(plugin),
+        UndecodablePolicy::Retry,
+        DEFAULT_MAX_BODY_BYTES,
+        Observers::default(),
+    );
+    group.bench_function("mqplug_decode_and_dispatch_reused", |b| {
+        b.iter(|| dispatcher.dispatch(&delivery, &body))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
