@@ -269,7 +269,13 @@ impl PluginConfig {
             let name: String = self
                 .name
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
                 .collect();
             format!("mqplug-{name}")
         })
@@ -340,10 +346,7 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.plugins[0].group(), "mqplug-reward-logger");
         assert_eq!(config.plugins[1].group(), "audit-team");
-        assert_eq!(
-            config.plugins[1].instance_mode,
-            InstanceMode::FreshPerEvent
-        );
+        assert_eq!(config.plugins[1].instance_mode, InstanceMode::FreshPerEvent);
     }
 
     #[test]
@@ -351,8 +354,15 @@ mod tests {
         let config = parse("[[plugin]]\nname='slow'\npath='s.wasm'\ndeadline_ms=60000").unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.starts_with("plugin slow: deadline_ms = 60000"), "{err}");
-        let config = parse("[[plugin]]\nname='a'\npath='a'\n[[plugin]]\nname='a'\npath='b'").unwrap();
-        assert!(config.validate().unwrap_err().to_string().contains("used by another"));
+        let config =
+            parse("[[plugin]]\nname='a'\npath='a'\n[[plugin]]\nname='a'\npath='b'").unwrap();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("used by another")
+        );
         let config = parse("topic = 'marketing task'").unwrap();
         assert!(config.validate().is_err());
     }

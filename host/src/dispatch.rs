@@ -226,7 +226,10 @@ mod tests {
         let HostEvent::Handled { cause, .. } = &events[0] else {
             panic!("expected a Handled event, got {events:?}");
         };
-        assert!(cause.as_deref().unwrap().starts_with("undecodable: "), "{cause:?}");
+        assert!(
+            cause.as_deref().unwrap().starts_with("undecodable: "),
+            "{cause:?}"
+        );
     }
 
     #[test]

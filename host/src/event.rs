@@ -173,8 +173,16 @@ mod tests {
             (r#""user_id":123"#, r#""user_id":"123""#, "expected u64"),
             (r#""user_id":123"#, r#""user_id":-1"#, "expected u64"),
             (r#""user_id":123"#, r#""user_id":1.5"#, "expected u64"),
-            (r#"{"count":1}"#, "[1]", "must be a JSON object, got an array"),
-            (r#""event_type":"USER_REGISTER""#, r#""event_type":7"#, "expected a string"),
+            (
+                r#"{"count":1}"#,
+                "[1]",
+                "must be a JSON object, got an array",
+            ),
+            (
+                r#""event_type":"USER_REGISTER""#,
+                r#""event_type":7"#,
+                "expected a string",
+            ),
         ];
         for (from, to, expected) in cases {
             let err = decode(&SNAKE.replace(from, to)).unwrap_err().to_string();
@@ -191,7 +199,14 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_errors_not_panics() {
-        for body in [&b""[..], b"not json", b"\xff\xfe", b"[]", b"null", b"{\"user_id\":"] {
+        for body in [
+            &b""[..],
+            b"not json",
+            b"\xff\xfe",
+            b"[]",
+            b"null",
+            b"{\"user_id\":",
+        ] {
             assert!(TaskEvent::decode(body, DEFAULT_MAX_BODY_BYTES).is_err());
         }
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
@@ -202,6 +217,9 @@ mod tests {
     #[test]
     fn bodies_over_the_limit_are_rejected_before_parsing() {
         let err = TaskEvent::decode(SNAKE.as_bytes(), 10).unwrap_err();
-        assert!(matches!(err, DecodeError::TooLarge { limit: 10, .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::TooLarge { limit: 10, .. }),
+            "{err}"
+        );
     }
 }

@@ -83,8 +83,7 @@ impl Host {
         observers: Observers,
     ) -> Result<(), HostError> {
         if config.producer.enabled {
-            let mut publisher =
-                Publisher::start(&self.mq, config.producer_settings()?).await?;
+            let mut publisher = Publisher::start(&self.mq, config.producer_settings()?).await?;
             if let Some(queues) = config.producer.create_topic_queues {
                 publisher.create_topic(queues).await?;
                 info!(wire_topic = self.topic.wire(), queues, "topic created");
@@ -101,8 +100,7 @@ impl Host {
                 observers.clone(),
             );
             let settings = plugin_config.consumer_settings(&config.name_server, &self.topic);
-            let consumer =
-                PluginConsumer::start(&self.mq, &settings, Arc::new(dispatcher)).await?;
+            let consumer = PluginConsumer::start(&self.mq, &settings, Arc::new(dispatcher)).await?;
             info!(
                 plugin = plugin.name(),
                 group = consumer.group(),

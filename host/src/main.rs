@@ -154,7 +154,10 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -210,7 +213,11 @@ async fn publish(args: PublishArgs) -> Result<std::process::ExitCode> {
             if let Some(queues) = args.create_topic {
                 publisher.create_topic(queues).await?;
             }
-            println!("publishing {} event(s) to {}", events.len(), publisher.topic());
+            println!(
+                "publishing {} event(s) to {}",
+                events.len(),
+                publisher.topic()
+            );
             Ok::<_, anyhow::Error>(send_all(&publisher, &events).await)
         }
         .await;
@@ -234,14 +241,17 @@ fn events_to_publish(args: &PublishArgs) -> Result<Vec<TaskEvent>> {
     };
     let mut events = Vec::new();
     if let Some(path) = &args.file {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
             let line = line.with_context(|| format!("cannot read {}", path.display()))?;
             if line.trim().is_empty() {
                 continue;
             }
-            events.push(parse(&line, &format!("{} line {}", path.display(), index + 1))?);
+            events.push(parse(
+                &line,
+                &format!("{} line {}", path.display(), index + 1),
+            )?);
         }
     } else if let Some(json) = &args.json {
         events.push(parse(json, "--json")?);
@@ -282,7 +292,10 @@ async fn send_all(publisher: &Publisher, events: &[TaskEvent]) -> Summary {
                 if events.len() == 1 {
                     bar.println(format!(
                         "sent {} (message id {}, queue {:?}, offset {})",
-                        event.event_type, receipt.message_id, receipt.queue_id, receipt.queue_offset
+                        event.event_type,
+                        receipt.message_id,
+                        receipt.queue_id,
+                        receipt.queue_offset
                     ));
                 }
             }
@@ -306,10 +319,10 @@ async fn send_all(publisher: &Publisher, events: &[TaskEvent]) -> Summary {
 fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
     let runtime = WasmRuntime::new(RuntimeSettings::default())
         .map_err(|err| anyhow::anyhow!("cannot start the wasm engine: {err:#}"))?;
-    let name = args
-        .plugin
-        .file_stem()
-        .map_or_else(|| "plugin".to_string(), |s| s.to_string_lossy().into_owned());
+    let name = args.plugin.file_stem().map_or_else(
+        || "plugin".to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    );
     let settings = PluginSettings {
         deadline: Duration::from_millis(args.deadline_ms),
         ..PluginSettings::new(name)

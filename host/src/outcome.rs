@@ -141,10 +141,7 @@ mod tests {
         }
         .to_string();
         assert_eq!(text, "deadline: interrupted after 250 ms");
-        let text = HandlerFailure::MemoryLimit {
-            detail: "x".into(),
-        }
-        .to_string();
+        let text = HandlerFailure::MemoryLimit { detail: "x".into() }.to_string();
         assert!(text.starts_with("memory limit"));
     }
 }

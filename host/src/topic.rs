@@ -122,7 +122,10 @@ mod tests {
     #[test]
     fn names_still_illegal_after_mapping_are_rejected() {
         let err = TopicName::new("marketing task").unwrap_err();
-        assert!(matches!(err, TopicNameError::IllegalCharacter { bad: ' ', .. }));
+        assert!(matches!(
+            err,
+            TopicNameError::IllegalCharacter { bad: ' ', .. }
+        ));
         assert!(TopicName::new("活动").is_err());
         assert_eq!(TopicName::new(""), Err(TopicNameError::Empty));
         assert!(TopicName::new(&"a".repeat(128)).is_err());

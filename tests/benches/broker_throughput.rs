@@ -44,9 +44,11 @@ async fn main() -> Result<()> {
     let broker = LocalBroker::start()?;
     let topic = TopicName::new(TOPIC)?;
     let mq = MqRuntime::new(0)?;
-    let mut publisher =
-        Publisher::start(&mq, ProducerSettings::new(broker.name_server.clone(), topic.clone()))
-            .await?;
+    let mut publisher = Publisher::start(
+        &mq,
+        ProducerSettings::new(broker.name_server.clone(), topic.clone()),
+    )
+    .await?;
     publisher.create_topic(4).await?;
     let event = sample_event("USER_REGISTER", 123);
 
@@ -139,7 +141,8 @@ impl MessageListenerConcurrently for NativeNoop {
     ) -> ClientResult<ConsumeConcurrentlyStatus> {
         for msg in msgs {
             let body = msg.body();
-            let event = TaskEvent::decode(body.as_deref().unwrap_or_default(), DEFAULT_MAX_BODY_BYTES);
+            let event =
+                TaskEvent::decode(body.as_deref().unwrap_or_default(), DEFAULT_MAX_BODY_BYTES);
             std::hint::black_box(event.is_ok());
             self.0.fetch_add(1, Ordering::Relaxed);
         }

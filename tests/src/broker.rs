@@ -132,7 +132,9 @@ impl LocalBroker {
     /// until the broker reports ready.
     pub fn start() -> Result<LocalBroker> {
         let bin = rocketmq_bin_dir()?;
-        let dir = tempfile::Builder::new().prefix("mqplug-broker-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("mqplug-broker-")
+            .tempdir()?;
         let ports = free_ports()?;
         let root = dir.path();
 
@@ -205,7 +207,11 @@ mappedFileSizeCommitLog = 67108864
     fn wait_for_name_server(&mut self, port: u16) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = self.namesrv.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .namesrv
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!(
                     "name server exited ({status}):\n{}",
                     tail(&self.dir.path().join("namesrv.log"))
@@ -241,7 +247,11 @@ mappedFileSizeCommitLog = 67108864
         self.broker = Some(spawn_logged(command, &log)?);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = self.broker.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .broker
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("broker exited ({status}):\n{}", tail(&log));
             }
             if http_status(self.health, "/readyz") == Some(200) {
@@ -294,7 +304,10 @@ fn terminate(mut child: Child) {
 
 impl Drop for LocalBroker {
     fn drop(&mut self) {
-        for child in [self.broker.take(), self.namesrv.take()].into_iter().flatten() {
+        for child in [self.broker.take(), self.namesrv.take()]
+            .into_iter()
+            .flatten()
+        {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();

@@ -20,7 +20,13 @@ pub fn plugin_path(name: &str) -> Result<PathBuf> {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| root.join("target"));
             let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "wasm32-wasip2",
+                    "--manifest-path",
+                ])
                 .arg(root.join("plugins/Cargo.toml"))
                 .arg("--target-dir")
                 .arg(&target)

@@ -25,8 +25,8 @@ impl Write for Captured {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_body_is_retried_with_a_clear_log_line_and_the_host_keeps_running()
--> Result<()> {
+async fn a_malformed_body_is_retried_with_a_clear_log_line_and_the_host_keeps_running() -> Result<()>
+{
     let captured = Captured::default();
     let writer = captured.clone();
     tracing_subscriber::fmt()
@@ -46,10 +46,17 @@ async fn a_malformed_body_is_retried_with_a_clear_log_line_and_the_host_keeps_ru
     let publisher = host.publisher().context("the producer is enabled")?;
 
     let malformed = publisher
-        .publish_body(b"{\"EventType\": \"USER_REGISTER\", \"UserID\": \"abc\"}".to_vec(), None, vec![])
+        .publish_body(
+            b"{\"EventType\": \"USER_REGISTER\", \"UserID\": \"abc\"}".to_vec(),
+            None,
+            vec![],
+        )
         .await?
         .message_id;
-    let good = publisher.publish(&sample_event("USER_REGISTER", 7)).await?.message_id;
+    let good = publisher
+        .publish(&sample_event("USER_REGISTER", 7))
+        .await?
+        .message_id;
     let both = recorder.wait_until(Duration::from_secs(90), |r| {
         let handled = r.handled();
         [&malformed, &good]
@@ -63,7 +70,10 @@ async fn a_malformed_body_is_retried_with_a_clear_log_line_and_the_host_keeps_ru
     let bad = handled.iter().find(|h| h.message_id == malformed).unwrap();
     assert_eq!(bad.outcome, DeliveryOutcome::ConsumeRetryLater);
     let cause = bad.cause.as_deref().unwrap();
-    assert!(cause.contains("UserID") || cause.contains("expected u64"), "{cause}");
+    assert!(
+        cause.contains("UserID") || cause.contains("expected u64"),
+        "{cause}"
+    );
     let ok = handled.iter().find(|h| h.message_id == good).unwrap();
     assert_eq!(ok.outcome, DeliveryOutcome::ConsumeSuccess);
 

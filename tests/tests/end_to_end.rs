@@ -29,9 +29,10 @@ async fn published_events_reach_the_plugin_intact_and_are_all_acknowledged() -> 
     for i in 0..N {
         let mut event = sample_event("USER_REGISTER", 1000 + i);
         event.campaign_name = format!("测试活动 #{i}");
-        event
-            .event_data
-            .insert("nested".into(), serde_json::json!({"i": i, "tags": ["a", "é"]}));
+        event.event_data.insert(
+            "nested".into(),
+            serde_json::json!({"i": i, "tags": ["a", "é"]}),
+        );
         let receipt = publisher.publish(&event).await?;
         published.insert(receipt.message_id, event);
     }
@@ -40,17 +41,28 @@ async fn published_events_reach_the_plugin_intact_and_are_all_acknowledged() -> 
     // Give stray redeliveries a moment to show up before counting.
     tokio::time::sleep(Duration::from_secs(3)).await;
     host.shutdown().await;
-    ensure!(all_handled, "not every event was handled:\n{}", broker.logs());
+    ensure!(
+        all_handled,
+        "not every event was handled:\n{}",
+        broker.logs()
+    );
 
     let handled = recorder.handled_by("chaos");
-    assert_eq!(handled.len(), N as usize, "each event handled once: {handled:#?}");
+    assert_eq!(
+        handled.len(),
+        N as usize,
+        "each event handled once: {handled:#?}"
+    );
     for h in &handled {
         assert_eq!(h.outcome, DeliveryOutcome::ConsumeSuccess, "{h:?}");
         assert_eq!(h.reconsume_times, 0, "nothing was retried: {h:?}");
     }
     let handled_ids: HashSet<_> = handled.iter().map(|h| h.message_id.clone()).collect();
     let published_ids: HashSet<_> = published.keys().cloned().collect();
-    assert_eq!(handled_ids, published_ids, "handled ids are the producer's ids");
+    assert_eq!(
+        handled_ids, published_ids,
+        "handled ids are the producer's ids"
+    );
 
     for (message_id, line) in recorder.plugin_logs("chaos") {
         let seen: serde_json::Value = serde_json::from_str(line.strip_prefix("seen ").unwrap())?;
@@ -62,7 +74,10 @@ async fn published_events_reach_the_plugin_intact_and_are_all_acknowledged() -> 
         assert_eq!(seen["app_id"], event.app_id.as_str());
         assert_eq!(seen["campaign_id"], event.campaign_id.as_str());
         assert_eq!(seen["campaign_name"], event.campaign_name.as_str());
-        assert_eq!(seen["event_data"], serde_json::Value::Object(event.event_data.clone()));
+        assert_eq!(
+            seen["event_data"],
+            serde_json::Value::Object(event.event_data.clone())
+        );
         assert_eq!(seen["timestamp"], event.timestamp.as_str());
         assert_eq!(seen["topic"], "marketing_task_completed");
         assert_eq!(seen["tags"], "USER_REGISTER", "the tag is the event type");
@@ -88,7 +103,12 @@ async fn a_failing_plugin_is_retried_alone_and_succeeds_on_redelivery() -> Resul
     let publisher = host.publisher().context("the producer is enabled")?;
     let mut ids = HashSet::new();
     for user in 0..3 {
-        ids.insert(publisher.publish(&sample_event("FAIL_ONCE", user)).await?.message_id);
+        ids.insert(
+            publisher
+                .publish(&sample_event("FAIL_ONCE", user))
+                .await?
+                .message_id,
+        );
     }
 
     let retried = recorder.wait_until(WAIT, |r| {
@@ -100,7 +120,11 @@ async fn a_failing_plugin_is_retried_alone_and_succeeds_on_redelivery() -> Resul
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     host.shutdown().await;
-    ensure!(retried, "the failed deliveries did not come back:\n{}", broker.logs());
+    ensure!(
+        retried,
+        "the failed deliveries did not come back:\n{}",
+        broker.logs()
+    );
 
     let chaos = recorder.handled_by("chaos");
     for id in &ids {
@@ -120,9 +144,16 @@ async fn a_failing_plugin_is_retried_alone_and_succeeds_on_redelivery() -> Resul
         );
     }
     let rewards = recorder.handled_by("rewards");
-    assert_eq!(rewards.len(), 3, "the other plugin is not re-run: {rewards:#?}");
+    assert_eq!(
+        rewards.len(),
+        3,
+        "the other plugin is not re-run: {rewards:#?}"
+    );
     for h in &rewards {
-        assert_eq!((h.reconsume_times, h.outcome), (0, DeliveryOutcome::ConsumeSuccess));
+        assert_eq!(
+            (h.reconsume_times, h.outcome),
+            (0, DeliveryOutcome::ConsumeSuccess)
+        );
         assert!(ids.contains(&h.message_id));
     }
     Ok(())
@@ -142,22 +173,35 @@ async fn a_panicking_plugin_is_retried_and_the_next_message_is_handled() -> Resu
     let host = Host::start(&config, recorder.observers()).await?;
     let publisher = host.publisher().context("the producer is enabled")?;
 
-    let panicking = publisher.publish(&sample_event("PANIC", 1)).await?.message_id;
+    let panicking = publisher
+        .publish(&sample_event("PANIC", 1))
+        .await?
+        .message_id;
     let trapped = recorder.wait_until(WAIT, |r| {
         r.handled().iter().any(|h| h.message_id == panicking)
     });
-    let healthy = publisher.publish(&sample_event("USER_REGISTER", 2)).await?.message_id;
+    let healthy = publisher
+        .publish(&sample_event("USER_REGISTER", 2))
+        .await?
+        .message_id;
     let recovered = recorder.wait_until(WAIT, |r| {
         r.handled().iter().any(|h| h.message_id == healthy)
     });
     host.shutdown().await;
-    ensure!(trapped && recovered, "messages not handled:\n{}", broker.logs());
+    ensure!(
+        trapped && recovered,
+        "messages not handled:\n{}",
+        broker.logs()
+    );
 
     let handled = recorder.handled();
     let panic = handled.iter().find(|h| h.message_id == panicking).unwrap();
     assert_eq!(panic.outcome, DeliveryOutcome::ConsumeRetryLater);
     let cause = panic.cause.as_deref().unwrap_or_default();
-    assert!(cause.starts_with("trap:") && cause.contains("unreachable"), "{cause}");
+    assert!(
+        cause.starts_with("trap:") && cause.contains("unreachable"),
+        "{cause}"
+    );
     let next = handled.iter().find(|h| h.message_id == healthy).unwrap();
     assert_eq!(next.outcome, DeliveryOutcome::ConsumeSuccess, "{next:?}");
     Ok(())

@@ -252,5 +252,52 @@ fn replay_gives_the_same_outcomes_as_the_consumer_would() {
     let failing = serde_json::to_vec(&event("FAIL")).unwrap();
     let result = replayer.replay(3, &failing, 0);
     assert_eq!(result.outcome, DeliveryOutcome::ConsumeRetryLater);
-    assert_eq!(result.cause.as_deref(), Some("handler error: chaos: asked to fail"));
+    assert_eq!(
+        result.cause.as_deref(),
+        Some("handler error: chaos: asked to fail")
+    );
+}
+
+#[test]
+fn the_readme_plugin_is_the_one_built_here_and_it_runs() {
+    let readme = std::fs::read_to_string(mqplug_tests::workspace_root().join("README.md")).unwrap();
+    let snippet = readme
+        .split("`src/lib.rs`:\n\n```rust\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README shows a plugin's src/lib.rs");
+    let source = std::fs::read_to_string(
+        mqplug_tests::workspace_root().join("plugins/my-plugin/src/lib.rs"),
+    )
+    .unwrap();
+    assert_eq!(
+        snippet, source,
+        "README snippet and plugins/my-plugin differ"
+    );
+
+    let recorder = Recorder::new();
+    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    let plugin = Plugin::load_file(
+        &runtime,
+        PluginSettings::new("my-plugin"),
+        &plugin_path("my-plugin").unwrap(),
+        recorder.observers(),
+    )
+    .unwrap();
+    assert_eq!(
+        plugin.handle(&event("USER_REGISTER"), &delivery("x", 0)),
+        HandlerOutcome::Accepted
+    );
+    assert_eq!(
+        recorder.plugin_logs("my-plugin")[0].1,
+        "USER_REGISTER by user 123, attempt 1"
+    );
+    let mut no_tenant = event("USER_REGISTER");
+    no_tenant.tenant_id.clear();
+    assert_eq!(
+        plugin.handle(&no_tenant, &delivery("y", 0)),
+        HandlerOutcome::Rejected {
+            reason: "no tenant".into()
+        }
+    );
 }

@@ -94,10 +94,9 @@ impl PluginConsumer {
                 )
             })?;
         consumer.register_message_listener_concurrently(Listener { handler });
-        consumer
-            .start()
-            .await
-            .map_err(|err| MqError::new(format!("start consumer group {}", settings.group), &err))?;
+        consumer.start().await.map_err(|err| {
+            MqError::new(format!("start consumer group {}", settings.group), &err)
+        })?;
         Ok(PluginConsumer {
             consumer,
             group: settings.group.clone(),

@@ -27,8 +27,7 @@ pub fn error_chain(err: &(dyn Error + 'static)) -> String {
     let mut next = Some(err);
     while let Some(err) = next {
         let text = err.to_string();
-        if !text.is_empty() && !text.contains("<redacted>") && !parts.iter().any(|p| p == &text)
-        {
+        if !text.is_empty() && !text.contains("<redacted>") && !parts.iter().any(|p| p == &text) {
             parts.push(text);
         }
         next = err.source();

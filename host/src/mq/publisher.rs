@@ -84,7 +84,8 @@ impl Publisher {
     /// Publishes one event and waits for the broker's answer.
     pub async fn publish(&self, event: &TaskEvent) -> Result<PublishReceipt, MqError> {
         let tags = (!event.event_type.is_empty()).then_some(event.event_type.as_str());
-        self.publish_body(event.encode(), tags, vec![event.key()]).await
+        self.publish_body(event.encode(), tags, vec![event.key()])
+            .await
     }
 
     /// Publishes any body, e.g. to test how consumers treat malformed input.

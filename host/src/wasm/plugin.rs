@@ -62,18 +62,24 @@ pub enum PluginLoadError {
         cause: std::io::Error,
     },
     #[error("plugin {name}: not a valid wasm component: {cause:#}")]
-    Compile { name: String, cause: wasmtime::Error },
+    Compile {
+        name: String,
+        cause: wasmtime::Error,
+    },
     #[error("plugin {name}: imports something mqplug does not provide: {cause:#}")]
-    Link { name: String, cause: wasmtime::Error },
+    Link {
+        name: String,
+        cause: wasmtime::Error,
+    },
     #[error(
         "plugin {name}: does not export the mqplug:plugin handler (build it against wit/plugin.wit): {cause:#}"
     )]
-    WrongWorld { name: String, cause: wasmtime::Error },
-    #[error("plugin {name}: failed to instantiate: {cause}")]
-    Instantiate {
+    WrongWorld {
         name: String,
-        cause: HandlerFailure,
+        cause: wasmtime::Error,
     },
+    #[error("plugin {name}: failed to instantiate: {cause}")]
+    Instantiate { name: String, cause: HandlerFailure },
     #[error("plugin {name}: memory limit {limit} bytes is over the host's maximum of {max} bytes")]
     MemoryLimitTooLarge {
         name: String,
@@ -131,20 +137,18 @@ impl Plugin {
                 max,
             });
         }
-        let component = Component::new(&runtime.engine, wasm).map_err(|cause| {
-            PluginLoadError::Compile {
+        let component =
+            Component::new(&runtime.engine, wasm).map_err(|cause| PluginLoadError::Compile {
                 name: name.clone(),
                 cause,
-            }
-        })?;
-        let instance_pre =
-            runtime
-                .linker
-                .instantiate_pre(&component)
-                .map_err(|cause| PluginLoadError::Link {
-                    name: name.clone(),
-                    cause,
-                })?;
+            })?;
+        let instance_pre = runtime
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|cause| PluginLoadError::Link {
+                name: name.clone(),
+                cause,
+            })?;
         let pre = PluginPre::new(instance_pre).map_err(|cause| PluginLoadError::WrongWorld {
             name: name.clone(),
             cause,
@@ -180,7 +184,11 @@ impl Plugin {
             Ok(instance) => instance,
             Err(failure) => return HandlerOutcome::Failed(failure),
         };
-        instance.store.data_mut().message_id.clone_from(&delivery.message_id);
+        instance
+            .store
+            .data_mut()
+            .message_id
+            .clone_from(&delivery.message_id);
         instance.store.set_epoch_deadline(self.deadline_ticks());
         let result = instance.bindings.mqplug_plugin_handler().call_handle(
             &mut instance.store,
@@ -203,7 +211,11 @@ impl Plugin {
     }
 
     fn deadline_ticks(&self) -> u64 {
-        let ticks = self.settings.deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
+        let ticks = self
+            .settings
+            .deadline
+            .as_nanos()
+            .div_ceil(EPOCH_TICK.as_nanos());
         u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
     }
 

@@ -11,9 +11,9 @@ impl Handler for RewardLogger {
     fn handle(event: Event, delivery: Delivery) -> Result<(), String> {
         let count = match event.event_data.get("count") {
             None => 1,
-            Some(value) => value
-                .as_u64()
-                .ok_or_else(|| format!("event_data.count must be a non-negative integer, got {value}"))?,
+            Some(value) => value.as_u64().ok_or_else(|| {
+                format!("event_data.count must be a non-negative integer, got {value}")
+            })?,
         };
         let points = 10 * count;
         log::info(&format!(

@@ -1,0 +1,20 @@
+use mqplug_plugin::{Delivery, Event, Handler, log};
+
+struct MyPlugin;
+
+impl Handler for MyPlugin {
+    fn handle(event: Event, delivery: Delivery) -> Result<(), String> {
+        log::info(&format!(
+            "{} by user {}, attempt {}",
+            event.event_type,
+            event.user_id,
+            delivery.reconsume_times + 1
+        ));
+        if event.tenant_id.is_empty() {
+            return Err("no tenant".into()); // retried later, then dead-lettered
+        }
+        Ok(())
+    }
+}
+
+mqplug_plugin::export_handler!(MyPlugin);
