@@ -45,3 +45,28 @@ pub fn plugin_path(name: &str) -> Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// Builds the `mqplug` binary (once per test process) and returns its path.
+pub fn mqplug_bin() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = workspace_root();
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "-p", "mqplug", "--bin", "mqplug", "--manifest-path"])
+                .arg(root.join("Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .status()
+                .map_err(|err| format!("cannot run cargo: {err}"))?;
+            if !status.success() {
+                return Err(format!("building mqplug failed: {status}"));
+            }
+            Ok(target.join("debug/mqplug"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
