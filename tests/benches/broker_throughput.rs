@@ -4,9 +4,9 @@
 //!   consumer with the same no-op handler (decode, then nothing) compiled in.
 //!
 //!   cargo bench -p mqplug-tests --bench broker_throughput
-//!   MQPLUG_BENCH_MESSAGES=50000 cargo bench -p mqplug-tests --bench broker_throughput
+//!   MQPLUG_BENCH_MESSAGES=100000 cargo bench -p mqplug-tests --bench broker_throughput
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ async fn main() -> Result<()> {
     let backlog: usize = std::env::var("MQPLUG_BENCH_MESSAGES")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(40_000);
     let broker = LocalBroker::start()?;
     let topic = TopicName::new(TOPIC)?;
     let mq = MqRuntime::new(0)?;
@@ -109,7 +109,7 @@ async fn main() -> Result<()> {
 
     // Drain the same backlog in fresh groups, alternating which goes first.
     let (mut native, mut hosted) = (Vec::new(), Vec::new());
-    for round in 0..2 {
+    for round in 0..3 {
         native.push(drain_native(&mq, &broker, &topic, round, total).await?);
         hosted.push(drain_mqplug(&broker, round, total).await?);
     }
@@ -131,7 +131,51 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-struct NativeNoop(Arc<AtomicUsize>);
+/// Counts handled messages and notes when the first and the last arrived,
+/// so the rate covers the drain itself, not the consumer's start-up.
+struct DrainClock {
+    total: usize,
+    count: AtomicUsize,
+    first: OnceLock<Instant>,
+    last: OnceLock<Instant>,
+}
+
+impl DrainClock {
+    fn new(total: usize) -> Arc<Self> {
+        Arc::new(DrainClock {
+            total,
+            count: AtomicUsize::new(0),
+            first: OnceLock::new(),
+            last: OnceLock::new(),
+        })
+    }
+
+    fn tick(&self) {
+        let now = Instant::now();
+        let _ = self.first.set(now);
+        if self.count.fetch_add(1, Ordering::Relaxed) + 1 == self.total {
+            let _ = self.last.set(now);
+        }
+    }
+
+    /// Waits for every message; returns messages per second from the first
+    /// handled to the last.
+    async fn rate(&self) -> Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let (Some(first), Some(last)) = (self.first.get(), self.last.get()) {
+                let seconds = last.duration_since(*first).as_secs_f64().max(1e-9);
+                return Ok((self.total - 1) as f64 / seconds);
+            }
+            if Instant::now() > deadline {
+                bail!("only {} of {} drained", self.count.load(Ordering::Relaxed), self.total);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+struct NativeNoop(Arc<DrainClock>);
 
 impl MessageListenerConcurrently for NativeNoop {
     fn consume_message(
@@ -144,21 +188,10 @@ impl MessageListenerConcurrently for NativeNoop {
             let event =
                 TaskEvent::decode(body.as_deref().unwrap_or_default(), DEFAULT_MAX_BODY_BYTES);
             std::hint::black_box(event.is_ok());
-            self.0.fetch_add(1, Ordering::Relaxed);
+            self.0.tick();
         }
         Ok(ConsumeConcurrentlyStatus::ConsumeSuccess)
     }
-}
-
-async fn wait_for(count: &AtomicUsize, total: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while count.load(Ordering::Relaxed) < total {
-        if Instant::now() > deadline {
-            bail!("only {} of {total} drained", count.load(Ordering::Relaxed));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
 }
 
 async fn drain_native(
@@ -168,7 +201,7 @@ async fn drain_native(
     round: usize,
     total: usize,
 ) -> Result<f64> {
-    let count = Arc::new(AtomicUsize::new(0));
+    let clock = DrainClock::new(total);
     let mut consumer = DefaultMQPushConsumer::builder(mq.client())
         .name_server_addr(broker.name_server.clone())
         .consumer_group(format!("bench-native-{round}"))
@@ -178,21 +211,19 @@ async fn drain_native(
         .consume_message_batch_max_size(1)
         .build();
     consumer.subscribe(topic.wire(), "*").await?;
-    consumer.register_message_listener_concurrently(NativeNoop(count.clone()));
-    let started = Instant::now();
+    consumer.register_message_listener_concurrently(NativeNoop(clock.clone()));
     consumer.start().await?;
-    wait_for(&count, total).await?;
-    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let rate = clock.rate().await?;
     consumer.shutdown().await;
     Ok(rate)
 }
 
 async fn drain_mqplug(broker: &LocalBroker, round: usize, total: usize) -> Result<f64> {
-    let count = Arc::new(AtomicUsize::new(0));
-    let counter = count.clone();
+    let clock = DrainClock::new(total);
+    let ticks = clock.clone();
     let observer: Observer = Arc::new(move |event: &HostEvent| {
         if matches!(event, HostEvent::Handled { .. }) {
-            counter.fetch_add(1, Ordering::Relaxed);
+            ticks.tick();
         }
     });
     let mut config = HostConfig::default();
@@ -204,10 +235,8 @@ async fn drain_mqplug(broker: &LocalBroker, round: usize, total: usize) -> Resul
         consume_from: ConsumeFrom::First,
         ..PluginConfig::new("noop", plugin_path("noop")?)
     }];
-    let started = Instant::now();
     let host = Host::start(&config, Observers::new(vec![observer])).await?;
-    wait_for(&count, total).await?;
-    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let rate = clock.rate().await?;
     host.shutdown().await;
     Ok(rate)
 }
