@@ -14,6 +14,7 @@ cargo fmt --all --check
 
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+(cd plugins && cargo clippy --target wasm32-wasip2 --release --target-dir ../target --quiet -- -D warnings)
 
 echo "== cargo test" >&2
 cargo test --workspace

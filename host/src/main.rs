@@ -38,7 +38,7 @@ enum Command {
     Run(RunArgs),
     /// Publish task events with the built-in producer: the platform's example
     /// event, one given as flags or JSON, or many from a JSON Lines file.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
     /// Run message bodies from a JSON Lines file through a plugin, no broker
     /// needed, and print what RocketMQ would be told for each.
     Replay(ReplayArgs),
@@ -167,7 +167,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
-            Command::Publish(args) => publish(args).await,
+            Command::Publish(args) => publish(*args).await,
             Command::Replay(args) => replay(args),
         }
     });
