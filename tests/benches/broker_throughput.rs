@@ -6,8 +6,8 @@
 //!   cargo bench -p mqplug-tests --bench broker_throughput
 //!   MQPLUG_BENCH_MESSAGES=100000 cargo bench -p mqplug-tests --bench broker_throughput
 
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -168,7 +168,11 @@ impl DrainClock {
                 return Ok((self.total - 1) as f64 / seconds);
             }
             if Instant::now() > deadline {
-                bail!("only {} of {} drained", self.count.load(Ordering::Relaxed), self.total);
+                bail!(
+                    "only {} of {} drained",
+                    self.count.load(Ordering::Relaxed),
+                    self.total
+                );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -1,4 +1,6 @@
-//! The plugins in `plugins/`, built once for wasm32-wasip2.
+//! The plugins in `plugins/` (built for wasm32-wasip2) and the `mqplug`
+//! binary, each built once per test process; cargo skips the work when
+//! nothing changed.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -8,65 +10,57 @@ use anyhow::{Result, bail};
 
 use crate::workspace_root;
 
-/// Builds every plugin in `plugins/` (once per test process; cargo skips the
-/// work when nothing changed) and returns the path of `name`'s component,
-/// e.g. `plugin_path("chaos")`.
+/// The target directory the tests' own build uses.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Runs `cargo build <args> --target-dir <target>`.
+fn cargo_build(args: &[&str], what: &str) -> Result<(), String> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .arg("build")
+        .args(args)
+        .arg("--target-dir")
+        .arg(target_dir())
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|err| format!("cannot run cargo: {err}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("building {what} failed: {status}"))
+    }
+}
+
+/// Builds every plugin in `plugins/` and returns the path of `name`'s
+/// component, e.g. `plugin_path("chaos")`.
 pub fn plugin_path(name: &str) -> Result<PathBuf> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let dir = BUILT
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
         .get_or_init(|| {
-            let root = workspace_root();
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    "wasm32-wasip2",
-                    "--manifest-path",
-                ])
-                .arg(root.join("plugins/Cargo.toml"))
-                .arg("--target-dir")
-                .arg(&target)
-                .status()
-                .map_err(|err| format!("cannot run cargo: {err}"))?;
-            if !status.success() {
-                return Err(format!("building plugins/ failed: {status}"));
-            }
-            Ok(target.join("wasm32-wasip2/release"))
+            let args = ["--release", "--target", "wasm32-wasip2"];
+            let manifest = ["--manifest-path", "plugins/Cargo.toml"];
+            cargo_build(&[&args[..], &manifest[..]].concat(), "plugins/")
         })
         .clone()
         .map_err(anyhow::Error::msg)?;
-    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    let path = target_dir()
+        .join("wasm32-wasip2/release")
+        .join(format!("{}.wasm", name.replace('-', "_")));
     if !path.exists() {
         bail!("no plugin {name} at {}", path.display());
     }
     Ok(path)
 }
 
-/// Builds the `mqplug` binary (once per test process) and returns its path.
+/// Builds the `mqplug` binary and returns its path.
 pub fn mqplug_bin() -> Result<PathBuf> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let root = workspace_root();
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "-p", "mqplug", "--bin", "mqplug", "--manifest-path"])
-                .arg(root.join("Cargo.toml"))
-                .arg("--target-dir")
-                .arg(&target)
-                .status()
-                .map_err(|err| format!("cannot run cargo: {err}"))?;
-            if !status.success() {
-                return Err(format!("building mqplug failed: {status}"));
-            }
-            Ok(target.join("debug/mqplug"))
-        })
+        .get_or_init(|| cargo_build(&["-p", "mqplug", "--bin", "mqplug"], "mqplug"))
         .clone()
-        .map_err(anyhow::Error::msg)
+        .map_err(anyhow::Error::msg)?;
+    Ok(target_dir().join("debug/mqplug"))
 }

@@ -78,8 +78,9 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
     });
     ensure!(started, "mqplug did not start:\n{}", seen.join("\n"));
     assert!(
-        seen.iter().any(|l| l.contains("topic=\"marketing.task.completed\"")
-            && l.contains("wire_topic=\"marketing_task_completed\"")),
+        seen.iter()
+            .any(|l| l.contains("topic=\"marketing.task.completed\"")
+                && l.contains("wire_topic=\"marketing_task_completed\"")),
         "both topic names are printed at start-up:\n{}",
         seen.join("\n")
     );
@@ -97,7 +98,9 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
             .filter(|l| l.contains("granting") || l.contains("handler returned an error"))
             .count()
     };
-    let all = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |s| handled(s) >= 5);
+    let all = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |s| {
+        handled(s) >= 5
+    });
     ensure!(all, "not all events handled:\n{}", seen.join("\n"));
     assert_eq!(
         seen.iter().filter(|l| l.contains("granting")).count(),
@@ -178,9 +181,18 @@ fn a_misspelt_config_key_is_named_and_nothing_starts() -> Result<()> {
 #[test]
 fn a_topic_still_illegal_after_mapping_fails_before_connecting() -> Result<()> {
     let output = Command::new(mqplug_bin()?)
-        .args(["run", "--name-server", "127.0.0.1:1", "--topic", "marketing task"])
+        .args([
+            "run",
+            "--name-server",
+            "127.0.0.1:1",
+            "--topic",
+            "marketing task",
+        ])
         .arg("--plugin")
-        .arg(format!("rewards={}", plugin_path("reward-logger")?.display()))
+        .arg(format!(
+            "rewards={}",
+            plugin_path("reward-logger")?.display()
+        ))
         .output()?;
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());

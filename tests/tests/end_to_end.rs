@@ -206,3 +206,111 @@ async fn a_panicking_plugin_is_retried_and_the_next_message_is_handled() -> Resu
     assert_eq!(next.outcome, DeliveryOutcome::ConsumeSuccess, "{next:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Result<()> {
+    use std::sync::{Arc, Mutex};
+
+    use mqplug::Delivery;
+    use mqplug::mq::{ConsumeFrom, ConsumerSettings, MessageHandler, MqRuntime, PluginConsumer};
+    use mqplug::topic::TopicName;
+
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let chaos = PluginConfig {
+        max_reconsume_times: 1,
+        ..PluginConfig::new("chaos", plugin_path("chaos")?)
+    };
+    let config = host_config(&broker, "poison_topic", vec![chaos]);
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let poison = publisher
+        .publish(&sample_event("FAIL", 1))
+        .await?
+        .message_id;
+    let healthy = publisher
+        .publish(&sample_event("USER_REGISTER", 2))
+        .await?
+        .message_id;
+
+    // First delivery and one redelivery (10 s later) both fail.
+    let exhausted = recorder.wait_until(WAIT, |r| {
+        r.handled()
+            .iter()
+            .filter(|h| h.message_id == poison)
+            .count()
+            >= 2
+    });
+    ensure!(
+        exhausted,
+        "the poison message was not redelivered:\n{}",
+        broker.logs()
+    );
+
+    // Read the dead-letter queue with a consumer of its own.
+    struct Collect(Arc<Mutex<Vec<Delivery>>>);
+    impl MessageHandler for Collect {
+        fn on_message(&self, delivery: &Delivery, _body: &[u8]) -> DeliveryOutcome {
+            self.0.lock().unwrap().push(delivery.clone());
+            DeliveryOutcome::ConsumeSuccess
+        }
+    }
+    let dead = Arc::new(Mutex::new(Vec::new()));
+    let mq = MqRuntime::new(1)?;
+    let dlq_settings = ConsumerSettings {
+        name_server: broker.name_server.clone(),
+        group: "dlq-reader".into(),
+        topic: TopicName::new("%DLQ%mqplug-chaos")?,
+        tags: "*".into(),
+        concurrency: 1,
+        max_reconsume_times: 0,
+        consume_from: ConsumeFrom::First,
+        drain_timeout: Duration::from_secs(1),
+    };
+    let mut reader = None;
+    let deadline = std::time::Instant::now() + WAIT;
+    while reader.is_none() && std::time::Instant::now() < deadline {
+        // The DLQ topic appears once the broker dead-letters the message.
+        match PluginConsumer::start(&mq, &dlq_settings, Arc::new(Collect(dead.clone()))).await {
+            Ok(consumer) => reader = Some(consumer),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    let reader = reader.context("could not subscribe to the dead-letter queue")?;
+    let mut dead_lettered = false;
+    while !dead_lettered && std::time::Instant::now() < deadline {
+        dead_lettered = dead.lock().unwrap().iter().any(|d| d.message_id == poison);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    reader.shutdown().await;
+    mq.shutdown().await;
+    host.shutdown().await;
+    ensure!(
+        dead_lettered,
+        "the poison message is not in %DLQ%mqplug-chaos:\n{}",
+        broker.logs()
+    );
+
+    let attempts: Vec<_> = recorder
+        .handled()
+        .into_iter()
+        .filter(|h| h.message_id == poison)
+        .map(|h| (h.reconsume_times, h.outcome))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            (0, DeliveryOutcome::ConsumeRetryLater),
+            (1, DeliveryOutcome::ConsumeRetryLater)
+        ],
+        "max_reconsume_times = 1: one redelivery, then the dead-letter queue"
+    );
+    let ok = recorder.handled();
+    let ok = ok.iter().find(|h| h.message_id == healthy).unwrap();
+    assert_eq!(
+        ok.outcome,
+        DeliveryOutcome::ConsumeSuccess,
+        "other messages keep flowing"
+    );
+    Ok(())
+}
