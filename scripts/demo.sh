@@ -25,14 +25,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# wait_for PID FILE PATTERN: waits (up to 60 s) for a line matching PATTERN in
+# FILE; fails, showing FILE, if process PID exits first.
+wait_for() {
+    for _ in $(seq 1 600); do
+        grep -q -E "$3" "$2" 2>/dev/null && return 0
+        if ! kill -0 "$1" 2>/dev/null; then cat "$2" >&2; return 1; fi
+        sleep 0.1
+    done
+    echo "timed out waiting for '$3' in $2" >&2
+    return 1
+}
+
 echo "== starting a RocketMQ name server and broker on 127.0.0.1" >&2
 "$root/target/debug/local-broker" >"$work/broker.out" 2>"$work/broker.err" &
 pids+=($!)
-for _ in $(seq 1 600); do
-    grep -q '^NAME_SERVER=' "$work/broker.out" 2>/dev/null && break
-    if ! kill -0 "${pids[0]}" 2>/dev/null; then cat "$work/broker.err" >&2; exit 1; fi
-    sleep 0.1
-done
+wait_for "${pids[0]}" "$work/broker.out" '^NAME_SERVER=' || { cat "$work/broker.err" >&2; exit 1; }
 name_server=$(sed -n 's/^NAME_SERVER=//p' "$work/broker.out")
 [[ -n "$name_server" ]] || { echo "the broker did not start" >&2; cat "$work/broker.err" >&2; exit 1; }
 echo "name server: $name_server" >&2
@@ -55,11 +63,7 @@ TOML
 echo "== starting mqplug" >&2
 "$mqplug" run --config "$work/mqplug.toml" >"$work/mqplug.out" 2>"$work/mqplug.log" &
 pids+=($!)
-for _ in $(seq 1 600); do
-    grep -q 'consumer started' "$work/mqplug.log" 2>/dev/null && break
-    if ! kill -0 "${pids[1]}" 2>/dev/null; then cat "$work/mqplug.log" >&2; exit 1; fi
-    sleep 0.1
-done
+wait_for "${pids[1]}" "$work/mqplug.log" 'consumer started'
 grep -E 'starting mqplug|consumer started' "$work/mqplug.log" >&2
 
 echo "== publishing examples/events.jsonl with the built-in producer" >&2
