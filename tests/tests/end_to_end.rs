@@ -314,3 +314,68 @@ async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Resul
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_handler_finish_and_acknowledges_it() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let config = host_config(
+        &broker,
+        "drain_topic",
+        vec![PluginConfig::new("chaos", plugin_path("chaos")?)],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let slow = publisher
+        .publish(&sample_event("SLOW", 1))
+        .await?
+        .message_id;
+
+    // Shut down while the handler is still busy (it takes 2 s).
+    let started = recorder.wait_until(WAIT, |r| {
+        r.plugin_logs("chaos").iter().any(|(id, _)| id == &slow)
+    });
+    ensure!(
+        started,
+        "the slow handler never started:\n{}",
+        broker.logs()
+    );
+    host.shutdown().await;
+    let handled = recorder.handled();
+    assert_eq!(
+        handled
+            .iter()
+            .map(|h| (h.message_id.as_str(), h.outcome))
+            .collect::<Vec<_>>(),
+        [(slow.as_str(), DeliveryOutcome::ConsumeSuccess)],
+        "the in-flight handler finished before shutdown returned"
+    );
+
+    // A new host in the same group must not see the message again.
+    let again = Recorder::new();
+    let host = Host::start(&config, again.observers()).await?;
+    let probe = host
+        .publisher()
+        .context("the producer is enabled")?
+        .publish(&sample_event("USER_REGISTER", 2))
+        .await?
+        .message_id;
+    let probed = again.wait_until(WAIT, |r| r.handled().iter().any(|h| h.message_id == probe));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    host.shutdown().await;
+    ensure!(
+        probed,
+        "the restarted host consumed nothing:\n{}",
+        broker.logs()
+    );
+    let redelivered: Vec<_> = again
+        .handled()
+        .into_iter()
+        .filter(|h| h.message_id == slow)
+        .collect();
+    assert!(
+        redelivered.is_empty(),
+        "an acknowledged message was redelivered: {redelivered:?}"
+    );
+    Ok(())
+}

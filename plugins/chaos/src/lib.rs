@@ -8,6 +8,7 @@
 //! | `PANIC`     | panics (a trap on the host)                                |
 //! | `LOOP`      | loops forever (stopped by the host's deadline)             |
 //! | `OOM`       | allocates until memory runs out                            |
+//! | `SLOW`      | busy for 2 s, then ok (for shutdown-drain tests)           |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
@@ -48,6 +49,14 @@ impl Handler for Chaos {
             "LOOP" => loop {
                 std::hint::black_box(&event);
             },
+            "SLOW" => {
+                let started = std::time::Instant::now();
+                while started.elapsed() < std::time::Duration::from_secs(2) {
+                    std::hint::spin_loop();
+                }
+                log::info("slow: done");
+                Ok(())
+            }
             "OOM" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
