@@ -301,7 +301,8 @@ async fn send_all(publisher: &Publisher, events: &[TaskEvent]) -> Summary {
             }
             Err(err) => {
                 failed += 1;
-                bar.println(format!("event {}: not sent: {err}", index + 1));
+                // `suspend` prints even when the bar is hidden (not a terminal).
+                bar.suspend(|| eprintln!("event {}: not sent: {err}", index + 1));
             }
         }
         bar.inc(1);

@@ -202,3 +202,23 @@ fn a_topic_still_illegal_after_mapping_fails_before_connecting() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_failed_send_reports_the_real_cause_and_fails_the_command() -> Result<()> {
+    // Nothing listens on port 1.
+    let output = Command::new(mqplug_bin()?)
+        .args(["publish", "--name-server", "127.0.0.1:1"])
+        .env("MQPLUG_LOG", "off")
+        .output()?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{out}{err}");
+    assert!(out.contains("sent 0, failed 1"), "{out}");
+    assert!(
+        err.contains("event 1: not sent: send to marketing_task_completed:")
+            && err.contains("Connection refused"),
+        "{err}"
+    );
+    assert!(!err.contains("<redacted>"), "{err}");
+    Ok(())
+}

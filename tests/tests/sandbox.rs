@@ -301,3 +301,14 @@ fn the_readme_plugin_is_the_one_built_here_and_it_runs() {
         }
     );
 }
+
+#[test]
+fn a_plugin_reaches_no_files_environment_arguments_or_network() {
+    // SAFETY: set before any other thread of this test reads the environment.
+    unsafe { std::env::set_var("MQPLUG_SECRET", "must not leak") };
+    let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
+    assert_eq!(
+        plugin.handle(&event("PROBE_SANDBOX"), &delivery("s", 0)),
+        HandlerOutcome::Accepted
+    );
+}

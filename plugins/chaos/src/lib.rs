@@ -9,6 +9,7 @@
 //! | `LOOP`      | loops forever (stopped by the host's deadline)             |
 //! | `OOM`       | allocates until memory runs out                            |
 //! | `SLOW`      | busy for 2 s, then ok (for shutdown-drain tests)           |
+//! | `PROBE_SANDBOX` | tries files, environment, arguments and the network; an error names whatever it reached |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
@@ -57,6 +58,7 @@ impl Handler for Chaos {
                 log::info("slow: done");
                 Ok(())
             }
+            "PROBE_SANDBOX" => probe_sandbox(),
             "OOM" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
@@ -66,6 +68,37 @@ impl Handler for Chaos {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// Tries everything a plugin must not be able to do.
+fn probe_sandbox() -> Result<(), String> {
+    let mut reached = Vec::new();
+    if std::fs::read_dir("/").is_ok() || std::fs::read_dir(".").is_ok() {
+        reached.push("a directory listing");
+    }
+    if std::fs::read("/etc/passwd").is_ok() {
+        reached.push("/etc/passwd");
+    }
+    if std::fs::write("escape.txt", b"x").is_ok() {
+        reached.push("a writable file");
+    }
+    if std::env::vars_os().next().is_some() {
+        reached.push("environment variables");
+    }
+    if std::env::args_os().next().is_some() {
+        reached.push("command-line arguments");
+    }
+    if std::net::TcpStream::connect("127.0.0.1:9876").is_ok() {
+        reached.push("a TCP connection");
+    }
+    if std::net::UdpSocket::bind("127.0.0.1:0").is_ok() {
+        reached.push("a UDP socket");
+    }
+    if reached.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("sandbox reached: {}", reached.join(", ")))
     }
 }
 
