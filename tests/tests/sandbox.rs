@@ -312,3 +312,20 @@ fn a_plugin_reaches_no_files_environment_arguments_or_network() {
         HandlerOutcome::Accepted
     );
 }
+
+#[test]
+fn a_stack_overflow_is_a_trap_and_the_plugin_recovers() {
+    let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
+    match plugin.handle(&event("STACK_OVERFLOW"), &delivery("so", 0)) {
+        HandlerOutcome::Failed(HandlerFailure::Trap { detail }) => {
+            // Rust's stack lives in linear memory: overflowing it is an
+            // out-of-bounds access, named as a possible stack overflow.
+            assert!(detail.contains("stack"), "{detail}")
+        }
+        other => panic!("expected a stack overflow trap, got {other:?}"),
+    }
+    assert_eq!(
+        plugin.handle(&event("USER_REGISTER"), &delivery("ok", 0)),
+        HandlerOutcome::Accepted
+    );
+}

@@ -272,6 +272,16 @@ impl Plugin {
                 detail: "unreachable instruction executed (a Rust panic or abort in the plugin)"
                     .into(),
             },
+            // Rust guests keep their stack in linear memory: a deep recursion
+            // usually ends here, below address 0, rather than as StackOverflow.
+            Some(Trap::MemoryOutOfBounds) => HandlerFailure::Trap {
+                detail: "out of bounds memory access (a bad pointer, or the plugin's stack \
+                         in linear memory overflowing)"
+                    .into(),
+            },
+            Some(Trap::StackOverflow) => HandlerFailure::Trap {
+                detail: "call stack exhausted (recursion too deep)".into(),
+            },
             Some(trap) => HandlerFailure::Trap {
                 detail: trap.to_string(),
             },

@@ -8,6 +8,7 @@
 //! | `PANIC`     | panics (a trap on the host)                                |
 //! | `LOOP`      | loops forever (stopped by the host's deadline)             |
 //! | `OOM`       | allocates until memory runs out                            |
+//! | `STACK_OVERFLOW` | recurses without end                                  |
 //! | `SLOW`      | busy for 2 s, then ok (for shutdown-drain tests)           |
 //! | `PROBE_SANDBOX` | tries files, environment, arguments and the network; an error names whatever it reached |
 //! | anything else | ok                                                       |
@@ -59,6 +60,10 @@ impl Handler for Chaos {
                 Ok(())
             }
             "PROBE_SANDBOX" => probe_sandbox(),
+            "STACK_OVERFLOW" => {
+                let depth = recurse(std::hint::black_box(1));
+                Err(format!("recursion returned at depth {depth}"))
+            }
             "OOM" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
@@ -69,6 +74,16 @@ impl Handler for Chaos {
             _ => Ok(()),
         }
     }
+}
+
+/// Recurses until the stack runs out; the frame keeps a buffer so the
+/// compiler cannot turn the recursion into a loop.
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 64]);
+    if frame[0] == u64::MAX {
+        return depth;
+    }
+    recurse(depth + 1) + frame[63] % 2
 }
 
 /// Tries everything a plugin must not be able to do.
