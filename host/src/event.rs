@@ -222,4 +222,89 @@ mod tests {
             "{err}"
         );
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Valid bodies with a byte flipped, cut short or grown: the decoder's
+        /// hardest inputs are the near misses.
+        fn mutated(body: &[u8], position: usize, byte: u8, cut: bool) -> Vec<u8> {
+            let mut body = body.to_vec();
+            let position = position % body.len();
+            if cut {
+                body.truncate(position);
+            } else {
+                body[position] = byte;
+            }
+            body
+        }
+
+        fn arb_event() -> impl Strategy<Value = TaskEvent> {
+            (
+                ".{0,20}",
+                any::<u64>(),
+                ".{0,12}",
+                ".{0,12}",
+                ".{0,12}",
+                ".{0,20}",
+                proptest::collection::btree_map(".{0,8}", any::<i64>(), 0..4),
+                (0u32..9999, 1u32..13, 1u32..29, 0u32..24, 0u32..60, 0u32..60),
+            )
+                .prop_map(
+                    |(
+                        event_type,
+                        user_id,
+                        tenant_id,
+                        app_id,
+                        campaign_id,
+                        campaign_name,
+                        data,
+                        t,
+                    )| {
+                        TaskEvent {
+                            event_type,
+                            user_id,
+                            tenant_id,
+                            app_id,
+                            campaign_id,
+                            campaign_name,
+                            event_data: data
+                                .into_iter()
+                                .map(|(k, v)| (k, Value::from(v)))
+                                .collect(),
+                            timestamp: format!(
+                                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                                t.0, t.1, t.2, t.3, t.4, t.5
+                            ),
+                        }
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let _ = TaskEvent::decode(&body, DEFAULT_MAX_BODY_BYTES);
+            }
+
+            #[test]
+            fn near_misses_of_a_valid_body_never_panic(
+                position in any::<usize>(), byte in any::<u8>(), cut in any::<bool>(),
+                go_spelling in any::<bool>(),
+            ) {
+                let body = if go_spelling { GO } else { SNAKE };
+                let _ = TaskEvent::decode(&mutated(body.as_bytes(), position, byte, cut), DEFAULT_MAX_BODY_BYTES);
+            }
+
+            #[test]
+            fn every_valid_event_survives_encode_and_decode(event in arb_event()) {
+                let decoded = TaskEvent::decode(&event.encode(), DEFAULT_MAX_BODY_BYTES).unwrap();
+                prop_assert_eq!(decoded, event);
+            }
+        }
+    }
 }
