@@ -379,3 +379,62 @@ async fn shutdown_lets_an_in_flight_handler_finish_and_acknowledges_it() -> Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_with_a_tag_filter_sees_only_its_event_types() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let config = host_config(
+        &broker,
+        "tagged_topic",
+        vec![
+            PluginConfig {
+                tags: "USER_REGISTER || INVITE_FRIEND".into(),
+                ..PluginConfig::new("registrations", plugin_path("chaos")?)
+            },
+            PluginConfig::new("everything", plugin_path("chaos")?),
+        ],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let mut wanted = HashSet::new();
+    for (user, event_type) in [
+        "USER_REGISTER",
+        "DAILY_CHECKIN",
+        "INVITE_FRIEND",
+        "SHARE_ARTICLE",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = publisher
+            .publish(&sample_event(event_type, user as u64))
+            .await?
+            .message_id;
+        if event_type != "DAILY_CHECKIN" && event_type != "SHARE_ARTICLE" {
+            wanted.insert(id);
+        }
+    }
+    let all = recorder.wait_until(WAIT, |r| {
+        r.handled_by("everything").len() >= 4 && r.handled_by("registrations").len() >= 2
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    host.shutdown().await;
+    ensure!(
+        all,
+        "events not handled: {:#?}\n{}",
+        recorder.handled(),
+        broker.logs()
+    );
+    let seen: HashSet<_> = recorder
+        .handled_by("registrations")
+        .into_iter()
+        .map(|h| h.message_id)
+        .collect();
+    assert_eq!(
+        seen, wanted,
+        "the filtered plugin sees exactly its event types"
+    );
+    assert_eq!(recorder.handled_by("registrations").len(), 2);
+    Ok(())
+}

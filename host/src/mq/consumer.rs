@@ -85,7 +85,7 @@ impl PluginConsumer {
             .build();
         let wire = settings.topic.wire();
         consumer
-            .subscribe(wire, settings.tags.as_str())
+            .subscribe(wire, normalize_tags(&settings.tags))
             .await
             .map_err(|err| {
                 MqError::new(
@@ -111,6 +111,22 @@ impl PluginConsumer {
     /// so their outcomes reach the broker, and leaves the group.
     pub async fn shutdown(mut self) {
         self.consumer.shutdown().await;
+    }
+}
+
+/// Writes a tag expression as `A||B`, without spaces. rocketmq-client-rust
+/// 1.0.0 trims each tag but hashes it untrimmed, so `A || B` sends the broker
+/// hash codes of `A ` and ` B`, and the broker filters out every message.
+fn normalize_tags(expression: &str) -> String {
+    let tags: Vec<&str> = expression
+        .split("||")
+        .map(str::trim)
+        .filter(|tag| !tag.is_empty())
+        .collect();
+    if tags.is_empty() || tags.contains(&"*") {
+        "*".to_string()
+    } else {
+        tags.join("||")
     }
 }
 
@@ -159,5 +175,22 @@ fn delivery_of(msg: &MessageExt) -> Delivery {
         queue_id: u32::try_from(msg.queue_id()).unwrap_or(0),
         queue_offset: msg.queue_offset(),
         born_timestamp: msg.born_timestamp(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_tags;
+
+    #[test]
+    fn tag_expressions_lose_their_spaces() {
+        assert_eq!(
+            normalize_tags("USER_REGISTER || INVITE_FRIEND"),
+            "USER_REGISTER||INVITE_FRIEND"
+        );
+        assert_eq!(normalize_tags(" A "), "A");
+        assert_eq!(normalize_tags("*"), "*");
+        assert_eq!(normalize_tags(""), "*");
+        assert_eq!(normalize_tags(" || "), "*");
     }
 }
