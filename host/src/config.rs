@@ -104,6 +104,10 @@ pub struct PluginConfig {
     pub deadline_ms: u64,
     #[serde(default = "default_memory_limit_mb")]
     pub memory_limit_mb: usize,
+    /// Log lines per second this plugin may write; the excess is dropped and
+    /// counted in a warning.
+    #[serde(default = "default_log_lines_per_second")]
+    pub log_lines_per_second: u32,
     /// Where a new consumer group starts: `last` (default) or `first`.
     #[serde(default)]
     pub consume_from: ConsumeFrom,
@@ -161,6 +165,9 @@ fn default_deadline_ms() -> u64 {
 }
 fn default_memory_limit_mb() -> usize {
     64
+}
+fn default_log_lines_per_second() -> u32 {
+    1000
 }
 
 impl Default for HostConfig {
@@ -258,6 +265,7 @@ impl PluginConfig {
             instance_mode: InstanceMode::default(),
             deadline_ms: default_deadline_ms(),
             memory_limit_mb: default_memory_limit_mb(),
+            log_lines_per_second: default_log_lines_per_second(),
             consume_from: ConsumeFrom::default(),
         }
     }
@@ -287,6 +295,7 @@ impl PluginConfig {
             deadline: Duration::from_millis(self.deadline_ms),
             memory_limit_bytes: self.memory_limit_mb.saturating_mul(MIB),
             instance_mode: self.instance_mode,
+            log_lines_per_second: self.log_lines_per_second,
         }
     }
 

@@ -329,3 +329,31 @@ fn a_stack_overflow_is_a_trap_and_the_plugin_recovers() {
         HandlerOutcome::Accepted
     );
 }
+
+#[test]
+fn a_plugin_cannot_log_more_than_its_budget() {
+    let recorder = Recorder::new();
+    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    let settings = PluginSettings {
+        log_lines_per_second: 5,
+        ..PluginSettings::new("chaos")
+    };
+    let plugin = Plugin::load_file(
+        &runtime,
+        settings,
+        &plugin_path("chaos").unwrap(),
+        recorder.observers(),
+    )
+    .unwrap();
+    for id in 0..20 {
+        // chaos logs one line per event.
+        assert_eq!(
+            plugin.handle(&event("USER_REGISTER"), &delivery(&id.to_string(), 0)),
+            HandlerOutcome::Accepted
+        );
+    }
+    let logged = recorder.plugin_logs("chaos").len();
+    // The 20 events take well under a second, but a slow machine may cross
+    // into a second window.
+    assert!((5..=10).contains(&logged), "{logged} lines got through");
+}

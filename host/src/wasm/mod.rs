@@ -4,6 +4,7 @@
 
 mod bindings;
 mod engine;
+mod log_budget;
 mod plugin;
 mod state;
 

@@ -10,6 +10,7 @@ use wasmtime::{Store, Trap};
 
 use super::bindings::{self, PluginPre};
 use super::engine::{EPOCH_TICK, WasmRuntime};
+use super::log_budget::LogBudget;
 use super::state::HostState;
 use crate::delivery::Delivery;
 use crate::event::TaskEvent;
@@ -39,6 +40,9 @@ pub struct PluginSettings {
     /// Linear memory a plugin instance may grow to.
     pub memory_limit_bytes: usize,
     pub instance_mode: InstanceMode,
+    /// Log lines per second the plugin may write; the rest are dropped and
+    /// counted.
+    pub log_lines_per_second: u32,
 }
 
 impl PluginSettings {
@@ -48,6 +52,7 @@ impl PluginSettings {
             deadline: Duration::from_secs(5),
             memory_limit_bytes: 64 * 1024 * 1024,
             instance_mode: InstanceMode::Reuse,
+            log_lines_per_second: 1000,
         }
     }
 }
@@ -100,6 +105,7 @@ pub struct Plugin {
     pre: PluginPre<HostState>,
     settings: PluginSettings,
     observers: Observers,
+    log_budget: Arc<LogBudget>,
     /// Healthy instances waiting for an event (reuse mode only).
     idle: Mutex<Vec<Instance>>,
 }
@@ -154,6 +160,7 @@ impl Plugin {
             cause,
         })?;
         let plugin = Plugin {
+            log_budget: Arc::new(LogBudget::new(settings.log_lines_per_second)),
             name: Arc::from(name.as_str()),
             runtime: runtime.clone(),
             pre,
@@ -243,6 +250,7 @@ impl Plugin {
             self.name.clone(),
             self.settings.memory_limit_bytes,
             self.observers.clone(),
+            self.log_budget.clone(),
         );
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|state| state);

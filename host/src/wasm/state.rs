@@ -7,6 +7,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::mqplug::plugin::{log, types};
+use super::log_budget::{LogAdmission, LogBudget};
 use crate::observe::{HostEvent, LogLevel, Observers};
 
 /// A plugin's log line is cut to this many bytes.
@@ -25,10 +26,16 @@ pub struct HostState {
     /// Set when the plugin tried to grow memory past its limit.
     pub(crate) memory_denied: Option<usize>,
     observers: Observers,
+    log_budget: Arc<LogBudget>,
 }
 
 impl HostState {
-    pub fn new(plugin: Arc<str>, memory_limit_bytes: usize, observers: Observers) -> Self {
+    pub fn new(
+        plugin: Arc<str>,
+        memory_limit_bytes: usize,
+        observers: Observers,
+        log_budget: Arc<LogBudget>,
+    ) -> Self {
         let wasi = WasiCtxBuilder::new()
             .allow_tcp(false)
             .allow_udp(false)
@@ -42,6 +49,7 @@ impl HostState {
             memory_limit_bytes,
             memory_denied: None,
             observers,
+            log_budget,
         }
     }
 }
@@ -86,6 +94,14 @@ impl types::Host for HostState {}
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, mut message: String) {
+        match self.log_budget.admit() {
+            LogAdmission::Drop => return,
+            LogAdmission::WriteAfterDropping { dropped } => tracing::warn!(
+                target: "mqplug::plugin",
+                "log rate limit: dropped {dropped} lines of this plugin in the last second"
+            ),
+            LogAdmission::Write => {}
+        }
         if message.len() > MAX_LOG_LINE_BYTES {
             let mut cut = MAX_LOG_LINE_BYTES;
             while !message.is_char_boundary(cut) {
