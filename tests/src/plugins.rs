@@ -1,6 +1,5 @@
-//! The plugins in `plugins/` (built for wasm32-wasip2) and the `mqplug`
-//! binary, each built once per test process; cargo skips the work when
-//! nothing changed.
+//! The plugins in `plugins/`, built for wasm32-wasip2 once per test process;
+//! cargo skips the work when nothing changed.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -53,14 +52,4 @@ pub fn plugin_path(name: &str) -> Result<PathBuf> {
         bail!("no plugin {name} at {}", path.display());
     }
     Ok(path)
-}
-
-/// Builds the `mqplug` binary and returns its path.
-pub fn mqplug_bin() -> Result<PathBuf> {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| cargo_build(&["-p", "mqplug", "--bin", "mqplug"], "mqplug"))
-        .clone()
-        .map_err(anyhow::Error::msg)?;
-    Ok(target_dir().join("debug/mqplug"))
 }

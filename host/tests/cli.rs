@@ -1,6 +1,10 @@
 //! The `mqplug` command line, as users run it: `run` with a config file
 //! against a real broker, `publish` from a JSON Lines file, SIGTERM, `replay`,
 //! and the errors a user sees for a bad config.
+//!
+//! These live in the host crate, not in tests/, so that cargo builds the
+//! binary under test itself (`CARGO_BIN_EXE_mqplug`) with the same features
+//! as the rest of the test build.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -8,8 +12,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use mqplug_tests::plugins::{mqplug_bin, plugin_path};
+use mqplug_tests::plugins::plugin_path;
 use mqplug_tests::{LocalBroker, workspace_root};
+
+fn mqplug_bin() -> Result<std::path::PathBuf> {
+    Ok(env!("CARGO_BIN_EXE_mqplug").into())
+}
 
 /// Kills the child if the test fails before it exits on its own.
 struct Running(Option<Child>);
