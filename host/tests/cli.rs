@@ -15,9 +15,8 @@ use anyhow::{Context, Result, bail, ensure};
 use mqplug_tests::plugins::plugin_path;
 use mqplug_tests::{LocalBroker, workspace_root};
 
-fn mqplug_bin() -> Result<std::path::PathBuf> {
-    Ok(env!("CARGO_BIN_EXE_mqplug").into())
-}
+/// The binary under test, built by cargo for this test run.
+const MQPLUG: &str = env!("CARGO_BIN_EXE_mqplug");
 
 /// Kills the child if the test fails before it exits on its own.
 struct Running(Option<Child>);
@@ -62,8 +61,8 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
             plugin_path("reward-logger")?.display()
         ),
     )?;
-    let mqplug = mqplug_bin()?;
-    let mut child = Command::new(&mqplug)
+
+    let mut child = Command::new(MQPLUG)
         .args(["run", "--config"])
         .arg(&config)
         .env("MQPLUG_LOG", "info")
@@ -93,7 +92,7 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
         seen.join("\n")
     );
 
-    let publish = Command::new(&mqplug)
+    let publish = Command::new(MQPLUG)
         .args(["publish", "--name-server", &broker.name_server, "--file"])
         .arg(workspace_root().join("examples/events.jsonl"))
         .output()?;
@@ -154,7 +153,7 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
 
 #[test]
 fn replay_prints_each_outcome_without_a_broker() -> Result<()> {
-    let output = Command::new(mqplug_bin()?)
+    let output = Command::new(MQPLUG)
         .args(["replay", "--plugin"])
         .arg(plugin_path("reward-logger")?)
         .arg("--events")
@@ -176,7 +175,7 @@ fn a_misspelt_config_key_is_named_and_nothing_starts() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("mqplug.toml");
     std::fs::write(&config, "name_server = \"127.0.0.1:1\"\ntopik = \"x\"\n")?;
-    let output = Command::new(mqplug_bin()?)
+    let output = Command::new(MQPLUG)
         .args(["run", "--config"])
         .arg(&config)
         .output()?;
@@ -188,7 +187,7 @@ fn a_misspelt_config_key_is_named_and_nothing_starts() -> Result<()> {
 
 #[test]
 fn a_topic_still_illegal_after_mapping_fails_before_connecting() -> Result<()> {
-    let output = Command::new(mqplug_bin()?)
+    let output = Command::new(MQPLUG)
         .args([
             "run",
             "--name-server",
@@ -214,7 +213,7 @@ fn a_topic_still_illegal_after_mapping_fails_before_connecting() -> Result<()> {
 #[test]
 fn a_failed_send_reports_the_real_cause_and_fails_the_command() -> Result<()> {
     // Nothing listens on port 1.
-    let output = Command::new(mqplug_bin()?)
+    let output = Command::new(MQPLUG)
         .args(["publish", "--name-server", "127.0.0.1:1"])
         .env("MQPLUG_LOG", "off")
         .output()?;

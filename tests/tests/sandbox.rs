@@ -32,21 +32,22 @@ fn delivery(id: &str, reconsume_times: u32) -> Delivery {
     }
 }
 
-fn chaos(mode: InstanceMode, recorder: &Recorder) -> Plugin {
+/// Loads the plugin named by `settings.name` from `plugins/`, reporting to
+/// `recorder`.
+fn load(settings: PluginSettings, recorder: &Recorder) -> Plugin {
     let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    let path = plugin_path(&settings.name).unwrap();
+    Plugin::load_file(&runtime, settings, &path, recorder.observers()).unwrap()
+}
+
+fn chaos(mode: InstanceMode, recorder: &Recorder) -> Plugin {
     let settings = PluginSettings {
         deadline: Duration::from_millis(200),
         memory_limit_bytes: 16 * 1024 * 1024,
         instance_mode: mode,
         ..PluginSettings::new("chaos")
     };
-    Plugin::load_file(
-        &runtime,
-        settings,
-        &plugin_path("chaos").unwrap(),
-        recorder.observers(),
-    )
-    .unwrap()
+    load(settings, recorder)
 }
 
 #[test]
@@ -168,14 +169,7 @@ fn fresh_instance_mode_handles_events_too() {
 #[test]
 fn the_example_plugin_grants_rewards_and_rejects_a_bad_count() {
     let recorder = Recorder::new();
-    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
-    let plugin = Plugin::load_file(
-        &runtime,
-        PluginSettings::new("reward-logger"),
-        &plugin_path("reward-logger").unwrap(),
-        recorder.observers(),
-    )
-    .unwrap();
+    let plugin = load(PluginSettings::new("reward-logger"), &recorder);
     assert_eq!(
         plugin.handle(&event("USER_REGISTER"), &delivery("r1", 0)),
         HandlerOutcome::Accepted
@@ -228,14 +222,7 @@ fn a_component_of_another_world_is_rejected_naming_what_is_missing() {
 
 #[test]
 fn replay_gives_the_same_outcomes_as_the_consumer_would() {
-    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
-    let plugin = Plugin::load_file(
-        &runtime,
-        PluginSettings::new("chaos"),
-        &plugin_path("chaos").unwrap(),
-        Default::default(),
-    )
-    .unwrap();
+    let plugin = load(PluginSettings::new("chaos"), &Recorder::new());
     let replayer = Replayer::new(
         Arc::new(plugin),
         TopicName::new("marketing.task.completed").unwrap(),
@@ -276,14 +263,7 @@ fn the_readme_plugin_is_the_one_built_here_and_it_runs() {
     );
 
     let recorder = Recorder::new();
-    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
-    let plugin = Plugin::load_file(
-        &runtime,
-        PluginSettings::new("my-plugin"),
-        &plugin_path("my-plugin").unwrap(),
-        recorder.observers(),
-    )
-    .unwrap();
+    let plugin = load(PluginSettings::new("my-plugin"), &recorder);
     assert_eq!(
         plugin.handle(&event("USER_REGISTER"), &delivery("x", 0)),
         HandlerOutcome::Accepted
@@ -333,18 +313,11 @@ fn a_stack_overflow_is_a_trap_and_the_plugin_recovers() {
 #[test]
 fn a_plugin_cannot_log_more_than_its_budget() {
     let recorder = Recorder::new();
-    let runtime = WasmRuntime::new(RuntimeSettings::default()).unwrap();
     let settings = PluginSettings {
         log_lines_per_second: 5,
         ..PluginSettings::new("chaos")
     };
-    let plugin = Plugin::load_file(
-        &runtime,
-        settings,
-        &plugin_path("chaos").unwrap(),
-        recorder.observers(),
-    )
-    .unwrap();
+    let plugin = load(settings, &recorder);
     for id in 0..20 {
         // chaos logs one line per event.
         assert_eq!(
