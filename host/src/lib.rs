@@ -7,6 +7,7 @@
 //! See ARCHITECTURE.md for the invariants.
 
 pub mod config;
+pub mod conformance;
 pub mod delivery;
 pub mod dispatch;
 pub mod event;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use mqplug::config::{HostConfig, PluginConfig};
+use mqplug::conformance;
 use mqplug::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
 use mqplug::mq::{MqRuntime, Publisher};
 use mqplug::observe::Observers;
@@ -42,6 +43,11 @@ enum Command {
     /// Run message bodies from a JSON Lines file through a plugin, no broker
     /// needed, and print what RocketMQ would be told for each.
     Replay(ReplayArgs),
+    /// The conformance kit: check, without a broker, that a plugin honours
+    /// mqplug's contract (exports, imports, limits, the built-in edge events,
+    /// determinism, your fixtures). Exit code 0 when every check passes, 1
+    /// when one fails, 2 when the kit cannot run.
+    Test(TestArgs),
 }
 
 /// Settings shared by `run` and `publish`; flags beat environment variables,
@@ -145,15 +151,46 @@ struct ReplayArgs {
     deadline_ms: u64,
 }
 
+#[derive(Args)]
+struct TestArgs {
+    /// The plugin component (.wasm).
+    plugin: PathBuf,
+    /// Your fixtures: JSON Lines of {"event": {...}, "expect": "ok"|"err",
+    /// "reason": REGEX, "delivery": {...}, "name": TEXT}.
+    #[arg(long)]
+    fixtures: Option<PathBuf>,
+    /// Also write the results as JUnit XML here.
+    #[arg(long)]
+    junit: Option<PathBuf>,
+    /// Handler deadline in milliseconds, as in the plugin's config.
+    #[arg(long, default_value_t = 5000)]
+    deadline_ms: u64,
+    /// Linear memory limit in MiB, as in the plugin's config.
+    #[arg(long, default_value_t = 64)]
+    memory_limit_mib: usize,
+}
+
+/// `mqplug test`'s exit code when the kit itself cannot run.
+const TEST_CANNOT_RUN: u8 = 2;
+
 fn main() -> std::process::ExitCode {
-    let filter = EnvFilter::try_from_env("MQPLUG_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("warn,mqplug=info"));
+    let cli = Cli::parse();
+    // The kit's table goes to stdout; plugin log lines would drown it.
+    let default_filter = match cli.command {
+        Command::Test(_) => "warn",
+        _ => "warn,mqplug=info",
+    };
+    let filter =
+        EnvFilter::try_from_env("MQPLUG_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let error_code = match cli.command {
+        Command::Test(_) => std::process::ExitCode::from(TEST_CANNOT_RUN),
+        _ => std::process::ExitCode::FAILURE,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -169,13 +206,14 @@ fn main() -> std::process::ExitCode {
             Command::Run(args) => run(args).await,
             Command::Publish(args) => publish(*args).await,
             Command::Replay(args) => replay(args),
+            Command::Test(args) => conformance_test(args),
         }
     });
     match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            std::process::ExitCode::FAILURE
+            error_code
         }
     }
 }
@@ -320,13 +358,9 @@ async fn send_all(publisher: &Publisher, events: &[TaskEvent]) -> Summary {
 fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
     let runtime = WasmRuntime::new(RuntimeSettings::default())
         .map_err(|err| anyhow::anyhow!("cannot start the wasm engine: {err:#}"))?;
-    let name = args.plugin.file_stem().map_or_else(
-        || "plugin".to_string(),
-        |s| s.to_string_lossy().into_owned(),
-    );
     let settings = PluginSettings {
         deadline: Duration::from_millis(args.deadline_ms),
-        ..PluginSettings::new(name)
+        ..PluginSettings::new(plugin_name(&args.plugin))
     };
     let plugin = Plugin::load_file(&runtime, settings, &args.plugin, Observers::default())?;
     let replayer = Replayer::new(
@@ -357,4 +391,41 @@ fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
     }
     println!("{acked} acknowledged, {retried} to retry");
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
+    let fixtures = match &args.fixtures {
+        Some(path) => conformance::fixtures::parse(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read fixtures {}", path.display()))?,
+        ),
+        None => Vec::new(),
+    };
+    let runtime = WasmRuntime::new(RuntimeSettings::default())
+        .map_err(|err| anyhow::anyhow!("cannot start the wasm engine: {err:#}"))?;
+    let settings = PluginSettings {
+        deadline: Duration::from_millis(args.deadline_ms),
+        memory_limit_bytes: args.memory_limit_mib.saturating_mul(1024 * 1024),
+        ..PluginSettings::new(plugin_name(&args.plugin))
+    };
+    let report = conformance::run(&runtime, settings, &args.plugin, &fixtures)
+        .with_context(|| format!("cannot read {}", args.plugin.display()))?;
+    print!("{}", report.table());
+    if let Some(path) = &args.junit {
+        std::fs::write(path, report.junit())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(if report.passed() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+/// A plugin's name from its file: `reward_logger.wasm` is `reward_logger`.
+fn plugin_name(path: &std::path::Path) -> String {
+    path.file_stem().map_or_else(
+        || "plugin".to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
 }

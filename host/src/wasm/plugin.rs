@@ -108,6 +108,8 @@ pub struct Plugin {
     log_budget: Arc<LogBudget>,
     /// Healthy instances waiting for an event (reuse mode only).
     idle: Mutex<Vec<Instance>>,
+    /// Linear memory of the first instance right after instantiation.
+    memory_at_instantiation: usize,
 }
 
 impl Plugin {
@@ -148,18 +150,30 @@ impl Plugin {
                 name: name.clone(),
                 cause,
             })?;
-        let instance_pre = runtime
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|cause| PluginLoadError::Link {
-                name: name.clone(),
-                cause,
-            })?;
+        Plugin::from_component(runtime, settings, &component, observers)
+    }
+
+    /// Links and instantiates a compiled component (see [`Plugin::load`]).
+    pub fn from_component(
+        runtime: &Arc<WasmRuntime>,
+        settings: PluginSettings,
+        component: &Component,
+        observers: Observers,
+    ) -> Result<Plugin, PluginLoadError> {
+        let name = settings.name.clone();
+        let instance_pre =
+            runtime
+                .linker
+                .instantiate_pre(component)
+                .map_err(|cause| PluginLoadError::Link {
+                    name: name.clone(),
+                    cause,
+                })?;
         let pre = PluginPre::new(instance_pre).map_err(|cause| PluginLoadError::WrongWorld {
             name: name.clone(),
             cause,
         })?;
-        let plugin = Plugin {
+        let mut plugin = Plugin {
             log_budget: Arc::new(LogBudget::new(settings.log_lines_per_second)),
             name: Arc::from(name.as_str()),
             runtime: runtime.clone(),
@@ -167,10 +181,12 @@ impl Plugin {
             settings,
             observers,
             idle: Mutex::new(Vec::new()),
+            memory_at_instantiation: 0,
         };
         let first = plugin
             .instantiate()
             .map_err(|cause| PluginLoadError::Instantiate { name, cause })?;
+        plugin.memory_at_instantiation = first.store.data().memory_bytes;
         plugin.release(first);
         Ok(plugin)
     }
@@ -181,6 +197,11 @@ impl Plugin {
 
     pub fn settings(&self) -> &PluginSettings {
         &self.settings
+    }
+
+    /// Bytes of linear memory a fresh instance of this plugin holds.
+    pub fn memory_at_instantiation(&self) -> usize {
+        self.memory_at_instantiation
     }
 
     /// Runs one event through the handler. Never panics: every failure is a

@@ -25,6 +25,8 @@ pub struct HostState {
     memory_limit_bytes: usize,
     /// Set when the plugin tried to grow memory past its limit.
     pub(crate) memory_denied: Option<usize>,
+    /// Linear memory granted so far (the largest memory, if several).
+    pub(crate) memory_bytes: usize,
     observers: Observers,
     log_budget: Arc<LogBudget>,
 }
@@ -48,6 +50,7 @@ impl HostState {
             table: ResourceTable::new(),
             memory_limit_bytes,
             memory_denied: None,
+            memory_bytes: 0,
             observers,
             log_budget,
         }
@@ -77,6 +80,7 @@ impl ResourceLimiter for HostState {
                 self.memory_limit_bytes
             );
         }
+        self.memory_bytes = self.memory_bytes.max(desired);
         Ok(true)
     }
 

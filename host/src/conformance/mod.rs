@@ -1,0 +1,472 @@
+//! The conformance kit behind `mqplug test`: proves, without a broker, that a
+//! component honours mqplug's contract before it is deployed.
+//!
+//! It checks, in order: the file is a component; it exports the handler of a
+//! contract version this host supports; it imports only what the host
+//! provides; it links and instantiates within the limits; it survives the
+//! built-in events at every field's edges; it answers the same event the same
+//! way twice; and it gives the author's fixtures their expected outcomes.
+//! Nothing here panics on a bad plugin: every fault is a failed check.
+
+pub mod fixtures;
+pub mod report;
+pub mod suite;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::Component;
+use wasmtime::component::types::ComponentItem;
+
+use crate::delivery::Delivery;
+use crate::event::TaskEvent;
+use crate::outcome::HandlerOutcome;
+use crate::wasm::{Plugin, PluginSettings, WasmRuntime};
+use fixtures::{Expect, Fixture, FixtureError};
+pub use report::{Check, Group, Report, Status};
+
+/// The contract this host implements: `mqplug:plugin@0.1.x`.
+pub const CONTRACT_PACKAGE: &str = "mqplug:plugin";
+pub const CONTRACT_VERSION: (u64, u64) = (0, 1);
+const HANDLER_INTERFACE: &str = "mqplug:plugin/handler";
+
+/// How a component's import is served by the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportKind {
+    /// A host service of the contract (`mqplug:plugin/log`).
+    Contract,
+    /// A WASI 0.2 interface: linked, but it grants nothing (no files,
+    /// network, environment, arguments or stdio).
+    WasiGrantingNothing,
+    /// Not provided: the plugin cannot be linked. The text says why.
+    Denied(String),
+}
+
+/// Classifies one import by name (`namespace:package/interface@version`).
+pub fn classify_import(name: &str) -> ImportKind {
+    let (path, version) = name.split_once('@').unwrap_or((name, ""));
+    let major_minor = parse_major_minor(version);
+    if let Some(interface) = path.strip_prefix("mqplug:plugin/") {
+        if major_minor != Some(CONTRACT_VERSION) {
+            return ImportKind::Denied(format!(
+                "contract version {version} is not 0.1.x: rebuild against this host's wit/plugin.wit"
+            ));
+        }
+        return match interface {
+            "log" | "types" => ImportKind::Contract,
+            _ => ImportKind::Denied(format!(
+                "the contract has no interface `{interface}` to import"
+            )),
+        };
+    }
+    const WASI: [&str; 6] = ["cli", "io", "clocks", "random", "filesystem", "sockets"];
+    if let Some(rest) = path.strip_prefix("wasi:") {
+        let package = rest.split('/').next().unwrap_or_default();
+        if WASI.contains(&package) && major_minor == Some((0, 2)) {
+            return ImportKind::WasiGrantingNothing;
+        }
+        if package == "http" {
+            return ImportKind::Denied(
+                "wasi:http is not provided (plugins get no network); a JavaScript plugin must be \
+                 built with the `http` and `fetch-event` features disabled, as \
+                 plugins/js/componentize.mjs does"
+                    .into(),
+            );
+        }
+        return ImportKind::Denied(format!(
+            "the host provides WASI 0.2 cli, io, clocks, random, filesystem and sockets only, \
+             not `{path}` at {version}"
+        ));
+    }
+    ImportKind::Denied("mqplug provides no such interface".into())
+}
+
+fn parse_major_minor(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Runs the kit on one component file. Returns an error only when the kit
+/// cannot run at all (the file cannot be read); every fault of the plugin is a
+/// failed check in the report.
+pub fn run(
+    runtime: &Arc<WasmRuntime>,
+    settings: PluginSettings,
+    path: &Path,
+    fixtures: &[Result<Fixture, FixtureError>],
+) -> std::io::Result<Report> {
+    let wasm = std::fs::read(path)?;
+    let mut kit = Kit {
+        report: Report {
+            plugin: path.display().to_string(),
+            ..Report::default()
+        },
+    };
+    match kit.contract(runtime, settings, &wasm) {
+        Ok(plugin) => {
+            kit.suite_and_determinism(&plugin);
+            kit.fixtures(&plugin, fixtures);
+        }
+        Err(why) => {
+            let cases = suite::cases().len();
+            let skipped = [
+                (Group::Suite, format!("{cases} built-in events")),
+                (Group::Determinism, format!("{cases} built-in events")),
+                (Group::Fixtures, format!("{} fixtures", fixtures.len())),
+            ];
+            let runs_fixtures = !fixtures.is_empty();
+            for (group, name) in skipped {
+                if group == Group::Fixtures && !runs_fixtures {
+                    continue;
+                }
+                kit.push(group, &name, Status::Skip(why.clone()), "", Duration::ZERO);
+            }
+        }
+    }
+    Ok(kit.report)
+}
+
+struct Kit {
+    report: Report,
+}
+
+impl Kit {
+    fn push(
+        &mut self,
+        group: Group,
+        name: &str,
+        status: Status,
+        detail: impl Into<String>,
+        duration: Duration,
+    ) {
+        self.report.checks.push(Check {
+            group,
+            name: name.to_string(),
+            status,
+            detail: detail.into(),
+            duration,
+        });
+    }
+
+    /// The contract checks. Returns the loaded plugin, or why the rest of the
+    /// kit cannot run.
+    fn contract(
+        &mut self,
+        runtime: &Arc<WasmRuntime>,
+        settings: PluginSettings,
+        wasm: &[u8],
+    ) -> Result<Plugin, String> {
+        let started = Instant::now();
+        let component = match Component::new(&runtime.engine, wasm) {
+            Ok(component) => component,
+            Err(err) => {
+                let why = format!("not a valid wasm component: {err:#}");
+                self.push(
+                    Group::Contract,
+                    "is a wasm component",
+                    Status::Fail(why),
+                    "",
+                    started.elapsed(),
+                );
+                return Err("the file is not a wasm component".into());
+            }
+        };
+        let compiled_in = started.elapsed();
+        self.push(
+            Group::Contract,
+            "is a wasm component",
+            Status::Pass,
+            format!(
+                "{}, compiled in {} ms",
+                report::Bytes(wasm.len()),
+                compiled_in.as_millis()
+            ),
+            compiled_in,
+        );
+
+        let ty = component.component_type();
+        let exports: Vec<String> = ty
+            .exports(&runtime.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let exports_ok = self.check_exports(&exports);
+        let imports: Vec<(String, bool)> = ty
+            .imports(&runtime.engine)
+            .map(|(name, item)| {
+                (
+                    name.to_string(),
+                    matches!(item.ty, ComponentItem::ComponentInstance(_)),
+                )
+            })
+            .collect();
+        let imports_ok = self.check_imports(&imports);
+
+        let started = Instant::now();
+        let limits = format!(
+            "memory limit {}, deadline {} ms",
+            report::Bytes(settings.memory_limit_bytes),
+            settings.deadline.as_millis()
+        );
+        match Plugin::from_component(runtime, settings, &component, Default::default()) {
+            Ok(plugin) => {
+                let memory = plugin.memory_at_instantiation();
+                self.report.memory_at_instantiation = Some(memory);
+                self.push(
+                    Group::Contract,
+                    "links and instantiates within its limits",
+                    Status::Pass,
+                    format!(
+                        "memory at instantiation {} ({limits})",
+                        report::Bytes(memory)
+                    ),
+                    started.elapsed(),
+                );
+                if exports_ok && imports_ok {
+                    Ok(plugin)
+                } else {
+                    Err("the component does not match the contract".into())
+                }
+            }
+            Err(err) => {
+                self.push(
+                    Group::Contract,
+                    "links and instantiates within its limits",
+                    Status::Fail(err.to_string()),
+                    limits,
+                    started.elapsed(),
+                );
+                Err("the plugin could not be instantiated".into())
+            }
+        }
+    }
+
+    fn check_exports(&mut self, exports: &[String]) -> bool {
+        const NAME: &str = "exports mqplug:plugin/handler@0.1.x";
+        let handler = exports.iter().find(|name| {
+            name.split_once('@')
+                .is_some_and(|(path, _)| path == HANDLER_INTERFACE)
+        });
+        let status = match handler {
+            Some(name) => {
+                let version = name.split_once('@').map(|(_, v)| v).unwrap_or_default();
+                if parse_major_minor(version) == Some(CONTRACT_VERSION) {
+                    Status::Pass
+                } else {
+                    Status::Fail(format!(
+                        "exports {name}, but this host supports {CONTRACT_PACKAGE}@0.1.x: \
+                         rebuild against this host's wit/plugin.wit"
+                    ))
+                }
+            }
+            None => Status::Fail(format!(
+                "does not export {HANDLER_INTERFACE}@0.1.x (exports: {}); build it against wit/plugin.wit's world `plugin`",
+                if exports.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    exports.join(", ")
+                }
+            )),
+        };
+        let passed = status == Status::Pass;
+        self.push(
+            Group::Contract,
+            NAME,
+            status,
+            handler.cloned().unwrap_or_default(),
+            Duration::ZERO,
+        );
+        passed
+    }
+
+    fn check_imports(&mut self, imports: &[(String, bool)]) -> bool {
+        let mut contract = Vec::new();
+        let mut wasi = 0;
+        let mut denied = Vec::new();
+        for (name, is_instance) in imports {
+            let kind = if *is_instance {
+                classify_import(name)
+            } else {
+                ImportKind::Denied(
+                    "only interfaces can be imported, not bare functions or types".into(),
+                )
+            };
+            match kind {
+                ImportKind::Contract => contract.push(name.as_str()),
+                ImportKind::WasiGrantingNothing => wasi += 1,
+                ImportKind::Denied(why) => denied.push(format!("{name}: {why}")),
+            }
+        }
+        let detail = format!(
+            "{}{}{wasi} WASI interfaces (granted nothing)",
+            contract.join(", "),
+            if contract.is_empty() { "" } else { " + " },
+        );
+        let status = if denied.is_empty() {
+            Status::Pass
+        } else {
+            Status::Fail(format!(
+                "imports what mqplug does not provide: {}",
+                denied.join("; ")
+            ))
+        };
+        let passed = status == Status::Pass;
+        self.push(
+            Group::Contract,
+            "imports only what the host provides",
+            status,
+            detail,
+            Duration::ZERO,
+        );
+        passed
+    }
+
+    fn call(
+        &mut self,
+        plugin: &Plugin,
+        event: &TaskEvent,
+        delivery: &Delivery,
+    ) -> (HandlerOutcome, Duration) {
+        let started = Instant::now();
+        let outcome = plugin.handle(event, delivery);
+        let elapsed = started.elapsed();
+        self.report.event_times.push(elapsed);
+        (outcome, elapsed)
+    }
+
+    fn suite_and_determinism(&mut self, plugin: &Plugin) {
+        for case in suite::cases() {
+            let (first, elapsed) = self.call(plugin, &case.event, &case.delivery);
+            let status = match &first {
+                HandlerOutcome::Failed(failure) => Status::Fail(failure.to_string()),
+                _ => Status::Pass,
+            };
+            self.push(Group::Suite, case.name, status, describe(&first), elapsed);
+
+            if let HandlerOutcome::Failed(_) = first {
+                self.push(
+                    Group::Determinism,
+                    case.name,
+                    Status::Skip("the first run did not finish".into()),
+                    "",
+                    Duration::ZERO,
+                );
+                continue;
+            }
+            let (second, elapsed) = self.call(plugin, &case.event, &case.delivery);
+            let status = if second == first {
+                Status::Pass
+            } else {
+                Status::Fail(format!(
+                    "not deterministic: the same event gave {} and then {}",
+                    describe(&first),
+                    describe(&second)
+                ))
+            };
+            self.push(
+                Group::Determinism,
+                case.name,
+                status,
+                describe(&second),
+                elapsed,
+            );
+        }
+    }
+
+    fn fixtures(&mut self, plugin: &Plugin, fixtures: &[Result<Fixture, FixtureError>]) {
+        for fixture in fixtures {
+            let fixture = match fixture {
+                Ok(fixture) => fixture,
+                Err(error) => {
+                    self.push(
+                        Group::Fixtures,
+                        &error.name,
+                        Status::Fail(error.reason.clone()),
+                        "",
+                        Duration::ZERO,
+                    );
+                    continue;
+                }
+            };
+            let (outcome, elapsed) = self.call(plugin, &fixture.event, &fixture.delivery);
+            let status = match (&fixture.expect, &outcome) {
+                (Expect::Ok, HandlerOutcome::Accepted) => Status::Pass,
+                (Expect::Err(None), HandlerOutcome::Rejected { .. }) => Status::Pass,
+                (Expect::Err(Some(pattern)), HandlerOutcome::Rejected { reason }) => {
+                    if pattern.is_match(reason) {
+                        Status::Pass
+                    } else {
+                        Status::Fail(format!(
+                            "expected err matching /{pattern}/, got err: {reason}"
+                        ))
+                    }
+                }
+                (Expect::Ok, other) => {
+                    Status::Fail(format!("expected ok, got {}", describe(other)))
+                }
+                (Expect::Err(_), other) => {
+                    Status::Fail(format!("expected err, got {}", describe(other)))
+                }
+            };
+            self.push(
+                Group::Fixtures,
+                &fixture.name,
+                status,
+                describe(&outcome),
+                elapsed,
+            );
+        }
+    }
+}
+
+/// An outcome as the table shows it.
+fn describe(outcome: &HandlerOutcome) -> String {
+    match outcome {
+        HandlerOutcome::Accepted => "ok".into(),
+        HandlerOutcome::Rejected { reason } => format!("err: {reason}"),
+        HandlerOutcome::Failed(failure) => failure.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imports_are_classified_by_package_and_version() {
+        assert_eq!(
+            classify_import("mqplug:plugin/log@0.1.0"),
+            ImportKind::Contract
+        );
+        assert_eq!(
+            classify_import("mqplug:plugin/types@0.1.7"),
+            ImportKind::Contract
+        );
+        assert_eq!(
+            classify_import("wasi:cli/environment@0.2.3"),
+            ImportKind::WasiGrantingNothing
+        );
+        assert_eq!(
+            classify_import("wasi:filesystem/preopens@0.2.6"),
+            ImportKind::WasiGrantingNothing
+        );
+        let denied = [
+            ("mqplug:plugin/log@0.2.0", "0.1.x"),
+            ("mqplug:plugin/secrets@0.1.0", "no interface `secrets`"),
+            ("wasi:http/types@0.2.3", "wasi:http is not provided"),
+            (
+                "wasi:cli/environment@0.3.0",
+                "not `wasi:cli/environment` at 0.3.0",
+            ),
+            ("acme:vault/keys", "no such interface"),
+        ];
+        for (name, why) in denied {
+            match classify_import(name) {
+                ImportKind::Denied(text) => assert!(text.contains(why), "{name}: {text}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
+}

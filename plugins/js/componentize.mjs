@@ -1,0 +1,37 @@
+// Builds a JavaScript plugin into a wasm component with the componentize()
+// API of @bytecodealliance/componentize-js (the `jco componentize` command
+// cannot read files in some sandboxes; the API can).
+//
+//   node plugins/js/componentize.mjs SOURCE.js OUT.wasm
+//
+// NODE_PATH must name the node_modules folder componentize-js is installed in
+// (scripts/install-guest-tools.sh prints it).
+import { writeFile } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const [source, out] = process.argv.slice(2);
+if (!source || !out) {
+  console.error('usage: node componentize.mjs SOURCE.js OUT.wasm');
+  process.exit(2);
+}
+const here = dirname(fileURLToPath(import.meta.url));
+const modules = process.env.NODE_PATH;
+if (!modules) {
+  console.error('componentize.mjs: set NODE_PATH to the node_modules folder holding @bytecodealliance/componentize-js');
+  process.exit(2);
+}
+// The package is ESM-only: import its entry point by path.
+const entry = resolve(modules, '@bytecodealliance/componentize-js/src/componentize.js');
+const { componentize } = await import(pathToFileURL(entry).href);
+
+const { component } = await componentize({
+  sourcePath: resolve(source),
+  witPath: resolve(here, '../../wit'),
+  worldName: 'plugin',
+  // mqplug grants no clocks, randomness, stdio or network anyway; leaving the
+  // features out keeps the component's imports small.
+  disableFeatures: ['stdio', 'random', 'clocks', 'http', 'fetch-event'],
+});
+await writeFile(out, component);
+console.error(`built ${out} (${component.length} bytes)`);
