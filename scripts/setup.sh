@@ -13,3 +13,5 @@ if ! rustup component list --installed | grep -q '^clippy'; then
 fi
 bin=$(bash scripts/install-rocketmq.sh)
 echo "RocketMQ binaries: $bin" >&2
+# componentize-py and componentize-js, for the Python and JavaScript plugins.
+bash scripts/install-guest-tools.sh >/dev/null

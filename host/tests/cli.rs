@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use mqplug_tests::plugins::plugin_path;
+use mqplug_tests::plugins::{Guest, guest_plugin_path, plugin_path};
 use mqplug_tests::{LocalBroker, workspace_root};
 
 /// The binary under test, built by cargo for this test run.
@@ -48,6 +48,42 @@ fn wait_for_lines(
     true
 }
 
+/// Starts `mqplug run --config CONFIG` with its log lines (stderr) sent to
+/// the returned channel; the process is killed when `Running` drops.
+fn spawn_run(config: &std::path::Path) -> Result<(Running, mpsc::Receiver<String>)> {
+    let mut child = Command::new(MQPLUG)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("MQPLUG_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr is piped")?;
+    let running = Running(Some(child));
+    let (send, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((running, lines))
+}
+
+/// `mqplug publish --file examples/events.jsonl`: four good events and one
+/// whose count is not a number.
+fn publish_examples(name_server: &str) -> Result<()> {
+    let publish = Command::new(MQPLUG)
+        .args(["publish", "--name-server", name_server, "--file"])
+        .arg(workspace_root().join("examples/events.jsonl"))
+        .output()?;
+    let out = String::from_utf8_lossy(&publish.stdout);
+    ensure!(publish.status.success(), "publish failed: {out}");
+    ensure!(out.contains("sent 5, failed 0"), "{out}");
+    Ok(())
+}
+
 #[test]
 fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Result<()> {
     let broker = LocalBroker::start()?;
@@ -62,23 +98,7 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
         ),
     )?;
 
-    let mut child = Command::new(MQPLUG)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("MQPLUG_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().context("stderr is piped")?;
-    let mut running = Running(Some(child));
-    let (send, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if send.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut running, lines) = spawn_run(&config)?;
     let mut seen = Vec::new();
     let started = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
         seen.iter().any(|l| l.contains("consumer started"))
@@ -92,13 +112,7 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
         seen.join("\n")
     );
 
-    let publish = Command::new(MQPLUG)
-        .args(["publish", "--name-server", &broker.name_server, "--file"])
-        .arg(workspace_root().join("examples/events.jsonl"))
-        .output()?;
-    let out = String::from_utf8_lossy(&publish.stdout);
-    assert!(publish.status.success(), "publish failed: {out}");
-    assert!(out.contains("sent 5, failed 0"), "{out}");
+    publish_examples(&broker.name_server)?;
 
     let handled = |seen: &[String]| {
         seen.iter()
@@ -227,5 +241,149 @@ fn a_failed_send_reports_the_real_cause_and_fails_the_command() -> Result<()> {
         "{err}"
     );
     assert!(!err.contains("<redacted>"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn examples_in_rust_python_and_javascript_handle_the_same_published_events() -> Result<()> {
+    let plugins = [
+        ("rewards-rs", plugin_path("reward-logger")?),
+        ("rewards-py", guest_plugin_path(Guest::Python)?),
+        ("rewards-js", guest_plugin_path(Guest::JavaScript)?),
+    ];
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("mqplug.toml");
+    let mut text = format!(
+        "name_server = \"{}\"\n\n[producer]\nenabled = true\ncreate_topic_queues = 4\n",
+        broker.name_server
+    );
+    for (name, path) in &plugins {
+        text.push_str(&format!(
+            "\n[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nconsume_from = \"first\"\n",
+            path.display()
+        ));
+    }
+    std::fs::write(&config, text)?;
+
+    let (_running, lines) = spawn_run(&config)?;
+    let mut seen = Vec::new();
+    // Compiling the 12-18 MB Python and JavaScript components takes a while
+    // in a debug build.
+    let started = wait_for_lines(&lines, &mut seen, Duration::from_secs(240), |seen| {
+        seen.iter()
+            .filter(|l| l.contains("consumer started"))
+            .count()
+            >= 3
+    });
+    ensure!(started, "mqplug did not start:\n{}", seen.join("\n"));
+    publish_examples(&broker.name_server)?;
+
+    let count = |seen: &[String], plugin: &str, what: &str| {
+        let tag = format!("plugin={plugin} ");
+        seen.iter()
+            .filter(|l| l.contains(&tag) && l.contains(what))
+            .count()
+    };
+    let all = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
+        plugins.iter().all(|(name, _)| {
+            count(seen, name, "granting") >= 4
+                && count(
+                    seen,
+                    name,
+                    "event_data.count must be a non-negative integer",
+                ) >= 1
+        })
+    });
+    ensure!(
+        all,
+        "not every plugin handled every event:\n{}",
+        seen.join("\n")
+    );
+    for (name, _) in &plugins {
+        // The same four grants, in the same words, from every language.
+        for grant in [
+            "USER_REGISTER by user 123 in campaign campaign-1 (测试活动): granting 10 points",
+            "SHARE_ARTICLE by user 125 in campaign campaign-7 (Winter sale): granting 20 points",
+        ] {
+            assert_eq!(
+                count(&seen, name, grant),
+                1,
+                "{name}: {grant}\n{}",
+                seen.join("\n")
+            );
+        }
+        assert_eq!(
+            count(&seen, name, "granting"),
+            4,
+            "{name}\n{}",
+            seen.join("\n")
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn mqplug_test_exits_0_on_a_passing_plugin_and_writes_junit() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let junit = dir.path().join("junit.xml");
+    let output = Command::new(MQPLUG)
+        .arg("test")
+        .arg(plugin_path("reward-logger")?)
+        .arg("--fixtures")
+        .arg(workspace_root().join("plugins/reward-logger/fixtures.jsonl"))
+        .arg("--junit")
+        .arg(&junit)
+        .output()?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("PASS: 28 checks, 28 passed, 0 failed, 0 skipped"),
+        "{out}"
+    );
+    let xml = std::fs::read_to_string(&junit)?;
+    assert!(
+        xml.contains("<testsuites name=\"mqplug test ")
+            && xml.contains("tests=\"28\" failures=\"0\""),
+        "{xml}"
+    );
+    assert_eq!(xml.matches("<testcase ").count(), 28, "{xml}");
+    Ok(())
+}
+
+#[test]
+fn mqplug_test_exits_1_on_a_failing_plugin_and_2_when_it_cannot_run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let junit = dir.path().join("junit.xml");
+    let output = Command::new(MQPLUG)
+        .arg("test")
+        .arg(plugin_path("flaky")?)
+        .arg("--junit")
+        .arg(&junit)
+        .output()?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("FAIL: 24 checks, 14 passed, 10 failed"),
+        "{out}"
+    );
+    assert!(out.contains("-> not deterministic"), "{out}");
+    let xml = std::fs::read_to_string(&junit)?;
+    assert_eq!(
+        xml.matches("<failure message=\"not deterministic").count(),
+        10,
+        "{xml}"
+    );
+
+    let output = Command::new(MQPLUG)
+        .arg("test")
+        .arg(dir.path().join("missing.wasm"))
+        .output()?;
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("missing.wasm"),
+        "{err}"
+    );
     Ok(())
 }

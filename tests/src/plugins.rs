@@ -53,3 +53,43 @@ pub fn plugin_path(name: &str) -> Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// A plugin written in another language than Rust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guest {
+    /// `plugins/python/reward_logger`, built with componentize-py.
+    Python,
+    /// `plugins/js/reward-logger`, built with componentize-js.
+    JavaScript,
+}
+
+/// Builds the Python and JavaScript examples once per test process with
+/// `scripts/build-guest-plugins.sh` (which installs its tools on first use and
+/// skips components newer than their sources) and returns one's component.
+pub fn guest_plugin_path(guest: Guest) -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    let (python, javascript) = BUILT
+        .get_or_init(|| {
+            let out = target_dir().join("guest-plugins");
+            let status = Command::new("bash")
+                .arg("scripts/build-guest-plugins.sh")
+                .arg(&out)
+                .current_dir(workspace_root())
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map_err(|err| format!("cannot run bash: {err}"))?;
+            if !status.success() {
+                return Err(format!("scripts/build-guest-plugins.sh failed: {status}"));
+            }
+            Ok((
+                out.join("reward_logger_py.wasm"),
+                out.join("reward_logger_js.wasm"),
+            ))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)?;
+    Ok(match guest {
+        Guest::Python => python,
+        Guest::JavaScript => javascript,
+    })
+}

@@ -195,7 +195,10 @@ mod tests {
     #[test]
     fn the_large_case_is_large_and_the_nested_case_is_deep() {
         let cases = cases();
-        let large = cases.iter().find(|c| c.name.starts_with("large event data")).unwrap();
+        let large = cases
+            .iter()
+            .find(|c| c.name.starts_with("large event data"))
+            .unwrap();
         let size = large.event.event_data_json().len();
         assert!(size >= 1000 * 1024, "{size}");
         let nested = cases.iter().find(|c| c.name.starts_with("deeply")).unwrap();

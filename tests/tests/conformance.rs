@@ -1,0 +1,234 @@
+//! The conformance kit (`mqplug test`) against plugins that honour the
+//! contract and plugins that break one rule each on purpose: every break is
+//! caught, with a message that names what is wrong.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mqplug::conformance::{self, Group, Report, Status, fixtures};
+use mqplug::wasm::{PluginSettings, RuntimeSettings, WasmRuntime};
+use mqplug_tests::plugins::{Guest, guest_plugin_path, plugin_path};
+use mqplug_tests::workspace_root;
+
+fn runtime() -> Arc<WasmRuntime> {
+    WasmRuntime::new(RuntimeSettings::default()).unwrap()
+}
+
+fn settings() -> PluginSettings {
+    PluginSettings {
+        deadline: Duration::from_millis(300),
+        memory_limit_bytes: 32 * 1024 * 1024,
+        ..PluginSettings::new("under-test")
+    }
+}
+
+fn kit(path: &Path, settings: PluginSettings, fixture_text: &str) -> Report {
+    let fixtures = fixtures::parse(fixture_text);
+    conformance::run(&runtime(), settings, path, &fixtures).unwrap()
+}
+
+fn example_fixtures() -> String {
+    std::fs::read_to_string(workspace_root().join("plugins/reward-logger/fixtures.jsonl")).unwrap()
+}
+
+/// The checks of `group` as (name, status).
+fn checks(report: &Report, group: Group) -> Vec<(&str, &Status)> {
+    report
+        .checks
+        .iter()
+        .filter(|check| check.group == group)
+        .map(|check| (check.name.as_str(), &check.status))
+        .collect()
+}
+
+fn failure_of<'a>(report: &'a Report, name: &str) -> &'a str {
+    match report.checks.iter().find(|check| check.name == name) {
+        Some(check) => match &check.status {
+            Status::Fail(why) => why,
+            other => panic!(
+                "{name}: expected a failure, got {other:?}\n{}",
+                report.table()
+            ),
+        },
+        None => panic!("no check {name}\n{}", report.table()),
+    }
+}
+
+fn assert_passes_with_example_fixtures(path: &Path) {
+    let report = kit(path, PluginSettings::new("example"), &example_fixtures());
+    assert!(report.passed(), "{}", report.table());
+    assert_eq!(checks(&report, Group::Contract).len(), 4);
+    assert_eq!(checks(&report, Group::Suite).len(), 10);
+    assert_eq!(checks(&report, Group::Determinism).len(), 10);
+    assert_eq!(checks(&report, Group::Fixtures).len(), 4);
+    assert!(report.memory_at_instantiation.unwrap() > 0);
+    // Every built-in event ran twice, every fixture once.
+    assert_eq!(report.event_times.len(), 24);
+}
+
+#[test]
+fn the_rust_example_passes_every_check_and_its_fixtures() {
+    assert_passes_with_example_fixtures(&plugin_path("reward-logger").unwrap());
+}
+
+#[test]
+fn the_python_example_passes_every_check_and_the_same_fixtures() {
+    assert_passes_with_example_fixtures(&guest_plugin_path(Guest::Python).unwrap());
+}
+
+#[test]
+fn the_javascript_example_passes_every_check_and_the_same_fixtures() {
+    assert_passes_with_example_fixtures(&guest_plugin_path(Guest::JavaScript).unwrap());
+}
+
+#[test]
+fn a_nondeterministic_plugin_is_caught() {
+    let report = kit(&plugin_path("flaky").unwrap(), settings(), "");
+    assert!(!report.passed());
+    let suite = checks(&report, Group::Suite);
+    assert!(
+        suite.iter().all(|(_, status)| **status == Status::Pass),
+        "{}",
+        report.table()
+    );
+    let determinism = checks(&report, Group::Determinism);
+    assert_eq!(determinism.len(), 10);
+    for (name, status) in determinism {
+        match status {
+            Status::Fail(why) => assert!(
+                why.starts_with("not deterministic: the same event gave ok and then err: flaky"),
+                "{name}: {why}"
+            ),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_plugin_importing_what_the_host_lacks_is_caught_naming_the_import() {
+    let report = kit(&plugin_path("bad-import").unwrap(), settings(), "");
+    let why = failure_of(&report, "imports only what the host provides");
+    assert!(
+        why.contains("test:bad-import/vault: mqplug provides no such interface"),
+        "{why}"
+    );
+    let why = failure_of(&report, "links and instantiates within its limits");
+    assert!(why.contains("test:bad-import/vault"), "{why}");
+    // Nothing ran: the rest is skipped, not passed.
+    for group in [Group::Suite, Group::Determinism] {
+        let rows = checks(&report, group);
+        assert_eq!(rows.len(), 1, "{}", report.table());
+        assert!(matches!(rows[0].1, Status::Skip(_)), "{}", report.table());
+    }
+    assert!(report.event_times.is_empty());
+}
+
+#[test]
+fn a_plugin_built_for_another_contract_version_is_caught_naming_the_export() {
+    let report = kit(&plugin_path("future-wit").unwrap(), settings(), "");
+    let why = failure_of(&report, "exports mqplug:plugin/handler@0.1.x");
+    assert!(
+        why.starts_with(
+            "exports mqplug:plugin/handler@0.2.0, but this host supports mqplug:plugin@0.1.x"
+        ),
+        "{why}"
+    );
+    assert!(!report.passed());
+}
+
+#[test]
+fn a_component_of_another_world_and_a_junk_file_are_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.wasm");
+    std::fs::write(&empty, [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00]).unwrap();
+    let report = kit(&empty, settings(), "");
+    let why = failure_of(&report, "exports mqplug:plugin/handler@0.1.x");
+    assert!(
+        why.starts_with("does not export mqplug:plugin/handler@0.1.x (exports: nothing)"),
+        "{why}"
+    );
+
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm but not really").unwrap();
+    let report = kit(&junk, settings(), "");
+    let why = failure_of(&report, "is a wasm component");
+    assert!(why.starts_with("not a valid wasm component"), "{why}");
+    assert_eq!(report.checks.len(), 3, "{}", report.table());
+}
+
+#[test]
+fn a_plugin_over_its_memory_limit_at_instantiation_is_caught() {
+    let path = plugin_path("reward-logger").unwrap();
+    let tight = PluginSettings {
+        memory_limit_bytes: 512 * 1024,
+        ..settings()
+    };
+    let report = kit(&path, tight, "");
+    let why = failure_of(&report, "links and instantiates within its limits");
+    assert!(why.contains("memory limit"), "{why}");
+}
+
+#[test]
+fn traps_loops_and_wrong_outcomes_in_fixtures_are_caught() {
+    let fixture = |name: &str, event_type: &str, expect: &str| {
+        format!(
+            r#"{{"name":"{name}","event":{{"event_type":"{event_type}","user_id":1,"tenant_id":"t",
+            "app_id":"a","campaign_id":"c","campaign_name":"n","timestamp":"2026-11-25T14:19:15+08:00"}},{expect}}}"#
+        )
+        .replace('\n', "")
+    };
+    let text = [
+        fixture("handled", "USER_REGISTER", r#""expect":"ok""#),
+        fixture(
+            "fails as told",
+            "FAIL",
+            r#""expect":"err","reason":"asked to fail$""#,
+        ),
+        fixture("panics", "PANIC", r#""expect":"ok""#),
+        fixture("loops", "LOOP", r#""expect":"ok""#),
+        fixture("hoards memory", "OOM", r#""expect":"ok""#),
+        fixture(
+            "wrong reason",
+            "FAIL",
+            r#""expect":"err","reason":"^out of stock""#,
+        ),
+        fixture("unexpected ok", "USER_REGISTER", r#""expect":"err""#),
+        r#"{"name":"broken","expect":"ok"}"#.to_string(),
+    ]
+    .join("\n");
+    let report = kit(&plugin_path("chaos").unwrap(), settings(), &text);
+    let fixtures = checks(&report, Group::Fixtures);
+    assert_eq!(fixtures.len(), 8, "{}", report.table());
+    assert_eq!(*fixtures[0].1, Status::Pass, "{}", report.table());
+    assert_eq!(*fixtures[1].1, Status::Pass, "{}", report.table());
+    let expected = [
+        (
+            "line 3: panics",
+            "expected ok, got trap: unreachable instruction executed",
+        ),
+        (
+            "line 4: loops",
+            "expected ok, got deadline: interrupted after 300 ms",
+        ),
+        ("line 5: hoards memory", "expected ok, got memory limit"),
+        (
+            "line 6: wrong reason",
+            "expected err matching /^out of stock/, got err: chaos: asked to fail",
+        ),
+        ("line 7: unexpected ok", "expected err, got ok"),
+        ("line 8", "not a fixture: missing field `event`"),
+    ];
+    for (name, start) in expected {
+        let why = failure_of(&report, name);
+        assert!(why.starts_with(start), "{name}: {why}");
+    }
+    // The built-in events are ordinary for chaos: they pass.
+    assert!(
+        checks(&report, Group::Suite)
+            .iter()
+            .all(|(_, status)| **status == Status::Pass),
+        "{}",
+        report.table()
+    );
+}
