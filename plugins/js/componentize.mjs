@@ -4,8 +4,8 @@
 //
 //   node plugins/js/componentize.mjs SOURCE.js OUT.wasm
 //
-// NODE_PATH must name the node_modules folder componentize-js is installed in
-// (scripts/install-guest-tools.sh prints it).
+// componentize-js is looked up in NODE_PATH if set (scripts/install-guest-tools.sh
+// prints the folder it installs into), else in ./node_modules.
 import { writeFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -16,11 +16,8 @@ if (!source || !out) {
   process.exit(2);
 }
 const here = dirname(fileURLToPath(import.meta.url));
-const modules = process.env.NODE_PATH;
-if (!modules) {
-  console.error('componentize.mjs: set NODE_PATH to the node_modules folder holding @bytecodealliance/componentize-js');
-  process.exit(2);
-}
+// Where componentize-js is installed: NODE_PATH, or ./node_modules.
+const modules = process.env.NODE_PATH || resolve('node_modules');
 // The package is ESM-only: import its entry point by path.
 const entry = resolve(modules, '@bytecodealliance/componentize-js/src/componentize.js');
 const { componentize } = await import(pathToFileURL(entry).href);

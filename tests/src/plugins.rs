@@ -63,6 +63,36 @@ pub enum Guest {
     JavaScript,
 }
 
+/// The guest toolchains, installed on first use by
+/// `scripts/install-guest-tools.sh`: the componentize-py executable and the
+/// node_modules folder that holds componentize-js.
+pub fn guest_tools() -> Result<(PathBuf, PathBuf)> {
+    static TOOLS: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    TOOLS
+        .get_or_init(|| {
+            let output = Command::new("bash")
+                .arg("scripts/install-guest-tools.sh")
+                .current_dir(workspace_root())
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .map_err(|err| format!("cannot run bash: {err}"))?;
+            if !output.status.success() {
+                return Err(format!(
+                    "scripts/install-guest-tools.sh failed: {}",
+                    output.status
+                ));
+            }
+            let text = String::from_utf8_lossy(&output.stdout);
+            let mut lines = text.lines().map(PathBuf::from);
+            match (lines.next(), lines.next()) {
+                (Some(python), Some(node_modules)) => Ok((python, node_modules)),
+                _ => Err(format!("install-guest-tools.sh printed {text:?}")),
+            }
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 /// Builds the Python and JavaScript examples once per test process with
 /// `scripts/build-guest-plugins.sh` (which installs its tools on first use and
 /// skips components newer than their sources) and returns one's component.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mqplug::conformance::{self, Group, Report, Status, fixtures};
 use mqplug::wasm::{PluginSettings, RuntimeSettings, WasmRuntime};
-use mqplug_tests::plugins::{Guest, guest_plugin_path, plugin_path};
+use mqplug_tests::plugins::{Guest, guest_plugin_path, guest_tools, plugin_path};
 use mqplug_tests::workspace_root;
 
 fn runtime() -> Arc<WasmRuntime> {
@@ -231,4 +231,78 @@ fn traps_loops_and_wrong_outcomes_in_fixtures_are_caught() {
         "{}",
         report.table()
     );
+}
+
+/// The code block that follows `heading` in the README.
+fn readme_snippet(heading: &str) -> String {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    readme
+        .split(heading)
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap_or_else(|| panic!("the README has no snippet after {heading:?}"))
+        .to_string()
+}
+
+/// The README's "write your first plugin" promise: `ok`, except `err: no
+/// tenant` for an empty tenant.
+fn assert_readme_plugin_passes(component: &Path) {
+    let event = |tenant: &str| {
+        format!(
+            r#"{{"event_type":"USER_REGISTER","user_id":123,"tenant_id":"{tenant}","app_id":"app1","campaign_id":"campaign-1","campaign_name":"测试活动","timestamp":"2026-11-25T14:19:15+08:00"}}"#
+        )
+    };
+    let fixtures = format!(
+        "{{\"event\":{},\"expect\":\"ok\"}}\n{{\"event\":{},\"expect\":\"err\",\"reason\":\"^no tenant$\"}}\n",
+        event("tenant1"),
+        event("")
+    );
+    let report = kit(component, PluginSettings::new("readme"), &fixtures);
+    assert!(report.passed(), "{}", report.table());
+    assert_eq!(checks(&report, Group::Fixtures).len(), 2);
+}
+
+fn run(command: &mut std::process::Command) {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?}: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn the_readme_python_plugin_builds_and_passes_the_kit() {
+    let (componentize_py, _) = guest_tools().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("app.py"),
+        readme_snippet("`app.py`:\n\n```python\n"),
+    )
+    .unwrap();
+    let component = dir.path().join("my_plugin.wasm");
+    run(std::process::Command::new(componentize_py)
+        .arg("-d")
+        .arg(workspace_root().join("wit"))
+        .args(["-w", "plugin", "componentize", "--stub-wasi", "app", "-o"])
+        .arg(&component)
+        .current_dir(dir.path()));
+    assert_readme_plugin_passes(&component);
+}
+
+#[test]
+fn the_readme_javascript_plugin_builds_and_passes_the_kit() {
+    let (_, node_modules) = guest_tools().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("my-plugin.js");
+    std::fs::write(&source, readme_snippet("`my-plugin.js`:\n\n```js\n")).unwrap();
+    let component = dir.path().join("my_plugin.wasm");
+    run(std::process::Command::new("node")
+        .arg(workspace_root().join("plugins/js/componentize.mjs"))
+        .arg(&source)
+        .arg(&component)
+        .env("NODE_PATH", node_modules)
+        .current_dir(dir.path()));
+    assert_readme_plugin_passes(&component);
 }
