@@ -55,6 +55,55 @@ pub struct HostConfig {
     pub plugins: Vec<PluginConfig>,
     #[serde(default)]
     pub producer: ProducerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub reload: ReloadConfig,
+    /// The file this config was read from, if any; hot reload watches it.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// The admin HTTP listener: /healthz, /readyz, /plugins, /metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// Address to bind; keep it on loopback unless something guards it.
+    /// Port 0 picks a free port (logged at start-up).
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: "127.0.0.1:9900".into(),
+        }
+    }
+}
+
+/// Hot reload of plugin files and of the config's plugin list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Watch the plugin files and the config file.
+    pub watch: bool,
+    /// How often files are checked.
+    pub poll_ms: u64,
+    /// A changed file is read only after its size and modification time have
+    /// stayed the same this long, so a file still being written is not read.
+    pub settle_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: true,
+            poll_ms: 250,
+            settle_ms: 500,
+        }
+    }
 }
 
 /// Engine-wide limits.
@@ -65,6 +114,12 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// The most memory any plugin may be given, in MiB.
     pub max_memory_mb: usize,
+    /// Keep compiled plugins on disk, so a restart or a reload of a known
+    /// build skips compilation.
+    pub compile_cache: bool,
+    /// Where; default `$MQPLUG_CACHE_DIR/components`, else
+    /// `~/.cache/mqplug/components`.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -73,12 +128,14 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             max_instances: defaults.max_instances,
             max_memory_mb: defaults.max_memory_bytes / MIB,
+            compile_cache: true,
+            cache_dir: None,
         }
     }
 }
 
 /// One plugin and the consumer that feeds it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Used in logs and in the default consumer group.
@@ -142,6 +199,19 @@ const MIB: usize = 1024 * 1024;
 /// The RocketMQ client counts a listener running past 30 s as failed.
 const LISTENER_TIMEOUT_MS: u64 = 30_000;
 
+/// `$MQPLUG_CACHE_DIR/components`, else `$XDG_CACHE_HOME/mqplug/components`,
+/// else `~/.cache/mqplug/components`.
+fn default_cache_dir() -> Option<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+    if let Some(dir) = var("MQPLUG_CACHE_DIR") {
+        return Some(PathBuf::from(dir).join("components"));
+    }
+    let cache = var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(cache.join("mqplug").join("components"))
+}
+
 fn default_name_server() -> String {
     DEFAULT_NAME_SERVER.to_string()
 }
@@ -193,6 +263,7 @@ impl HostConfig {
                 plugin.path = base.join(&plugin.path);
             }
         }
+        config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
@@ -204,6 +275,11 @@ impl HostConfig {
         RuntimeSettings {
             max_instances: self.runtime.max_instances,
             max_memory_bytes: self.runtime.max_memory_mb.saturating_mul(MIB),
+            cache_dir: self
+                .runtime
+                .compile_cache
+                .then(|| self.runtime.cache_dir.clone().or_else(default_cache_dir))
+                .flatten(),
         }
     }
 

@@ -2,21 +2,33 @@
 //! log. Plain functions over small traits, testable without a broker or wasm.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tracing::{debug, error, info_span, warn};
 
 use crate::delivery::Delivery;
 use crate::event::TaskEvent;
 use crate::mq::MessageHandler;
-use crate::observe::{HostEvent, Observers};
+use crate::observe::{FailureKind, HostEvent, Observers};
 use crate::outcome::{
-    DeliveryOutcome, HandlerOutcome, UndecodablePolicy, delivery_outcome, undecodable_outcome,
+    DeliveryOutcome, HandlerFailure, HandlerOutcome, UndecodablePolicy, delivery_outcome,
+    undecodable_outcome,
 };
 use crate::wasm::Plugin;
 
 /// Something that handles decoded events: a wasm plugin, or a fake in tests.
 pub trait EventHandler: Send + Sync + 'static {
     fn handle(&self, event: &TaskEvent, delivery: &Delivery) -> HandlerOutcome;
+
+    /// Handles the event and says which build of the handler did, for
+    /// handlers that are swapped at run time.
+    fn handle_versioned(
+        &self,
+        event: &TaskEvent,
+        delivery: &Delivery,
+    ) -> (HandlerOutcome, Option<Arc<str>>) {
+        (self.handle(event, delivery), None)
+    }
 }
 
 impl EventHandler for Plugin {
@@ -54,13 +66,17 @@ impl Dispatcher {
     /// Decodes the body, runs the handler, logs what happened and returns
     /// what to tell the broker. Never panics.
     pub fn dispatch(&self, delivery: &Delivery, body: &[u8]) -> DeliveryOutcome {
+        let started = Instant::now();
         let span = info_span!(
             "message",
             plugin = %self.plugin,
+            version = tracing::field::Empty,
             message_id = %delivery.message_id,
             reconsume_times = delivery.reconsume_times,
         );
         let _entered = span.enter();
+        let mut version = None;
+        let mut failure = None;
         let (outcome, cause) = match TaskEvent::decode(body, self.max_body_bytes) {
             Err(err) => {
                 let outcome = undecodable_outcome(self.undecodable);
@@ -69,10 +85,15 @@ impl Dispatcher {
                     ?outcome,
                     "undecodable message: {err}; fix the producer (this plugin's handler was not called)"
                 );
+                failure = Some(FailureKind::Undecodable);
                 (outcome, Some(format!("undecodable: {err}")))
             }
             Ok(event) => {
-                let handled = self.handler.handle(&event, delivery);
+                let (handled, handled_by) = self.handler.handle_versioned(&event, delivery);
+                if let Some(build) = &handled_by {
+                    span.record("version", &build[..12.min(build.len())]);
+                }
+                version = handled_by;
                 let outcome = delivery_outcome(&handled);
                 let cause = match handled {
                     HandlerOutcome::Accepted => {
@@ -80,12 +101,19 @@ impl Dispatcher {
                         None
                     }
                     HandlerOutcome::Rejected { reason } => {
+                        failure = Some(FailureKind::Rejected);
                         warn!(?outcome, "handler returned an error: {reason}");
                         Some(format!("handler error: {reason}"))
                     }
-                    HandlerOutcome::Failed(failure) => {
-                        error!(?outcome, "handler failed ({failure}); instance discarded");
-                        Some(failure.to_string())
+                    HandlerOutcome::Failed(why) => {
+                        failure = Some(match why {
+                            HandlerFailure::Trap { .. } => FailureKind::Trap,
+                            HandlerFailure::Deadline { .. } => FailureKind::Deadline,
+                            HandlerFailure::MemoryLimit { .. } => FailureKind::MemoryLimit,
+                            HandlerFailure::Host { .. } => FailureKind::Host,
+                        });
+                        error!(?outcome, "handler failed ({why}); instance discarded");
+                        Some(why.to_string())
                     }
                 };
                 (outcome, cause)
@@ -97,6 +125,9 @@ impl Dispatcher {
             reconsume_times: delivery.reconsume_times,
             outcome,
             cause,
+            version,
+            failure,
+            duration: started.elapsed(),
         });
         outcome
     }
@@ -172,16 +203,29 @@ mod tests {
             DeliveryOutcome::ConsumeSuccess
         );
         assert_eq!(handler.seen.lock().unwrap()[0].user_id, 123);
-        assert_eq!(
-            events.lock().unwrap().as_slice(),
-            [HostEvent::Handled {
-                plugin: Arc::from("test-plugin"),
-                message_id: "m-1".into(),
-                reconsume_times: 2,
-                outcome: DeliveryOutcome::ConsumeSuccess,
-                cause: None,
-            }]
-        );
+        let events = events.lock().unwrap();
+        let [
+            HostEvent::Handled {
+                plugin,
+                message_id,
+                reconsume_times,
+                outcome,
+                cause,
+                version,
+                failure,
+                ..
+            },
+        ] = events.as_slice()
+        else {
+            panic!("expected one Handled event, got {events:?}");
+        };
+        assert_eq!(&**plugin, "test-plugin");
+        assert_eq!(message_id, "m-1");
+        assert_eq!(*reconsume_times, 2);
+        assert_eq!(*outcome, DeliveryOutcome::ConsumeSuccess);
+        assert_eq!(*cause, None);
+        assert_eq!(*version, None, "a plain handler has no version");
+        assert_eq!(*failure, None);
     }
 
     #[test]
@@ -206,10 +250,11 @@ mod tests {
                 DeliveryOutcome::ConsumeRetryLater
             );
             let events = events.lock().unwrap();
-            let HostEvent::Handled { cause, .. } = &events[0] else {
+            let HostEvent::Handled { cause, failure, .. } = &events[0] else {
                 panic!("expected a Handled event, got {events:?}");
             };
             assert_eq!(cause.as_deref(), Some(expected_cause));
+            assert!(failure.is_some());
         }
     }
 

@@ -6,17 +6,20 @@
 //! instance) -> back to [`mq`] as ConsumeSuccess or ConsumeRetryLater.
 //! See ARCHITECTURE.md for the invariants.
 
+pub mod admin;
 pub mod config;
 pub mod conformance;
 pub mod delivery;
 pub mod dispatch;
 pub mod event;
 pub mod host;
+pub mod metrics;
 pub mod mq;
 pub mod observe;
 pub mod outcome;
 pub mod replay;
 pub mod shutdown;
+pub mod slot;
 pub mod topic;
 pub mod wasm;
 

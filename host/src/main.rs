@@ -30,6 +30,17 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: `text` for people, `json` (one object a line, with the
+    /// message span's plugin, version, message id and reconsume times) for
+    /// log collectors.
+    #[arg(long, global = true, env = "MQPLUG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +100,10 @@ struct RunArgs {
     /// Add a plugin with default settings: NAME=PATH (repeatable).
     #[arg(long = "plugin", value_name = "NAME=PATH")]
     plugins: Vec<String>,
+    /// Admin HTTP address (/healthz, /readyz, /plugins, /metrics), or `off`
+    /// [default: 127.0.0.1:9900, or the config's admin.listen].
+    #[arg(long, env = "MQPLUG_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -182,11 +197,19 @@ fn main() -> std::process::ExitCode {
     };
     let filter =
         EnvFilter::try_from_env("MQPLUG_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     let error_code = match cli.command {
         Command::Test(_) => std::process::ExitCode::from(TEST_CANNOT_RUN),
         _ => std::process::ExitCode::FAILURE,
@@ -226,6 +249,10 @@ async fn run(args: RunArgs) -> Result<std::process::ExitCode> {
             .with_context(|| format!("--plugin {spec:?}: expected NAME=PATH"))?;
         config.plugins.push(PluginConfig::new(name, path));
     }
+    if let Some(listen) = &args.admin_listen {
+        config.admin.enabled = listen != "off";
+        config.admin.listen.clone_from(listen);
+    }
     if config.plugins.is_empty() {
         bail!("no plugins: add [[plugin]] sections to the config file or pass --plugin NAME=PATH");
     }
@@ -235,6 +262,9 @@ async fn run(args: RunArgs) -> Result<std::process::ExitCode> {
         host.topic(),
         host.plugins().len()
     );
+    if let Some(addr) = host.admin_addr() {
+        println!("mqplug: admin on http://{addr}/ (healthz, readyz, plugins, metrics)");
+    }
     shutdown::signal().await;
     host.shutdown().await;
     Ok(std::process::ExitCode::SUCCESS)

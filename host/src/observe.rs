@@ -1,9 +1,10 @@
-//! Host events for whoever wants to watch: tests, and later metrics.
+//! Host events for whoever wants to watch: tests, and the metrics.
 //!
 //! Observers are called synchronously on the thread that produced the event,
 //! so they must be cheap and must not block.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::outcome::DeliveryOutcome;
 
@@ -25,7 +26,54 @@ pub enum HostEvent {
         outcome: DeliveryOutcome,
         /// Why it was not acknowledged, if it was not.
         cause: Option<String>,
+        /// The plugin build that handled it (its SHA-256), if a handler ran.
+        version: Option<Arc<str>>,
+        /// What kind of non-success it was, for counting.
+        failure: Option<FailureKind>,
+        /// Decoding plus the handler call.
+        duration: Duration,
     },
+    /// A plugin was loaded at start-up, reloaded, or a reload was refused.
+    Loaded {
+        plugin: Arc<str>,
+        /// The digest of the build that was (or failed to be) loaded.
+        version: Arc<str>,
+        /// `Err` with the reason when the build was refused and the old
+        /// version kept serving.
+        result: Result<(), String>,
+        /// Whether the compiled component came from the cache.
+        from_cache: bool,
+        /// Reading, compiling (or loading from cache) and instantiating.
+        took: Duration,
+    },
+}
+
+/// Why a message was not acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailureKind {
+    /// The handler returned `err`.
+    Rejected,
+    /// A trap: panic, `unreachable`, stack overflow, bad memory access.
+    Trap,
+    Deadline,
+    MemoryLimit,
+    /// The host failed around the call (e.g. could not instantiate).
+    Host,
+    /// The body was not a task event; no handler ran.
+    Undecodable,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Rejected => "rejected",
+            FailureKind::Trap => "trap",
+            FailureKind::Deadline => "deadline",
+            FailureKind::MemoryLimit => "memory_limit",
+            FailureKind::Host => "host",
+            FailureKind::Undecodable => "undecodable",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +95,13 @@ pub struct Observers(Arc<Vec<Observer>>);
 impl Observers {
     pub fn new(observers: Vec<Observer>) -> Self {
         Observers(Arc::new(observers))
+    }
+
+    /// These observers and one more.
+    pub fn with(&self, observer: Observer) -> Self {
+        let mut all: Vec<Observer> = self.0.iter().cloned().collect();
+        all.push(observer);
+        Observers::new(all)
     }
 
     pub fn emit(&self, event: impl FnOnce() -> HostEvent) {

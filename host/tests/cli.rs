@@ -55,6 +55,7 @@ fn spawn_run(config: &std::path::Path) -> Result<(Running, mpsc::Receiver<String
         .args(["run", "--config"])
         .arg(config)
         .env("MQPLUG_LOG", "info")
+        .env("MQPLUG_ADMIN_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;

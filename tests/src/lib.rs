@@ -30,6 +30,8 @@ pub fn host_config(broker: &LocalBroker, topic: &str, plugins: Vec<PluginConfig>
     config.topic = topic.to_string();
     config.producer.enabled = true;
     config.producer.create_topic_queues = Some(4);
+    // A free port: tests run side by side.
+    config.admin.listen = "127.0.0.1:0".into();
     config.plugins = plugins
         .into_iter()
         .map(|plugin| PluginConfig {

@@ -14,6 +14,8 @@ pub struct Handled {
     pub reconsume_times: u32,
     pub outcome: DeliveryOutcome,
     pub cause: Option<String>,
+    /// The plugin build (SHA-256) that handled it.
+    pub version: Option<String>,
 }
 
 /// Collects every [`HostEvent`] the host emits.
@@ -50,14 +52,17 @@ impl Recorder {
                     reconsume_times,
                     outcome,
                     cause,
+                    version,
+                    ..
                 } => Some(Handled {
                     plugin: plugin.to_string(),
                     message_id: message_id.clone(),
                     reconsume_times: *reconsume_times,
                     outcome: *outcome,
                     cause: cause.clone(),
+                    version: version.as_deref().map(str::to_string),
                 }),
-                HostEvent::PluginLog { .. } => None,
+                _ => None,
             })
             .collect()
     }
@@ -83,6 +88,25 @@ impl Recorder {
                     message,
                     ..
                 } if &**p == plugin => Some((message_id.clone(), message.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every load and reload: (plugin, version, result).
+    pub fn loads(&self) -> Vec<(String, String, Result<(), String>)> {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|event| match event {
+                HostEvent::Loaded {
+                    plugin,
+                    version,
+                    result,
+                    ..
+                } => Some((plugin.to_string(), version.to_string(), result.clone())),
                 _ => None,
             })
             .collect()

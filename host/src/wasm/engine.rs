@@ -1,5 +1,6 @@
 //! One wasmtime engine for the whole host, its linker, and its epoch ticker.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -9,6 +10,7 @@ use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings;
+use super::cache::CompileCache;
 use super::state::HostState;
 
 /// How often the epoch advances; deadlines are whole ticks.
@@ -21,6 +23,8 @@ pub struct RuntimeSettings {
     pub max_instances: u32,
     /// The largest linear memory any plugin may have.
     pub max_memory_bytes: usize,
+    /// Where compiled components are cached; `None` compiles every load.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for RuntimeSettings {
@@ -28,6 +32,7 @@ impl Default for RuntimeSettings {
         RuntimeSettings {
             max_instances: 256,
             max_memory_bytes: 256 * 1024 * 1024,
+            cache_dir: None,
         }
     }
 }
@@ -37,6 +42,7 @@ impl Default for RuntimeSettings {
 pub struct WasmRuntime {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<HostState>,
+    pub(crate) cache: CompileCache,
     settings: RuntimeSettings,
     _ticker: EpochTicker,
 }
@@ -71,6 +77,7 @@ impl WasmRuntime {
         Ok(Arc::new(WasmRuntime {
             engine,
             linker,
+            cache: CompileCache::new(settings.cache_dir.clone()),
             settings,
             _ticker: ticker,
         }))

@@ -3,10 +3,12 @@
 //! Knows the event model, nothing about RocketMQ.
 
 mod bindings;
+mod cache;
 mod engine;
 mod log_budget;
 mod plugin;
 mod state;
 
+pub use cache::{CompileCache, Compiled, Version};
 pub use engine::{EPOCH_TICK, RuntimeSettings, WasmRuntime};
 pub use plugin::{InstanceMode, Plugin, PluginLoadError, PluginSettings};

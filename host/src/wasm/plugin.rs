@@ -9,6 +9,7 @@ use wasmtime::component::Component;
 use wasmtime::{Store, Trap};
 
 use super::bindings::{self, PluginPre};
+use super::cache::{Compiled, Version};
 use super::engine::{EPOCH_TICK, WasmRuntime};
 use super::log_budget::LogBudget;
 use super::state::HostState;
@@ -110,6 +111,9 @@ pub struct Plugin {
     idle: Mutex<Vec<Instance>>,
     /// Linear memory of the first instance right after instantiation.
     memory_at_instantiation: usize,
+    /// SHA-256 of the wasm bytes (empty for a component loaded from elsewhere).
+    version: Version,
+    compiled: Compiled,
 }
 
 impl Plugin {
@@ -145,12 +149,24 @@ impl Plugin {
                 max,
             });
         }
-        let component =
-            Component::new(&runtime.engine, wasm).map_err(|cause| PluginLoadError::Compile {
+        let compiled = runtime
+            .cache
+            .compile(&runtime.engine, wasm)
+            .map_err(|cause| PluginLoadError::Compile {
                 name: name.clone(),
                 cause,
             })?;
-        Plugin::from_component(runtime, settings, &component, observers)
+        tracing::info!(
+            plugin = %name,
+            version = compiled.version.short(),
+            how = ?compiled.how,
+            took_ms = compiled.took.as_millis() as u64,
+            "component ready"
+        );
+        let mut plugin = Plugin::from_component(runtime, settings, &compiled.component, observers)?;
+        plugin.version = compiled.version;
+        plugin.compiled = compiled.how;
+        Ok(plugin)
     }
 
     /// Links and instantiates a compiled component (see [`Plugin::load`]).
@@ -182,6 +198,8 @@ impl Plugin {
             observers,
             idle: Mutex::new(Vec::new()),
             memory_at_instantiation: 0,
+            version: Version(String::new()),
+            compiled: Compiled::Fresh,
         };
         let first = plugin
             .instantiate()
@@ -197,6 +215,16 @@ impl Plugin {
 
     pub fn settings(&self) -> &PluginSettings {
         &self.settings
+    }
+
+    /// The build's content digest.
+    pub fn version(&self) -> &Version {
+        &self.version
+    }
+
+    /// Whether loading compiled the component or took it from the cache.
+    pub fn compiled(&self) -> Compiled {
+        self.compiled
     }
 
     /// Bytes of linear memory a fresh instance of this plugin holds.

@@ -1,0 +1,260 @@
+//! Counters and histograms fed by [`HostEvent`]s, written in the Prometheus
+//! text format for `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use crate::observe::{HostEvent, Observer};
+use crate::outcome::DeliveryOutcome;
+
+/// Upper bounds of the handler duration histogram, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default)]
+struct PluginCounters {
+    /// By RocketMQ outcome: `success`, `retry_later`.
+    messages: BTreeMap<&'static str, u64>,
+    /// By failure kind: `rejected`, `trap`, `deadline`, ...
+    failures: BTreeMap<&'static str, u64>,
+    /// Cumulative counts per bucket, then the count and sum.
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum_seconds: f64,
+    /// By (result, source): (`ok`|`failed`, `compiled`|`cache`).
+    loads: BTreeMap<(&'static str, &'static str), u64>,
+}
+
+/// Every plugin's counters. Cheap to update from any thread.
+#[derive(Default)]
+pub struct Metrics {
+    plugins: Mutex<BTreeMap<Arc<str>, PluginCounters>>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    /// An observer that counts what the host reports.
+    pub fn observer(self: &Arc<Self>) -> Observer {
+        let metrics = self.clone();
+        Arc::new(move |event: &HostEvent| metrics.record(event))
+    }
+
+    fn record(&self, event: &HostEvent) {
+        let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            HostEvent::Handled {
+                plugin,
+                outcome,
+                failure,
+                duration,
+                ..
+            } => {
+                let counters = plugins.entry(plugin.clone()).or_default();
+                let outcome = match outcome {
+                    DeliveryOutcome::ConsumeSuccess => "success",
+                    DeliveryOutcome::ConsumeRetryLater => "retry_later",
+                };
+                *counters.messages.entry(outcome).or_default() += 1;
+                if let Some(kind) = failure {
+                    *counters.failures.entry(kind.as_str()).or_default() += 1;
+                }
+                let seconds = duration.as_secs_f64();
+                for (bucket, bound) in counters.buckets.iter_mut().zip(BUCKETS) {
+                    if seconds <= bound {
+                        *bucket += 1;
+                    }
+                }
+                counters.count += 1;
+                counters.sum_seconds += seconds;
+            }
+            HostEvent::Loaded {
+                plugin,
+                result,
+                from_cache,
+                ..
+            } => {
+                let counters = plugins.entry(plugin.clone()).or_default();
+                let result = if result.is_ok() { "ok" } else { "failed" };
+                let source = if *from_cache { "cache" } else { "compiled" };
+                *counters.loads.entry((result, source)).or_default() += 1;
+            }
+            HostEvent::PluginLog { .. } => {}
+        }
+    }
+
+    /// Handled messages of a plugin by outcome (`success`, `retry_later`).
+    pub fn messages(&self, plugin: &str, outcome: &str) -> u64 {
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        plugins
+            .get(plugin)
+            .and_then(|c| c.messages.get(outcome).copied())
+            .unwrap_or(0)
+    }
+
+    /// Loads of a plugin by result (`ok`, `failed`) and source (`compiled`, `cache`).
+    pub fn loads(&self, plugin: &str, result: &str, source: &str) -> u64 {
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        plugins
+            .get(plugin)
+            .and_then(|c| {
+                c.loads
+                    .iter()
+                    .find(|((r, s), _)| *r == result && *s == source)
+                    .map(|(_, n)| *n)
+            })
+            .unwrap_or(0)
+    }
+
+    /// The Prometheus text format. `versions` are the serving builds, written
+    /// as `mqplug_plugin_info`.
+    pub fn render(&self, versions: &[(String, String)]) -> String {
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        family(
+            "mqplug_plugin_info",
+            "gauge",
+            "The build each plugin serves (version = SHA-256 of its wasm file).",
+        );
+        for (plugin, version) in versions {
+            let _ = writeln!(
+                out,
+                "mqplug_plugin_info{{plugin=\"{}\",version=\"{}\"}} 1",
+                label(plugin),
+                label(version)
+            );
+        }
+        let mut family = |name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        family(
+            "mqplug_messages_total",
+            "counter",
+            "Messages handled, by plugin and the outcome RocketMQ was told.",
+        );
+        for (plugin, counters) in plugins.iter() {
+            for (outcome, n) in &counters.messages {
+                let _ = writeln!(
+                    out,
+                    "mqplug_messages_total{{plugin=\"{}\",outcome=\"{outcome}\"}} {n}",
+                    label(plugin)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mqplug_failures_total Messages not acknowledged, by plugin and why (rejected, trap, deadline, memory_limit, host, undecodable).\n# TYPE mqplug_failures_total counter"
+        );
+        for (plugin, counters) in plugins.iter() {
+            for (kind, n) in &counters.failures {
+                let _ = writeln!(
+                    out,
+                    "mqplug_failures_total{{plugin=\"{}\",kind=\"{kind}\"}} {n}",
+                    label(plugin)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mqplug_handler_duration_seconds Decoding plus the handler call, per message.\n# TYPE mqplug_handler_duration_seconds histogram"
+        );
+        for (plugin, counters) in plugins.iter() {
+            let plugin = label(plugin);
+            for (n, bound) in counters.buckets.iter().zip(BUCKETS) {
+                let _ = writeln!(
+                    out,
+                    "mqplug_handler_duration_seconds_bucket{{plugin=\"{plugin}\",le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "mqplug_handler_duration_seconds_bucket{{plugin=\"{plugin}\",le=\"+Inf\"}} {}\nmqplug_handler_duration_seconds_sum{{plugin=\"{plugin}\"}} {}\nmqplug_handler_duration_seconds_count{{plugin=\"{plugin}\"}} {}",
+                counters.count, counters.sum_seconds, counters.count
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mqplug_plugin_loads_total Plugin loads and reloads, by result (ok, failed) and source (compiled, cache).\n# TYPE mqplug_plugin_loads_total counter"
+        );
+        for (plugin, counters) in plugins.iter() {
+            for ((result, source), n) in &counters.loads {
+                let _ = writeln!(
+                    out,
+                    "mqplug_plugin_loads_total{{plugin=\"{}\",result=\"{result}\",source=\"{source}\"}} {n}",
+                    label(plugin)
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::observe::FailureKind;
+
+    fn handled(outcome: DeliveryOutcome, failure: Option<FailureKind>, ms: u64) -> HostEvent {
+        HostEvent::Handled {
+            plugin: Arc::from("p\"1"),
+            message_id: "m".into(),
+            reconsume_times: 0,
+            outcome,
+            cause: None,
+            version: None,
+            failure,
+            duration: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn counts_outcomes_failures_durations_and_loads() {
+        let metrics = Metrics::new();
+        let observe = metrics.observer();
+        observe(&handled(DeliveryOutcome::ConsumeSuccess, None, 2));
+        observe(&handled(
+            DeliveryOutcome::ConsumeRetryLater,
+            Some(FailureKind::Trap),
+            200,
+        ));
+        observe(&HostEvent::Loaded {
+            plugin: Arc::from("p\"1"),
+            version: Arc::from("abc"),
+            result: Err("bad".into()),
+            from_cache: false,
+            took: Duration::from_millis(3),
+        });
+        let text = metrics.render(&[("p\"1".into(), "abc".into())]);
+        for line in [
+            "mqplug_plugin_info{plugin=\"p\\\"1\",version=\"abc\"} 1",
+            "mqplug_messages_total{plugin=\"p\\\"1\",outcome=\"success\"} 1",
+            "mqplug_messages_total{plugin=\"p\\\"1\",outcome=\"retry_later\"} 1",
+            "mqplug_failures_total{plugin=\"p\\\"1\",kind=\"trap\"} 1",
+            "mqplug_handler_duration_seconds_bucket{plugin=\"p\\\"1\",le=\"0.005\"} 1",
+            "mqplug_handler_duration_seconds_bucket{plugin=\"p\\\"1\",le=\"0.5\"} 2",
+            "mqplug_handler_duration_seconds_count{plugin=\"p\\\"1\"} 2",
+            "mqplug_plugin_loads_total{plugin=\"p\\\"1\",result=\"failed\",source=\"compiled\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        assert_eq!(metrics.messages("p\"1", "success"), 1);
+        assert_eq!(metrics.loads("p\"1", "failed", "compiled"), 1);
+    }
+}

@@ -1,0 +1,207 @@
+//! A plugin that can be swapped while it serves: the consumer's handler.
+//!
+//! The slot holds the current build behind a lock taken only to clone an
+//! `Arc`. A handler call keeps the build it started with until it returns, so
+//! a swap never interrupts a message: messages already in a handler finish on
+//! the old build, the next message gets the new one.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime};
+
+use crate::config::PluginConfig;
+use crate::delivery::Delivery;
+use crate::dispatch::EventHandler;
+use crate::event::TaskEvent;
+use crate::observe::{HostEvent, Observers};
+use crate::outcome::HandlerOutcome;
+use crate::wasm::{Compiled, Plugin, PluginLoadError, Version, WasmRuntime};
+
+/// What a slot is doing, for `/plugins`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    Serving,
+    /// The last reload was refused; the previous build keeps serving.
+    ReloadFailed {
+        version: String,
+        error: String,
+    },
+    /// Removed from the config: finishing in-flight messages, then stopping.
+    Draining,
+}
+
+/// One build of a plugin.
+struct Build {
+    plugin: Arc<Plugin>,
+    version: Arc<str>,
+    loaded_at: SystemTime,
+    from_cache: bool,
+}
+
+/// A snapshot of a slot for status reports.
+#[derive(Debug, Clone)]
+pub struct SlotStatus {
+    pub name: String,
+    pub path: PathBuf,
+    pub group: String,
+    pub version: String,
+    pub loaded_at: SystemTime,
+    pub from_cache: bool,
+    pub state: SlotState,
+}
+
+pub struct PluginSlot {
+    name: Arc<str>,
+    path: PathBuf,
+    group: String,
+    current: RwLock<Build>,
+    state: Mutex<SlotState>,
+}
+
+/// Reads, compiles (or takes from the cache) and instantiates the plugin a
+/// config entry names, and reports the attempt as a [`HostEvent::Loaded`].
+pub fn load_plugin(
+    runtime: &Arc<WasmRuntime>,
+    config: &PluginConfig,
+    observers: &Observers,
+) -> Result<Plugin, PluginLoadError> {
+    let started = Instant::now();
+    let wasm = std::fs::read(&config.path).map_err(|cause| PluginLoadError::Read {
+        name: config.name.clone(),
+        path: config.path.clone(),
+        cause,
+    })?;
+    let version = Version::of(&wasm);
+    let result = Plugin::load(runtime, config.plugin_settings(), &wasm, observers.clone());
+    observers.emit(|| HostEvent::Loaded {
+        plugin: Arc::from(config.name.as_str()),
+        version: Arc::from(version.0.as_str()),
+        result: result.as_ref().map(|_| ()).map_err(ToString::to_string),
+        from_cache: result
+            .as_ref()
+            .is_ok_and(|plugin| plugin.compiled() == Compiled::FromCache),
+        took: started.elapsed(),
+    });
+    result
+}
+
+impl PluginSlot {
+    pub fn new(config: &PluginConfig, plugin: Plugin) -> Self {
+        PluginSlot {
+            name: Arc::from(config.name.as_str()),
+            path: config.path.clone(),
+            group: config.group(),
+            current: RwLock::new(Build::of(plugin)),
+            state: Mutex::new(SlotState::Serving),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The serving build's digest.
+    pub fn version(&self) -> Arc<str> {
+        self.read().version.clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Build> {
+        self.current.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads the plugin's file again and, if it loads, serves it from the
+    /// next message on. A build that fails to read, compile, link or
+    /// instantiate is refused and the current one keeps serving.
+    pub fn reload(
+        &self,
+        runtime: &Arc<WasmRuntime>,
+        config: &PluginConfig,
+        observers: &Observers,
+    ) -> Result<Arc<str>, PluginLoadError> {
+        match load_plugin(runtime, config, observers) {
+            Ok(plugin) => {
+                let build = Build::of(plugin);
+                let version = build.version.clone();
+                let old = std::mem::replace(
+                    &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+                    build,
+                );
+                self.set_state(SlotState::Serving);
+                tracing::info!(
+                    plugin = %self.name,
+                    from = &old.version[..12.min(old.version.len())],
+                    to = &version[..12.min(version.len())],
+                    "plugin reloaded: the next message uses the new build"
+                );
+                Ok(version)
+            }
+            Err(err) => {
+                let version = std::fs::read(&config.path)
+                    .map(|wasm| Version::of(&wasm).0)
+                    .unwrap_or_default();
+                tracing::error!(
+                    plugin = %self.name,
+                    serving = &self.version()[..12.min(self.version().len())],
+                    "reload refused, the current build keeps serving: {err}"
+                );
+                self.set_state(SlotState::ReloadFailed {
+                    version,
+                    error: err.to_string(),
+                });
+                Err(err)
+            }
+        }
+    }
+
+    pub fn set_state(&self, state: SlotState) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    pub fn status(&self) -> SlotStatus {
+        let build = self.read();
+        SlotStatus {
+            name: self.name.to_string(),
+            path: self.path.clone(),
+            group: self.group.clone(),
+            version: build.version.to_string(),
+            loaded_at: build.loaded_at,
+            from_cache: build.from_cache,
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+}
+
+impl Build {
+    fn of(plugin: Plugin) -> Build {
+        Build {
+            version: Arc::from(plugin.version().0.as_str()),
+            from_cache: plugin.compiled() == Compiled::FromCache,
+            plugin: Arc::new(plugin),
+            loaded_at: SystemTime::now(),
+        }
+    }
+}
+
+impl EventHandler for PluginSlot {
+    fn handle(&self, event: &TaskEvent, delivery: &Delivery) -> HandlerOutcome {
+        self.handle_versioned(event, delivery).0
+    }
+
+    fn handle_versioned(
+        &self,
+        event: &TaskEvent,
+        delivery: &Delivery,
+    ) -> (HandlerOutcome, Option<Arc<str>>) {
+        // Clone the build and let go of the lock: a reload may swap while
+        // this message is in the handler; it finishes on this build.
+        let (plugin, version) = {
+            let build = self.read();
+            (build.plugin.clone(), build.version.clone())
+        };
+        (plugin.handle(event, delivery), Some(version))
+    }
+}
