@@ -89,11 +89,14 @@ impl CompileCache {
             });
         };
         let entry = dir.join(format!("{}-{}.cwasm", version, engine_key(engine)));
-        if entry.exists() {
-            // SAFETY: entries are written only by `compile` below, from
+        // Read into memory rather than `deserialize_file`, which maps the
+        // file: a cache entry truncated while mapped (by another host
+        // sharing the folder, or by hand) would crash the process.
+        if let Ok(bytes) = std::fs::read(&entry) {
+            // SAFETY: entries are written only by `store` below, from
             // `Component::serialize` of this engine configuration (the key
             // says so); wasmtime checks the header and configuration again.
-            match unsafe { Component::deserialize_file(engine, &entry) } {
+            match unsafe { Component::deserialize(engine, &bytes) } {
                 Ok(component) => {
                     return Ok(CompiledComponent {
                         component,

@@ -1,0 +1,363 @@
+//! Hot reload against a real broker: a swap under a steady stream loses and
+//! retries nothing; broken builds never replace a working one; plugins come
+//! and go with the config; a warm compile cache skips compilation.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use mqplug::config::{HostConfig, PluginConfig};
+use mqplug::wasm::{Compiled, Plugin, PluginSettings, RuntimeSettings, Version, WasmRuntime};
+use mqplug::{DeliveryOutcome, Host};
+use mqplug_tests::{LocalBroker, Recorder, host_config, plugins::plugin_path, sample_event};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A host config that watches quickly and caches compiled plugins in `dir`.
+fn watching_config(broker: &LocalBroker, dir: &Path, plugins: Vec<PluginConfig>) -> HostConfig {
+    let mut config = host_config(broker, "marketing.task.completed", plugins);
+    config.reload.poll_ms = 50;
+    config.reload.settle_ms = 300;
+    config.runtime.cache_dir = Some(dir.join("cache"));
+    config
+}
+
+/// GET `path` from the admin listener.
+fn get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+fn plugins_json(host: &Host) -> Result<serde_json::Value> {
+    let response = get(host.admin_addr().context("admin is on")?, "/plugins")?;
+    let body = response.split("\r\n\r\n").nth(1).context("a body")?;
+    Ok(serde_json::from_str(body)?)
+}
+
+fn version_of(path: &Path) -> String {
+    Version::of(&std::fs::read(path).unwrap()).0
+}
+
+/// Replaces `path` atomically (write a temporary file, rename it over).
+fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
+    let temporary = path.with_extension("partial");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_a_steady_stream_loses_nothing_and_retries_nothing() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("rewards.wasm");
+    std::fs::copy(plugin_path("reward-logger")?, &path)?;
+    let (old, new) = (version_of(&path), version_of(&plugin_path("chaos")?));
+    let recorder = Recorder::new();
+    let config = watching_config(
+        &broker,
+        dir.path(),
+        vec![PluginConfig::new("rewards", &path)],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+
+    const N: u64 = 300;
+    let mut published = HashSet::new();
+    for i in 0..N {
+        if i == N / 3 {
+            replace(&path, &std::fs::read(plugin_path("chaos")?)?)?;
+        }
+        let receipt = publisher.publish(&sample_event("USER_REGISTER", i)).await?;
+        published.insert(receipt.message_id);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let all = recorder.wait_until(WAIT, |r| r.handled_by("rewards").len() >= N as usize);
+    // Give stray redeliveries a moment to show up before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = plugins_json(&host)?;
+    host.shutdown().await;
+    ensure!(all, "not every event was handled:\n{}", broker.logs());
+
+    let handled = recorder.handled_by("rewards");
+    let ids: HashSet<_> = handled.iter().map(|h| h.message_id.clone()).collect();
+    assert_eq!(ids, published, "every published message was handled");
+    assert_eq!(handled.len(), N as usize, "none twice");
+    let mut by_version: HashMap<String, usize> = HashMap::new();
+    for h in &handled {
+        assert_eq!(h.outcome, DeliveryOutcome::ConsumeSuccess, "{h:?}");
+        assert_eq!(
+            h.reconsume_times, 0,
+            "the swap sent nothing to retry: {h:?}"
+        );
+        *by_version
+            .entry(h.version.clone().context("versioned")?)
+            .or_default() += 1;
+    }
+    assert_eq!(
+        by_version.keys().cloned().collect::<HashSet<_>>(),
+        HashSet::from([old.clone(), new.clone()]),
+        "every message handled by the old or the new build: {by_version:?}"
+    );
+    println!(
+        "handled by old build: {}, by new: {}",
+        by_version[&old], by_version[&new]
+    );
+    let loads = recorder.loads();
+    assert_eq!(
+        loads,
+        vec![
+            ("rewards".into(), old, Ok(())),
+            ("rewards".into(), new.clone(), Ok(()))
+        ]
+    );
+    let plugin = &status["plugins"][0];
+    assert_eq!(plugin["version"], new.as_str(), "{status}");
+    assert_eq!(plugin["state"], "serving", "{status}");
+    assert_eq!(plugin["messages"]["success"], N, "{status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_builds_are_refused_and_the_old_build_keeps_serving() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("rewards.wasm");
+    std::fs::copy(plugin_path("reward-logger")?, &path)?;
+    let serving = version_of(&path);
+    let recorder = Recorder::new();
+    let config = watching_config(
+        &broker,
+        dir.path(),
+        vec![PluginConfig::new("rewards", &path)],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let good = std::fs::read(plugin_path("chaos")?)?;
+
+    let broken: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "corrupt",
+            b"\0asm\x0d\0\x01\0 garbage".to_vec(),
+            "not a valid wasm component",
+        ),
+        (
+            "truncated",
+            good[..good.len() / 2].to_vec(),
+            "not a valid wasm component",
+        ),
+        (
+            "another world",
+            std::fs::read(plugin_path("future-wit")?)?,
+            "does not export the mqplug:plugin handler",
+        ),
+    ];
+    for (round, (what, bytes, error)) in broken.into_iter().enumerate() {
+        replace(&path, &bytes)?;
+        let refused = recorder.wait_until(WAIT, |r| {
+            r.loads()
+                .iter()
+                .filter(|(_, _, result)| result.is_err())
+                .count()
+                > round
+        });
+        ensure!(refused, "{what}: no refused reload");
+        let status = plugins_json(&host)?;
+        let plugin = &status["plugins"][0];
+        assert_eq!(plugin["state"], "reload-failed", "{what}: {status}");
+        assert_eq!(plugin["version"], serving.as_str(), "{what}: {status}");
+        let shown = plugin["error"].as_str().unwrap_or_default();
+        assert!(shown.contains(error), "{what}: {shown}");
+
+        // The old build still handles new messages.
+        let receipt = publisher.publish(&sample_event("USER_REGISTER", 7)).await?;
+        let handled = recorder.wait_until(WAIT, |r| {
+            r.handled_by("rewards")
+                .iter()
+                .any(|h| h.message_id == receipt.message_id)
+        });
+        ensure!(handled, "{what}: the old build stopped serving");
+        let h = recorder
+            .handled_by("rewards")
+            .into_iter()
+            .find(|h| h.message_id == receipt.message_id)
+            .context("handled")?;
+        assert_eq!(h.version.as_deref(), Some(serving.as_str()), "{what}");
+        assert_eq!(h.outcome, DeliveryOutcome::ConsumeSuccess, "{what}");
+    }
+
+    // A good build written slowly, in two halves: the half-written file is
+    // never read, the whole one is loaded once.
+    let half = good.len() / 2;
+    {
+        let mut file = std::fs::File::create(&path)?;
+        file.write_all(&good[..half])?;
+        file.flush()?;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        file.write_all(&good[half..])?;
+    }
+    let new = Version::of(&good).0;
+    let loaded = recorder.wait_until(WAIT, |r| {
+        r.loads()
+            .iter()
+            .any(|(_, version, result)| *version == new && result.is_ok())
+    });
+    let loads = recorder.loads();
+    host.shutdown().await;
+    ensure!(loaded, "the good build was not loaded: {loads:?}");
+    assert_eq!(
+        loads
+            .iter()
+            .filter(|(_, _, result)| result.is_err())
+            .count(),
+        3,
+        "only the three broken builds were refused: {loads:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("mqplug.toml");
+    let write_config = |plugins: &[(&str, &str)]| -> Result<()> {
+        let mut text = format!(
+            "name_server = \"{}\"\n[producer]\nenabled = true\ncreate_topic_queues = 4\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[reload]\npoll_ms = 50\nsettle_ms = 300\n",
+            broker.name_server
+        );
+        for (name, plugin) in plugins {
+            text.push_str(&format!(
+                "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nconsume_from = \"first\"\n",
+                plugin_path(plugin)?.display()
+            ));
+        }
+        replace(&config_path, text.as_bytes())
+    };
+    write_config(&[("first", "reward-logger")])?;
+    let recorder = Recorder::new();
+    let host = Host::start(&HostConfig::from_file(&config_path)?, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let names = |host: &Host| -> Vec<String> {
+        host.plugins()
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect()
+    };
+
+    write_config(&[("first", "reward-logger"), ("second", "chaos")])?;
+    let started = tokio::time::timeout(WAIT, async {
+        while names(&host) != ["first", "second"] {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    ensure!(
+        started.is_ok(),
+        "second plugin not started: {:?}",
+        names(&host)
+    );
+    let receipt = publisher.publish(&sample_event("USER_REGISTER", 1)).await?;
+    let both = recorder.wait_until(WAIT, |r| {
+        ["first", "second"].iter().all(|p| {
+            r.handled_by(p)
+                .iter()
+                .any(|h| h.message_id == receipt.message_id)
+        })
+    });
+    ensure!(both, "both plugins handle a new message");
+
+    write_config(&[("second", "chaos")])?;
+    let stopped = tokio::time::timeout(WAIT, async {
+        while names(&host) != ["second"] {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    ensure!(
+        stopped.is_ok(),
+        "first plugin not stopped: {:?}",
+        names(&host)
+    );
+    let receipt = publisher.publish(&sample_event("USER_REGISTER", 2)).await?;
+    let second = recorder.wait_until(WAIT, |r| {
+        r.handled_by("second")
+            .iter()
+            .any(|h| h.message_id == receipt.message_id)
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = plugins_json(&host)?;
+    host.shutdown().await;
+    ensure!(second, "the remaining plugin handles a new message");
+    assert!(
+        !recorder
+            .handled_by("first")
+            .iter()
+            .any(|h| h.message_id == receipt.message_id),
+        "a removed plugin handles nothing more"
+    );
+    assert_eq!(
+        status["plugins"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    assert_eq!(status["config_error"], serde_json::Value::Null, "{status}");
+    Ok(())
+}
+
+#[test]
+fn a_warm_cache_loads_without_compiling_and_a_bad_entry_is_recompiled() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let settings = RuntimeSettings {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..RuntimeSettings::default()
+    };
+    let wasm = std::fs::read(plugin_path("reward-logger")?)?;
+    let load = || -> Result<Plugin> {
+        // A new runtime each time: as after a restart.
+        let runtime: Arc<WasmRuntime> =
+            WasmRuntime::new(settings.clone()).map_err(anyhow::Error::msg)?;
+        Ok(Plugin::load(
+            &runtime,
+            PluginSettings::new("rewards"),
+            &wasm,
+            Default::default(),
+        )?)
+    };
+    assert_eq!(load()?.compiled(), Compiled::Fresh, "a cold cache compiles");
+    let entries: Vec<_> = std::fs::read_dir(dir.path())?.collect::<Result<_, _>>()?;
+    assert_eq!(entries.len(), 1);
+    let entry = entries[0].path();
+    let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&Version::of(&wasm).0),
+        "keyed by the digest: {name}"
+    );
+    assert!(name.ends_with(".cwasm"), "{name}");
+
+    let plugin = load()?;
+    assert_eq!(
+        plugin.compiled(),
+        Compiled::FromCache,
+        "a warm cache does not compile"
+    );
+    assert_eq!(plugin.version(), &Version::of(&wasm));
+    drop(plugin);
+
+    std::fs::write(&entry, b"not a compiled component")?;
+    assert_eq!(
+        load()?.compiled(),
+        Compiled::Fresh,
+        "a bad entry is compiled afresh, not an error"
+    );
+    assert_eq!(load()?.compiled(), Compiled::FromCache, "and rewritten");
+    Ok(())
+}
