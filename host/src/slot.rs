@@ -202,6 +202,9 @@ impl EventHandler for PluginSlot {
             let build = self.read();
             (build.plugin.clone(), build.version.clone())
         };
+        // Into the dispatcher's `message` span before the call, so the
+        // plugin's own log lines carry the build too.
+        tracing::Span::current().record("version", &version[..12.min(version.len())]);
         (plugin.handle(event, delivery), Some(version))
     }
 }

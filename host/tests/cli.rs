@@ -388,3 +388,129 @@ fn mqplug_test_exits_1_on_a_failing_plugin_and_2_when_it_cannot_run() -> Result<
     );
     Ok(())
 }
+
+/// GET `path` from `addr`: (status line, body).
+fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("a response")?;
+    Ok((
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    ))
+}
+
+#[test]
+fn the_admin_endpoints_and_json_logs_show_plugins_versions_and_counts() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let plugin = plugin_path("reward-logger")?;
+    let version = mqplug::wasm::Version::of(&std::fs::read(&plugin)?).0;
+    let mut child = Command::new(MQPLUG)
+        .args([
+            "run",
+            "--log-format",
+            "json",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--name-server", &broker.name_server, "--plugin"])
+        .arg(format!("rewards={}", plugin.display()))
+        .env("MQPLUG_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout is piped")?;
+    let stderr = child.stderr.take().context("stderr is piped")?;
+    let _running = Running(Some(child));
+    let (send, lines) = mpsc::channel();
+    for stream in [
+        Box::new(stdout) as Box<dyn std::io::Read + Send>,
+        Box::new(stderr),
+    ] {
+        let send = send.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut seen = Vec::new();
+    let started = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
+        seen.iter()
+            .any(|l| l.starts_with("mqplug: admin on http://"))
+    });
+    ensure!(started, "mqplug did not start:\n{}", seen.join("\n"));
+    let addr = seen
+        .iter()
+        .find_map(|l| l.strip_prefix("mqplug: admin on http://"))
+        .and_then(|rest| rest.split('/').next())
+        .context("the admin address")?
+        .to_string();
+
+    assert_eq!(http_get(&addr, "/healthz")?.0, "HTTP/1.1 200 OK");
+    assert_eq!(
+        http_get(&addr, "/readyz")?,
+        ("HTTP/1.1 200 OK".into(), "ready\n".into())
+    );
+    assert_eq!(http_get(&addr, "/nope")?.0, "HTTP/1.1 404 Not Found");
+
+    // The topic does not exist until the producer creates it, so publish
+    // after the consumer is up: it subscribes by name.
+    let publish = Command::new(MQPLUG)
+        .args(["publish", "--name-server", &broker.name_server, "--file"])
+        .arg(workspace_root().join("examples/events.jsonl"))
+        .output()?;
+    ensure!(
+        publish.status.success(),
+        "{}",
+        String::from_utf8_lossy(&publish.stderr)
+    );
+    let handled = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
+        seen.iter().filter(|l| l.contains("granting")).count() >= 4
+    });
+    ensure!(handled, "events not handled:\n{}", seen.join("\n"));
+
+    // A plugin's log line as JSON, with the message span's fields.
+    let line = seen
+        .iter()
+        .find(|l| l.contains("granting"))
+        .context("a plugin log line")?;
+    let json: serde_json::Value = serde_json::from_str(line).context("a JSON log line")?;
+    assert_eq!(json["span"]["plugin"], "rewards", "{json}");
+    assert_eq!(json["span"]["version"], &version[..12], "{json}");
+    assert!(json["span"]["message_id"].is_string(), "{json}");
+    assert_eq!(json["span"]["reconsume_times"], 0, "{json}");
+
+    let (status, body) = http_get(&addr, "/plugins")?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let plugins: serde_json::Value = serde_json::from_str(&body)?;
+    let rewards = &plugins["plugins"][0];
+    assert_eq!(rewards["name"], "rewards", "{plugins}");
+    assert_eq!(rewards["version"], version.as_str(), "{plugins}");
+    assert_eq!(rewards["group"], "mqplug-rewards", "{plugins}");
+    assert_eq!(rewards["state"], "serving", "{plugins}");
+    assert!(
+        rewards["messages"]["success"].as_u64() >= Some(4),
+        "{plugins}"
+    );
+
+    let (_, metrics) = http_get(&addr, "/metrics")?;
+    for expected in [
+        format!("mqplug_plugin_info{{plugin=\"rewards\",version=\"{version}\"}} 1"),
+        "mqplug_messages_total{plugin=\"rewards\",outcome=\"success\"} 4".to_string(),
+        "mqplug_failures_total{plugin=\"rewards\",kind=\"rejected\"}".to_string(),
+        "mqplug_handler_duration_seconds_count{plugin=\"rewards\"}".to_string(),
+        "mqplug_plugin_loads_total{plugin=\"rewards\",result=\"ok\"".to_string(),
+    ] {
+        assert!(
+            metrics.contains(&expected),
+            "missing {expected}:\n{metrics}"
+        );
+    }
+    Ok(())
+}
