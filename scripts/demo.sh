@@ -58,6 +58,9 @@ max_reconsume_times = 2
 [producer]
 enabled = true
 create_topic_queues = 4
+
+[admin]
+listen = "127.0.0.1:0"   # a free port; printed at start-up
 TOML
 
 echo "== starting mqplug" >&2
@@ -80,6 +83,15 @@ echo
 echo "What the plugin did (one event carries a bad count on purpose: it is"
 echo "rejected and the broker will redeliver it, then dead-letter it):"
 grep -E 'granting|handler returned an error' "$work/mqplug.log" | sed 's/\x1b\[[0-9;]*m//g'
+echo
+admin=$(sed -n 's|^mqplug: admin on http://\([^/]*\)/.*|\1|p' "$work/mqplug.out")
+if [[ -n "$admin" ]]; then
+    echo "== GET http://$admin/plugins (also /healthz, /readyz, /metrics)" >&2
+    exec 3<>"/dev/tcp/${admin%:*}/${admin##*:}"
+    printf 'GET /plugins HTTP/1.0\r\n\r\n' >&3
+    sed '1,/^\r$/d' <&3
+    exec 3<&-
+fi
 echo
 echo "== stopping mqplug (SIGTERM: drains in-flight handlers) and the broker" >&2
 kill -TERM "${pids[1]}"; wait "${pids[1]}" || true

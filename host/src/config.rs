@@ -394,6 +394,25 @@ impl PluginConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_example_config_parses_with_every_key_at_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mqplug.toml");
+        let example = HostConfig::from_file(&path).unwrap();
+        example.validate().unwrap();
+        let defaults = HostConfig::default();
+        assert_eq!(example.name_server, defaults.name_server);
+        assert_eq!(
+            example.runtime.compile_cache,
+            defaults.runtime.compile_cache
+        );
+        assert_eq!(example.reload.poll_ms, defaults.reload.poll_ms);
+        assert_eq!(example.reload.settle_ms, defaults.reload.settle_ms);
+        assert_eq!(example.admin.listen, defaults.admin.listen);
+        let plugin = &example.plugins[0];
+        let default_plugin = PluginConfig::new(&plugin.name, &plugin.path);
+        assert_eq!(plugin, &default_plugin);
+    }
+
     fn parse(text: &str) -> Result<HostConfig, toml::de::Error> {
         toml::from_str(text)
     }

@@ -89,10 +89,9 @@ impl Dispatcher {
                 (outcome, Some(format!("undecodable: {err}")))
             }
             Ok(event) => {
+                // A versioned handler records its build into this span itself,
+                // before it runs, so the plugin's log lines carry it.
                 let (handled, handled_by) = self.handler.handle_versioned(&event, delivery);
-                if let Some(build) = &handled_by {
-                    span.record("version", &build[..12.min(build.len())]);
-                }
                 version = handled_by;
                 let outcome = delivery_outcome(&handled);
                 let cause = match handled {

@@ -484,6 +484,18 @@ impl Watcher {
             }
         };
         info!(path = %path.display(), "config changed: applying its plugin list");
+        {
+            let current = self.shared.config.lock().unwrap_or_else(|e| e.into_inner());
+            if current.name_server != new.name_server
+                || current.topic != new.topic
+                || current.producer.enabled != new.producer.enabled
+                || current.admin.listen != new.admin.listen
+            {
+                warn!(
+                    "only the plugin list changes at run time; restart mqplug to apply the other changed settings"
+                );
+            }
+        }
         *self
             .shared
             .config_error
