@@ -109,6 +109,7 @@ impl Dispatcher {
                             HandlerFailure::Trap { .. } => FailureKind::Trap,
                             HandlerFailure::Deadline { .. } => FailureKind::Deadline,
                             HandlerFailure::MemoryLimit { .. } => FailureKind::MemoryLimit,
+                            HandlerFailure::OutOfFuel { .. } => FailureKind::OutOfFuel,
                             HandlerFailure::Host { .. } => FailureKind::Host,
                         });
                         error!(?outcome, "handler failed ({why}); instance discarded");

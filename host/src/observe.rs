@@ -57,6 +57,7 @@ pub enum FailureKind {
     Trap,
     Deadline,
     MemoryLimit,
+    OutOfFuel,
     /// The host failed around the call (e.g. could not instantiate).
     Host,
     /// The body was not a task event; no handler ran.
@@ -70,6 +71,7 @@ impl FailureKind {
             FailureKind::Trap => "trap",
             FailureKind::Deadline => "deadline",
             FailureKind::MemoryLimit => "memory_limit",
+            FailureKind::OutOfFuel => "out_of_fuel",
             FailureKind::Host => "host",
             FailureKind::Undecodable => "undecodable",
         }

@@ -26,6 +26,8 @@ pub enum HandlerFailure {
     Deadline { limit: Duration },
     /// The plugin tried to grow its memory past its limit.
     MemoryLimit { detail: String },
+    /// The handler used up its fuel (instructions) for the event.
+    OutOfFuel { limit: u64 },
     /// The host could not run the handler (e.g. could not instantiate it).
     Host { detail: String },
 }
@@ -38,6 +40,12 @@ impl fmt::Display for HandlerFailure {
                 write!(f, "deadline: interrupted after {} ms", limit.as_millis())
             }
             HandlerFailure::MemoryLimit { detail } => write!(f, "memory limit: {detail}"),
+            HandlerFailure::OutOfFuel { limit } => {
+                write!(
+                    f,
+                    "out of fuel: used all {limit} units of fuel for this event"
+                )
+            }
             HandlerFailure::Host { detail } => write!(f, "host failure: {detail}"),
         }
     }

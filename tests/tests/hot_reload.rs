@@ -352,6 +352,31 @@ fn a_warm_cache_loads_without_compiling_and_a_bad_entry_is_recompiled() -> Resul
     assert_eq!(plugin.version(), &Version::of(&wasm));
     drop(plugin);
 
+    // Another engine configuration (fuel counting on) finds no entry of its
+    // own: it compiles, it does not load the other one, and it is no error.
+    let fuel_runtime = WasmRuntime::new(RuntimeSettings {
+        fuel: true,
+        ..settings.clone()
+    })
+    .map_err(anyhow::Error::msg)?;
+    let fueled = Plugin::load(
+        &fuel_runtime,
+        PluginSettings::new("rewards"),
+        &wasm,
+        Default::default(),
+    )?;
+    assert_eq!(
+        fueled.compiled(),
+        Compiled::Fresh,
+        "another engine config compiles afresh"
+    );
+    drop(fueled);
+    assert_eq!(
+        std::fs::read_dir(dir.path())?.count(),
+        2,
+        "one entry per engine config"
+    );
+
     std::fs::write(&entry, b"not a compiled component")?;
     assert_eq!(
         load()?.compiled(),

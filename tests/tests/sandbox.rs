@@ -330,3 +330,44 @@ fn a_plugin_cannot_log_more_than_its_budget() {
     // into a second window.
     assert!((5..=10).contains(&logged), "{logged} lines got through");
 }
+
+#[test]
+fn out_of_fuel_is_a_deterministic_limit_and_the_plugin_recovers() {
+    let runtime = WasmRuntime::new(RuntimeSettings {
+        fuel: true,
+        ..RuntimeSettings::default()
+    })
+    .unwrap();
+    let settings = PluginSettings {
+        // Far past what the loop needs to run out of fuel: fuel stops it.
+        deadline: Duration::from_secs(20),
+        fuel_per_event: Some(10_000_000),
+        ..PluginSettings::new("chaos")
+    };
+    let path = plugin_path("chaos").unwrap();
+    let plugin = Plugin::load_file(&runtime, settings, &path, Default::default()).unwrap();
+    assert_eq!(
+        plugin.handle(&event("LOOP"), &delivery("loop", 0)),
+        HandlerOutcome::Failed(HandlerFailure::OutOfFuel { limit: 10_000_000 })
+    );
+    assert_eq!(
+        plugin.handle(&event("USER_REGISTER"), &delivery("next", 0)),
+        HandlerOutcome::Accepted,
+        "a fresh store with a full tank handles the next event"
+    );
+
+    // Asking for fuel from a runtime that does not count it is a load error.
+    let plain = WasmRuntime::new(RuntimeSettings::default()).unwrap();
+    let settings = PluginSettings {
+        fuel_per_event: Some(1),
+        ..PluginSettings::new("chaos")
+    };
+    let err = Plugin::load_file(&plain, settings, &path, Default::default())
+        .err()
+        .expect("fuel without fuel counting must not load");
+    assert!(
+        matches!(err, PluginLoadError::FuelNotEnabled { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("runtime.fuel = true"), "{err}");
+}

@@ -44,6 +44,10 @@ pub struct PluginSettings {
     /// Log lines per second the plugin may write; the rest are dropped and
     /// counted.
     pub log_lines_per_second: u32,
+    /// Fuel (about one unit per wasm instruction) per event, when the
+    /// runtime counts fuel; `None` is unlimited. A deterministic limit,
+    /// unlike the deadline.
+    pub fuel_per_event: Option<u64>,
 }
 
 impl PluginSettings {
@@ -54,6 +58,7 @@ impl PluginSettings {
             memory_limit_bytes: 64 * 1024 * 1024,
             instance_mode: InstanceMode::Reuse,
             log_lines_per_second: 1000,
+            fuel_per_event: None,
         }
     }
 }
@@ -86,6 +91,10 @@ pub enum PluginLoadError {
     },
     #[error("plugin {name}: failed to instantiate: {cause}")]
     Instantiate { name: String, cause: HandlerFailure },
+    #[error(
+        "plugin {name}: fuel_per_event is set but the runtime does not count fuel (set runtime.fuel = true)"
+    )]
+    FuelNotEnabled { name: String },
     #[error("plugin {name}: memory limit {limit} bytes is over the host's maximum of {max} bytes")]
     MemoryLimitTooLarge {
         name: String,
@@ -141,6 +150,9 @@ impl Plugin {
         observers: Observers,
     ) -> Result<Plugin, PluginLoadError> {
         let name = settings.name.clone();
+        if settings.fuel_per_event.is_some() && !runtime.settings().fuel {
+            return Err(PluginLoadError::FuelNotEnabled { name });
+        }
         let max = runtime.settings().max_memory_bytes;
         if settings.memory_limit_bytes > max {
             return Err(PluginLoadError::MemoryLimitTooLarge {
@@ -246,6 +258,9 @@ impl Plugin {
             .message_id
             .clone_from(&delivery.message_id);
         instance.store.set_epoch_deadline(self.deadline_ticks());
+        if let Err(failure) = self.refuel(&mut instance.store) {
+            return HandlerOutcome::Failed(failure);
+        }
         let result = instance.bindings.mqplug_plugin_handler().call_handle(
             &mut instance.store,
             &bindings::TaskEvent::from(event),
@@ -273,6 +288,18 @@ impl Plugin {
             .as_nanos()
             .div_ceil(EPOCH_TICK.as_nanos());
         u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// Fills the store's tank for one event (or the start-up), when the
+    /// runtime counts fuel.
+    fn refuel(&self, store: &mut Store<HostState>) -> Result<(), HandlerFailure> {
+        if !self.runtime.settings().fuel {
+            return Ok(());
+        }
+        let fuel = self.settings.fuel_per_event.unwrap_or(u64::MAX);
+        store.set_fuel(fuel).map_err(|err| HandlerFailure::Host {
+            detail: format!("cannot set fuel: {err:#}"),
+        })
     }
 
     fn acquire(&self) -> Result<Instance, HandlerFailure> {
@@ -306,6 +333,7 @@ impl Plugin {
         // The deadline must be set before instantiating: the default of 0
         // would interrupt the component's start at once.
         store.set_epoch_deadline(self.deadline_ticks());
+        self.refuel(&mut store)?;
         match self.pre.instantiate(&mut store) {
             Ok(bindings) => Ok(Instance { store, bindings }),
             Err(err) => Err(self.classify(&store, err)),
@@ -324,6 +352,9 @@ impl Plugin {
         match err.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => HandlerFailure::Deadline {
                 limit: self.settings.deadline,
+            },
+            Some(Trap::OutOfFuel) => HandlerFailure::OutOfFuel {
+                limit: self.settings.fuel_per_event.unwrap_or(u64::MAX),
             },
             Some(Trap::UnreachableCodeReached) => HandlerFailure::Trap {
                 detail: "unreachable instruction executed (a Rust panic or abort in the plugin)"
