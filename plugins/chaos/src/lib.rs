@@ -10,6 +10,7 @@
 //! | `OOM`       | allocates until memory runs out                            |
 //! | `STACK_OVERFLOW` | recurses without end                                  |
 //! | `SLOW`      | busy for 2 s, then ok (for shutdown-drain tests)           |
+//! | `BUSY`      | busy for `event_data.ms` milliseconds, then ok (for crash tests) |
 //! | `PROBE_SANDBOX` | tries files, environment, arguments and the network; an error names whatever it reached |
 //! | anything else | ok                                                       |
 //!
@@ -57,6 +58,18 @@ impl Handler for Chaos {
                     std::hint::spin_loop();
                 }
                 log::info("slow: done");
+                Ok(())
+            }
+            "BUSY" => {
+                let ms = event
+                    .event_data
+                    .get("ms")
+                    .and_then(|ms| ms.as_u64())
+                    .unwrap_or(10);
+                let started = std::time::Instant::now();
+                while started.elapsed() < std::time::Duration::from_millis(ms) {
+                    std::hint::spin_loop();
+                }
                 Ok(())
             }
             "PROBE_SANDBOX" => probe_sandbox(),
