@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::event::DEFAULT_MAX_BODY_BYTES;
-use crate::mq::{ConsumeFrom, ConsumerSettings, DEFAULT_PRODUCER_GROUP, ProducerSettings};
+use crate::mq::{Backoff, ConsumeFrom, ConsumerSettings, DEFAULT_PRODUCER_GROUP, ProducerSettings};
 use crate::outcome::UndecodablePolicy;
 use crate::topic::{DEFAULT_TOPIC, TopicName, TopicNameError, check_resource_name};
 use crate::wasm::{InstanceMode, PluginSettings, RuntimeSettings};
@@ -189,6 +189,11 @@ pub struct ProducerConfig {
     /// Create the topic with this many queues at start-up (for local brokers;
     /// leave unset against a managed cluster).
     pub create_topic_queues: Option<i32>,
+    /// After the client's own immediate retries fail, try again this many
+    /// times, pausing `backoff_initial_ms`, doubling, at most `backoff_max_ms`.
+    pub backoff_attempts: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
 }
 
 impl Default for ProducerConfig {
@@ -199,6 +204,9 @@ impl Default for ProducerConfig {
             retries: 2,
             send_timeout_ms: 3000,
             create_topic_queues: None,
+            backoff_attempts: 4,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 5000,
         }
     }
 }
@@ -299,6 +307,11 @@ impl HostConfig {
             topic: self.topic()?,
             retries: self.producer.retries,
             send_timeout: Duration::from_millis(self.producer.send_timeout_ms),
+            backoff: Backoff {
+                attempts: self.producer.backoff_attempts,
+                initial: Duration::from_millis(self.producer.backoff_initial_ms),
+                max: Duration::from_millis(self.producer.backoff_max_ms),
+            },
         })
     }
 

@@ -237,8 +237,9 @@ fn a_failed_send_reports_the_real_cause_and_fails_the_command() -> Result<()> {
     assert!(!output.status.success(), "{out}{err}");
     assert!(out.contains("sent 0, failed 1"), "{out}");
     assert!(
-        err.contains("event 1: not sent: send to marketing_task_completed:")
-            && err.contains("Connection refused"),
+        err.contains(
+            "event 1: not sent: send to marketing_task_completed (gave up after 5 attempts):"
+        ) && err.contains("Connection refused"),
         "{err}"
     );
     assert!(!err.contains("<redacted>"), "{err}");

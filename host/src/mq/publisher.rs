@@ -19,9 +19,41 @@ pub struct ProducerSettings {
     pub name_server: String,
     pub group: String,
     pub topic: TopicName,
-    /// Retries of a failed synchronous send (the platform uses 2).
+    /// Retries of a failed synchronous send inside the client (the platform
+    /// uses 2). The client retries at once, with no pause.
     pub retries: u32,
     pub send_timeout: Duration,
+    /// Further attempts after the client gave up, with exponential backoff,
+    /// so a broker restart does not turn into lost events.
+    pub backoff: Backoff,
+}
+
+/// Pauses between the host's own send attempts: `initial`, doubling, at most
+/// `max`, for `attempts` attempts after the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub attempts: u32,
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    /// 4 more attempts after 0.2, 0.4, 0.8 and 1.6 s: about 3 s in all.
+    fn default() -> Self {
+        Backoff {
+            attempts: 4,
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Backoff {
+    /// The pause before attempt `n` (1 is the first retry).
+    pub fn pause(&self, n: u32) -> Duration {
+        let factor = 2u32.saturating_pow(n.saturating_sub(1));
+        self.initial.saturating_mul(factor).min(self.max)
+    }
 }
 
 impl ProducerSettings {
@@ -32,6 +64,7 @@ impl ProducerSettings {
             topic,
             retries: 2,
             send_timeout: Duration::from_secs(3),
+            backoff: Backoff::default(),
         }
     }
 }
@@ -43,6 +76,8 @@ pub struct PublishReceipt {
     pub message_id: String,
     pub queue_id: Option<i32>,
     pub queue_offset: u64,
+    /// Sends it took (1 when the first one worked).
+    pub attempts: u32,
 }
 
 /// Publishes task events to the configured topic. Each message is tagged with
@@ -103,6 +138,45 @@ impl Publisher {
         let message = builder
             .build()
             .map_err(|err| MqError::new(format!("build a message for {wire}"), &err))?;
+        let mut attempt = 0;
+        // The first failure usually says the most (later ones can be the
+        // client's generic "connection failed"): report it with the last.
+        let mut first_cause: Option<String> = None;
+        loop {
+            attempt += 1;
+            match self.send_once(message.clone()).await {
+                Ok(mut receipt) => {
+                    receipt.attempts = attempt;
+                    return Ok(receipt);
+                }
+                Err(err) if attempt > self.settings.backoff.attempts => {
+                    let cause = match first_cause {
+                        Some(first) if first != err.cause => {
+                            format!("{first} (first attempt); {} (last attempt)", err.cause)
+                        }
+                        _ => err.cause,
+                    };
+                    return Err(MqError {
+                        action: format!("{} (gave up after {attempt} attempts)", err.action),
+                        cause,
+                    });
+                }
+                Err(err) => {
+                    let pause = self.settings.backoff.pause(attempt);
+                    tracing::warn!(
+                        attempt,
+                        pause_ms = pause.as_millis() as u64,
+                        "send failed, retrying after a pause: {err}"
+                    );
+                    first_cause.get_or_insert(err.cause);
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    async fn send_once(&self, message: Message) -> Result<PublishReceipt, MqError> {
+        let wire = self.settings.topic.wire();
         let timeout = u64::try_from(self.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
         let result = self
             .producer
@@ -117,10 +191,27 @@ impl Publisher {
             message_id: result.msg_id.map(|id| id.to_string()).unwrap_or_default(),
             queue_id: result.message_queue.as_ref().map(|mq| mq.queue_id()),
             queue_offset: result.queue_offset,
+            attempts: 1,
         })
     }
 
     pub async fn shutdown(mut self) {
         self.producer.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let backoff = Backoff {
+            attempts: 6,
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(1),
+        };
+        let pauses: Vec<u128> = (1..=5).map(|n| backoff.pause(n).as_millis()).collect();
+        assert_eq!(pauses, [200, 400, 800, 1000, 1000]);
     }
 }
