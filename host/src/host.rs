@@ -285,16 +285,15 @@ impl Shared {
         Ok(())
     }
 
+    /// Drains and stops a plugin's consumer. The plugin stays listed (as
+    /// `draining`) until its consumer has stopped.
     async fn stop_consumer(&self, name: &str) {
-        let removed = {
-            let mut running = self.running.lock().await;
-            let removed = running.remove(name);
-            self.publish_slots(&running);
-            removed
-        };
+        let removed = self.running.lock().await.remove(name);
         if let Some(plugin) = removed {
             plugin.stop().await;
         }
+        let running = self.running.lock().await;
+        self.publish_slots(&running);
     }
 
     /// Applies a changed config: plugins added start consuming, plugins

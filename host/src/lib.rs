@@ -6,6 +6,10 @@
 //! instance) -> back to [`mq`] as ConsumeSuccess or ConsumeRetryLater.
 //! See ARCHITECTURE.md for the invariants.
 
+// The watcher task's future holds the RocketMQ client's deeply nested types;
+// proving it `Send` needs more than the default 128 levels.
+#![recursion_limit = "256"]
+
 pub mod admin;
 pub mod config;
 pub mod conformance;

@@ -65,15 +65,34 @@ pub fn load_plugin(
     config: &PluginConfig,
     observers: &Observers,
 ) -> Result<Plugin, PluginLoadError> {
+    let (result, report) = load_unreported(runtime, config, observers);
+    observers.emit(|| report);
+    result
+}
+
+/// [`load_plugin`] without the report, for a caller that must change its own
+/// state before anyone hears of the load.
+fn load_unreported(
+    runtime: &Arc<WasmRuntime>,
+    config: &PluginConfig,
+    observers: &Observers,
+) -> (Result<Plugin, PluginLoadError>, HostEvent) {
     let started = Instant::now();
-    let wasm = std::fs::read(&config.path).map_err(|cause| PluginLoadError::Read {
-        name: config.name.clone(),
-        path: config.path.clone(),
-        cause,
-    })?;
-    let version = Version::of(&wasm);
-    let result = Plugin::load(runtime, config.plugin_settings(), &wasm, observers.clone());
-    observers.emit(|| HostEvent::Loaded {
+    let (result, version) = match std::fs::read(&config.path) {
+        Ok(wasm) => (
+            Plugin::load(runtime, config.plugin_settings(), &wasm, observers.clone()),
+            Version::of(&wasm),
+        ),
+        Err(cause) => (
+            Err(PluginLoadError::Read {
+                name: config.name.clone(),
+                path: config.path.clone(),
+                cause,
+            }),
+            Version(String::new()),
+        ),
+    };
+    let report = HostEvent::Loaded {
         plugin: Arc::from(config.name.as_str()),
         version: Arc::from(version.0.as_str()),
         result: result.as_ref().map(|_| ()).map_err(ToString::to_string),
@@ -81,8 +100,8 @@ pub fn load_plugin(
             .as_ref()
             .is_ok_and(|plugin| plugin.compiled() == Compiled::FromCache),
         took: started.elapsed(),
-    });
-    result
+    };
+    (result, report)
 }
 
 impl PluginSlot {
@@ -122,7 +141,10 @@ impl PluginSlot {
         config: &PluginConfig,
         observers: &Observers,
     ) -> Result<Arc<str>, PluginLoadError> {
-        match load_plugin(runtime, config, observers) {
+        let (result, report) = load_unreported(runtime, config, observers);
+        // The swap or the refusal is in place before the load is reported, so
+        // whoever hears of it sees the slot as it now is.
+        let outcome = match result {
             Ok(plugin) => {
                 let build = Build::of(plugin);
                 let version = build.version.clone();
@@ -140,9 +162,10 @@ impl PluginSlot {
                 Ok(version)
             }
             Err(err) => {
-                let version = std::fs::read(&config.path)
-                    .map(|wasm| Version::of(&wasm).0)
-                    .unwrap_or_default();
+                let version = match &report {
+                    HostEvent::Loaded { version, .. } => version.to_string(),
+                    _ => String::new(),
+                };
                 tracing::error!(
                     plugin = %self.name,
                     serving = &self.version()[..12.min(self.version().len())],
@@ -154,7 +177,9 @@ impl PluginSlot {
                 });
                 Err(err)
             }
-        }
+        };
+        observers.emit(|| report);
+        outcome
     }
 
     pub fn set_state(&self, state: SlotState) {

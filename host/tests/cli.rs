@@ -487,6 +487,16 @@ fn the_admin_endpoints_and_json_logs_show_plugins_versions_and_counts() -> Resul
     assert!(json["span"]["message_id"].is_string(), "{json}");
     assert_eq!(json["span"]["reconsume_times"], 0, "{json}");
 
+    // A plugin's log line comes before its message is counted: wait for the
+    // counters to catch up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(&addr, "/metrics")?
+        .1
+        .contains("mqplug_messages_total{plugin=\"rewards\",outcome=\"success\"} 4")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (status, body) = http_get(&addr, "/plugins")?;
     assert_eq!(status, "HTTP/1.1 200 OK");
     let plugins: serde_json::Value = serde_json::from_str(&body)?;
