@@ -133,11 +133,14 @@ async fn broken_builds_are_refused_and_the_old_build_keeps_serving() -> Result<(
     std::fs::copy(plugin_path("reward-logger")?, &path)?;
     let serving = version_of(&path);
     let recorder = Recorder::new();
-    let config = watching_config(
+    let mut config = watching_config(
         &broker,
         dir.path(),
         vec![PluginConfig::new("rewards", &path)],
     );
+    // Far longer than the pause in the slow write below, even on a loaded
+    // machine: the half-written file must not look settled.
+    config.reload.settle_ms = 1500;
     let host = Host::start(&config, recorder.observers()).await?;
     let publisher = host.publisher().context("the producer is enabled")?;
     let good = std::fs::read(plugin_path("chaos")?)?;
