@@ -115,10 +115,8 @@ impl Metrics {
     pub fn render(&self, versions: &[(String, String)]) -> String {
         let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
         family(
+            &mut out,
             "mqplug_plugin_info",
             "gauge",
             "The build each plugin serves (version = SHA-256 of its wasm file).",
@@ -131,10 +129,8 @@ impl Metrics {
                 label(version)
             );
         }
-        let mut family = |name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
         family(
+            &mut out,
             "mqplug_messages_total",
             "counter",
             "Messages handled, by plugin and the outcome RocketMQ was told.",
@@ -148,9 +144,11 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP mqplug_failures_total Messages not acknowledged, by plugin and why (rejected, trap, deadline, memory_limit, host, undecodable).\n# TYPE mqplug_failures_total counter"
+        family(
+            &mut out,
+            "mqplug_failures_total",
+            "counter",
+            "Messages not acknowledged, by plugin and why (rejected, trap, deadline, memory_limit, out_of_fuel, host, undecodable).",
         );
         for (plugin, counters) in plugins.iter() {
             for (kind, n) in &counters.failures {
@@ -161,9 +159,11 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP mqplug_handler_duration_seconds Decoding plus the handler call, per message.\n# TYPE mqplug_handler_duration_seconds histogram"
+        family(
+            &mut out,
+            "mqplug_handler_duration_seconds",
+            "histogram",
+            "Decoding plus the handler call, per message.",
         );
         for (plugin, counters) in plugins.iter() {
             let plugin = label(plugin);
@@ -179,9 +179,11 @@ impl Metrics {
                 counters.count, counters.sum_seconds, counters.count
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP mqplug_plugin_loads_total Plugin loads and reloads, by result (ok, failed) and source (compiled, cache).\n# TYPE mqplug_plugin_loads_total counter"
+        family(
+            &mut out,
+            "mqplug_plugin_loads_total",
+            "counter",
+            "Plugin loads and reloads, by result (ok, failed) and source (compiled, cache).",
         );
         for (plugin, counters) in plugins.iter() {
             for ((result, source), n) in &counters.loads {
@@ -194,6 +196,11 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Writes a metric family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// Escapes a Prometheus label value.

@@ -79,10 +79,16 @@ fn load_unreported(
 ) -> (Result<Plugin, PluginLoadError>, HostEvent) {
     let started = Instant::now();
     let (result, version) = match std::fs::read(&config.path) {
-        Ok(wasm) => (
-            Plugin::load(runtime, config.plugin_settings(), &wasm, observers.clone()),
-            Version::of(&wasm),
-        ),
+        Ok(wasm) => {
+            let result = Plugin::load(runtime, config.plugin_settings(), &wasm, observers.clone());
+            // A loaded plugin carries the digest its compile computed; hash
+            // the bytes again only for a build that did not load.
+            let version = match &result {
+                Ok(plugin) => plugin.version().clone(),
+                Err(_) => Version::of(&wasm),
+            };
+            (result, version)
+        }
         Err(cause) => (
             Err(PluginLoadError::Read {
                 name: config.name.clone(),
