@@ -6,6 +6,7 @@
 //! binary under test itself (`CARGO_BIN_EXE_mqplug`) with the same features
 //! as the rest of the test build.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -48,39 +49,72 @@ fn wait_for_lines(
     true
 }
 
-/// Starts `mqplug run --config CONFIG` with its log lines (stderr) sent to
+/// Starts `mqplug ARGS` with `MQPLUG_LOG=log` and the admin listener on a
+/// free port (unless ARGS say otherwise). Its stdout and stderr lines go to
 /// the returned channel; the process is killed when `Running` drops.
-fn spawn_run(config: &std::path::Path) -> Result<(Running, mpsc::Receiver<String>)> {
+fn spawn_mqplug<I, A>(args: I, log: &str) -> Result<(Running, mpsc::Receiver<String>)>
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<std::ffi::OsStr>,
+{
     let mut child = Command::new(MQPLUG)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("MQPLUG_LOG", "info")
+        .args(args)
+        .env("MQPLUG_LOG", log)
         .env("MQPLUG_ADMIN_LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    let stdout = child.stdout.take().context("stdout is piped")?;
     let stderr = child.stderr.take().context("stderr is piped")?;
     let running = Running(Some(child));
     let (send, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if send.send(line).is_err() {
-                break;
+    for stream in [
+        Box::new(stdout) as Box<dyn std::io::Read + Send>,
+        Box::new(stderr),
+    ] {
+        let send = send.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
             }
-        }
-    });
+        });
+    }
     Ok((running, lines))
+}
+
+/// `mqplug run --config CONFIG` at log level info; see [`spawn_mqplug`].
+fn spawn_run(config: &std::path::Path) -> Result<(Running, mpsc::Receiver<String>)> {
+    spawn_mqplug(
+        [
+            OsStr::new("run"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+        ],
+        "info",
+    )
+}
+
+/// `mqplug publish --file FILE`; returns what it printed.
+fn publish_file(name_server: &str, file: &std::path::Path) -> Result<String> {
+    let publish = Command::new(MQPLUG)
+        .args(["publish", "--name-server", name_server, "--file"])
+        .arg(file)
+        .output()?;
+    let out = String::from_utf8_lossy(&publish.stdout).into_owned();
+    ensure!(
+        publish.status.success(),
+        "publish failed: {out}{}",
+        String::from_utf8_lossy(&publish.stderr)
+    );
+    Ok(out)
 }
 
 /// `mqplug publish --file examples/events.jsonl`: four good events and one
 /// whose count is not a number.
 fn publish_examples(name_server: &str) -> Result<()> {
-    let publish = Command::new(MQPLUG)
-        .args(["publish", "--name-server", name_server, "--file"])
-        .arg(workspace_root().join("examples/events.jsonl"))
-        .output()?;
-    let out = String::from_utf8_lossy(&publish.stdout);
-    ensure!(publish.status.success(), "publish failed: {out}");
+    let out = publish_file(name_server, &workspace_root().join("examples/events.jsonl"))?;
     ensure!(out.contains("sent 5, failed 0"), "{out}");
     Ok(())
 }
@@ -409,37 +443,21 @@ fn the_admin_endpoints_and_json_logs_show_plugins_versions_and_counts() -> Resul
     let broker = LocalBroker::start()?;
     let plugin = plugin_path("reward-logger")?;
     let version = mqplug::wasm::Version::of(&std::fs::read(&plugin)?).0;
-    let mut child = Command::new(MQPLUG)
-        .args([
+    let spec = format!("rewards={}", plugin.display());
+    let (_running, lines) = spawn_mqplug(
+        [
             "run",
             "--log-format",
             "json",
             "--admin-listen",
             "127.0.0.1:0",
-        ])
-        .args(["--name-server", &broker.name_server, "--plugin"])
-        .arg(format!("rewards={}", plugin.display()))
-        .env("MQPLUG_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout is piped")?;
-    let stderr = child.stderr.take().context("stderr is piped")?;
-    let _running = Running(Some(child));
-    let (send, lines) = mpsc::channel();
-    for stream in [
-        Box::new(stdout) as Box<dyn std::io::Read + Send>,
-        Box::new(stderr),
-    ] {
-        let send = send.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+            "--name-server",
+            &broker.name_server,
+            "--plugin",
+            &spec,
+        ],
+        "info",
+    )?;
     let mut seen = Vec::new();
     let started = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
         seen.iter()
@@ -462,15 +480,7 @@ fn the_admin_endpoints_and_json_logs_show_plugins_versions_and_counts() -> Resul
 
     // The topic does not exist until the producer creates it, so publish
     // after the consumer is up: it subscribes by name.
-    let publish = Command::new(MQPLUG)
-        .args(["publish", "--name-server", &broker.name_server, "--file"])
-        .arg(workspace_root().join("examples/events.jsonl"))
-        .output()?;
-    ensure!(
-        publish.status.success(),
-        "{}",
-        String::from_utf8_lossy(&publish.stderr)
-    );
+    publish_examples(&broker.name_server)?;
     let handled = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
         seen.iter().filter(|l| l.contains("granting")).count() >= 4
     });
@@ -557,37 +567,19 @@ fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Resu
         })
         .collect();
     std::fs::write(&events, lines.join("\n"))?;
-    let publish = Command::new(MQPLUG)
-        .args(["publish", "--name-server", &broker.name_server, "--file"])
-        .arg(&events)
-        .output()?;
-    ensure!(
-        publish.status.success(),
-        "{}",
-        String::from_utf8_lossy(&publish.stdout)
-    );
+    publish_file(&broker.name_server, &events)?;
 
     // Completions are the dispatcher's debug line `handled`; `seen` (logged
     // by the plugin as each call starts) maps message ids to user ids.
-    let spawn = || -> Result<(Running, mpsc::Receiver<String>)> {
-        let mut child = Command::new(MQPLUG)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("MQPLUG_LOG", "info,mqplug::dispatch=debug")
-            .env("MQPLUG_ADMIN_LISTEN", "off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().context("stderr is piped")?;
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok((Running(Some(child)), lines))
+    let spawn = || {
+        spawn_mqplug(
+            [
+                OsStr::new("run"),
+                OsStr::new("--config"),
+                config.as_os_str(),
+            ],
+            "info,mqplug::dispatch=debug",
+        )
     };
     let completions = |seen: &[String]| -> Vec<String> {
         seen.iter()
