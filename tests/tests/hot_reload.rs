@@ -41,6 +41,24 @@ fn plugins_json(host: &Host) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(body)?)
 }
 
+/// Waits until the host serves exactly `names`; on timeout, returns what it
+/// serves instead.
+async fn serving(host: &Host, names: &[&str]) -> Result<(), Vec<String>> {
+    let now = || -> Vec<String> {
+        host.plugins()
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect()
+    };
+    let waited = tokio::time::timeout(WAIT, async {
+        while now() != names {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    waited.map_err(|_| now())
+}
+
 fn version_of(path: &Path) -> String {
     Version::of(&std::fs::read(path).unwrap()).0
 }
@@ -249,25 +267,9 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
     let recorder = Recorder::new();
     let host = Host::start(&HostConfig::from_file(&config_path)?, recorder.observers()).await?;
     let publisher = host.publisher().context("the producer is enabled")?;
-    let names = |host: &Host| -> Vec<String> {
-        host.plugins()
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect()
-    };
-
     write_config(&[("first", "reward-logger"), ("second", "chaos")])?;
-    let started = tokio::time::timeout(WAIT, async {
-        while names(&host) != ["first", "second"] {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    ensure!(
-        started.is_ok(),
-        "second plugin not started: {:?}",
-        names(&host)
-    );
+    let started = serving(&host, &["first", "second"]).await;
+    ensure!(started.is_ok(), "second plugin not started: {started:?}");
     let receipt = publisher.publish(&sample_event("USER_REGISTER", 1)).await?;
     let both = recorder.wait_until(WAIT, |r| {
         ["first", "second"].iter().all(|p| {
@@ -279,17 +281,8 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
     ensure!(both, "both plugins handle a new message");
 
     write_config(&[("second", "chaos")])?;
-    let stopped = tokio::time::timeout(WAIT, async {
-        while names(&host) != ["second"] {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    ensure!(
-        stopped.is_ok(),
-        "first plugin not stopped: {:?}",
-        names(&host)
-    );
+    let stopped = serving(&host, &["second"]).await;
+    ensure!(stopped.is_ok(), "first plugin not stopped: {stopped:?}");
     let receipt = publisher.publish(&sample_event("USER_REGISTER", 2)).await?;
     let second = recorder.wait_until(WAIT, |r| {
         r.handled_by("second")
