@@ -85,6 +85,8 @@ pub fn rocketmq_bin_dir() -> Result<PathBuf> {
 }
 
 /// Makes a child die with the test process, even on SIGKILL of the test.
+/// The signal comes when the *thread* that spawned the child exits, so start
+/// and restart servers from a thread that lives as long as they should.
 fn die_with_parent(command: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
     unsafe {
@@ -229,7 +231,7 @@ mappedFileSizeCommitLog = 67108864
     }
 
     /// Starts (or restarts) the broker with its store kept, and waits until
-    /// it is ready.
+    /// it is ready. The broker dies when the calling thread ends.
     pub fn start_broker(&mut self) -> Result<()> {
         let bin = rocketmq_bin_dir()?;
         let log = self.dir.path().join("broker.log");

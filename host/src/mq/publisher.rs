@@ -1,9 +1,10 @@
 //! The built-in producer: publishes task events with a synchronous send.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use rocketmq_client_rust::DefaultMQProducer;
+use rocketmq_client_rust::{ClientRuntime, DefaultMQProducer};
 use rocketmq_model::common::message::message_single::Message;
 
 use super::client::MqRuntime;
@@ -82,23 +83,64 @@ pub struct PublishReceipt {
 
 /// Publishes task events to the configured topic. Each message is tagged with
 /// its event type (consumers filter by tag) and keyed by [`TaskEvent::key`].
+///
+/// A send that fails is tried again after a pause ([`Backoff`]) on a freshly
+/// started client. The fresh client matters: rocketmq-client-rust 1.0.0 trips
+/// a per-client circuit breaker after 5 failed connections to a broker and
+/// then refuses that broker for 30 s, even once it is back, so after a broker
+/// restart the old client would keep failing while a new one sends at once.
 pub struct Publisher {
-    producer: DefaultMQProducer,
+    runtime: Arc<ClientRuntime>,
+    current: tokio::sync::RwLock<Client>,
     settings: ProducerSettings,
+}
+
+/// One started client and its place in the sequence of replacements.
+struct Client {
+    producer: DefaultMQProducer,
+    generation: u64,
 }
 
 impl Publisher {
     pub async fn start(runtime: &MqRuntime, settings: ProducerSettings) -> Result<Self, MqError> {
-        let mut producer = DefaultMQProducer::builder(runtime.client())
-            .name_server_addr(settings.name_server.clone())
-            .producer_group(settings.group.clone())
-            .retry_times_when_send_failed(settings.retries)
-            .send_msg_timeout(u32::try_from(settings.send_timeout.as_millis()).unwrap_or(u32::MAX))
-            .build();
-        producer.start().await.map_err(|err| {
-            MqError::new(format!("start producer group {}", settings.group), &err)
-        })?;
-        Ok(Publisher { producer, settings })
+        let runtime = runtime.client();
+        let producer = start_client(&runtime, &settings).await?;
+        Ok(Publisher {
+            runtime,
+            current: tokio::sync::RwLock::new(Client {
+                producer,
+                generation: 0,
+            }),
+            settings,
+        })
+    }
+
+    /// Replaces the client, unless another failed send already replaced the
+    /// one that `failed_generation` names. If no new client starts, the old
+    /// one stays.
+    async fn renew(&self, failed_generation: u64) {
+        let mut current = self.current.write().await;
+        if current.generation != failed_generation {
+            return;
+        }
+        match start_client(&self.runtime, &self.settings).await {
+            Ok(producer) => {
+                let mut old = std::mem::replace(
+                    &mut *current,
+                    Client {
+                        producer,
+                        generation: failed_generation + 1,
+                    },
+                );
+                drop(current);
+                tracing::debug!(
+                    generation = failed_generation + 1,
+                    "replaced the producer's client after a failed send"
+                );
+                old.producer.shutdown().await;
+            }
+            Err(err) => tracing::warn!("cannot start a fresh producer client: {err}"),
+        }
     }
 
     pub fn topic(&self) -> &TopicName {
@@ -110,7 +152,9 @@ impl Publisher {
     /// the client's 30 s route refresh before it sees anything.
     pub async fn create_topic(&mut self, queues: i32) -> Result<(), MqError> {
         let wire = self.settings.topic.wire().to_string();
-        self.producer
+        self.current
+            .get_mut()
+            .producer
             .create_topic("TBW102", &wire, queues, HashMap::new())
             .await
             .map_err(|err| MqError::new(format!("create topic {wire}"), &err))
@@ -142,9 +186,18 @@ impl Publisher {
         // The first failure usually says the most (later ones can be the
         // client's generic "connection failed"): report it with the last.
         let mut first_cause: Option<String> = None;
+        let mut failed_generation = None;
         loop {
             attempt += 1;
-            match self.send_once(message.clone()).await {
+            if let Some(generation) = failed_generation {
+                self.renew(generation).await;
+            }
+            let (result, generation) = {
+                let client = self.current.read().await;
+                let result = self.send_once(&client.producer, message.clone()).await;
+                (result, client.generation)
+            };
+            match result {
                 Ok(mut receipt) => {
                     receipt.attempts = attempt;
                     return Ok(receipt);
@@ -169,17 +222,21 @@ impl Publisher {
                         "send failed, retrying after a pause: {err}"
                     );
                     first_cause.get_or_insert(err.cause);
+                    failed_generation = Some(generation);
                     tokio::time::sleep(pause).await;
                 }
             }
         }
     }
 
-    async fn send_once(&self, message: Message) -> Result<PublishReceipt, MqError> {
+    async fn send_once(
+        &self,
+        producer: &DefaultMQProducer,
+        message: Message,
+    ) -> Result<PublishReceipt, MqError> {
         let wire = self.settings.topic.wire();
         let timeout = u64::try_from(self.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
-        let result = self
-            .producer
+        let result = producer
             .send_with_timeout(message, timeout)
             .await
             .map_err(|err| MqError::new(format!("send to {wire}"), &err))?
@@ -195,9 +252,26 @@ impl Publisher {
         })
     }
 
-    pub async fn shutdown(mut self) {
-        self.producer.shutdown().await;
+    pub async fn shutdown(self) {
+        self.current.into_inner().producer.shutdown().await;
     }
+}
+
+async fn start_client(
+    runtime: &Arc<ClientRuntime>,
+    settings: &ProducerSettings,
+) -> Result<DefaultMQProducer, MqError> {
+    let mut producer = DefaultMQProducer::builder(runtime.clone())
+        .name_server_addr(settings.name_server.clone())
+        .producer_group(settings.group.clone())
+        .retry_times_when_send_failed(settings.retries)
+        .send_msg_timeout(u32::try_from(settings.send_timeout.as_millis()).unwrap_or(u32::MAX))
+        .build();
+    producer
+        .start()
+        .await
+        .map_err(|err| MqError::new(format!("start producer group {}", settings.group), &err))?;
+    Ok(producer)
 }
 
 #[cfg(test)]

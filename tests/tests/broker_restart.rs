@@ -1,0 +1,168 @@
+//! The broker is stopped and restarted while events are being published and
+//! consumed: the push consumer resumes by itself, the built-in producer rides
+//! out the outage with its backoff, and every event the producer reported as
+//! sent is handled. Nothing is dropped silently: an event is either sent (and
+//! then handled) or reported as not sent.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use mqplug::config::PluginConfig;
+use mqplug::{DeliveryOutcome, Host};
+use mqplug_tests::{LocalBroker, Recorder, host_config, plugins::plugin_path, sample_event};
+
+/// Events published before the broker is stopped, and at least this many
+/// again after it is back.
+const BEFORE: u64 = 20;
+const AFTER: u64 = 20;
+/// Publishing stops early after this many events in a row were not sent.
+const GIVE_UP_AFTER: usize = 3;
+
+/// What the publishing task saw.
+#[derive(Default)]
+struct Published {
+    /// Producer message id -> event number.
+    sent: HashMap<String, u64>,
+    not_sent: Vec<(u64, String)>,
+    /// Sends that needed more than one attempt, and the most attempts one took.
+    retried: usize,
+    max_attempts: u32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
+    let mut broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let mut config = host_config(
+        &broker,
+        "restart.topic",
+        vec![PluginConfig::new("chaos", plugin_path("chaos")?)],
+    );
+    // Pauses of 0.2, 0.4, 0.8, 1.6, then 2 s: about 45 s of retries, far
+    // longer than a broker restart takes.
+    config.producer.backoff_attempts = 25;
+    config.producer.backoff_initial_ms = 200;
+    config.producer.backoff_max_ms = 2000;
+    let host = Arc::new(Host::start(&config, recorder.observers()).await?);
+    host.publisher().context("the producer is enabled")?;
+
+    let count = Arc::new(AtomicU64::new(0));
+    let restarted = Arc::new(AtomicBool::new(false));
+    let publishing = tokio::spawn({
+        let (host, count, restarted) = (host.clone(), count.clone(), restarted.clone());
+        async move {
+            let publisher = host.publisher().expect("the producer is enabled");
+            let mut published = Published::default();
+            let mut after_restart = 0;
+            for i in 0.. {
+                let was_restarted = restarted.load(Ordering::SeqCst);
+                let failing = published.not_sent.len() >= GIVE_UP_AFTER
+                    && published.not_sent[published.not_sent.len() - GIVE_UP_AFTER].0
+                        == i - GIVE_UP_AFTER as u64;
+                if (was_restarted && after_restart >= AFTER) || failing {
+                    break;
+                }
+                let mut event = sample_event("USER_REGISTER", 7000 + i);
+                event.campaign_name = format!("restart #{i}");
+                match publisher.publish(&event).await {
+                    Ok(receipt) => {
+                        published.retried += usize::from(receipt.attempts > 1);
+                        published.max_attempts = published.max_attempts.max(receipt.attempts);
+                        published.sent.insert(receipt.message_id, i);
+                    }
+                    Err(err) => published.not_sent.push((i, err.to_string())),
+                }
+                after_restart += u64::from(was_restarted);
+                count.store(i + 1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            published
+        }
+    });
+
+    // The restart runs on the test's own thread: the broker process dies
+    // with the thread that started it.
+    while count.load(Ordering::SeqCst) < BEFORE && !publishing.is_finished() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::task::block_in_place(|| -> Result<()> {
+        broker.stop_broker();
+        // Down long enough for every client to notice.
+        std::thread::sleep(Duration::from_secs(2));
+        broker.start_broker()
+    })?;
+    restarted.store(true, Ordering::SeqCst);
+    let back = Instant::now();
+    let handled_before = recorder.handled_by("chaos").len();
+    let resumed = recorder.wait_until(Duration::from_secs(120), |r| {
+        r.handled_by("chaos").len() > handled_before
+    });
+    let resumed_after = back.elapsed();
+    let published = publishing.await?;
+
+    let all_handled = recorder.wait_until(Duration::from_secs(120), |r| {
+        let handled: HashSet<String> = r
+            .handled_by("chaos")
+            .into_iter()
+            .filter(|h| h.outcome == DeliveryOutcome::ConsumeSuccess)
+            .map(|h| h.message_id)
+            .collect();
+        published.sent.keys().all(|id| handled.contains(id))
+    });
+    Arc::into_inner(host)
+        .context("the publishing task has ended")?
+        .shutdown()
+        .await;
+
+    let handled = recorder.handled_by("chaos");
+    let mut times: HashMap<&str, u32> = HashMap::new();
+    for h in &handled {
+        *times.entry(h.message_id.as_str()).or_default() += 1;
+    }
+    let mut missing: Vec<u64> = published
+        .sent
+        .iter()
+        .filter(|(id, _)| !times.contains_key(id.as_str()))
+        .map(|(_, i)| *i)
+        .collect();
+    missing.sort_unstable();
+    eprintln!(
+        "broker restart: published {}, sent {}, not sent {}, sends that needed a retry {}, \
+         at most {} attempts; consumer resumed {:.1} s after the broker was ready; \
+         handled {} distinct in {} deliveries, duplicated {}",
+        published.sent.len() + published.not_sent.len(),
+        published.sent.len(),
+        published.not_sent.len(),
+        published.retried,
+        published.max_attempts,
+        resumed_after.as_secs_f64(),
+        times.len(),
+        handled.len(),
+        times.values().filter(|n| **n > 1).count(),
+    );
+    ensure!(resumed, "the consumer did not resume\n{}", broker.logs());
+    ensure!(
+        all_handled,
+        "events sent but never handled: {missing:?}\n{}",
+        broker.logs()
+    );
+    // Whatever could not be sent was reported, with its cause.
+    for (i, err) in &published.not_sent {
+        assert!(err.contains("gave up after"), "event {i}: {err}");
+    }
+    // The stream went on after the restart, and the outage was really hit:
+    // some send needed the backoff, or was reported.
+    assert!(
+        published.not_sent.len() < GIVE_UP_AFTER,
+        "publishing never recovered: {:?}",
+        published.not_sent
+    );
+    assert!(
+        published.retried > 0 || !published.not_sent.is_empty(),
+        "no send noticed the broker restart"
+    );
+    Ok(())
+}
