@@ -13,8 +13,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, render_gauges};
 use crate::slot::{PluginSlot, SlotState};
+use crate::wasm::PoolUsage;
 
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,6 +26,8 @@ pub trait AdminView: Send + Sync + 'static {
     fn ready(&self) -> bool;
     fn slots(&self) -> Vec<Arc<PluginSlot>>;
     fn metrics(&self) -> &Metrics;
+    /// The wasm pool's live slots, read at scrape time.
+    fn pool_usage(&self) -> PoolUsage;
     /// The last config reload error, if the last reload failed.
     fn config_error(&self) -> Option<String>;
 }
@@ -115,11 +118,9 @@ fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, String) {
                 .iter()
                 .map(|slot| (slot.name().to_string(), slot.version().to_string()))
                 .collect();
-            (
-                200,
-                "text/plain; version=0.0.4",
-                view.metrics().render(&versions),
-            )
+            let mut text = view.metrics().render(&versions);
+            text.push_str(&render_gauges(&view.pool_usage()));
+            (200, "text/plain; version=0.0.4", text)
         }
         _ => (404, "text/plain", "not found\n".into()),
     }

@@ -20,7 +20,7 @@ use crate::mq::{MqError, MqRuntime, PluginConsumer, Publisher};
 use crate::observe::Observers;
 use crate::slot::{PluginSlot, SlotState, load_plugin};
 use crate::topic::TopicName;
-use crate::wasm::{PluginLoadError, WasmRuntime};
+use crate::wasm::{PluginLoadError, PoolUsage, WasmRuntime};
 
 /// Listener threads kept free for plugins added to the config at run time.
 const SPARE_LISTENER_THREADS: usize = 32;
@@ -198,6 +198,11 @@ impl Host {
         &self.shared.metrics
     }
 
+    /// The wasm pool's live slots (also on `/metrics`).
+    pub fn pool_usage(&self) -> PoolUsage {
+        self.shared.wasm.pool_usage()
+    }
+
     /// Stops watching, stops pulling, lets in-flight handlers finish and
     /// their outcomes reach the broker, then closes the producer and the
     /// client runtime.
@@ -353,6 +358,10 @@ impl AdminView for Shared {
 
     fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    fn pool_usage(&self) -> PoolUsage {
+        self.wasm.pool_usage()
     }
 
     fn config_error(&self) -> Option<String> {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::observe::{HostEvent, Observer};
 use crate::outcome::DeliveryOutcome;
+use crate::wasm::PoolUsage;
 
 /// Upper bounds of the handler duration histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -198,6 +199,56 @@ impl Metrics {
     }
 }
 
+/// The gauges read at scrape time: the pooling allocator's live slots and
+/// the process's resident memory.
+pub fn render_gauges(pool: &PoolUsage) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "mqplug_pool_live",
+        "gauge",
+        "Slots of the wasm pooling allocator in use, by kind; freed when an instance is dropped.",
+    );
+    for (kind, n) in [
+        ("component_instances", pool.component_instances),
+        ("core_instances", pool.core_instances),
+        ("memories", pool.memories as u64),
+        ("tables", pool.tables as u64),
+    ] {
+        let _ = writeln!(out, "mqplug_pool_live{{kind=\"{kind}\"}} {n}");
+    }
+    family(
+        &mut out,
+        "mqplug_pool_capacity_component_instances",
+        "gauge",
+        "Component instances the pool can hold (runtime.max_instances).",
+    );
+    let _ = writeln!(
+        out,
+        "mqplug_pool_capacity_component_instances {}",
+        pool.max_component_instances
+    );
+    if let Some(bytes) = resident_memory_bytes() {
+        family(
+            &mut out,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the mqplug process.",
+        );
+        let _ = writeln!(out, "process_resident_memory_bytes {bytes}");
+    }
+    out
+}
+
+/// The process's resident set size, from `VmRSS` in `/proc/self/status`
+/// (Linux only).
+pub fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Writes a metric family's `# HELP` and `# TYPE` lines.
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -262,6 +313,22 @@ mod tests {
             assert!(text.contains(line), "missing {line}:\n{text}");
         }
         assert_eq!(metrics.messages("p\"1", "success"), 1);
+        let gauges = render_gauges(&PoolUsage {
+            component_instances: 3,
+            core_instances: 12,
+            memories: 5,
+            tables: 4,
+            max_component_instances: 256,
+        });
+        for line in [
+            "mqplug_pool_live{kind=\"component_instances\"} 3",
+            "mqplug_pool_live{kind=\"memories\"} 5",
+            "mqplug_pool_capacity_component_instances 256",
+        ] {
+            assert!(gauges.contains(line), "missing {line}:\n{gauges}");
+        }
+        let rss = resident_memory_bytes().expect("Linux has /proc/self/statm");
+        assert!(rss > 1 << 20, "a test process holds more than 1 MiB: {rss}");
         assert_eq!(metrics.loads("p\"1", "failed", "compiled"), 1);
     }
 }

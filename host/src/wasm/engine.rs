@@ -91,6 +91,31 @@ impl WasmRuntime {
     pub fn settings(&self) -> &RuntimeSettings {
         &self.settings
     }
+
+    /// What the pooling allocator has handed out right now. A slot goes back
+    /// to the pool when its `Store` is dropped, so after a burst of traps
+    /// this returns to what the idle instances hold.
+    pub fn pool_usage(&self) -> PoolUsage {
+        let live = self.engine.pooling_allocator_metrics();
+        PoolUsage {
+            component_instances: live.as_ref().map_or(0, |m| m.component_instances()),
+            core_instances: live.as_ref().map_or(0, |m| m.core_instances()),
+            memories: live.as_ref().map_or(0, |m| m.memories()),
+            tables: live.as_ref().map_or(0, |m| m.tables()),
+            max_component_instances: self.settings.max_instances,
+        }
+    }
+}
+
+/// Live slots of the engine's pooling allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub component_instances: u64,
+    pub core_instances: u64,
+    pub memories: usize,
+    pub tables: usize,
+    /// The pool's capacity for component instances (`runtime.max_instances`).
+    pub max_component_instances: u32,
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.

@@ -10,5 +10,5 @@ mod plugin;
 mod state;
 
 pub use cache::{CompileCache, Compiled, Version};
-pub use engine::{EPOCH_TICK, RuntimeSettings, WasmRuntime};
+pub use engine::{EPOCH_TICK, PoolUsage, RuntimeSettings, WasmRuntime};
 pub use plugin::{InstanceMode, Plugin, PluginLoadError, PluginSettings};
