@@ -569,8 +569,6 @@ fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Resu
     std::fs::write(&events, lines.join("\n"))?;
     publish_file(&broker.name_server, &events)?;
 
-    // Completions are the dispatcher's debug line `handled`; `seen` (logged
-    // by the plugin as each call starts) maps message ids to user ids.
     let spawn = || {
         spawn_mqplug(
             [
@@ -581,17 +579,11 @@ fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Resu
             "info,mqplug::dispatch=debug",
         )
     };
-    let completions = |seen: &[String]| -> Vec<String> {
-        seen.iter()
-            .filter(|l| l.contains("mqplug::dispatch: handled"))
-            .filter_map(|l| message_id_of(l).map(str::to_string))
-            .collect()
-    };
 
     let (mut first, lines) = spawn()?;
     let mut seen_first = Vec::new();
     let some = wait_for_lines(&lines, &mut seen_first, Duration::from_secs(90), |seen| {
-        completions(seen).len() >= 40
+        completed(seen).len() >= 40
     });
     ensure!(
         some,
@@ -604,38 +596,21 @@ fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Resu
     while let Ok(line) = lines.try_recv() {
         seen_first.push(line);
     }
+    let by_first = completed(&seen_first);
 
     let (_second, lines) = spawn()?;
     let mut seen_second = Vec::new();
-    let users = |seen: &[String], done: &[String]| -> std::collections::HashSet<u64> {
-        let done: std::collections::HashSet<&String> = done.iter().collect();
-        seen.iter()
-            .filter(|l| l.contains("seen {"))
-            .filter_map(|l| {
-                let id = message_id_of(l)?.to_string();
-                let json = &l[l.find("seen {")? + 5..];
-                let value: serde_json::Value = serde_json::from_str(json).ok()?;
-                done.contains(&id)
-                    .then(|| value["user_id"].as_u64())
-                    .flatten()
-            })
-            .collect()
-    };
     let all = wait_for_lines(&lines, &mut seen_second, Duration::from_secs(120), |seen| {
-        let mut handled = users(&seen_first, &completions(&seen_first));
-        handled.extend(users(seen, &completions(seen)));
-        handled.len() as u64 >= N
+        handled_users(&by_first, &completed(seen)).len() as u64 >= N
     });
-    let by_first = completions(&seen_first);
-    let by_second = completions(&seen_second);
+    let by_second = completed(&seen_second);
     ensure!(
         all,
         "not every event was handled after the restart: first host {} completions, second {}",
         by_first.len(),
         by_second.len()
     );
-    let first_ids: std::collections::HashSet<&String> = by_first.iter().collect();
-    let duplicates = by_second.iter().filter(|id| first_ids.contains(id)).count();
+    let duplicates = handled_twice(&by_first, &by_second);
     println!(
         "published {N}; first host completed {} before SIGKILL, second host {}; \
          {duplicates} handled twice (completed before the kill, offset not yet committed)",
@@ -643,5 +618,202 @@ fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Resu
         by_second.len()
     );
     assert!(by_first.len() < N as usize, "the kill landed mid-stream");
+    Ok(())
+}
+
+/// Publishes `n` BUSY events (user ids 0..n) on its own thread, one every
+/// `every`, through the library's producer; returns how many were sent.
+fn publish_paced(
+    name_server: &str,
+    n: u64,
+    every: Duration,
+) -> std::thread::JoinHandle<Result<u64>> {
+    let name_server = name_server.to_string();
+    std::thread::spawn(move || {
+        use mqplug::mq::{MqRuntime, ProducerSettings, Publisher};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let mq = MqRuntime::new(1)?;
+            let topic = mqplug::topic::TopicName::new("marketing.task.completed")?;
+            let publisher =
+                Publisher::start(&mq, ProducerSettings::new(name_server, topic)).await?;
+            let mut sent = 0;
+            for user in 0..n {
+                let body = format!(
+                    r#"{{"event_type":"BUSY","user_id":{user},"tenant_id":"t","app_id":"a","campaign_id":"c","campaign_name":"n","event_data":{{"ms":20}},"timestamp":"2026-11-25T14:19:15+08:00"}}"#
+                );
+                let event = mqplug::TaskEvent::decode(body.as_bytes(), usize::MAX)?;
+                publisher.publish(&event).await?;
+                sent += 1;
+                tokio::time::sleep(every).await;
+            }
+            publisher.shutdown().await;
+            mq.shutdown().await;
+            Ok(sent)
+        })
+    })
+}
+
+/// What one host's log says it completed: (message id, user id, queue id)
+/// of every `seen` line whose message the dispatcher then reported handled.
+fn completed(seen: &[String]) -> Vec<(String, u64, i64)> {
+    let done: std::collections::HashSet<&str> = seen
+        .iter()
+        .filter(|l| l.contains("mqplug::dispatch: handled"))
+        .filter_map(|l| message_id_of(l))
+        .collect();
+    seen.iter()
+        .filter_map(|l| {
+            let id = message_id_of(l)?;
+            let json = &l[l.find("seen {")? + 5..];
+            let value: serde_json::Value = serde_json::from_str(json).ok()?;
+            if !done.contains(id) {
+                return None;
+            }
+            Some((
+                id.to_string(),
+                value["user_id"].as_u64()?,
+                value["queue_id"].as_i64()?,
+            ))
+        })
+        .collect()
+}
+
+/// The user ids either host completed.
+fn handled_users(
+    first: &[(String, u64, i64)],
+    second: &[(String, u64, i64)],
+) -> std::collections::HashSet<u64> {
+    first
+        .iter()
+        .chain(second)
+        .map(|(_, user, _)| *user)
+        .collect()
+}
+
+/// Messages both hosts completed.
+fn handled_twice(first: &[(String, u64, i64)], second: &[(String, u64, i64)]) -> usize {
+    let first: std::collections::HashSet<&String> = first.iter().map(|(id, _, _)| id).collect();
+    second
+        .iter()
+        .filter(|(id, _, _)| first.contains(id))
+        .count()
+}
+
+#[test]
+fn two_hosts_share_the_queues_and_a_killed_one_hands_its_queues_to_the_other() -> Result<()> {
+    const N: u64 = 1000;
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("mqplug.toml");
+    // Both hosts: one consumer group, a topic of 4 queues created at start.
+    std::fs::write(
+        &config,
+        format!(
+            "name_server = \"{}\"\n[producer]\nenabled = true\ncreate_topic_queues = 4\n\
+             [[plugin]]\nname = \"chaos\"\npath = \"{}\"\nconsume_from = \"first\"\n",
+            broker.name_server,
+            plugin_path("chaos")?.display()
+        ),
+    )?;
+    let spawn = || {
+        spawn_mqplug(
+            [
+                OsStr::new("run"),
+                OsStr::new("--config"),
+                config.as_os_str(),
+            ],
+            "info,mqplug::dispatch=debug",
+        )
+    };
+    let started = |seen: &[String]| seen.iter().any(|l| l.contains("consumer started"));
+    let (mut first, first_lines) = spawn()?;
+    let mut seen_first = Vec::new();
+    ensure!(
+        wait_for_lines(
+            &first_lines,
+            &mut seen_first,
+            Duration::from_secs(60),
+            started
+        ),
+        "the first host did not start:\n{}",
+        seen_first.join("\n")
+    );
+    let (_second, second_lines) = spawn()?;
+    let mut seen_second = Vec::new();
+    ensure!(
+        wait_for_lines(
+            &second_lines,
+            &mut seen_second,
+            Duration::from_secs(60),
+            started
+        ),
+        "the second host did not start:\n{}",
+        seen_second.join("\n")
+    );
+
+    // About 10 s of events at 100 a second, 20 ms of work each.
+    let publishing = publish_paced(&broker.name_server, N, Duration::from_millis(10));
+    // Until both hosts have completed events: the group shares the queues.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while completed(&seen_first).len() < 30 || completed(&seen_second).len() < 30 {
+        ensure!(
+            Instant::now() < deadline && !publishing.is_finished(),
+            "the hosts did not share the stream: first completed {}, second {}",
+            completed(&seen_first).len(),
+            completed(&seen_second).len()
+        );
+        while let Ok(line) = first_lines.try_recv() {
+            seen_first.push(line);
+        }
+        while let Ok(line) = second_lines.try_recv() {
+            seen_second.push(line);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut child = first.0.take().context("running")?;
+    child.kill()?; // SIGKILL mid-stream
+    child.wait()?;
+    while let Ok(line) = first_lines.try_recv() {
+        seen_first.push(line);
+    }
+    let by_first = completed(&seen_first);
+    let first_queues: std::collections::BTreeSet<i64> =
+        by_first.iter().map(|(_, _, q)| *q).collect();
+    let second_queues_before: std::collections::BTreeSet<i64> =
+        completed(&seen_second).iter().map(|(_, _, q)| *q).collect();
+
+    let sent = publishing
+        .join()
+        .map_err(|_| anyhow::anyhow!("the publishing thread panicked"))??;
+    assert_eq!(sent, N);
+    let all = wait_for_lines(
+        &second_lines,
+        &mut seen_second,
+        Duration::from_secs(180),
+        |seen| handled_users(&by_first, &completed(seen)).len() as u64 >= N,
+    );
+    let by_second = completed(&seen_second);
+    let users = handled_users(&by_first, &by_second);
+    let missing: Vec<u64> = (0..N).filter(|u| !users.contains(u)).collect();
+    let duplicates = handled_twice(&by_first, &by_second);
+    let second_queues_after: std::collections::BTreeSet<i64> =
+        by_second.iter().map(|(_, _, q)| *q).collect();
+    println!(
+        "failover: published {N}; first host completed {} on queues {first_queues:?} before SIGKILL; \
+         second host completed {} (queues {second_queues_before:?} before the kill, {second_queues_after:?} in all); \
+         {duplicates} handled by both; missing {}",
+        by_first.len(),
+        by_second.len(),
+        missing.len()
+    );
+    ensure!(all, "events never handled after the failover: {missing:?}");
+    // The killed host's queues moved to the survivor.
+    assert!(
+        first_queues.is_subset(&second_queues_after),
+        "the second host never consumed the first host's queues {first_queues:?}: {second_queues_after:?}"
+    );
     Ok(())
 }

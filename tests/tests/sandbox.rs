@@ -371,3 +371,66 @@ fn out_of_fuel_is_a_deterministic_limit_and_the_plugin_recovers() {
     );
     assert!(err.to_string().contains("runtime.fuel = true"), "{err}");
 }
+
+#[test]
+fn a_plugin_that_fails_every_event_gives_back_its_pool_slots_and_starves_no_one() {
+    // A small pool: a leak of one slot per failure would exhaust it within
+    // the first few rounds, and instantiation would then fail.
+    let runtime = WasmRuntime::new(RuntimeSettings {
+        max_instances: 4,
+        ..RuntimeSettings::default()
+    })
+    .unwrap();
+    let recorder = Recorder::new();
+    let path = plugin_path("chaos").unwrap();
+    let failing = Plugin::load_file(
+        &runtime,
+        PluginSettings {
+            deadline: Duration::from_millis(50),
+            memory_limit_bytes: 16 * 1024 * 1024,
+            ..PluginSettings::new("failing")
+        },
+        &path,
+        recorder.observers(),
+    )
+    .unwrap();
+    let healthy = Plugin::load_file(
+        &runtime,
+        PluginSettings::new("healthy"),
+        &path,
+        recorder.observers(),
+    )
+    .unwrap();
+    assert_eq!(
+        healthy.handle(&event("OK"), &delivery("warm", 0)),
+        HandlerOutcome::Accepted
+    );
+    // The failing plugin's first failure drops the instance its load made.
+    assert!(matches!(
+        failing.handle(&event("PANIC"), &delivery("first", 0)),
+        HandlerOutcome::Failed(HandlerFailure::Trap { .. })
+    ));
+    let idle = runtime.pool_usage();
+    assert_eq!(idle.component_instances, 1, "{idle:?}");
+
+    let kinds = ["PANIC", "OOM", "STACK_OVERFLOW", "PANIC", "LOOP"];
+    for round in 0..200u32 {
+        let kind = kinds[round as usize % kinds.len()];
+        match failing.handle(&event(kind), &delivery("bad", round)) {
+            HandlerOutcome::Failed(
+                HandlerFailure::Trap { .. }
+                | HandlerFailure::MemoryLimit { .. }
+                | HandlerFailure::Deadline { .. },
+            ) => {}
+            other => panic!("round {round} ({kind}): {other:?}"),
+        }
+        assert_eq!(
+            healthy.handle(&event("OK"), &delivery("good", round)),
+            HandlerOutcome::Accepted,
+            "round {round}: the healthy plugin was starved"
+        );
+    }
+    // Every failed instance was dropped and its slots returned: what is live
+    // now is the healthy plugin's idle instance.
+    assert_eq!(runtime.pool_usage(), idle);
+}
