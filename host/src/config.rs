@@ -176,6 +176,10 @@ pub struct PluginConfig {
     /// `runtime.fuel = true`. Unset: no fuel limit.
     #[serde(default)]
     pub fuel_per_event: Option<u64>,
+    /// Grant the plugin the host's stdout and stderr (e.g. while debugging a
+    /// plugin that prints). Default: what it prints is discarded.
+    #[serde(default)]
+    pub inherit_stdio: bool,
 }
 
 /// The built-in producer: off unless `enabled`, like the platform's nil producer.
@@ -371,6 +375,7 @@ impl PluginConfig {
             log_lines_per_second: default_log_lines_per_second(),
             consume_from: ConsumeFrom::default(),
             fuel_per_event: None,
+            inherit_stdio: false,
         }
     }
 
@@ -401,6 +406,7 @@ impl PluginConfig {
             instance_mode: self.instance_mode,
             log_lines_per_second: self.log_lines_per_second,
             fuel_per_event: self.fuel_per_event,
+            inherit_stdio: self.inherit_stdio,
         }
     }
 
@@ -467,6 +473,21 @@ mod tests {
         assert!(err.contains("unknown field `concurency`"), "{err}");
         let err = parse("[producer]\nenable = true").unwrap_err().to_string();
         assert!(err.contains("unknown field `enable`"), "{err}");
+    }
+
+    #[test]
+    fn stdio_is_granted_only_by_the_plugins_own_config() {
+        let config = parse(
+            "[[plugin]]\nname = 'loud'\npath = 'l.wasm'\ninherit_stdio = true\n\
+             [[plugin]]\nname = 'quiet'\npath = 'q.wasm'\n",
+        )
+        .unwrap();
+        let grants: Vec<bool> = config
+            .plugins
+            .iter()
+            .map(|p| p.plugin_settings().inherit_stdio)
+            .collect();
+        assert_eq!(grants, [true, false]);
     }
 
     #[test]

@@ -164,6 +164,10 @@ struct ReplayArgs {
     /// Handler deadline in milliseconds.
     #[arg(long, default_value_t = 5000)]
     deadline_ms: u64,
+    /// Let the plugin print to this command's stdout and stderr (by default
+    /// what it prints is discarded).
+    #[arg(long)]
+    inherit_stdio: bool,
 }
 
 #[derive(Args)]
@@ -214,24 +218,15 @@ fn main() -> std::process::ExitCode {
         Command::Test(_) => std::process::ExitCode::from(TEST_CANNOT_RUN),
         _ => std::process::ExitCode::FAILURE,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return std::process::ExitCode::FAILURE;
-        }
+    // `replay` and `test` call plugins on this thread, outside any async
+    // runtime: wasmtime-wasi's synchronous stdio blocks on a runtime of its
+    // own, which it cannot do from inside one.
+    let result = match cli.command {
+        Command::Run(args) => in_runtime(run(args)),
+        Command::Publish(args) => in_runtime(publish(*args)),
+        Command::Replay(args) => replay(args),
+        Command::Test(args) => conformance_test(args),
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => run(args).await,
-            Command::Publish(args) => publish(*args).await,
-            Command::Replay(args) => replay(args),
-            Command::Test(args) => conformance_test(args),
-        }
-    });
     match result {
         Ok(code) => code,
         Err(err) => {
@@ -385,11 +380,23 @@ async fn send_all(publisher: &Publisher, events: &[TaskEvent]) -> Summary {
     Summary { failed }
 }
 
+/// Runs `future` on a multi-threaded Tokio runtime.
+fn in_runtime(
+    future: impl std::future::Future<Output = Result<std::process::ExitCode>>,
+) -> Result<std::process::ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(future)
+}
+
 fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
     let runtime = WasmRuntime::new(RuntimeSettings::default())
         .map_err(|err| anyhow::anyhow!("cannot start the wasm engine: {err:#}"))?;
     let settings = PluginSettings {
         deadline: Duration::from_millis(args.deadline_ms),
+        inherit_stdio: args.inherit_stdio,
         ..PluginSettings::new(plugin_name(&args.plugin))
     };
     let plugin = Plugin::load_file(&runtime, settings, &args.plugin, Observers::default())?;

@@ -220,6 +220,43 @@ fn replay_prints_each_outcome_without_a_broker() -> Result<()> {
 }
 
 #[test]
+fn a_plugin_prints_to_the_hosts_stdout_only_when_granted() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let events = dir.path().join("print.jsonl");
+    std::fs::write(
+        &events,
+        r#"{"event_type":"PRINT","user_id":1,"tenant_id":"t","app_id":"a","campaign_id":"c","campaign_name":"n","event_data":{},"timestamp":"2026-11-25T14:19:15+08:00"}"#,
+    )?;
+    let replay = |grant: bool| -> Result<(String, String)> {
+        let mut command = Command::new(MQPLUG);
+        command
+            .args(["replay", "--plugin"])
+            .arg(plugin_path("chaos")?)
+            .arg("--events")
+            .arg(&events)
+            .env("MQPLUG_LOG", "off");
+        if grant {
+            command.arg("--inherit-stdio");
+        }
+        let output = command.output()?;
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        let err = String::from_utf8_lossy(&output.stderr).into_owned();
+        ensure!(output.status.success(), "{out}{err}");
+        ensure!(out.contains("line 1: ConsumeSuccess"), "{out}");
+        Ok((out, err))
+    };
+    let (out, err) = replay(false)?;
+    assert!(
+        !out.contains("chaos stdout") && !err.contains("chaos stderr"),
+        "{out}{err}"
+    );
+    let (out, err) = replay(true)?;
+    assert!(out.contains("chaos stdout "), "{out}");
+    assert!(err.contains("chaos stderr "), "{err}");
+    Ok(())
+}
+
+#[test]
 fn a_misspelt_config_key_is_named_and_nothing_starts() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("mqplug.toml");

@@ -438,3 +438,32 @@ async fn a_plugin_with_a_tag_filter_sees_only_its_event_types() -> Result<()> {
     assert_eq!(recorder.handled_by("registrations").len(), 2);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_granted_stdio_prints_from_the_consumer_and_is_acknowledged() -> Result<()> {
+    // The consumer calls plugins on the client's blocking threads, where
+    // wasmtime-wasi's synchronous stdout may block on the runtime.
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let config = host_config(
+        &broker,
+        "stdio_topic",
+        vec![PluginConfig {
+            inherit_stdio: true,
+            ..PluginConfig::new("loud", plugin_path("chaos")?)
+        }],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    publisher.publish(&sample_event("PRINT", 1)).await?;
+    let handled = recorder.wait_until(WAIT, |r| !r.handled_by("loud").is_empty());
+    host.shutdown().await;
+    ensure!(handled, "the event was not handled\n{}", broker.logs());
+    let outcomes: Vec<_> = recorder
+        .handled_by("loud")
+        .into_iter()
+        .map(|h| (h.outcome, h.cause))
+        .collect();
+    assert_eq!(outcomes[0], (DeliveryOutcome::ConsumeSuccess, None));
+    Ok(())
+}

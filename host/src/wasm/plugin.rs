@@ -48,6 +48,10 @@ pub struct PluginSettings {
     /// runtime counts fuel; `None` is unlimited. A deterministic limit,
     /// unlike the deadline.
     pub fuel_per_event: Option<u64>,
+    /// Let the plugin write to the host's stdout and stderr (never read its
+    /// stdin). Off: what it prints is discarded, and its only output is the
+    /// rate-limited log import.
+    pub inherit_stdio: bool,
 }
 
 impl PluginSettings {
@@ -59,6 +63,7 @@ impl PluginSettings {
             instance_mode: InstanceMode::Reuse,
             log_lines_per_second: 1000,
             fuel_per_event: None,
+            inherit_stdio: false,
         }
     }
 }
@@ -247,6 +252,10 @@ impl Plugin {
     /// Runs one event through the handler. Never panics: every failure is a
     /// [`HandlerOutcome::Failed`], and an instance that failed is dropped with
     /// its `Store` (a trapped `Store` cannot be entered again).
+    ///
+    /// Call it from a thread that is not running async tasks (a plain thread
+    /// or a blocking-pool one, as the consumers do): a plugin's WASI calls,
+    /// such as printing with `inherit_stdio`, block on a Tokio runtime.
     pub fn handle(&self, event: &TaskEvent, delivery: &Delivery) -> HandlerOutcome {
         let mut instance = match self.acquire() {
             Ok(instance) => instance,
@@ -325,6 +334,7 @@ impl Plugin {
         let state = HostState::new(
             self.name.clone(),
             self.settings.memory_limit_bytes,
+            self.settings.inherit_stdio,
             self.observers.clone(),
             self.log_budget.clone(),
         );

@@ -35,14 +35,20 @@ impl HostState {
     pub fn new(
         plugin: Arc<str>,
         memory_limit_bytes: usize,
+        inherit_stdio: bool,
         observers: Observers,
         log_budget: Arc<LogBudget>,
     ) -> Self {
-        let wasi = WasiCtxBuilder::new()
-            .allow_tcp(false)
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+            .allow_ip_name_lookup(false);
+        if inherit_stdio {
+            // Granted in the plugin's config. Never stdin: the host's input
+            // is not the plugin's.
+            wasi.inherit_stdout().inherit_stderr();
+        }
+        let wasi = wasi.build();
         HostState {
             plugin,
             message_id: String::new(),

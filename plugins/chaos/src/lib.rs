@@ -11,6 +11,7 @@
 //! | `STACK_OVERFLOW` | recurses without end                                  |
 //! | `SLOW`      | busy for 2 s, then ok (for shutdown-drain tests)           |
 //! | `BUSY`      | busy for `event_data.ms` milliseconds, then ok (for crash tests) |
+//! | `PRINT`     | prints `chaos stdout <message id>` and `chaos stderr <message id>`, then ok |
 //! | `PROBE_SANDBOX` | tries files, environment, arguments and the network; an error names whatever it reached |
 //! | anything else | ok                                                       |
 //!
@@ -70,6 +71,11 @@ impl Handler for Chaos {
                 while started.elapsed() < std::time::Duration::from_millis(ms) {
                     std::hint::spin_loop();
                 }
+                Ok(())
+            }
+            "PRINT" => {
+                println!("chaos stdout {}", delivery.message_id);
+                eprintln!("chaos stderr {}", delivery.message_id);
                 Ok(())
             }
             "PROBE_SANDBOX" => probe_sandbox(),
