@@ -18,6 +18,8 @@ use mqplug_tests::{LocalBroker, Recorder, host_config, plugins::plugin_path, sam
 /// again after it is back.
 const BEFORE: u64 = 20;
 const AFTER: u64 = 20;
+/// Slow events in flight when the broker stops.
+const SLOW: u64 = 4;
 /// Publishing stops early after this many events in a row were not sent.
 const GIVE_UP_AFTER: usize = 3;
 
@@ -88,12 +90,48 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
     while count.load(Ordering::SeqCst) < BEFORE && !publishing.is_finished() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::task::block_in_place(|| -> Result<()> {
-        broker.stop_broker();
-        // Down long enough for every client to notice.
-        std::thread::sleep(Duration::from_secs(2));
-        broker.start_broker()
-    })?;
+    // Handlers that finish while the broker is down: 4 s of work each, half
+    // of them failing their first delivery. The client keeps a success's
+    // offset until it can commit it, and re-runs a failure locally when it
+    // cannot send it back.
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        let mut event = sample_event("BUSY", 9000 + i);
+        event.event_data.insert("ms".into(), 4000.into());
+        event
+            .event_data
+            .insert("fail_first".into(), (i % 2 == 0).into());
+        slow.push((publisher.publish(&event).await?.message_id, i % 2 == 0));
+    }
+    let slow_ids: HashSet<String> = slow.iter().map(|(id, _)| id.clone()).collect();
+    let slow_started = |r: &Recorder| {
+        r.plugin_logs("chaos")
+            .iter()
+            .filter(|(id, _)| slow_ids.contains(id))
+            .count()
+    };
+    let slow_done = |r: &Recorder| {
+        r.handled_by("chaos")
+            .iter()
+            .filter(|h| slow_ids.contains(&h.message_id))
+            .count()
+    };
+    ensure!(
+        recorder.wait_until(Duration::from_secs(60), |r| slow_started(r) >= 2),
+        "the slow events never started\n{}",
+        broker.logs()
+    );
+    let (done_at_stop, done_at_ready) =
+        tokio::task::block_in_place(|| -> Result<(usize, usize)> {
+            broker.stop_broker();
+            let done_at_stop = slow_done(&recorder);
+            // Down long enough for every client to notice, and for the slow
+            // handlers to finish.
+            std::thread::sleep(Duration::from_secs(5));
+            broker.start_broker()?;
+            Ok((done_at_stop, slow_done(&recorder)))
+        })?;
     restarted.store(true, Ordering::SeqCst);
     let back = Instant::now();
     let handled_before = recorder.handled_by("chaos").len();
@@ -110,7 +148,11 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
             .filter(|h| h.outcome == DeliveryOutcome::ConsumeSuccess)
             .map(|h| h.message_id)
             .collect();
-        published.sent.keys().all(|id| handled.contains(id))
+        published
+            .sent
+            .keys()
+            .chain(&slow_ids)
+            .all(|id| handled.contains(id))
     });
     Arc::into_inner(host)
         .context("the publishing task has ended")?
@@ -118,9 +160,11 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
         .await;
 
     let handled = recorder.handled_by("chaos");
+    // Acknowledgements per message id: more than one is a duplicate.
     let mut times: HashMap<&str, u32> = HashMap::new();
     for h in &handled {
-        *times.entry(h.message_id.as_str()).or_default() += 1;
+        let entry = times.entry(h.message_id.as_str()).or_default();
+        *entry += u32::from(h.outcome == DeliveryOutcome::ConsumeSuccess);
     }
     let mut missing: Vec<u64> = published
         .sent
@@ -132,7 +176,7 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
     eprintln!(
         "broker restart: published {}, sent {}, not sent {}, sends that needed a retry {}, \
          at most {} attempts; consumer resumed {:.1} s after the broker was ready; \
-         handled {} distinct in {} deliveries, duplicated {}",
+         handled {} distinct in {} deliveries (with {SLOW} slow ones), acknowledged twice {}",
         published.sent.len() + published.not_sent.len(),
         published.sent.len(),
         published.not_sent.len(),
@@ -143,12 +187,32 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
         handled.len(),
         times.values().filter(|n| **n > 1).count(),
     );
+    eprintln!(
+        "broker restart: {} results of {SLOW} slow handlers came back while the broker was stopping or down",
+        done_at_ready - done_at_stop
+    );
     ensure!(resumed, "the consumer did not resume\n{}", broker.logs());
     ensure!(
         all_handled,
         "events sent but never handled: {missing:?}\n{}",
         broker.logs()
     );
+    // Each slow event ends acknowledged; those that failed first were retried.
+    for (id, fail_first) in &slow {
+        let outcomes: Vec<_> = handled
+            .iter()
+            .filter(|h| &h.message_id == id)
+            .map(|h| h.outcome)
+            .collect();
+        assert_eq!(
+            outcomes.last(),
+            Some(&DeliveryOutcome::ConsumeSuccess),
+            "{id}: {outcomes:?}"
+        );
+        if *fail_first {
+            assert_eq!(outcomes[0], DeliveryOutcome::ConsumeRetryLater, "{id}");
+        }
+    }
     // Whatever could not be sent was reported, with its cause.
     for (i, err) in &published.not_sent {
         assert!(err.contains("gave up after"), "event {i}: {err}");

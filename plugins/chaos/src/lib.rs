@@ -10,7 +10,7 @@
 //! | `OOM`       | allocates until memory runs out                            |
 //! | `STACK_OVERFLOW` | recurses without end                                  |
 //! | `SLOW`      | busy for 2 s, then ok (for shutdown-drain tests)           |
-//! | `BUSY`      | busy for `event_data.ms` milliseconds, then ok (for crash tests) |
+//! | `BUSY`      | busy for `event_data.ms` milliseconds, then ok; with `event_data.fail_first` true, an error on the first delivery (for crash tests) |
 //! | `PRINT`     | prints `chaos stdout <message id>` and `chaos stderr <message id>`, then ok |
 //! | `PROBE_SANDBOX` | tries files, environment, arguments and the network; an error names whatever it reached |
 //! | anything else | ok                                                       |
@@ -70,6 +70,10 @@ impl Handler for Chaos {
                 let started = std::time::Instant::now();
                 while started.elapsed() < std::time::Duration::from_millis(ms) {
                     std::hint::spin_loop();
+                }
+                let fail_first = event.event_data.get("fail_first") == Some(&json!(true));
+                if fail_first && delivery.reconsume_times == 0 {
+                    return Err("chaos: busy, then failing the first delivery".to_string());
                 }
                 Ok(())
             }
