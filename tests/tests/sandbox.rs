@@ -332,6 +332,31 @@ fn a_plugin_cannot_log_more_than_its_budget() {
 }
 
 #[test]
+fn a_plugin_log_line_is_cut_at_16_kib() {
+    let recorder = Recorder::new();
+    let plugin = chaos(InstanceMode::Reuse, &recorder);
+    let mut big = event("USER_REGISTER");
+    // chaos logs the whole event: a line of over 40 KB, in 3-byte characters.
+    big.campaign_name = "活".repeat(40_000 / 3);
+    assert_eq!(
+        plugin.handle(&big, &delivery("big", 0)),
+        HandlerOutcome::Accepted
+    );
+    let logs = recorder.plugin_logs("chaos");
+    let line = &logs[0].1;
+    assert!(
+        line.ends_with(" [truncated]"),
+        "{} bytes, not cut",
+        line.len()
+    );
+    assert!(
+        line.len() <= 16 * 1024 + " [truncated]".len(),
+        "{}",
+        line.len()
+    );
+}
+
+#[test]
 fn out_of_fuel_is_a_deterministic_limit_and_the_plugin_recovers() {
     let runtime = WasmRuntime::new(RuntimeSettings {
         fuel: true,
@@ -433,4 +458,48 @@ fn a_plugin_that_fails_every_event_gives_back_its_pool_slots_and_starves_no_one(
     // Every failed instance was dropped and its slots returned: what is live
     // now is the healthy plugin's idle instance.
     assert_eq!(runtime.pool_usage(), idle);
+}
+
+#[test]
+fn an_instance_that_cannot_be_created_is_a_host_failure_and_the_next_event_recovers() {
+    // A pool of one component instance, held by a busy handler: a second
+    // event at the same time cannot get an instance of its own.
+    let runtime = WasmRuntime::new(RuntimeSettings {
+        max_instances: 1,
+        ..RuntimeSettings::default()
+    })
+    .unwrap();
+    let recorder = Recorder::new();
+    let plugin = Arc::new(
+        Plugin::load_file(
+            &runtime,
+            PluginSettings::new("chaos"),
+            &plugin_path("chaos").unwrap(),
+            recorder.observers(),
+        )
+        .unwrap(),
+    );
+    let busy = std::thread::spawn({
+        let plugin = plugin.clone();
+        move || {
+            let mut event = event("BUSY");
+            event.event_data.insert("ms".into(), 1000.into());
+            plugin.handle(&event, &delivery("busy", 0))
+        }
+    });
+    assert!(recorder.wait_until(Duration::from_secs(30), |r| {
+        r.plugin_logs("chaos").iter().any(|(id, _)| id == "busy")
+    }));
+    match plugin.handle(&event("OK"), &delivery("second", 0)) {
+        HandlerOutcome::Failed(HandlerFailure::Host { detail }) => {
+            assert!(detail.contains("instance"), "{detail}")
+        }
+        other => panic!("expected a host failure, got {other:?}"),
+    }
+    assert_eq!(busy.join().unwrap(), HandlerOutcome::Accepted);
+    // The slot is free again: the same event now succeeds.
+    assert_eq!(
+        plugin.handle(&event("OK"), &delivery("second", 1)),
+        HandlerOutcome::Accepted
+    );
 }
