@@ -9,7 +9,8 @@
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -658,12 +659,14 @@ fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Resu
     Ok(())
 }
 
-/// Publishes `n` BUSY events (user ids 0..n) on its own thread, one every
-/// `every`, through the library's producer; returns how many were sent.
+/// Publishes BUSY events with user ids 0, 1, 2, ... on its own thread, one
+/// every `every`, through the library's producer, until `stop` turns true;
+/// `sent` counts them. Returns how many were sent.
 fn publish_paced(
     name_server: &str,
-    n: u64,
     every: Duration,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<Result<u64>> {
     let name_server = name_server.to_string();
     std::thread::spawn(move || {
@@ -676,21 +679,31 @@ fn publish_paced(
             let topic = mqplug::topic::TopicName::new("marketing.task.completed")?;
             let publisher =
                 Publisher::start(&mq, ProducerSettings::new(name_server, topic)).await?;
-            let mut sent = 0;
-            for user in 0..n {
+            let mut user = 0;
+            while !stop.load(Ordering::SeqCst) {
                 let body = format!(
                     r#"{{"event_type":"BUSY","user_id":{user},"tenant_id":"t","app_id":"a","campaign_id":"c","campaign_name":"n","event_data":{{"ms":20}},"timestamp":"2026-11-25T14:19:15+08:00"}}"#
                 );
                 let event = mqplug::TaskEvent::decode(body.as_bytes(), usize::MAX)?;
                 publisher.publish(&event).await?;
-                sent += 1;
+                user += 1;
+                sent.store(user, Ordering::SeqCst);
                 tokio::time::sleep(every).await;
             }
             publisher.shutdown().await;
             mq.shutdown().await;
-            Ok(sent)
+            Ok(user)
         })
     })
+}
+
+/// Sets the flag when dropped, also when the test fails early.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 /// What one host's log says it completed: (message id, user id, queue id)
@@ -741,7 +754,7 @@ fn handled_twice(first: &[(String, u64, i64)], second: &[(String, u64, i64)]) ->
 
 #[test]
 fn two_hosts_share_the_queues_and_a_killed_one_hands_its_queues_to_the_other() -> Result<()> {
-    const N: u64 = 1000;
+    const AFTER_KILL: u64 = 300;
     let broker = LocalBroker::start()?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("mqplug.toml");
@@ -792,7 +805,17 @@ fn two_hosts_share_the_queues_and_a_killed_one_hands_its_queues_to_the_other() -
     );
 
     // About 10 s of events at 100 a second, 20 ms of work each.
-    let publishing = publish_paced(&broker.name_server, N, Duration::from_millis(10));
+    // 100 events a second, 20 ms of work each, until the survivor has had
+    // AFTER_KILL more after the kill: the kill always lands mid-stream.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let publishing = publish_paced(
+        &broker.name_server,
+        Duration::from_millis(10),
+        stop.clone(),
+        sent.clone(),
+    );
+    let stop_publishing = StopOnDrop(stop);
     // Until both hosts have completed events: the group shares the queues.
     let deadline = Instant::now() + Duration::from_secs(120);
     while completed(&seen_first).len() < 30 || completed(&seen_second).len() < 30 {
@@ -822,24 +845,28 @@ fn two_hosts_share_the_queues_and_a_killed_one_hands_its_queues_to_the_other() -
     let second_queues_before: std::collections::BTreeSet<i64> =
         completed(&seen_second).iter().map(|(_, _, q)| *q).collect();
 
-    let sent = publishing
+    let sent_at_kill = sent.load(Ordering::SeqCst);
+    while sent.load(Ordering::SeqCst) < sent_at_kill + AFTER_KILL && !publishing.is_finished() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stop_publishing);
+    let n = publishing
         .join()
         .map_err(|_| anyhow::anyhow!("the publishing thread panicked"))??;
-    assert_eq!(sent, N);
     let all = wait_for_lines(
         &second_lines,
         &mut seen_second,
         Duration::from_secs(180),
-        |seen| handled_users(&by_first, &completed(seen)).len() as u64 >= N,
+        |seen| handled_users(&by_first, &completed(seen)).len() as u64 >= n,
     );
     let by_second = completed(&seen_second);
     let users = handled_users(&by_first, &by_second);
-    let missing: Vec<u64> = (0..N).filter(|u| !users.contains(u)).collect();
+    let missing: Vec<u64> = (0..n).filter(|u| !users.contains(u)).collect();
     let duplicates = handled_twice(&by_first, &by_second);
     let second_queues_after: std::collections::BTreeSet<i64> =
         by_second.iter().map(|(_, _, q)| *q).collect();
     println!(
-        "failover: published {N}; first host completed {} on queues {first_queues:?} before SIGKILL; \
+        "failover: published {n} ({sent_at_kill} before the kill); first host completed {} on queues {first_queues:?} before SIGKILL; \
          second host completed {} (queues {second_queues_before:?} before the kill, {second_queues_after:?} in all); \
          {duplicates} handled by both; missing {}",
         by_first.len(),
