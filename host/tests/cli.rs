@@ -580,8 +580,19 @@ fn message_id_of(line: &str) -> Option<&str> {
     rest.split([' ', '}']).next()
 }
 
-#[test]
-fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Result<()> {
+/// What an interrupted stream left: the events each host completed.
+struct Interrupted {
+    published: u64,
+    by_first: Vec<(String, u64, i64)>,
+    by_second: Vec<(String, u64, i64)>,
+    /// How the first host exited.
+    first_exit: std::process::ExitStatus,
+}
+
+/// Publishes 200 busy events, starts a host, sends it `signal` once it has
+/// completed 40, then starts a second host (same group) and waits until
+/// every event was completed by one of them.
+fn interrupt_mid_stream(signal: libc::c_int) -> Result<Interrupted> {
     const N: u64 = 200;
     let broker = LocalBroker::start()?;
     let dir = tempfile::tempdir()?;
@@ -595,7 +606,7 @@ fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Resu
         ),
     )?;
     // Each event keeps the plugin busy for 25 ms: a few seconds of work at
-    // concurrency 4, so the kill lands mid-stream.
+    // concurrency 4, so the signal lands mid-stream.
     let events = dir.path().join("events.jsonl");
     let lines: Vec<String> = (0..N)
         .map(|user| {
@@ -629,11 +640,13 @@ fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Resu
         seen_first.join("\n")
     );
     let mut child = first.0.take().context("running")?;
-    child.kill()?; // SIGKILL: no drain, no offsets committed
-    child.wait()?;
-    while let Ok(line) = lines.try_recv() {
-        seen_first.push(line);
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
     }
+    let first_exit = child.wait()?;
+    // Every line it wrote, up to its exit (both pipes closed).
+    wait_for_lines(&lines, &mut seen_first, Duration::from_secs(10), |_| false);
     let by_first = completed(&seen_first);
 
     let (_second, lines) = spawn()?;
@@ -648,14 +661,49 @@ fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Resu
         by_first.len(),
         by_second.len()
     );
-    let duplicates = handled_twice(&by_first, &by_second);
-    println!(
-        "published {N}; first host completed {} before SIGKILL, second host {}; \
-         {duplicates} handled twice (completed before the kill, offset not yet committed)",
-        by_first.len(),
-        by_second.len()
+    ensure!(
+        by_first.len() < N as usize,
+        "the signal did not land mid-stream"
     );
-    assert!(by_first.len() < N as usize, "the kill landed mid-stream");
+    Ok(Interrupted {
+        published: N,
+        by_first,
+        by_second,
+        first_exit,
+    })
+}
+
+#[test]
+fn a_host_killed_with_sigkill_mid_stream_loses_nothing_after_a_restart() -> Result<()> {
+    let run = interrupt_mid_stream(libc::SIGKILL)?;
+    let duplicates = handled_twice(&run.by_first, &run.by_second);
+    println!(
+        "SIGKILL: published {}; first host completed {} before the kill, second host {}; \
+         {duplicates} handled twice (completed before the kill, offset not yet committed)",
+        run.published,
+        run.by_first.len(),
+        run.by_second.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_host_stopped_with_sigterm_mid_stream_acknowledges_what_it_handled() -> Result<()> {
+    let run = interrupt_mid_stream(libc::SIGTERM)?;
+    let duplicates = handled_twice(&run.by_first, &run.by_second);
+    println!(
+        "SIGTERM: published {}; first host completed {} (in-flight ones included) and exited {}; \
+         second host {}; {duplicates} handled twice",
+        run.published,
+        run.by_first.len(),
+        run.first_exit,
+        run.by_second.len()
+    );
+    assert!(run.first_exit.success(), "{}", run.first_exit);
+    assert_eq!(
+        duplicates, 0,
+        "a message the stopped host completed was delivered again"
+    );
     Ok(())
 }
 
