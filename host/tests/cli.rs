@@ -87,14 +87,36 @@ where
 
 /// `mqplug run --config CONFIG` at log level info; see [`spawn_mqplug`].
 fn spawn_run(config: &std::path::Path) -> Result<(Running, mpsc::Receiver<String>)> {
+    spawn_run_logging(config, "info")
+}
+
+/// `mqplug run --config CONFIG` with `MQPLUG_LOG=log`.
+fn spawn_run_logging(
+    config: &std::path::Path,
+    log: &str,
+) -> Result<(Running, mpsc::Receiver<String>)> {
     spawn_mqplug(
         [
             OsStr::new("run"),
             OsStr::new("--config"),
             config.as_os_str(),
         ],
-        "info",
+        log,
     )
+}
+
+/// Writes `DIR/mqplug.toml`: `extra` top-level settings, then the chaos
+/// plugin reading its group from the first offset.
+fn chaos_config(dir: &std::path::Path, extra: &str) -> Result<std::path::PathBuf> {
+    let config = dir.join("mqplug.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{extra}\n[[plugin]]\nname = \"chaos\"\npath = \"{}\"\nconsume_from = \"first\"\n",
+            plugin_path("chaos")?.display()
+        ),
+    )?;
+    Ok(config)
 }
 
 /// `mqplug publish --file FILE`; returns what it printed.
@@ -596,14 +618,9 @@ fn interrupt_mid_stream(signal: libc::c_int) -> Result<Interrupted> {
     const N: u64 = 200;
     let broker = LocalBroker::start()?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("mqplug.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name_server = \"{}\"\n[[plugin]]\nname = \"chaos\"\npath = \"{}\"\nconsume_from = \"first\"\n",
-            broker.name_server,
-            plugin_path("chaos")?.display()
-        ),
+    let config = chaos_config(
+        dir.path(),
+        &format!("name_server = \"{}\"", broker.name_server),
     )?;
     // Each event keeps the plugin busy for 25 ms: a few seconds of work at
     // concurrency 4, so the signal lands mid-stream.
@@ -618,16 +635,7 @@ fn interrupt_mid_stream(signal: libc::c_int) -> Result<Interrupted> {
     std::fs::write(&events, lines.join("\n"))?;
     publish_file(&broker.name_server, &events)?;
 
-    let spawn = || {
-        spawn_mqplug(
-            [
-                OsStr::new("run"),
-                OsStr::new("--config"),
-                config.as_os_str(),
-            ],
-            "info,mqplug::dispatch=debug",
-        )
-    };
+    let spawn = || spawn_run_logging(&config, "info,mqplug::dispatch=debug");
 
     let (mut first, lines) = spawn()?;
     let mut seen_first = Vec::new();
@@ -805,27 +813,15 @@ fn two_hosts_share_the_queues_and_a_killed_one_hands_its_queues_to_the_other() -
     const AFTER_KILL: u64 = 300;
     let broker = LocalBroker::start()?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("mqplug.toml");
     // Both hosts: one consumer group, a topic of 4 queues created at start.
-    std::fs::write(
-        &config,
-        format!(
-            "name_server = \"{}\"\n[producer]\nenabled = true\ncreate_topic_queues = 4\n\
-             [[plugin]]\nname = \"chaos\"\npath = \"{}\"\nconsume_from = \"first\"\n",
-            broker.name_server,
-            plugin_path("chaos")?.display()
+    let config = chaos_config(
+        dir.path(),
+        &format!(
+            "name_server = \"{}\"\n[producer]\nenabled = true\ncreate_topic_queues = 4",
+            broker.name_server
         ),
     )?;
-    let spawn = || {
-        spawn_mqplug(
-            [
-                OsStr::new("run"),
-                OsStr::new("--config"),
-                config.as_os_str(),
-            ],
-            "info,mqplug::dispatch=debug",
-        )
-    };
+    let spawn = || spawn_run_logging(&config, "info,mqplug::dispatch=debug");
     let started = |seen: &[String]| seen.iter().any(|l| l.contains("consumer started"));
     let (mut first, first_lines) = spawn()?;
     let mut seen_first = Vec::new();
