@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use mqplug::config::PluginConfig;
+use mqplug::mq::{Backoff, MqRuntime, ProducerSettings, Publisher};
 use mqplug::{DeliveryOutcome, Host};
 use mqplug_tests::{LocalBroker, Recorder, host_config, plugins::plugin_path, sample_event};
 
@@ -90,6 +91,21 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
     while count.load(Ordering::SeqCst) < BEFORE && !publishing.is_finished() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A second producer with a short backoff (2 attempts): it reports sends
+    // while the broker is down, and shows how soon it sends once it is back.
+    let probe_runtime = MqRuntime::new(1)?;
+    let mut probe_settings =
+        ProducerSettings::new(broker.name_server.clone(), host.topic().clone());
+    probe_settings.group = "restart-probe".into();
+    probe_settings.backoff = Backoff {
+        attempts: 1,
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(100),
+    };
+    let probe = Publisher::start(&probe_runtime, probe_settings).await?;
+    let probe_event = |i: u64| sample_event("USER_REGISTER", 8000 + i);
+    let probe_before = probe.publish(&probe_event(0)).await?;
+
     // Handlers that finish while the broker is down: 4 s of work each, half
     // of them failing their first delivery. The client keeps a success's
     // offset until it can commit it, and re-runs a failure locally when it
@@ -122,16 +138,32 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
         "the slow events never started\n{}",
         broker.logs()
     );
-    let (done_at_stop, done_at_ready) =
-        tokio::task::block_in_place(|| -> Result<(usize, usize)> {
-            broker.stop_broker();
-            let done_at_stop = slow_done(&recorder);
-            // Down long enough for every client to notice, and for the slow
-            // handlers to finish.
-            std::thread::sleep(Duration::from_secs(5));
-            broker.start_broker()?;
-            Ok((done_at_stop, slow_done(&recorder)))
-        })?;
+    let runtime = tokio::runtime::Handle::current();
+    let done_at_stop = slow_done(&recorder);
+    let (done_at_ready, probe_down) = tokio::task::block_in_place(|| -> Result<_> {
+        broker.stop_broker();
+        // Enough failed connections to trip the probe client's breaker.
+        let probe_down: Vec<Result<_, String>> = (1..=3)
+            .map(|i| {
+                runtime
+                    .block_on(probe.publish(&probe_event(i)))
+                    .map_err(|err| err.to_string())
+            })
+            .collect();
+        // Down long enough for every client to notice, and for the slow
+        // handlers to finish.
+        std::thread::sleep(Duration::from_secs(5));
+        broker.start_broker()?;
+        Ok((slow_done(&recorder), probe_down))
+    })?;
+    let probe_back = probe.publish(&probe_event(4)).await;
+    probe.shutdown().await;
+    probe_runtime.shutdown().await;
+    let probe_ids: Vec<String> = std::iter::once(&Ok(probe_before))
+        .chain(&probe_down)
+        .filter_map(|r| r.as_ref().ok().map(|r| r.message_id.clone()))
+        .chain(probe_back.as_ref().ok().map(|r| r.message_id.clone()))
+        .collect();
     restarted.store(true, Ordering::SeqCst);
     let back = Instant::now();
     let handled_before = recorder.handled_by("chaos").len();
@@ -152,6 +184,7 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
             .sent
             .keys()
             .chain(&slow_ids)
+            .chain(&probe_ids)
             .all(|id| handled.contains(id))
     });
     Arc::into_inner(host)
@@ -175,13 +208,15 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
     missing.sort_unstable();
     eprintln!(
         "broker restart: published {}, sent {}, not sent {}, sends that needed a retry {}, \
-         at most {} attempts; consumer resumed {:.1} s after the broker was ready; \
+         at most {} attempts; probe: {} not sent while down, sent in {} attempts once back; consumer resumed {:.1} s after the broker was ready; \
          handled {} distinct in {} deliveries (with {SLOW} slow ones), acknowledged twice {}",
         published.sent.len() + published.not_sent.len(),
         published.sent.len(),
         published.not_sent.len(),
         published.retried,
         published.max_attempts,
+        probe_down.iter().filter(|r| r.is_err()).count(),
+        probe_back.as_ref().map_or(0, |r| r.attempts),
         resumed_after.as_secs_f64(),
         times.len(),
         handled.len(),
@@ -228,5 +263,17 @@ async fn a_broker_restart_mid_stream_loses_no_event() -> Result<()> {
         published.retried > 0 || !published.not_sent.is_empty(),
         "no send noticed the broker restart"
     );
+    // While the broker was down, the probe's sends were reported as not
+    // sent, with their cause; once it was back, the probe's next send went
+    // through within its two attempts, although its client had tripped the
+    // 1.0.0 client's circuit breaker (which would refuse the broker for
+    // 30 s): the retry ran on a fresh client.
+    for result in &probe_down {
+        let err = result.as_ref().expect_err("the broker was down");
+        assert!(err.contains("gave up after 2 attempts"), "{err}");
+    }
+    probe_back
+        .as_ref()
+        .map_err(|err| anyhow::anyhow!("the probe's send once the broker was back: {err}"))?;
     Ok(())
 }
