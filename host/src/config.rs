@@ -30,6 +30,8 @@ pub enum ConfigError {
     Topic(#[from] TopicNameError),
     #[error("plugin {plugin}: {problem}")]
     Plugin { plugin: String, problem: String },
+    #[error("runtime: {0}")]
+    Runtime(String),
 }
 
 /// The whole configuration. Every key is optional except the plugins' `name`
@@ -355,6 +357,20 @@ impl HostConfig {
                 )));
             }
         }
+        // Each event in flight holds an instance of its own, and a reload
+        // instantiates the new build while the old one may still be busy.
+        let wanted: u64 = self
+            .plugins
+            .iter()
+            .map(|p| u64::from(p.concurrency) + 1)
+            .sum();
+        if wanted > u64::from(self.runtime.max_instances) {
+            return Err(ConfigError::Runtime(format!(
+                "the plugins may need {wanted} instances at once (each plugin's concurrency, \
+                 plus one for a reload), over runtime.max_instances = {}",
+                self.runtime.max_instances
+            )));
+        }
         Ok(())
     }
 }
@@ -473,6 +489,24 @@ mod tests {
         assert!(err.contains("unknown field `concurency`"), "{err}");
         let err = parse("[producer]\nenable = true").unwrap_err().to_string();
         assert!(err.contains("unknown field `enable`"), "{err}");
+    }
+
+    #[test]
+    fn the_plugins_concurrency_must_fit_in_the_instance_pool() {
+        let config = parse(
+            "[runtime]\nmax_instances = 10\n\
+             [[plugin]]\nname = 'a'\npath = 'a.wasm'\nconcurrency = 4\n\
+             [[plugin]]\nname = 'b'\npath = 'b.wasm'\nconcurrency = 4\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let mut config = config;
+        config.plugins[1].concurrency = 5;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("need 11 instances") && err.contains("runtime.max_instances = 10"),
+            "{err}"
+        );
     }
 
     #[test]
