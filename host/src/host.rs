@@ -35,6 +35,8 @@ pub enum HostError {
     Mq(#[from] MqError),
     #[error("cannot start the wasm engine: {0:#}")]
     Engine(wasmtime::Error),
+    #[error("the task loading the plugins failed: {0}")]
+    LoadTask(String),
     #[error("admin listener on {listen}: {cause}")]
     Admin {
         listen: String,
@@ -91,20 +93,33 @@ impl Host {
         let observers = observers.with(metrics.observer());
 
         let wasm = WasmRuntime::new(config.runtime_settings()).map_err(HostError::Engine)?;
-        let mut loaded = Vec::new();
-        for plugin in &config.plugins {
-            let started = Instant::now();
-            let instance = load_plugin(&wasm, plugin, &observers)?;
-            info!(
-                plugin = %plugin.name,
-                path = %plugin.path.display(),
-                version = instance.version().short(),
-                compiled = ?instance.compiled(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "plugin loaded"
-            );
-            loaded.push(Arc::new(PluginSlot::new(plugin, instance)));
-        }
+        // Compiling and instantiating run off the async threads: they take
+        // up to seconds, and a plugin's start-up may call WASI functions that
+        // block on a Tokio runtime, which panics on an async thread.
+        let loaded = {
+            let (wasm, plugins, observers) =
+                (wasm.clone(), config.plugins.clone(), observers.clone());
+            tokio::task::spawn_blocking(move || {
+                plugins
+                    .iter()
+                    .map(|plugin| {
+                        let started = Instant::now();
+                        let instance = load_plugin(&wasm, plugin, &observers)?;
+                        info!(
+                            plugin = %plugin.name,
+                            path = %plugin.path.display(),
+                            version = instance.version().short(),
+                            compiled = ?instance.compiled(),
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "plugin loaded"
+                        );
+                        Ok(Arc::new(PluginSlot::new(plugin, instance)))
+                    })
+                    .collect::<Result<Vec<_>, PluginLoadError>>()
+            })
+            .await
+            .map_err(|err| HostError::LoadTask(err.to_string()))??
+        };
 
         let listener_threads: usize = config.plugins.iter().map(|p| p.concurrency as usize).sum();
         let mq = MqRuntime::new(listener_threads + SPARE_LISTENER_THREADS)?;
