@@ -1,6 +1,7 @@
 //! From a message body to a RocketMQ outcome: decode, call the handler, map,
 //! log. Plain functions over small traits, testable without a broker or wasm.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -91,7 +92,27 @@ impl Dispatcher {
             Ok(event) => {
                 // A versioned handler records its build into this span itself,
                 // before it runs, so the plugin's log lines carry it.
-                let (handled, handled_by) = self.handler.handle_versioned(&event, delivery);
+                //
+                // A panic in the host while handling (a bug of ours or of a
+                // library) must not take the listener thread with it: it is
+                // a host failure, the message is retried, and the instance
+                // that was in use is dropped as the panic unwinds.
+                let (handled, handled_by) = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    self.handler.handle_versioned(&event, delivery)
+                }))
+                .unwrap_or_else(|panic| {
+                    let detail = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic without a message".into());
+                    (
+                        HandlerOutcome::Failed(HandlerFailure::Host {
+                            detail: format!("panicked while handling the event: {detail}"),
+                        }),
+                        None,
+                    )
+                });
                 version = handled_by;
                 let outcome = delivery_outcome(&handled);
                 let cause = match handled {
@@ -256,6 +277,39 @@ mod tests {
             assert_eq!(cause.as_deref(), Some(expected_cause));
             assert!(failure.is_some());
         }
+    }
+
+    #[test]
+    fn a_panic_in_the_host_while_handling_is_a_retried_host_failure() {
+        struct Panics;
+        impl EventHandler for Panics {
+            fn handle(&self, _event: &TaskEvent, _delivery: &Delivery) -> HandlerOutcome {
+                panic!("a bug");
+            }
+        }
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let observer: Observer = Arc::new(move |event| sink.lock().unwrap().push(event.clone()));
+        let dispatcher = Dispatcher::new(
+            "test-plugin",
+            Arc::new(Panics),
+            UndecodablePolicy::Retry,
+            DEFAULT_MAX_BODY_BYTES,
+            Observers::new(vec![observer]),
+        );
+        assert_eq!(
+            dispatcher.dispatch(&delivery(), BODY),
+            DeliveryOutcome::ConsumeRetryLater
+        );
+        let events = events.lock().unwrap();
+        let HostEvent::Handled { cause, failure, .. } = &events[0] else {
+            panic!("expected a Handled event, got {events:?}");
+        };
+        assert_eq!(*failure, Some(FailureKind::Host));
+        assert_eq!(
+            cause.as_deref(),
+            Some("host failure: panicked while handling the event: a bug")
+        );
     }
 
     #[test]
