@@ -587,6 +587,9 @@ fn the_admin_endpoints_and_json_logs_show_plugins_versions_and_counts() -> Resul
         "mqplug_failures_total{plugin=\"rewards\",kind=\"rejected\"}".to_string(),
         "mqplug_handler_duration_seconds_count{plugin=\"rewards\"}".to_string(),
         "mqplug_plugin_loads_total{plugin=\"rewards\",result=\"ok\"".to_string(),
+        "mqplug_pool_live{kind=\"component_instances\"} ".to_string(),
+        "mqplug_pool_capacity_component_instances 256".to_string(),
+        "process_resident_memory_bytes ".to_string(),
     ] {
         assert!(
             metrics.contains(&expected),
