@@ -194,17 +194,26 @@ mod tests {
             outcome,
             seen: Mutex::default(),
         });
+        let (dispatcher, events) = dispatching_to(handler.clone(), policy);
+        (dispatcher, handler, events)
+    }
+
+    /// A dispatcher for `handler` and the host events it emits.
+    fn dispatching_to(
+        handler: Arc<dyn EventHandler>,
+        policy: UndecodablePolicy,
+    ) -> (Dispatcher, Arc<Mutex<Vec<HostEvent>>>) {
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
         let observer: Observer = Arc::new(move |event| sink.lock().unwrap().push(event.clone()));
         let dispatcher = Dispatcher::new(
             "test-plugin",
-            handler.clone(),
+            handler,
             policy,
             DEFAULT_MAX_BODY_BYTES,
             Observers::new(vec![observer]),
         );
-        (dispatcher, handler, events)
+        (dispatcher, events)
     }
 
     fn delivery() -> Delivery {
@@ -287,16 +296,7 @@ mod tests {
                 panic!("a bug");
             }
         }
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let sink = events.clone();
-        let observer: Observer = Arc::new(move |event| sink.lock().unwrap().push(event.clone()));
-        let dispatcher = Dispatcher::new(
-            "test-plugin",
-            Arc::new(Panics),
-            UndecodablePolicy::Retry,
-            DEFAULT_MAX_BODY_BYTES,
-            Observers::new(vec![observer]),
-        );
+        let (dispatcher, events) = dispatching_to(Arc::new(Panics), UndecodablePolicy::Retry);
         assert_eq!(
             dispatcher.dispatch(&delivery(), BODY),
             DeliveryOutcome::ConsumeRetryLater

@@ -130,36 +130,20 @@ impl Metrics {
                 label(version)
             );
         }
-        family(
+        counter_by_plugin(
             &mut out,
-            "mqplug_messages_total",
-            "counter",
+            &plugins,
+            ("mqplug_messages_total", "outcome"),
             "Messages handled, by plugin and the outcome RocketMQ was told.",
+            |counters| &counters.messages,
         );
-        for (plugin, counters) in plugins.iter() {
-            for (outcome, n) in &counters.messages {
-                let _ = writeln!(
-                    out,
-                    "mqplug_messages_total{{plugin=\"{}\",outcome=\"{outcome}\"}} {n}",
-                    label(plugin)
-                );
-            }
-        }
-        family(
+        counter_by_plugin(
             &mut out,
-            "mqplug_failures_total",
-            "counter",
+            &plugins,
+            ("mqplug_failures_total", "kind"),
             "Messages not acknowledged, by plugin and why (rejected, trap, deadline, memory_limit, out_of_fuel, host, undecodable).",
+            |counters| &counters.failures,
         );
-        for (plugin, counters) in plugins.iter() {
-            for (kind, n) in &counters.failures {
-                let _ = writeln!(
-                    out,
-                    "mqplug_failures_total{{plugin=\"{}\",kind=\"{kind}\"}} {n}",
-                    label(plugin)
-                );
-            }
-        }
         family(
             &mut out,
             "mqplug_handler_duration_seconds",
@@ -247,6 +231,27 @@ pub fn resident_memory_bytes() -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Writes a counter family labelled by plugin and one more label `key`,
+/// with the counts `counts` picks from each plugin's counters.
+fn counter_by_plugin(
+    out: &mut String,
+    plugins: &BTreeMap<Arc<str>, PluginCounters>,
+    (name, key): (&str, &str),
+    help: &str,
+    counts: impl Fn(&PluginCounters) -> &BTreeMap<&'static str, u64>,
+) {
+    family(out, name, "counter", help);
+    for (plugin, counters) in plugins {
+        for (value, n) in counts(counters) {
+            let _ = writeln!(
+                out,
+                "{name}{{plugin=\"{}\",{key}=\"{value}\"}} {n}",
+                label(plugin)
+            );
+        }
+    }
 }
 
 /// Writes a metric family's `# HELP` and `# TYPE` lines.

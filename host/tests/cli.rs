@@ -824,34 +824,23 @@ fn two_hosts_share_the_queues_and_a_killed_one_hands_its_queues_to_the_other() -
             broker.name_server
         ),
     )?;
-    let spawn = || spawn_run_logging(&config, "info,mqplug::dispatch=debug");
-    let started = |seen: &[String]| seen.iter().any(|l| l.contains("consumer started"));
-    let (mut first, first_lines) = spawn()?;
-    let mut seen_first = Vec::new();
-    ensure!(
-        wait_for_lines(
-            &first_lines,
-            &mut seen_first,
-            Duration::from_secs(60),
-            started
-        ),
-        "the first host did not start:\n{}",
-        seen_first.join("\n")
-    );
-    let (_second, second_lines) = spawn()?;
-    let mut seen_second = Vec::new();
-    ensure!(
-        wait_for_lines(
-            &second_lines,
-            &mut seen_second,
-            Duration::from_secs(60),
-            started
-        ),
-        "the second host did not start:\n{}",
-        seen_second.join("\n")
-    );
+    // A host, once its consumer has started: the process, its line channel
+    // and the lines so far.
+    let start_host = |which: &str| -> Result<(Running, mpsc::Receiver<String>, Vec<String>)> {
+        let (running, lines) = spawn_run_logging(&config, "info,mqplug::dispatch=debug")?;
+        let mut seen = Vec::new();
+        ensure!(
+            wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
+                seen.iter().any(|l| l.contains("consumer started"))
+            }),
+            "the {which} host did not start:\n{}",
+            seen.join("\n")
+        );
+        Ok((running, lines, seen))
+    };
+    let (mut first, first_lines, mut seen_first) = start_host("first")?;
+    let (_second, second_lines, mut seen_second) = start_host("second")?;
 
-    // About 10 s of events at 100 a second, 20 ms of work each.
     // 100 events a second, 20 ms of work each, until the survivor has had
     // AFTER_KILL more after the kill: the kill always lands mid-stream.
     let stop = Arc::new(AtomicBool::new(false));
@@ -872,12 +861,8 @@ fn two_hosts_share_the_queues_and_a_killed_one_hands_its_queues_to_the_other() -
             completed(&seen_first).len(),
             completed(&seen_second).len()
         );
-        while let Ok(line) = first_lines.try_recv() {
-            seen_first.push(line);
-        }
-        while let Ok(line) = second_lines.try_recv() {
-            seen_second.push(line);
-        }
+        seen_first.extend(first_lines.try_iter());
+        seen_second.extend(second_lines.try_iter());
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut child = first.0.take().context("running")?;

@@ -40,6 +40,21 @@ fn load(settings: PluginSettings, recorder: &Recorder) -> Plugin {
     Plugin::load_file(&runtime, settings, &path, recorder.observers()).unwrap()
 }
 
+/// An engine whose pool holds at most `instances` component instances.
+fn pool_of(instances: u32) -> Arc<WasmRuntime> {
+    WasmRuntime::new(RuntimeSettings {
+        max_instances: instances,
+        ..RuntimeSettings::default()
+    })
+    .unwrap()
+}
+
+/// Loads `plugins/chaos` on `runtime` as the plugin `settings.name`.
+fn chaos_on(runtime: &Arc<WasmRuntime>, settings: PluginSettings, recorder: &Recorder) -> Plugin {
+    let path = plugin_path("chaos").unwrap();
+    Plugin::load_file(runtime, settings, &path, recorder.observers()).unwrap()
+}
+
 fn chaos(mode: InstanceMode, recorder: &Recorder) -> Plugin {
     let settings = PluginSettings {
         deadline: Duration::from_millis(200),
@@ -369,8 +384,7 @@ fn out_of_fuel_is_a_deterministic_limit_and_the_plugin_recovers() {
         fuel_per_event: Some(10_000_000),
         ..PluginSettings::new("chaos")
     };
-    let path = plugin_path("chaos").unwrap();
-    let plugin = Plugin::load_file(&runtime, settings, &path, Default::default()).unwrap();
+    let plugin = chaos_on(&runtime, settings, &Recorder::new());
     assert_eq!(
         plugin.handle(&event("LOOP"), &delivery("loop", 0)),
         HandlerOutcome::Failed(HandlerFailure::OutOfFuel { limit: 10_000_000 })
@@ -387,6 +401,7 @@ fn out_of_fuel_is_a_deterministic_limit_and_the_plugin_recovers() {
         fuel_per_event: Some(1),
         ..PluginSettings::new("chaos")
     };
+    let path = plugin_path("chaos").unwrap();
     let err = Plugin::load_file(&plain, settings, &path, Default::default())
         .err()
         .expect("fuel without fuel counting must not load");
@@ -401,31 +416,18 @@ fn out_of_fuel_is_a_deterministic_limit_and_the_plugin_recovers() {
 fn a_plugin_that_fails_every_event_gives_back_its_pool_slots_and_starves_no_one() {
     // A small pool: a leak of one slot per failure would exhaust it within
     // the first few rounds, and instantiation would then fail.
-    let runtime = WasmRuntime::new(RuntimeSettings {
-        max_instances: 4,
-        ..RuntimeSettings::default()
-    })
-    .unwrap();
+    let runtime = pool_of(4);
     let recorder = Recorder::new();
-    let path = plugin_path("chaos").unwrap();
-    let failing = Plugin::load_file(
+    let failing = chaos_on(
         &runtime,
         PluginSettings {
             deadline: Duration::from_millis(50),
             memory_limit_bytes: 16 * 1024 * 1024,
             ..PluginSettings::new("failing")
         },
-        &path,
-        recorder.observers(),
-    )
-    .unwrap();
-    let healthy = Plugin::load_file(
-        &runtime,
-        PluginSettings::new("healthy"),
-        &path,
-        recorder.observers(),
-    )
-    .unwrap();
+        &recorder,
+    );
+    let healthy = chaos_on(&runtime, PluginSettings::new("healthy"), &recorder);
     assert_eq!(
         healthy.handle(&event("OK"), &delivery("warm", 0)),
         HandlerOutcome::Accepted
@@ -464,21 +466,9 @@ fn a_plugin_that_fails_every_event_gives_back_its_pool_slots_and_starves_no_one(
 fn an_instance_that_cannot_be_created_is_a_host_failure_and_the_next_event_recovers() {
     // A pool of one component instance, held by a busy handler: a second
     // event at the same time cannot get an instance of its own.
-    let runtime = WasmRuntime::new(RuntimeSettings {
-        max_instances: 1,
-        ..RuntimeSettings::default()
-    })
-    .unwrap();
+    let runtime = pool_of(1);
     let recorder = Recorder::new();
-    let plugin = Arc::new(
-        Plugin::load_file(
-            &runtime,
-            PluginSettings::new("chaos"),
-            &plugin_path("chaos").unwrap(),
-            recorder.observers(),
-        )
-        .unwrap(),
-    );
+    let plugin = Arc::new(chaos_on(&runtime, PluginSettings::new("chaos"), &recorder));
     let busy = std::thread::spawn({
         let plugin = plugin.clone();
         move || {
