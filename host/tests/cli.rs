@@ -50,6 +50,12 @@ fn wait_for_lines(
     true
 }
 
+/// Every line an exited process wrote: the lines still in its pipes arrive
+/// after `wait` returns, until both pipes close.
+fn read_to_exit(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) {
+    wait_for_lines(lines, seen, Duration::from_secs(10), |_| false);
+}
+
 /// Starts `mqplug ARGS` with `MQPLUG_LOG=log` and the admin listener on a
 /// free port (unless ARGS say otherwise). Its stdout and stderr lines go to
 /// the returned channel; the process is killed when `Running` drops.
@@ -656,8 +662,7 @@ fn interrupt_mid_stream(signal: libc::c_int) -> Result<Interrupted> {
         libc::kill(child.id() as libc::pid_t, signal);
     }
     let first_exit = child.wait()?;
-    // Every line it wrote, up to its exit (both pipes closed).
-    wait_for_lines(&lines, &mut seen_first, Duration::from_secs(10), |_| false);
+    read_to_exit(&lines, &mut seen_first);
     let by_first = completed(&seen_first);
 
     let (_second, lines) = spawn()?;
@@ -868,9 +873,7 @@ fn two_hosts_share_the_queues_and_a_killed_one_hands_its_queues_to_the_other() -
     let mut child = first.0.take().context("running")?;
     child.kill()?; // SIGKILL mid-stream
     child.wait()?;
-    while let Ok(line) = first_lines.try_recv() {
-        seen_first.push(line);
-    }
+    read_to_exit(&first_lines, &mut seen_first);
     let by_first = completed(&seen_first);
     let first_queues: std::collections::BTreeSet<i64> =
         by_first.iter().map(|(_, _, q)| *q).collect();
