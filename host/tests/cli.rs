@@ -611,6 +611,14 @@ fn message_id_of(line: &str) -> Option<&str> {
     rest.split([' ', '}']).next()
 }
 
+/// The body of a BUSY event for the chaos plugin: `ms` milliseconds of work
+/// for user `user` (which the tests use as the event's number).
+fn busy_body(user: u64, ms: u64) -> String {
+    format!(
+        r#"{{"event_type":"BUSY","user_id":{user},"tenant_id":"t","app_id":"a","campaign_id":"c","campaign_name":"n","event_data":{{"ms":{ms}}},"timestamp":"2026-11-25T14:19:15+08:00"}}"#
+    )
+}
+
 /// What an interrupted stream left: the events each host completed.
 struct Interrupted {
     published: u64,
@@ -634,13 +642,7 @@ fn interrupt_mid_stream(signal: libc::c_int) -> Result<Interrupted> {
     // Each event keeps the plugin busy for 25 ms: a few seconds of work at
     // concurrency 4, so the signal lands mid-stream.
     let events = dir.path().join("events.jsonl");
-    let lines: Vec<String> = (0..N)
-        .map(|user| {
-            format!(
-                r#"{{"event_type":"BUSY","user_id":{user},"tenant_id":"t","app_id":"a","campaign_id":"c","campaign_name":"n","event_data":{{"ms":25}},"timestamp":"2026-11-25T14:19:15+08:00"}}"#
-            )
-        })
-        .collect();
+    let lines: Vec<String> = (0..N).map(|user| busy_body(user, 25)).collect();
     std::fs::write(&events, lines.join("\n"))?;
     publish_file(&broker.name_server, &events)?;
 
@@ -745,10 +747,7 @@ fn publish_paced(
                 Publisher::start(&mq, ProducerSettings::new(name_server, topic)).await?;
             let mut user = 0;
             while !stop.load(Ordering::SeqCst) {
-                let body = format!(
-                    r#"{{"event_type":"BUSY","user_id":{user},"tenant_id":"t","app_id":"a","campaign_id":"c","campaign_name":"n","event_data":{{"ms":20}},"timestamp":"2026-11-25T14:19:15+08:00"}}"#
-                );
-                let event = mqplug::TaskEvent::decode(body.as_bytes(), usize::MAX)?;
+                let event = mqplug::TaskEvent::decode(busy_body(user, 20).as_bytes(), usize::MAX)?;
                 publisher.publish(&event).await?;
                 user += 1;
                 sent.store(user, Ordering::SeqCst);
