@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what mqplug's build, tests and demo need, skipping what is there:
-# the wasm32-wasip2 Rust target and the RocketMQ name server and broker.
+# the wasm32-wasip2 Rust target, the RocketMQ name server and broker (Apache
+# RocketMQ from Maven Central unless MQPLUG_BROKER=rust), the Go peers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,10 @@ if ! rustup component list --installed | grep -q '^clippy'; then
     rustup component add clippy rustfmt
 fi
 bin=$(bash scripts/install-rocketmq.sh)
-echo "RocketMQ binaries: $bin" >&2
+echo "RocketMQ (${MQPLUG_BROKER:-java}): $bin" >&2
 # componentize-py and componentize-js, for the Python and JavaScript plugins.
 bash scripts/install-guest-tools.sh >/dev/null
+# The platform's Go clients, test peers: their modules from the Go module
+# proxy, cached in Go's own module cache outside the checkout.
+command -v go >/dev/null || { echo "Go is needed for the platform's client test peers (tests/peers/go)" >&2; exit 1; }
+(cd tests/peers/go && go mod download)

@@ -12,28 +12,34 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// One `TaskEventMessage`: a user completed a campaign task.
 ///
-/// Decoding accepts the canonical snake_case names and the spellings a Go
-/// service emits without json tags (`EventType`, `UserID`, ...). Encoding
-/// always writes snake_case.
+/// On the wire the fields carry the Go names the platform's `TaskTriggerService`
+/// emits (its struct has no json tags: `EventType`, `UserID`, ...), and that is
+/// what encoding writes, so the platform's own Go consumers decode what mqplug
+/// publishes. Decoding also accepts snake_case (`event_type`, `user_id`, ...).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskEvent {
-    #[serde(alias = "EventType")]
+    #[serde(rename = "EventType", alias = "event_type")]
     pub event_type: String,
-    #[serde(alias = "UserID")]
+    #[serde(rename = "UserID", alias = "user_id")]
     pub user_id: u64,
-    #[serde(alias = "TenantID")]
+    #[serde(rename = "TenantID", alias = "tenant_id")]
     pub tenant_id: String,
-    #[serde(alias = "AppID")]
+    #[serde(rename = "AppID", alias = "app_id")]
     pub app_id: String,
-    #[serde(alias = "CampaignID")]
+    #[serde(rename = "CampaignID", alias = "campaign_id")]
     pub campaign_id: String,
-    #[serde(alias = "CampaignName")]
+    #[serde(rename = "CampaignName", alias = "campaign_name")]
     pub campaign_name: String,
     /// Free-form data; absent or `null` (a nil Go map) decodes as `{}`.
-    #[serde(alias = "EventData", default, deserialize_with = "object_or_null")]
+    #[serde(
+        rename = "EventData",
+        alias = "event_data",
+        default,
+        deserialize_with = "object_or_null"
+    )]
     pub event_data: Map<String, Value>,
     /// RFC 3339 text, kept as sent; decoding checks that it parses.
-    #[serde(alias = "Timestamp")]
+    #[serde(rename = "Timestamp", alias = "timestamp")]
     pub timestamp: String,
 }
 
@@ -67,7 +73,8 @@ impl TaskEvent {
         Ok(event)
     }
 
-    /// The canonical JSON body, as mqplug's producer publishes it.
+    /// The JSON body as the platform's Go producer writes it (Go field names),
+    /// which is how mqplug's producer publishes it.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a TaskEvent always serializes")
     }
@@ -139,10 +146,12 @@ mod tests {
     }
 
     #[test]
-    fn encoding_round_trips_in_snake_case() {
-        let event = decode(GO).unwrap();
+    fn encoding_writes_the_go_field_names_and_round_trips() {
+        let event = decode(SNAKE).unwrap();
         let body = String::from_utf8(event.encode()).unwrap();
-        assert!(body.contains(r#""user_id":123"#), "{body}");
+        let written: Value = serde_json::from_str(&body).unwrap();
+        let go: Value = serde_json::from_str(GO).unwrap();
+        assert_eq!(written, go, "the platform's own spelling, field for field");
         assert_eq!(decode(&body).unwrap(), event);
     }
 

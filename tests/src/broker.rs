@@ -1,4 +1,9 @@
 //! A throwaway RocketMQ name server and broker on loopback.
+//!
+//! Two kinds, chosen by `MQPLUG_BROKER`: `java` (the default), Apache
+//! RocketMQ from Maven Central as the platform runs it in production, and
+//! `rust`, the Rust 1.0.0 servers. Both run as child processes with their data
+//! in a temporary folder, on free loopback ports.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -13,18 +18,44 @@ use anyhow::{Context, Result, bail};
 
 use crate::workspace_root;
 
+/// Which RocketMQ servers a [`LocalBroker`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// Apache RocketMQ (Java), `ROCKETMQ_JAVA_VERSION` or 5.5.0.
+    Java,
+    /// The Rust `rocketmq-namesrv` and `rocketmq-broker` 1.0.0.
+    Rust,
+}
+
+impl BrokerKind {
+    /// `MQPLUG_BROKER` (`java` or `rust`), Java when unset.
+    pub fn from_env() -> Result<BrokerKind> {
+        match std::env::var("MQPLUG_BROKER").as_deref() {
+            Err(_) | Ok("") | Ok("java") => Ok(BrokerKind::Java),
+            Ok("rust") => Ok(BrokerKind::Rust),
+            Ok(other) => bail!("MQPLUG_BROKER must be java or rust, not {other:?}"),
+        }
+    }
+}
+
 /// A name server and a broker, each a child process with its data in a
 /// temporary folder. Dropping it kills both (also when a test panics), and
 /// both also die with the test process.
 pub struct LocalBroker {
+    kind: BrokerKind,
     namesrv: Option<Child>,
     broker: Option<Child>,
     /// `127.0.0.1:<port>` of the name server.
     pub name_server: String,
+    /// `127.0.0.1:<port>` of the broker.
+    pub broker_addr: String,
     dir: tempfile::TempDir,
     broker_config: PathBuf,
     health: SocketAddr,
 }
+
+/// The broker's name in the cluster.
+pub const BROKER_NAME: &str = "mqplug-test-broker";
 
 /// Ports the broker uses: its listen port, the "fast" port two below it, HA
 /// and health. Reserved together so parallel tests do not collide.
@@ -58,18 +89,25 @@ fn free_ports() -> Result<BrokerPorts> {
     bail!("could not find free ports on 127.0.0.1")
 }
 
-/// The folder with `rocketmq-namesrv-rust` and `rocketmq-broker-rust`,
-/// installed (once per version, cached outside the checkout) by
-/// `scripts/install-rocketmq.sh`. `MQPLUG_ROCKETMQ_BIN` overrides it.
-pub fn rocketmq_bin_dir() -> Result<PathBuf> {
-    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Ok(dir) = std::env::var("MQPLUG_ROCKETMQ_BIN") {
+/// Where the servers of `kind` are installed: for Java the folder of jars, for
+/// Rust the folder with `rocketmq-namesrv-rust` and `rocketmq-broker-rust`.
+/// `scripts/install-rocketmq.sh` installs them once per version, cached
+/// outside the checkout; `MQPLUG_ROCKETMQ_HOME` overrides it.
+pub fn rocketmq_install_dir(kind: BrokerKind) -> Result<PathBuf> {
+    static JAVA: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static RUST: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let (cell, name) = match kind {
+        BrokerKind::Java => (&JAVA, "java"),
+        BrokerKind::Rust => (&RUST, "rust"),
+    };
+    cell.get_or_init(|| {
+        if let Ok(dir) = std::env::var("MQPLUG_ROCKETMQ_HOME") {
             return Ok(PathBuf::from(dir));
         }
         let script = workspace_root().join("scripts/install-rocketmq.sh");
         let output = Command::new("bash")
             .arg(&script)
+            .env("MQPLUG_BROKER", name)
             .stderr(Stdio::inherit())
             .output()
             .map_err(|err| format!("cannot run {}: {err}", script.display()))?;
@@ -112,7 +150,11 @@ fn spawn_logged(mut command: Command, log: &Path) -> Result<Child> {
 
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text
+        .lines()
+        // logback's own start-up chatter says nothing about why a server failed.
+        .filter(|line| !line.contains("|-INFO in ") && !line.contains("|-WARN in "))
+        .collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
@@ -129,43 +171,172 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     response.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// RocketMQ's `GET_BROKER_CLUSTER_INFO` request code.
+const GET_BROKER_CLUSTER_INFO: i32 = 106;
+
+/// Asks the name server at `name_server` for its cluster table over
+/// RocketMQ's remoting protocol (a length-prefixed frame with a JSON header)
+/// and returns the response body as text.
+pub fn cluster_info(name_server: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(name_server)?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(3)))?;
+    let header = format!(
+        r#"{{"code":{GET_BROKER_CLUSTER_INFO},"flag":0,"language":"JAVA","opaque":1,"serializeTypeCurrentRPC":"JSON","version":0,"extFields":{{}}}}"#
+    );
+    let header_len = u32::try_from(header.len())?;
+    let mut frame = Vec::with_capacity(8 + header.len());
+    frame.extend_from_slice(&(4 + header_len).to_be_bytes());
+    // The high byte is the serialisation type: 0 is JSON.
+    frame.extend_from_slice(&header_len.to_be_bytes());
+    frame.extend_from_slice(header.as_bytes());
+    stream.write_all(&frame)?;
+
+    let mut word = [0u8; 4];
+    stream.read_exact(&mut word)?;
+    let total = u32::from_be_bytes(word) as usize;
+    if !(4..=16 << 20).contains(&total) {
+        bail!("name server sent a frame of {total} bytes");
+    }
+    let mut rest = vec![0u8; total];
+    stream.read_exact(&mut rest)?;
+    let header_len = (u32::from_be_bytes(rest[..4].try_into()?) & 0x00ff_ffff) as usize;
+    let body = rest
+        .get(4 + header_len..)
+        .context("name server sent a header longer than its frame")?;
+    Ok(String::from_utf8_lossy(body).into_owned())
+}
+
+/// The JVM options both Java servers share: a heap that suits a 2-core
+/// machine shared with builds (the stock scripts ask for gigabytes), and the
+/// module opens RocketMQ needs on Java 17.
+const JAVA_OPTIONS: &[&str] = &[
+    "-XX:+UseSerialGC",
+    "-XX:-UsePerfData",
+    "-Xss512k",
+    "-Djava.net.preferIPv4Stack=true",
+    "--add-opens=java.base/java.lang=ALL-UNNAMED",
+    "--add-opens=java.base/java.nio=ALL-UNNAMED",
+    "--add-opens=java.base/java.util=ALL-UNNAMED",
+    "--add-opens=java.base/jdk.internal.ref=ALL-UNNAMED",
+    "--add-exports=java.base/sun.nio.ch=ALL-UNNAMED",
+];
+
+/// A `java` command for `main_class` from the jars in `lib`, with its home,
+/// logs (`<root>/logs`) and everything else it writes under `root`.
+/// `heap` sizes the heap and the direct memory alike.
+fn java_command(lib: &Path, root: &Path, heap: &str, main_class: &str) -> Command {
+    let java = std::env::var_os("JAVA_HOME")
+        .map(|home| PathBuf::from(home).join("bin/java"))
+        .filter(|java| java.exists())
+        .unwrap_or_else(|| PathBuf::from("java"));
+    let mut command = Command::new(java);
+    command
+        .env("ROCKETMQ_HOME", root)
+        .env_remove("NAMESRV_ADDR")
+        .args(JAVA_OPTIONS)
+        .arg(format!("-Xms{heap}"))
+        .arg(format!("-Xmx{heap}"))
+        .arg(format!("-XX:MaxDirectMemorySize={heap}"))
+        .arg(format!("-Duser.home={}", root.display()))
+        .arg(format!("-Drocketmq.home.dir={}", root.display()))
+        .arg("-cp")
+        .arg(lib.join("*"))
+        .arg(main_class);
+    command
+}
+
 impl LocalBroker {
-    /// Starts a name server, then a broker registered with it, and waits
-    /// until the broker reports ready.
+    /// Starts a name server, then a broker registered with it, of the kind
+    /// `MQPLUG_BROKER` names (Java unless it says `rust`), and waits until the
+    /// broker is ready.
     pub fn start() -> Result<LocalBroker> {
-        let bin = rocketmq_bin_dir()?;
+        LocalBroker::start_kind(BrokerKind::from_env()?)
+    }
+
+    /// Starts a name server and a broker of `kind`.
+    pub fn start_kind(kind: BrokerKind) -> Result<LocalBroker> {
+        let install = rocketmq_install_dir(kind)?;
         let dir = tempfile::Builder::new()
             .prefix("mqplug-broker-")
             .tempdir()?;
         let ports = free_ports()?;
         let root = dir.path();
-
-        let namesrv_config = root.join("namesrv.toml");
-        std::fs::write(
-            &namesrv_config,
-            format!(
-                "rocketmqHome = \"{home}\"\nkvConfigPath = \"{home}/namesrv/kvConfig.json\"\nconfigStorePath = \"{home}/namesrv/namesrv.properties\"\n",
-                home = root.display()
-            ),
-        )?;
-        let mut command = Command::new(bin.join("rocketmq-namesrv-rust"));
-        command
-            .env("ROCKETMQ_HOME", root)
-            .arg("-c")
-            .arg(&namesrv_config)
-            .arg("--bindAddress")
-            .arg("127.0.0.1")
-            .arg("--listenPort")
-            .arg(ports.namesrv.to_string());
-        let namesrv = spawn_logged(command, &root.join("namesrv.log"))?;
         let name_server = format!("127.0.0.1:{}", ports.namesrv);
-
         let store = root.join("store");
-        let broker_config = root.join("broker.toml");
-        std::fs::write(
-            &broker_config,
-            format!(
-                r#"[broker]
+
+        let (namesrv, broker_config) = match kind {
+            BrokerKind::Java => {
+                let namesrv_config = root.join("namesrv.properties");
+                std::fs::write(
+                    &namesrv_config,
+                    format!(
+                        "listenPort={port}\nbindAddress=127.0.0.1\n",
+                        port = ports.namesrv
+                    ),
+                )?;
+                let mut command = java_command(
+                    &install,
+                    root,
+                    "128m",
+                    "org.apache.rocketmq.namesrv.NamesrvStartup",
+                );
+                command.arg("-c").arg(&namesrv_config);
+                let broker_config = root.join("broker.conf");
+                std::fs::write(
+                    &broker_config,
+                    format!(
+                        "brokerClusterName=DefaultCluster
+brokerName={BROKER_NAME}
+brokerId=0
+brokerIP1=127.0.0.1
+bindAddress=127.0.0.1
+listenPort={listen}
+haListenPort={ha}
+namesrvAddr={name_server}
+storePathRootDir={store}
+storePathCommitLog={store}/commitlog
+mappedFileSizeCommitLog=67108864
+mappedFileSizeConsumeQueue=300000
+brokerRole=ASYNC_MASTER
+flushDiskType=ASYNC_FLUSH
+autoCreateTopicEnable=true
+autoCreateSubscriptionGroup=true
+defaultTopicQueueNums=4
+waitTimeMillsInSendQueue=3000
+osPageCacheBusyTimeOutMills=5000
+diskMaxUsedSpaceRatio=95
+",
+                        listen = ports.listen,
+                        ha = ports.ha,
+                        store = store.display(),
+                    ),
+                )?;
+                (command, broker_config)
+            }
+            BrokerKind::Rust => {
+                let namesrv_config = root.join("namesrv.toml");
+                std::fs::write(
+                    &namesrv_config,
+                    format!(
+                        "rocketmqHome = \"{home}\"\nkvConfigPath = \"{home}/namesrv/kvConfig.json\"\nconfigStorePath = \"{home}/namesrv/namesrv.properties\"\n",
+                        home = root.display()
+                    ),
+                )?;
+                let mut command = Command::new(install.join("rocketmq-namesrv-rust"));
+                command
+                    .env("ROCKETMQ_HOME", root)
+                    .arg("-c")
+                    .arg(&namesrv_config)
+                    .arg("--bindAddress")
+                    .arg("127.0.0.1")
+                    .arg("--listenPort")
+                    .arg(ports.namesrv.to_string());
+                let broker_config = root.join("broker.toml");
+                std::fs::write(
+                    &broker_config,
+                    format!(
+                        r#"[broker]
 brokerIp1 = "127.0.0.1"
 listenPort = {listen}
 namesrvAddr = "{name_server}"
@@ -175,7 +346,7 @@ storePathRootDir = "{store}"
 bindAddress = "127.0.0.1"
 
 [broker.brokerIdentity]
-brokerName = "mqplug-test-broker"
+brokerName = "{BROKER_NAME}"
 brokerClusterName = "DefaultCluster"
 brokerId = 0
 
@@ -188,15 +359,21 @@ haListenPort = {ha}
 storePathRootDir = "{store}"
 mappedFileSizeCommitLog = 67108864
 "#,
-                listen = ports.listen,
-                ha = ports.ha,
-                store = store.display(),
-            ),
-        )?;
+                        listen = ports.listen,
+                        ha = ports.ha,
+                        store = store.display(),
+                    ),
+                )?;
+                (command, broker_config)
+            }
+        };
+        let namesrv = spawn_logged(namesrv, &root.join("namesrv.log"))?;
         let mut local = LocalBroker {
+            kind,
             namesrv: Some(namesrv),
             broker: None,
             name_server,
+            broker_addr: format!("127.0.0.1:{}", ports.listen),
             health: SocketAddr::from(([127, 0, 0, 1], ports.health)),
             broker_config,
             dir,
@@ -206,8 +383,13 @@ mappedFileSizeCommitLog = 67108864
         Ok(local)
     }
 
+    /// Which servers this is.
+    pub fn kind(&self) -> BrokerKind {
+        self.kind
+    }
+
     fn wait_for_name_server(&mut self, port: u16) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = self
                 .namesrv
@@ -221,7 +403,7 @@ mappedFileSizeCommitLog = 67108864
             }
             if Instant::now() > deadline {
                 bail!(
-                    "name server did not listen within 20 s:\n{}",
+                    "name server did not listen within 30 s:\n{}",
                     tail(&self.dir.path().join("namesrv.log"))
                 );
             }
@@ -230,37 +412,71 @@ mappedFileSizeCommitLog = 67108864
         Ok(())
     }
 
+    /// Whether the broker is ready: the Rust broker says so on its health
+    /// port; the Java one once the name server lists it in its cluster table.
+    fn broker_ready(&self) -> bool {
+        match self.kind {
+            BrokerKind::Rust => http_status(self.health, "/readyz") == Some(200),
+            BrokerKind::Java => {
+                cluster_info(&self.name_server).is_ok_and(|table| table.contains(&self.broker_addr))
+            }
+        }
+    }
+
     /// Starts (or restarts) the broker with its store kept, and waits until
-    /// it is ready. The broker dies when the calling thread ends.
+    /// it has registered with the name server. The broker dies when the
+    /// calling thread ends.
     pub fn start_broker(&mut self) -> Result<()> {
-        let bin = rocketmq_bin_dir()?;
-        let log = self.dir.path().join("broker.log");
-        let mut command = Command::new(bin.join("rocketmq-broker-rust"));
-        command
-            .env("ROCKETMQ_HOME", self.dir.path())
-            .env("ROCKETMQ_SECURITY_PROFILE", "development-insecure-loopback")
-            .env("ROCKETMQ_HEALTH_BIND_ADDR", self.health.to_string())
-            .env("ROCKETMQ_SHUTDOWN_TIMEOUT_SECONDS", "5")
-            .env_remove("NAMESRV_ADDR")
-            .arg("-c")
-            .arg(&self.broker_config)
-            .arg("-n")
-            .arg(&self.name_server);
+        let install = rocketmq_install_dir(self.kind)?;
+        let root = self.dir.path();
+        let log = root.join("broker.log");
+        let command = match self.kind {
+            BrokerKind::Java => {
+                let mut command = java_command(
+                    &install,
+                    root,
+                    "256m",
+                    "org.apache.rocketmq.broker.BrokerStartup",
+                );
+                // 256 MiB: the timer wheel alone takes about 40 MB of direct
+                // memory at start.
+                command
+                    .arg("-c")
+                    .arg(&self.broker_config)
+                    .arg("-n")
+                    .arg(&self.name_server);
+                command
+            }
+            BrokerKind::Rust => {
+                let mut command = Command::new(install.join("rocketmq-broker-rust"));
+                command
+                    .env("ROCKETMQ_HOME", root)
+                    .env("ROCKETMQ_SECURITY_PROFILE", "development-insecure-loopback")
+                    .env("ROCKETMQ_HEALTH_BIND_ADDR", self.health.to_string())
+                    .env("ROCKETMQ_SHUTDOWN_TIMEOUT_SECONDS", "5")
+                    .env_remove("NAMESRV_ADDR")
+                    .arg("-c")
+                    .arg(&self.broker_config)
+                    .arg("-n")
+                    .arg(&self.name_server);
+                command
+            }
+        };
         self.broker = Some(spawn_logged(command, &log)?);
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Some(status) = self
                 .broker
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                bail!("broker exited ({status}):\n{}", tail(&log));
+                bail!("broker exited ({status}):\n{}", self.logs());
             }
-            if http_status(self.health, "/readyz") == Some(200) {
+            if self.broker_ready() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("broker was not ready within 60 s:\n{}", tail(&log));
+                bail!("broker was not ready within 90 s:\n{}", self.logs());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -273,13 +489,20 @@ mappedFileSizeCommitLog = 67108864
         }
     }
 
-    /// The broker's and name server's logs, for failure messages.
+    /// The broker's and name server's logs, for failure messages: their
+    /// output, and for Java the broker's own log file.
     pub fn logs(&self) -> String {
-        format!(
+        let root = self.dir.path();
+        let mut logs = format!(
             "--- name server ---\n{}\n--- broker ---\n{}",
-            tail(&self.dir.path().join("namesrv.log")),
-            tail(&self.dir.path().join("broker.log"))
-        )
+            tail(&root.join("namesrv.log")),
+            tail(&root.join("broker.log"))
+        );
+        let java_log = root.join("logs/rocketmqlogs/broker.log");
+        if java_log.exists() {
+            logs.push_str(&format!("\n--- broker log ---\n{}", tail(&java_log)));
+        }
+        logs
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -3,6 +3,7 @@
 //! the host did.
 
 pub mod broker;
+pub mod peers;
 pub mod plugins;
 pub mod recorder;
 

@@ -39,7 +39,7 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         ),
         (
             "wrong type",
-            with("user_id", "\"abc\""),
+            with("UserID", "\"abc\""),
             "invalid type: string \"abc\"",
         ),
         (
@@ -58,22 +58,22 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         ),
         (
             "not RFC 3339",
-            with("timestamp", "\"25/11/2026 14:19\""),
+            with("Timestamp", "\"25/11/2026 14:19\""),
             "is not RFC 3339",
         ),
         (
             "fractional user id",
-            with("user_id", "1.5"),
+            with("UserID", "1.5"),
             "invalid type: floating point",
         ),
         (
             "negative user id",
-            with("user_id", "-1"),
+            with("UserID", "-1"),
             "invalid value: integer `-1`",
         ),
         (
             "event data not an object",
-            with("event_data", "[1,2]"),
+            with("EventData", "[1,2]"),
             "must be a JSON object",
         ),
     ]
