@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job, end to end, on a fresh machine:
 #   installs what is missing, starts a RocketMQ name server and broker on
-#   127.0.0.1 (data in a temporary folder), starts mqplug with the example
-#   plugin, publishes the sample events with the built-in producer, and shows
-#   them handled. Everything it started is stopped when it exits.
+#   127.0.0.1 (Apache RocketMQ, data in a temporary folder), starts mqplug with
+#   the example plugin, publishes the sample events with the built-in producer
+#   and more with the platform's own Go producer (rocketmq-client-go v2), and
+#   shows them handled. Everything it started is stopped when it exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -14,6 +15,7 @@ echo "== building mqplug and the example plugins" >&2
 cargo build --quiet -p mqplug -p mqplug-tests --bins
 cargo build --quiet --release --target wasm32-wasip2 \
     --manifest-path plugins/Cargo.toml --target-dir target
+(cd tests/peers/go && go build -trimpath -o "$root/target/go-peers/" ./...)
 mqplug="$root/target/debug/mqplug"
 
 work=$(mktemp -d -t mqplug-demo.XXXXXX)
@@ -37,7 +39,7 @@ wait_for() {
     return 1
 }
 
-echo "== starting a RocketMQ name server and broker on 127.0.0.1" >&2
+echo "== starting a RocketMQ name server and broker (${MQPLUG_BROKER:-java}) on 127.0.0.1" >&2
 "$root/target/debug/local-broker" >"$work/broker.out" 2>"$work/broker.err" &
 pids+=($!)
 wait_for "${pids[0]}" "$work/broker.out" '^NAME_SERVER=' || { cat "$work/broker.err" >&2; exit 1; }
@@ -72,7 +74,12 @@ grep -E 'starting mqplug|consumer started' "$work/mqplug.log" >&2
 echo "== publishing examples/events.jsonl with the built-in producer" >&2
 "$mqplug" publish --name-server "$name_server" --file examples/events.jsonl
 
-expected=$(grep -c . examples/events.jsonl)
+echo "== publishing the platform's edge-value events with its own Go producer (SendSync, marketing-producer-group)" >&2
+"$root/target/go-peers/task-producer" -nameserver "$name_server" -batch edge >"$work/go-producer.out"
+go_sent=$(grep -c '"msg_id"' "$work/go-producer.out")
+echo "the Go producer sent $go_sent events" >&2
+
+expected=$(( $(grep -c . examples/events.jsonl) + go_sent ))
 echo "== waiting for mqplug to handle $expected events" >&2
 for _ in $(seq 1 600); do
     handled=$(grep -c -E 'granting|handler returned an error' "$work/mqplug.log" || true)

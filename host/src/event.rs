@@ -173,7 +173,8 @@ mod tests {
     fn a_missing_field_is_named() {
         let body = SNAKE.replace(r#""tenant_id":"tenant1","#, "");
         let err = decode(&body).unwrap_err().to_string();
-        assert!(err.contains("missing field `tenant_id`"), "{err}");
+        // Named as it is on the wire, in the platform's spelling.
+        assert!(err.contains("missing field `TenantID`"), "{err}");
     }
 
     #[test]
