@@ -207,6 +207,31 @@ pub fn cluster_info(name_server: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(body).into_owned())
 }
 
+/// RocketMQ 4.9.x reads its logging set-up from `$ROCKETMQ_HOME/conf`, which
+/// only its distribution archive ships (5.x carries its own in the jars):
+/// a plain one, each server logging to `<root>/logs/rocketmqlogs/`.
+fn write_logback_configs(root: &Path) -> Result<()> {
+    let conf = root.join("conf");
+    std::fs::create_dir_all(&conf)?;
+    for server in ["namesrv", "broker", "tools"] {
+        std::fs::write(
+            conf.join(format!("logback_{server}.xml")),
+            format!(
+                r#"<configuration>
+  <appender name="FILE" class="ch.qos.logback.core.FileAppender">
+    <file>{logs}/{server}.log</file>
+    <encoder><pattern>%d{{yyy-MM-dd HH:mm:ss,SSS}} %-5p %c{{0}} - %m%n</pattern></encoder>
+  </appender>
+  <root level="INFO"><appender-ref ref="FILE"/></root>
+</configuration>
+"#,
+                logs = root.join("logs/rocketmqlogs").display(),
+            ),
+        )?;
+    }
+    Ok(())
+}
+
 /// The JVM options both Java servers share: a heap that suits a 2-core
 /// machine shared with builds (the stock scripts ask for gigabytes), and the
 /// module opens RocketMQ needs on Java 17.
@@ -267,6 +292,7 @@ impl LocalBroker {
 
         let (namesrv, broker_config) = match kind {
             BrokerKind::Java => {
+                write_logback_configs(root)?;
                 let namesrv_config = root.join("namesrv.properties");
                 std::fs::write(
                     &namesrv_config,

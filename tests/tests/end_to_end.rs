@@ -111,17 +111,25 @@ async fn a_failing_plugin_is_retried_alone_and_succeeds_on_redelivery() -> Resul
         );
     }
 
-    let retried = recorder.wait_until(WAIT, |r| {
+    let count = |r: &Recorder, outcome| {
         r.handled_by("chaos")
             .iter()
-            .filter(|h| h.outcome == DeliveryOutcome::ConsumeSuccess)
+            .filter(|h| h.outcome == outcome)
             .count()
-            >= 3
-    });
+    };
+    let failed = recorder.wait_until(WAIT, |r| count(r, DeliveryOutcome::ConsumeRetryLater) >= 3);
+    let failed_at = std::time::Instant::now();
+    let retried = recorder.wait_until(WAIT, |r| count(r, DeliveryOutcome::ConsumeSuccess) >= 3);
+    // The broker's retry schedule (RELIABILITY.md compares the brokers).
+    println!(
+        "{:?} broker: failed first deliveries came back after {:.1} s",
+        broker.kind(),
+        failed_at.elapsed().as_secs_f64()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     host.shutdown().await;
     ensure!(
-        retried,
+        failed && retried,
         "the failed deliveries did not come back:\n{}",
         broker.logs()
     );
@@ -246,6 +254,7 @@ async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Resul
         "the poison message was not redelivered:\n{}",
         broker.logs()
     );
+    let exhausted_at = std::time::Instant::now();
 
     // Read the dead-letter queue with a consumer of its own.
     struct Collect(Arc<Mutex<Vec<Delivery>>>);
@@ -282,6 +291,11 @@ async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Resul
         dead_lettered = dead.lock().unwrap().iter().any(|d| d.message_id == poison);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    println!(
+        "{:?} broker: the poison message read back from %DLQ%mqplug-chaos {:.1} s after its last failure",
+        broker.kind(),
+        exhausted_at.elapsed().as_secs_f64()
+    );
     reader.shutdown().await;
     mq.shutdown().await;
     host.shutdown().await;
