@@ -220,6 +220,9 @@ impl Default for ProducerConfig {
 const MIB: usize = 1024 * 1024;
 /// The RocketMQ client counts a listener running past 30 s as failed.
 const LISTENER_TIMEOUT_MS: u64 = 30_000;
+/// The longest deadline a plugin may have: 2 s below the listener timeout,
+/// room for instantiation, decoding and acknowledging around the handler.
+pub const MAX_DEADLINE_MS: u64 = LISTENER_TIMEOUT_MS - 2_000;
 
 /// `$MQPLUG_CACHE_DIR/components`, else `$XDG_CACHE_HOME/mqplug/components`,
 /// else `~/.cache/mqplug/components`.
@@ -325,6 +328,9 @@ impl HostConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.topic()?;
         let mut names = std::collections::HashSet::new();
+        // Group -> the plugin that has it: two plugins in one group would
+        // split its queues and each see only part of the topic.
+        let mut groups = std::collections::HashMap::new();
         for plugin in &self.plugins {
             let problem = |problem: String| ConfigError::Plugin {
                 plugin: plugin.name.clone(),
@@ -333,13 +339,21 @@ impl HostConfig {
             if !names.insert(plugin.name.as_str()) {
                 return Err(problem("the name is used by another plugin".into()));
             }
-            check_resource_name(&plugin.group())
-                .map_err(|bad| problem(format!("consumer group {:?}: {bad}", plugin.group())))?;
-            if plugin.deadline_ms == 0 || plugin.deadline_ms >= LISTENER_TIMEOUT_MS {
+            let group = plugin.group();
+            check_resource_name(&group)
+                .map_err(|bad| problem(format!("consumer group {group:?}: {bad}")))?;
+            if let Some(other) = groups.insert(group.clone(), plugin.name.as_str()) {
                 return Err(problem(format!(
-                    "deadline_ms = {} must be between 1 and {} (the RocketMQ client's listener timeout)",
+                    "consumer group {group:?} is also plugin {other:?}'s (names map to groups \
+                     with characters RocketMQ rejects replaced by '-'); set `group` on one of them"
+                )));
+            }
+            if plugin.deadline_ms == 0 || plugin.deadline_ms > MAX_DEADLINE_MS {
+                return Err(problem(format!(
+                    "deadline_ms = {} must be between 1 and {MAX_DEADLINE_MS} (at least \
+                     {} ms below the RocketMQ client's {LISTENER_TIMEOUT_MS} ms listener timeout)",
                     plugin.deadline_ms,
-                    LISTENER_TIMEOUT_MS - 1
+                    LISTENER_TIMEOUT_MS - MAX_DEADLINE_MS
                 )));
             }
             if plugin.fuel_per_event.is_some() && !self.runtime.fuel {
@@ -553,5 +567,35 @@ mod tests {
         );
         let config = parse("topic = 'marketing task'").unwrap();
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn names_that_map_to_one_consumer_group_are_refused() {
+        let config =
+            parse("[[plugin]]\nname='a.b'\npath='a'\n[[plugin]]\nname='a-b'\npath='b'").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("plugin a-b: consumer group \"mqplug-a-b\" is also plugin \"a.b\"'s"),
+            "{err}"
+        );
+        let config = parse(
+            "[[plugin]]\nname='a'\npath='a'\ngroup='team'\n[[plugin]]\nname='b'\npath='b'\ngroup='team'",
+        )
+        .unwrap();
+        assert!(config.validate().is_err(), "an explicit group collides too");
+    }
+
+    #[test]
+    fn a_deadline_keeps_two_seconds_below_the_listener_timeout() {
+        let deadline = |ms: u64| {
+            parse(&format!("[[plugin]]\nname='p'\npath='p'\ndeadline_ms={ms}"))
+                .unwrap()
+                .validate()
+        };
+        deadline(MAX_DEADLINE_MS).unwrap();
+        for ms in [0, MAX_DEADLINE_MS + 1, LISTENER_TIMEOUT_MS - 1] {
+            let err = deadline(ms).unwrap_err().to_string();
+            assert!(err.contains("must be between 1 and 28000"), "{ms}: {err}");
+        }
     }
 }
