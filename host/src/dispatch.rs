@@ -15,7 +15,12 @@ use crate::outcome::{
     DeliveryOutcome, HandlerFailure, HandlerOutcome, UndecodablePolicy, delivery_outcome,
     undecodable_outcome,
 };
+use crate::text::{MAX_UNTRUSTED_BYTES, inert};
 use crate::wasm::Plugin;
+
+/// A message id is 32 hex digits when a RocketMQ client sets it; anything
+/// much longer is cut in the log.
+const MAX_MESSAGE_ID_BYTES: usize = 128;
 
 /// Something that handles decoded events: a wasm plugin, or a fake in tests.
 pub trait EventHandler: Send + Sync + 'static {
@@ -72,7 +77,8 @@ impl Dispatcher {
             "message",
             plugin = %self.plugin,
             version = tracing::field::Empty,
-            message_id = %delivery.message_id,
+            // The producer sets the id: escaped like any untrusted text.
+            message_id = %inert(&delivery.message_id, MAX_MESSAGE_ID_BYTES),
             reconsume_times = delivery.reconsume_times,
         );
         let _entered = span.enter();
@@ -81,6 +87,8 @@ impl Dispatcher {
         let (outcome, cause) = match TaskEvent::decode(body, self.max_body_bytes) {
             Err(err) => {
                 let outcome = undecodable_outcome(self.undecodable);
+                // serde's message can quote the body.
+                let err = inert(&err.to_string(), MAX_UNTRUSTED_BYTES);
                 error!(
                     body_bytes = body.len(),
                     ?outcome,

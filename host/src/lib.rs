@@ -24,6 +24,7 @@ pub mod outcome;
 pub mod replay;
 pub mod shutdown;
 pub mod slot;
+pub mod text;
 pub mod topic;
 pub mod wasm;
 

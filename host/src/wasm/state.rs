@@ -7,11 +7,13 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::mqplug::plugin::{log, types};
+use super::clocks::WaitLimit;
 use super::log_budget::{LogAdmission, LogBudget};
 use crate::observe::{HostEvent, LogLevel, Observers};
+use crate::text::{MAX_UNTRUSTED_BYTES, inert};
 
 /// A plugin's log line is cut to this many bytes.
-pub const MAX_LOG_LINE_BYTES: usize = 16 * 1024;
+pub const MAX_LOG_LINE_BYTES: usize = MAX_UNTRUSTED_BYTES;
 
 /// Most table elements a plugin may have; generous for any real plugin.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
@@ -29,6 +31,8 @@ pub struct HostState {
     pub(crate) memory_bytes: usize,
     observers: Observers,
     log_budget: Arc<LogBudget>,
+    /// Every wait the plugin makes ends at the current event's deadline.
+    pub(crate) wait_limit: WaitLimit,
 }
 
 impl HostState {
@@ -59,6 +63,7 @@ impl HostState {
             memory_bytes: 0,
             observers,
             log_budget,
+            wait_limit: WaitLimit::default(),
         }
     }
 }
@@ -103,7 +108,7 @@ impl ResourceLimiter for HostState {
 impl types::Host for HostState {}
 
 impl log::Host for HostState {
-    fn log(&mut self, level: log::Level, mut message: String) {
+    fn log(&mut self, level: log::Level, message: String) {
         match self.log_budget.admit() {
             LogAdmission::Drop => return,
             LogAdmission::WriteAfterDropping { dropped } => tracing::warn!(
@@ -112,14 +117,8 @@ impl log::Host for HostState {
             ),
             LogAdmission::Write => {}
         }
-        if message.len() > MAX_LOG_LINE_BYTES {
-            let mut cut = MAX_LOG_LINE_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push_str(" [truncated]");
-        }
+        // Plugin-controlled: escaped (no forged host lines) and cut.
+        let message = inert(&message, MAX_LOG_LINE_BYTES);
         // The dispatcher's `message` span already carries plugin and message id.
         let level = match level {
             log::Level::Trace => {

@@ -1,0 +1,85 @@
+//! Text that a plugin or a message controls, made inert before it reaches a
+//! log, a page or a header: control characters (newlines, carriage returns,
+//! terminal escapes) and bidirectional overrides are escaped, so a plugin
+//! cannot write a line that looks like the host's own, and the text is cut
+//! at a byte limit, so a 40 MiB error reason costs the log 16 KiB.
+
+/// The most bytes of untrusted text kept in one log line or error cause.
+pub const MAX_UNTRUSTED_BYTES: usize = 16 * 1024;
+
+/// What a cut text ends with.
+pub const TRUNCATED: &str = " [truncated]";
+
+/// `text` with control characters and bidirectional overrides escaped
+/// (`\n`, `\u{1b}`, `\u{202e}`), cut at a character boundary once the result
+/// reaches `max_bytes`, and then marked with [`TRUNCATED`].
+pub fn inert(text: &str, max_bytes: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_bytes) + TRUNCATED.len());
+    for c in text.chars() {
+        let escape = c.is_control() || is_bidi_control(c);
+        let width = if escape {
+            c.escape_default().count()
+        } else {
+            c.len_utf8()
+        };
+        if out.len() + width > max_bytes {
+            out.push_str(TRUNCATED);
+            return out;
+        }
+        if escape {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Characters that reorder how the text around them is displayed.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_text_and_unicode_pass_unchanged() {
+        assert_eq!(
+            inert("测试活动 granted 10 points", 100),
+            "测试活动 granted 10 points"
+        );
+    }
+
+    #[test]
+    fn a_newline_cannot_start_a_line_of_its_own() {
+        let forged = "ok\n2026-11-27T05:00:00Z  INFO mqplug: FORGED admin login accepted";
+        let shown = inert(forged, MAX_UNTRUSTED_BYTES);
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(shown.starts_with("ok\\n2026-11-27"), "{shown}");
+    }
+
+    #[test]
+    fn terminal_escapes_carriage_returns_and_bidi_overrides_are_escaped() {
+        let shown = inert("a\u{1b}[31mred\rb\u{202e}c", 100);
+        assert_eq!(shown, "a\\u{1b}[31mred\\rb\\u{202e}c");
+    }
+
+    #[test]
+    fn long_text_is_cut_at_a_character_boundary_and_marked() {
+        let shown = inert(&"活".repeat(10_000), 1000);
+        assert!(shown.ends_with(TRUNCATED));
+        assert!(shown.len() <= 1000 + TRUNCATED.len());
+        assert!(shown.trim_end_matches(TRUNCATED).chars().all(|c| c == '活'));
+        // Escapes count against the limit too.
+        let escaped = inert(&"\n".repeat(1000), 100);
+        assert!(escaped.len() <= 100 + TRUNCATED.len(), "{}", escaped.len());
+    }
+
+    #[test]
+    fn text_at_the_limit_is_kept_whole() {
+        assert_eq!(inert("abcd", 4), "abcd");
+        assert_eq!(inert("abcde", 4), "abcd [truncated]");
+    }
+}
