@@ -481,3 +481,78 @@ async fn a_plugin_granted_stdio_prints_from_the_consumer_and_is_acknowledged() -
     assert_eq!(outcomes[0], (DeliveryOutcome::ConsumeSuccess, None));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_plugins_sleeping_past_their_deadline_end_there_and_a_healthy_plugin_flows()
+-> Result<()> {
+    const SLEEPERS: usize = 10;
+    const SLEEPS: u64 = 3;
+    const HEALTHY: u64 = 30;
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let mut plugins: Vec<PluginConfig> = (0..SLEEPERS)
+        .map(|i| {
+            Ok(PluginConfig {
+                tags: "SLEEP".into(),
+                concurrency: 4,
+                deadline_ms: 2_000,
+                ..PluginConfig::new(format!("sleeper-{i}"), plugin_path("chaos")?)
+            })
+        })
+        .collect::<Result<_>>()?;
+    plugins.push(PluginConfig::new("rewards", plugin_path("reward-logger")?));
+    let config = host_config(&broker, "sleepy.topic", plugins);
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+
+    let mut sleep_ids = HashSet::new();
+    for user in 0..SLEEPS {
+        // Each asks to sleep for an hour.
+        let mut event = sample_event("SLEEP", user);
+        event
+            .event_data
+            .insert("ms".into(), serde_json::json!(3_600_000));
+        sleep_ids.insert(publisher.publish(&event).await?.message_id);
+    }
+    let mut healthy_ids = HashSet::new();
+    for user in 0..HEALTHY {
+        healthy_ids.insert(
+            publisher
+                .publish(&sample_event("USER_REGISTER", 100 + user))
+                .await?
+                .message_id,
+        );
+    }
+
+    let sleeper_deadlines = |r: &Recorder, plugin: &str| -> HashSet<String> {
+        r.handled_by(plugin)
+            .into_iter()
+            .filter(|h| {
+                h.outcome == DeliveryOutcome::ConsumeRetryLater
+                    && h.cause.as_deref().is_some_and(|c| c.contains("deadline"))
+            })
+            .map(|h| h.message_id)
+            .collect()
+    };
+    let healthy_done = |r: &Recorder| -> HashSet<String> {
+        r.handled_by("rewards")
+            .into_iter()
+            .filter(|h| h.outcome == DeliveryOutcome::ConsumeSuccess)
+            .map(|h| h.message_id)
+            .collect()
+    };
+    let all = recorder.wait_until(WAIT, |r| {
+        (0..SLEEPERS).all(|i| sleeper_deadlines(r, &format!("sleeper-{i}")) == sleep_ids)
+            && healthy_ids.is_subset(&healthy_done(r))
+    });
+    host.shutdown().await;
+    let ended: Vec<usize> = (0..SLEEPERS)
+        .map(|i| sleeper_deadlines(&recorder, &format!("sleeper-{i}")).len())
+        .collect();
+    ensure!(
+        all,
+        "sleeps ended at the deadline per plugin: {ended:?} of {SLEEPS}; healthy handled {} of {HEALTHY}",
+        healthy_ids.intersection(&healthy_done(&recorder)).count()
+    );
+    Ok(())
+}

@@ -493,3 +493,133 @@ fn an_instance_that_cannot_be_created_is_a_host_failure_and_the_next_event_recov
         HandlerOutcome::Accepted
     );
 }
+
+/// An event for the chaos plugin's `SLEEP` mode: `std::thread::sleep` for
+/// `ms` milliseconds (a clock subscription, then a blocking WASI wait).
+fn sleep_event(ms: u64) -> TaskEvent {
+    let mut sleep = event("SLEEP");
+    sleep
+        .event_data
+        .insert("ms".into(), serde_json::Value::from(ms));
+    sleep
+}
+
+/// Runs `plugin.handle` on a thread of its own and waits at most `patience`
+/// for the outcome; `None` if it is still running.
+fn handle_within(
+    plugin: &Arc<Plugin>,
+    event: TaskEvent,
+    id: &str,
+    patience: Duration,
+) -> Option<HandlerOutcome> {
+    let (sender, outcome) = std::sync::mpsc::channel();
+    let plugin = plugin.clone();
+    let delivery = delivery(id, 0);
+    std::thread::spawn(move || {
+        let _ = sender.send(plugin.handle(&event, &delivery));
+    });
+    outcome.recv_timeout(patience).ok()
+}
+
+#[test]
+fn a_plugin_sleeping_past_its_deadline_ends_at_the_deadline_and_the_next_event_runs() {
+    let recorder = Recorder::new();
+    let plugin = Arc::new(load(
+        PluginSettings {
+            deadline: Duration::from_secs(2),
+            ..PluginSettings::new("chaos")
+        },
+        &recorder,
+    ));
+    // The plugin asks for an hour. A host whose deadline stopped only running
+    // wasm would still be waiting when this test gives up, a minute later.
+    let outcome = handle_within(
+        &plugin,
+        sleep_event(3_600_000),
+        "sleeper",
+        Duration::from_secs(60),
+    )
+    .expect("the sleep was not cut at the 2 s deadline");
+    assert!(
+        matches!(
+            outcome,
+            HandlerOutcome::Failed(HandlerFailure::Deadline { limit }) if limit == Duration::from_secs(2)
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        mqplug::outcome::delivery_outcome(&outcome),
+        DeliveryOutcome::ConsumeRetryLater
+    );
+    assert_eq!(
+        plugin.handle(&event("USER_REGISTER"), &delivery("next", 0)),
+        HandlerOutcome::Accepted
+    );
+}
+
+#[test]
+fn a_short_sleep_within_the_deadline_is_kept() {
+    let recorder = Recorder::new();
+    let plugin = Arc::new(load(
+        PluginSettings {
+            deadline: Duration::from_secs(20),
+            ..PluginSettings::new("chaos")
+        },
+        &recorder,
+    ));
+    let outcome = handle_within(&plugin, sleep_event(50), "napper", Duration::from_secs(60));
+    assert_eq!(outcome, Some(HandlerOutcome::Accepted));
+    assert!(
+        recorder
+            .plugin_logs("chaos")
+            .iter()
+            .any(|(id, line)| id == "napper" && line == "slept")
+    );
+}
+
+#[test]
+fn plugin_text_is_escaped_and_bounded_in_logs_and_error_reasons() {
+    let recorder = Recorder::new();
+    // Room for a 40 MiB string in the plugin's memory.
+    let plugin = load(
+        PluginSettings {
+            memory_limit_bytes: 200 * 1024 * 1024,
+            ..PluginSettings::new("chaos")
+        },
+        &recorder,
+    );
+    let forged =
+        "done\n2026-11-27T05:00:00.000000Z  INFO mqplug: FORGED admin login accepted\x1b[0m";
+    let mut echo = event("ECHO");
+    echo.campaign_name = forged.into();
+    // 40 MiB and more of error reason.
+    let repeat = 40 * 1024 * 1024 / forged.len() + 1;
+    echo.event_data
+        .insert("repeat".into(), serde_json::Value::from(repeat));
+    let outcome = plugin.handle(&echo, &delivery("echo", 0));
+    let HandlerOutcome::Rejected { reason } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(
+        reason.len() <= 16 * 1024 + " [truncated]".len(),
+        "{}",
+        reason.len()
+    );
+    assert!(reason.ends_with(" [truncated]"));
+    assert!(
+        !reason.contains(['\n', '\x1b']),
+        "reason keeps raw control characters"
+    );
+    assert!(reason.starts_with("done\\n2026-11-27"), "{}", &reason[..40]);
+
+    let logs = recorder.plugin_logs("chaos");
+    let line = &logs
+        .iter()
+        .find(|(id, line)| id == "echo" && line.starts_with("done"))
+        .expect("the echo line")
+        .1;
+    assert_eq!(
+        line,
+        "done\\n2026-11-27T05:00:00.000000Z  INFO mqplug: FORGED admin login accepted\\u{1b}[0m"
+    );
+}

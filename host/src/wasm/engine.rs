@@ -4,13 +4,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings;
 use super::cache::CompileCache;
+use super::clocks;
 use super::state::HostState;
 
 /// How often the epoch advances; deadlines are whole ticks.
@@ -74,6 +75,8 @@ impl WasmRuntime {
         // WASI is linked because Rust's wasm32-wasip2 std imports it, but the
         // context grants nothing: no preopens, env, args, stdio or sockets.
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // A blocking wait (a sleep) ends at the event's deadline.
+        clocks::add_to_linker(&mut linker)?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| {
             state
         })?;
@@ -132,8 +135,15 @@ impl EpochTicker {
             .spawn({
                 let stop = stop.clone();
                 move || {
+                    // Ticks keep to the wall clock (a late wake-up is caught
+                    // up), so a deadline of N ticks ends within one tick of
+                    // N x EPOCH_TICK: the wait limit relies on it.
+                    let mut next = Instant::now();
                     while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(EPOCH_TICK);
+                        next += EPOCH_TICK;
+                        if let Some(early) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(early);
+                        }
                         engine.increment_epoch();
                     }
                 }

@@ -4,6 +4,7 @@
 
 mod bindings;
 mod cache;
+mod clocks;
 mod engine;
 mod log_budget;
 mod plugin;

@@ -17,6 +17,7 @@ use crate::delivery::Delivery;
 use crate::event::TaskEvent;
 use crate::observe::Observers;
 use crate::outcome::{HandlerFailure, HandlerOutcome};
+use crate::text::{MAX_UNTRUSTED_BYTES, inert};
 
 /// How instances are used across events.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -266,7 +267,7 @@ impl Plugin {
             .data_mut()
             .message_id
             .clone_from(&delivery.message_id);
-        instance.store.set_epoch_deadline(self.deadline_ticks());
+        self.start_deadline(&mut instance.store);
         if let Err(failure) = self.refuel(&mut instance.store) {
             return HandlerOutcome::Failed(failure);
         }
@@ -275,6 +276,13 @@ impl Plugin {
             &bindings::TaskEvent::from(event),
             &bindings::Delivery::from(delivery),
         );
+        if result.is_ok() && instance.store.data().wait_limit.cut_short() {
+            // It waited until its deadline and came back before the epoch
+            // interrupt: still a deadline, and the instance is dropped.
+            return HandlerOutcome::Failed(HandlerFailure::Deadline {
+                limit: self.settings.deadline,
+            });
+        }
         match result {
             Ok(Ok(())) => {
                 self.release(instance);
@@ -283,11 +291,19 @@ impl Plugin {
             Ok(Err(error)) => {
                 self.release(instance);
                 HandlerOutcome::Rejected {
-                    reason: error.reason,
+                    // Logged and counted on every retry: bounded and escaped.
+                    reason: inert(&error.reason, MAX_UNTRUSTED_BYTES),
                 }
             }
             Err(err) => HandlerOutcome::Failed(self.classify(&instance.store, err)),
         }
+    }
+
+    /// Starts the deadline of one event (or of instantiation): the epoch
+    /// interrupt for running wasm, the wait limit for blocking calls.
+    fn start_deadline(&self, store: &mut Store<HostState>) {
+        store.set_epoch_deadline(self.deadline_ticks());
+        store.data_mut().wait_limit.start(self.settings.deadline);
     }
 
     fn deadline_ticks(&self) -> u64 {
@@ -342,7 +358,7 @@ impl Plugin {
         store.limiter(|state| state);
         // The deadline must be set before instantiating: the default of 0
         // would interrupt the component's start at once.
-        store.set_epoch_deadline(self.deadline_ticks());
+        self.start_deadline(&mut store);
         self.refuel(&mut store)?;
         match self.pre.instantiate(&mut store) {
             Ok(bindings) => Ok(Instance { store, bindings }),
@@ -383,8 +399,9 @@ impl Plugin {
             Some(trap) => HandlerFailure::Trap {
                 detail: trap.to_string(),
             },
+            // The chain can carry the plugin's own function names.
             None => HandlerFailure::Host {
-                detail: format!("{err:#}"),
+                detail: inert(&format!("{err:#}"), MAX_UNTRUSTED_BYTES),
             },
         }
     }

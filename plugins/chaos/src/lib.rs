@@ -11,6 +11,8 @@
 //! | `STACK_OVERFLOW` | recurses without end                                  |
 //! | `SLOW`      | busy for 2 s, then ok (for shutdown-drain tests)           |
 //! | `BUSY`      | busy for `event_data.ms` milliseconds, then ok; with `event_data.fail_first` true, an error on the first delivery (for crash tests) |
+//! | `SLEEP`     | sleeps `event_data.ms` milliseconds (default one hour) with `std::thread::sleep`, a blocking WASI wait, then ok |
+//! | `ECHO`      | logs the campaign name as it is, then returns an error made of it repeated `event_data.repeat` times (for untrusted-text tests) |
 //! | `PRINT`     | prints `chaos stdout <message id>` and `chaos stderr <message id>`, then ok |
 //! | `PROBE_SANDBOX` | tries files, environment, arguments and the network; an error names whatever it reached |
 //! | anything else | ok                                                       |
@@ -76,6 +78,25 @@ impl Handler for Chaos {
                     return Err("chaos: busy, then failing the first delivery".to_string());
                 }
                 Ok(())
+            }
+            "SLEEP" => {
+                let ms = event
+                    .event_data
+                    .get("ms")
+                    .and_then(|ms| ms.as_u64())
+                    .unwrap_or(3_600_000);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                log::info("slept");
+                Ok(())
+            }
+            "ECHO" => {
+                log::info(&event.campaign_name);
+                let repeat = event
+                    .event_data
+                    .get("repeat")
+                    .and_then(|n| n.as_u64())
+                    .unwrap_or(1);
+                Err(event.campaign_name.repeat(repeat as usize))
             }
             "PRINT" => {
                 println!("chaos stdout {}", delivery.message_id);
