@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,8 +47,9 @@ pub struct LocalBroker {
     broker: Option<Child>,
     /// `127.0.0.1:<port>` of the name server.
     pub name_server: String,
-    /// `127.0.0.1:<port>` of the broker.
+    /// `<address>:<port>` of the broker, as clients are told to reach it.
     pub broker_addr: String,
+    listen_port: u16,
     dir: tempfile::TempDir,
     broker_config: PathBuf,
     health: SocketAddr,
@@ -281,6 +282,14 @@ impl LocalBroker {
 
     /// Starts a name server and a broker of `kind`.
     pub fn start_kind(kind: BrokerKind) -> Result<LocalBroker> {
+        LocalBroker::start_with(kind, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts a name server and a broker of `kind` that listens on
+    /// 127.0.0.1 but tells the name server (and so every client) that it is
+    /// at `advertised` (another loopback address), where a test can put a
+    /// proxy in front of it: see [`LocalBroker::listen_addr`].
+    pub fn start_with(kind: BrokerKind, advertised: Ipv4Addr) -> Result<LocalBroker> {
         let install = rocketmq_install_dir(kind)?;
         let dir = tempfile::Builder::new()
             .prefix("mqplug-broker-")
@@ -315,7 +324,7 @@ impl LocalBroker {
                         "brokerClusterName=DefaultCluster
 brokerName={BROKER_NAME}
 brokerId=0
-brokerIP1=127.0.0.1
+brokerIP1={advertised}
 bindAddress=127.0.0.1
 listenPort={listen}
 haListenPort={ha}
@@ -363,7 +372,7 @@ diskMaxUsedSpaceRatio=95
                     &broker_config,
                     format!(
                         r#"[broker]
-brokerIp1 = "127.0.0.1"
+brokerIp1 = "{advertised}"
 listenPort = {listen}
 namesrvAddr = "{name_server}"
 storePathRootDir = "{store}"
@@ -399,7 +408,8 @@ mappedFileSizeCommitLog = 67108864
             namesrv: Some(namesrv),
             broker: None,
             name_server,
-            broker_addr: format!("127.0.0.1:{}", ports.listen),
+            broker_addr: format!("{advertised}:{}", ports.listen),
+            listen_port: ports.listen,
             health: SocketAddr::from(([127, 0, 0, 1], ports.health)),
             broker_config,
             dir,
@@ -407,6 +417,15 @@ mappedFileSizeCommitLog = 67108864
         local.wait_for_name_server(ports.namesrv)?;
         local.start_broker()?;
         Ok(local)
+    }
+
+    /// Where the broker really listens: its port, and the "fast" port two
+    /// below it, on 127.0.0.1.
+    pub fn listen_addr(&self) -> (SocketAddr, SocketAddr) {
+        (
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.listen_port)),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.listen_port - 2)),
+        )
     }
 
     /// Which servers this is.

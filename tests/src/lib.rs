@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod peers;
 pub mod plugins;
+pub mod proxy;
 pub mod recorder;
 
 pub use broker::LocalBroker;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rocketmq_client_rust::{ClientRuntime, DefaultMQProducer};
+use rocketmq_model::common::message::message_client_id_setter::MessageClientIDSetter;
 use rocketmq_model::common::message::message_single::Message;
 
 use super::client::MqRuntime;
@@ -179,9 +180,15 @@ impl Publisher {
         if let Some(tags) = tags {
             builder = builder.tags(tags);
         }
-        let message = builder
+        let mut message = builder
             .build()
             .map_err(|err| MqError::new(format!("build a message for {wire}"), &err))?;
+        // The id (`UNIQ_KEY`) is fixed before the first attempt: the client
+        // only assigns one when the message has none, so every retry below,
+        // a clone sent on a fresh client, carries the same id. A send the
+        // broker stored but whose answer was lost then comes back as a
+        // duplicate with the same id, which is what consumers dedupe on.
+        MessageClientIDSetter::set_uniq_id(&mut message);
         let mut attempt = 0;
         // The first failure usually says the most (later ones can be the
         // client's generic "connection failed"): report it with the last.

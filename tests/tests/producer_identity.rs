@@ -1,0 +1,109 @@
+//! One message id per event across the built-in producer's retries: a send
+//! the broker stored but whose answer never arrived is sent again, and both
+//! stored copies carry the id the producer reported, so consumers that
+//! deduplicate on the message id see one event.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use mqplug::mq::{
+    Backoff, ConsumeFrom, ConsumerSettings, MessageHandler, MqRuntime, PluginConsumer,
+    ProducerSettings, Publisher,
+};
+use mqplug::topic::TopicName;
+use mqplug::{Delivery, DeliveryOutcome};
+use mqplug_tests::broker::BrokerKind;
+use mqplug_tests::proxy::DropSendReplies;
+use mqplug_tests::{LocalBroker, sample_event};
+
+struct Collect(Arc<Mutex<Vec<Delivery>>>);
+
+impl MessageHandler for Collect {
+    fn on_message(&self, delivery: &Delivery, _body: &[u8]) -> DeliveryOutcome {
+        self.0.lock().unwrap().push(delivery.clone());
+        DeliveryOutcome::ConsumeSuccess
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_whose_answer_is_lost_is_retried_with_the_same_message_id() -> Result<()> {
+    // Clients reach the broker at 127.0.0.2, through a proxy that loses the
+    // broker's answer to the first send.
+    let proxied = Ipv4Addr::new(127, 0, 0, 2);
+    let broker = LocalBroker::start_with(BrokerKind::from_env()?, proxied)?;
+    let (listen, fast) = broker.listen_addr();
+    let proxy = DropSendReplies::start(SocketAddr::from((proxied, listen.port())), listen, 1)?;
+    let _fast_proxy = DropSendReplies::start(SocketAddr::from((proxied, fast.port())), fast, 0)?;
+
+    let topic = TopicName::new("identity.topic")?;
+    let mq = MqRuntime::new(1)?;
+    let mut publisher = Publisher::start(
+        &mq,
+        ProducerSettings {
+            // No retries inside the client: the host's own retry, on a fresh
+            // client with a clone of the message, is what is under test.
+            retries: 0,
+            send_timeout: Duration::from_secs(1),
+            backoff: Backoff {
+                attempts: 3,
+                initial: Duration::from_millis(100),
+                max: Duration::from_millis(500),
+            },
+            ..ProducerSettings::new(broker.name_server.clone(), topic.clone())
+        },
+    )
+    .await?;
+    publisher.create_topic(4).await?;
+    let receipt = publisher.publish(&sample_event("USER_REGISTER", 7)).await?;
+    publisher.shutdown().await;
+    ensure!(
+        proxy.dropped() == 1,
+        "the proxy dropped {} answers",
+        proxy.dropped()
+    );
+    ensure!(
+        receipt.attempts >= 2,
+        "the lost answer made the producer send again: {receipt:?}"
+    );
+
+    let deliveries = Arc::new(Mutex::new(Vec::new()));
+    let consumer = PluginConsumer::start(
+        &mq,
+        &ConsumerSettings {
+            name_server: broker.name_server.clone(),
+            group: "identity-reader".into(),
+            topic,
+            tags: "*".into(),
+            concurrency: 1,
+            max_reconsume_times: 0,
+            consume_from: ConsumeFrom::First,
+            drain_timeout: Duration::from_secs(1),
+        },
+        Arc::new(Collect(deliveries.clone())),
+    )
+    .await?;
+    // Every attempt that reached the broker was stored.
+    let stored = receipt.attempts as usize;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while deliveries.lock().unwrap().len() < stored && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.shutdown().await;
+    mq.shutdown().await;
+    let deliveries = deliveries.lock().unwrap().clone();
+    ensure!(
+        deliveries.len() == stored,
+        "{} stored copies read back, expected {stored}: {deliveries:?}\n{}",
+        deliveries.len(),
+        broker.logs()
+    );
+    for delivery in &deliveries {
+        assert_eq!(
+            delivery.message_id, receipt.message_id,
+            "every stored copy carries the id the producer reported"
+        );
+    }
+    Ok(())
+}
