@@ -17,7 +17,7 @@ use crate::config::{ConfigError, HostConfig, PluginConfig};
 use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::mq::{MqError, MqRuntime, PluginConsumer, Publisher};
-use crate::observe::Observers;
+use crate::observe::{HostEvent, Observers};
 use crate::slot::{PluginSlot, SlotState, load_plugin};
 use crate::topic::TopicName;
 use crate::wasm::{PluginLoadError, PoolUsage, WasmRuntime};
@@ -228,27 +228,34 @@ impl Host {
         for task in self.tasks {
             let _ = task.await;
         }
+        // Every consumer stops pulling at once and they drain together: the
+        // whole stop takes the longest plugin's drain, not the sum.
         let running = std::mem::take(&mut *self.shared.running.lock().await);
+        let mut stopping = tokio::task::JoinSet::new();
         for (_, plugin) in running {
-            plugin.stop().await;
+            stopping.spawn(plugin.stop(self.shared.observers.clone()));
         }
+        while stopping.join_next().await.is_some() {}
         if let Some(publisher) = self.publisher {
             publisher.shutdown().await;
         }
-        match Arc::try_unwrap(self.shared) {
-            Ok(shared) => shared.mq.shutdown().await,
-            Err(_) => warn!("the client runtime is still shared; not waiting for it"),
-        }
+        // Also while an admin connection still holds the shared state.
+        self.shared.mq.shutdown().await;
         info!("mqplug stopped");
     }
 }
 
 impl Running {
-    async fn stop(self) {
+    async fn stop(self, observers: Observers) {
         self.slot.set_state(SlotState::Draining);
+        let plugin: Arc<str> = self.slot.name().into();
+        observers.emit(|| HostEvent::Draining {
+            plugin: plugin.clone(),
+        });
         let group = self.consumer.group().to_string();
         self.consumer.shutdown().await;
-        info!(plugin = self.slot.name(), %group, "consumer stopped");
+        info!(plugin = %plugin, %group, "consumer stopped");
+        observers.emit(|| HostEvent::Stopped { plugin });
     }
 }
 
@@ -310,7 +317,7 @@ impl Shared {
     async fn stop_consumer(&self, name: &str) {
         let removed = self.running.lock().await.remove(name);
         if let Some(plugin) = removed {
-            plugin.stop().await;
+            plugin.stop(self.observers.clone()).await;
         }
         let running = self.running.lock().await;
         self.publish_slots(&running);

@@ -93,6 +93,22 @@ impl Recorder {
             .collect()
     }
 
+    /// Consumers draining and stopped, in order: ("draining" or "stopped",
+    /// plugin).
+    pub fn lifecycle(&self) -> Vec<(&'static str, String)> {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|event| match event {
+                HostEvent::Draining { plugin } => Some(("draining", plugin.to_string())),
+                HostEvent::Stopped { plugin } => Some(("stopped", plugin.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Every load and reload: (plugin, version, result).
     pub fn loads(&self) -> Vec<(String, String, Result<(), String>)> {
         self.inner

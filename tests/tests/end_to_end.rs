@@ -556,3 +556,63 @@ async fn ten_plugins_sleeping_past_their_deadline_end_there_and_a_healthy_plugin
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_every_plugin_at_once_and_acknowledges_their_in_flight_handlers()
+-> Result<()> {
+    const PLUGINS: usize = 10;
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let plugins = (0..PLUGINS)
+        .map(|i| {
+            Ok(PluginConfig::new(
+                format!("slow-{i}"),
+                plugin_path("chaos")?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let config = host_config(&broker, "drain.topic", plugins);
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    // Every plugin has its own group, so each runs this 2 s handler.
+    let slow = publisher
+        .publish(&sample_event("SLOW", 1))
+        .await?
+        .message_id;
+    let all_started = recorder.wait_until(WAIT, |r| {
+        (0..PLUGINS).all(|i| {
+            r.plugin_logs(&format!("slow-{i}"))
+                .iter()
+                .any(|(id, line)| id == &slow && line.starts_with("seen "))
+        })
+    });
+    ensure!(all_started, "not every plugin started the slow event");
+    host.shutdown().await;
+
+    let lifecycle = recorder.lifecycle();
+    let first_stopped = lifecycle
+        .iter()
+        .position(|(what, _)| *what == "stopped")
+        .context("no consumer reported stopping")?;
+    let draining_before: HashSet<&str> = lifecycle[..first_stopped]
+        .iter()
+        .filter(|(what, _)| *what == "draining")
+        .map(|(_, plugin)| plugin.as_str())
+        .collect();
+    assert_eq!(
+        draining_before.len(),
+        PLUGINS,
+        "every consumer began draining before the first one stopped: {lifecycle:?}"
+    );
+    for i in 0..PLUGINS {
+        let plugin = format!("slow-{i}");
+        let handled = recorder.handled_by(&plugin);
+        assert!(
+            handled
+                .iter()
+                .any(|h| h.message_id == slow && h.outcome == DeliveryOutcome::ConsumeSuccess),
+            "{plugin}'s in-flight handler finished and was acknowledged: {handled:?}"
+        );
+    }
+    Ok(())
+}

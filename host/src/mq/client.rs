@@ -1,6 +1,6 @@
 //! The RocketMQ client's runtime, sized for mqplug's listeners.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rocketmq_client_rust::{ClientRuntime, ClientRuntimeConfig};
 use rocketmq_observability::TelemetryHandle;
@@ -16,7 +16,9 @@ use super::error::MqError;
 /// healthy messages to retry. The lane is sized here from the listener
 /// threads all consumers will use.
 pub struct MqRuntime {
-    owner: RuntimeOwner,
+    /// Taken by [`MqRuntime::shutdown`], which may run while others still
+    /// hold the host's shared state.
+    owner: Mutex<Option<RuntimeOwner>>,
     client: Arc<ClientRuntime>,
 }
 
@@ -42,7 +44,10 @@ impl MqRuntime {
             TelemetryHandle::noop(),
         )
         .map_err(|err| MqError::new("create the RocketMQ client runtime", &err))?;
-        Ok(MqRuntime { owner, client })
+        Ok(MqRuntime {
+            owner: Mutex::new(Some(owner)),
+            client,
+        })
     }
 
     /// The raw client runtime, for callers that build their own clients on
@@ -53,12 +58,16 @@ impl MqRuntime {
 
     /// Stops the client runtime; call after every consumer and producer
     /// built on it has shut down.
-    pub async fn shutdown(self) {
+    /// A second call does nothing.
+    pub async fn shutdown(&self) {
+        let Some(owner) = self.owner.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
         let report = self.client.shutdown().await;
         if !report.is_healthy() {
             tracing::warn!(report = %report.to_json(), "RocketMQ client runtime shut down unclean");
         }
-        let _ = self.owner.shutdown_tasks().await;
-        let _ = self.owner.shutdown_background();
+        let _ = owner.shutdown_tasks().await;
+        let _ = owner.shutdown_background();
     }
 }
