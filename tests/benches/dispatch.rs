@@ -3,13 +3,14 @@
 //!
 //!   cargo bench -p mqplug-tests --bench dispatch
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mqplug::delivery::Delivery;
 use mqplug::dispatch::Dispatcher;
 use mqplug::event::DEFAULT_MAX_BODY_BYTES;
-use mqplug::observe::Observers;
+use mqplug::metrics::Metrics;
+use mqplug::observe::{HostEvent, Observers};
 use mqplug::outcome::{HandlerOutcome, UndecodablePolicy};
 use mqplug::wasm::{InstanceMode, Plugin, PluginSettings, RuntimeSettings, WasmRuntime};
 use mqplug_tests::{plugins::plugin_path, sample_event};
@@ -139,6 +140,41 @@ fn bench(c: &mut Criterion) {
     );
     group.bench_function("mqplug_decode_and_dispatch_reused", |b| {
         b.iter(|| dispatcher.dispatch(&delivery, &body))
+    });
+    group.finish();
+
+    // What counting a handled message costs when the listener threads of
+    // several plugins count at once (the metrics observer on every message).
+    let mut group = c.benchmark_group("metrics");
+    group.measurement_time(Duration::from_secs(5));
+    let metrics = Metrics::new();
+    let observe = metrics.observer();
+    const THREADS: u64 = 4;
+    group.bench_function("record_handled_4_threads", |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            std::thread::scope(|scope| {
+                for thread in 0..THREADS {
+                    let observe = observe.clone();
+                    scope.spawn(move || {
+                        let event = HostEvent::Handled {
+                            plugin: Arc::from(format!("plugin-{}", thread % 2)),
+                            message_id: "m".into(),
+                            reconsume_times: 0,
+                            outcome: mqplug::DeliveryOutcome::ConsumeSuccess,
+                            cause: None,
+                            version: None,
+                            failure: None,
+                            duration: Duration::from_micros(40),
+                        };
+                        for _ in 0..iters.div_ceil(THREADS) {
+                            observe(std::hint::black_box(&event));
+                        }
+                    });
+                }
+            });
+            started.elapsed()
+        })
     });
     group.finish();
 }
