@@ -70,22 +70,6 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    /// Every kind, in the order [`FailureKind::index`] numbers them.
-    pub const ALL: [FailureKind; 7] = [
-        FailureKind::Rejected,
-        FailureKind::Trap,
-        FailureKind::Deadline,
-        FailureKind::MemoryLimit,
-        FailureKind::OutOfFuel,
-        FailureKind::Host,
-        FailureKind::Undecodable,
-    ];
-
-    /// Its position in [`FailureKind::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             FailureKind::Rejected => "rejected",
@@ -135,20 +119,5 @@ impl Observers {
         for observer in self.0.iter() {
             observer(&event);
         }
-    }
-}
-
-#[cfg(test)]
-mod failure_kind_tests {
-    use super::*;
-
-    #[test]
-    fn every_kind_is_listed_once_at_its_index() {
-        for (i, kind) in FailureKind::ALL.iter().enumerate() {
-            assert_eq!(kind.index(), i, "{kind:?}");
-        }
-        let names: std::collections::HashSet<_> =
-            FailureKind::ALL.iter().map(|k| k.as_str()).collect();
-        assert_eq!(names.len(), FailureKind::ALL.len());
     }
 }
