@@ -9,7 +9,7 @@ pub mod proxy;
 pub mod recorder;
 
 pub use broker::LocalBroker;
-pub use recorder::Recorder;
+pub use recorder::{Collect, Recorder};
 
 use std::path::PathBuf;
 

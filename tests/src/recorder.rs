@@ -148,3 +148,22 @@ impl Recorder {
         }
     }
 }
+
+/// A consumer's handler that keeps every delivery and acknowledges it, for
+/// reading a topic back (a dead-letter queue, the copies a producer stored).
+#[derive(Clone, Default)]
+pub struct Collect(Arc<Mutex<Vec<mqplug::Delivery>>>);
+
+impl Collect {
+    /// The deliveries so far, in arrival order.
+    pub fn deliveries(&self) -> Vec<mqplug::Delivery> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl mqplug::mq::MessageHandler for Collect {
+    fn on_message(&self, delivery: &mqplug::Delivery, _body: &[u8]) -> DeliveryOutcome {
+        self.0.lock().unwrap().push(delivery.clone());
+        DeliveryOutcome::ConsumeSuccess
+    }
+}

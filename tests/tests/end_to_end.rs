@@ -217,10 +217,9 @@ async fn a_panicking_plugin_is_retried_and_the_next_message_is_handled() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Result<()> {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
-    use mqplug::Delivery;
-    use mqplug::mq::{ConsumeFrom, ConsumerSettings, MessageHandler, MqRuntime, PluginConsumer};
+    use mqplug::mq::{ConsumeFrom, ConsumerSettings, MqRuntime, PluginConsumer};
     use mqplug::topic::TopicName;
 
     let broker = LocalBroker::start()?;
@@ -257,14 +256,7 @@ async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Resul
     let exhausted_at = std::time::Instant::now();
 
     // Read the dead-letter queue with a consumer of its own.
-    struct Collect(Arc<Mutex<Vec<Delivery>>>);
-    impl MessageHandler for Collect {
-        fn on_message(&self, delivery: &Delivery, _body: &[u8]) -> DeliveryOutcome {
-            self.0.lock().unwrap().push(delivery.clone());
-            DeliveryOutcome::ConsumeSuccess
-        }
-    }
-    let dead = Arc::new(Mutex::new(Vec::new()));
+    let dead = mqplug_tests::Collect::default();
     let mq = MqRuntime::new(1)?;
     let dlq_settings = ConsumerSettings {
         name_server: broker.name_server.clone(),
@@ -280,7 +272,7 @@ async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Resul
     let deadline = std::time::Instant::now() + WAIT;
     while reader.is_none() && std::time::Instant::now() < deadline {
         // The DLQ topic appears once the broker dead-letters the message.
-        match PluginConsumer::start(&mq, &dlq_settings, Arc::new(Collect(dead.clone()))).await {
+        match PluginConsumer::start(&mq, &dlq_settings, Arc::new(dead.clone())).await {
             Ok(consumer) => reader = Some(consumer),
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
@@ -288,7 +280,7 @@ async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Resul
     let reader = reader.context("could not subscribe to the dead-letter queue")?;
     let mut dead_lettered = false;
     while !dead_lettered && std::time::Instant::now() < deadline {
-        dead_lettered = dead.lock().unwrap().iter().any(|d| d.message_id == poison);
+        dead_lettered = dead.deliveries().iter().any(|d| d.message_id == poison);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(

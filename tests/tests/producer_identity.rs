@@ -4,28 +4,17 @@
 //! deduplicate on the message id see one event.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use mqplug::mq::{
-    Backoff, ConsumeFrom, ConsumerSettings, MessageHandler, MqRuntime, PluginConsumer,
-    ProducerSettings, Publisher,
+    Backoff, ConsumeFrom, ConsumerSettings, MqRuntime, PluginConsumer, ProducerSettings, Publisher,
 };
 use mqplug::topic::TopicName;
-use mqplug::{Delivery, DeliveryOutcome};
 use mqplug_tests::broker::BrokerKind;
 use mqplug_tests::proxy::DropSendReplies;
-use mqplug_tests::{LocalBroker, sample_event};
-
-struct Collect(Arc<Mutex<Vec<Delivery>>>);
-
-impl MessageHandler for Collect {
-    fn on_message(&self, delivery: &Delivery, _body: &[u8]) -> DeliveryOutcome {
-        self.0.lock().unwrap().push(delivery.clone());
-        DeliveryOutcome::ConsumeSuccess
-    }
-}
+use mqplug_tests::{Collect, LocalBroker, sample_event};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_whose_answer_is_lost_is_retried_with_the_same_message_id() -> Result<()> {
@@ -68,7 +57,7 @@ async fn a_send_whose_answer_is_lost_is_retried_with_the_same_message_id() -> Re
         "the lost answer made the producer send again: {receipt:?}"
     );
 
-    let deliveries = Arc::new(Mutex::new(Vec::new()));
+    let collect = Collect::default();
     let consumer = PluginConsumer::start(
         &mq,
         &ConsumerSettings {
@@ -81,18 +70,18 @@ async fn a_send_whose_answer_is_lost_is_retried_with_the_same_message_id() -> Re
             consume_from: ConsumeFrom::First,
             drain_timeout: Duration::from_secs(1),
         },
-        Arc::new(Collect(deliveries.clone())),
+        Arc::new(collect.clone()),
     )
     .await?;
     // Every attempt that reached the broker was stored.
     let stored = receipt.attempts as usize;
     let deadline = Instant::now() + Duration::from_secs(90);
-    while deliveries.lock().unwrap().len() < stored && Instant::now() < deadline {
+    while collect.deliveries().len() < stored && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     consumer.shutdown().await;
     mq.shutdown().await;
-    let deliveries = deliveries.lock().unwrap().clone();
+    let deliveries = collect.deliveries();
     ensure!(
         deliveries.len() == stored,
         "{} stored copies read back, expected {stored}: {deliveries:?}\n{}",
