@@ -123,8 +123,11 @@ pub struct RuntimeConfig {
     /// build skips compilation.
     pub compile_cache: bool,
     /// Where; default `$MQPLUG_CACHE_DIR/components`, else
-    /// `~/.cache/mqplug/components`.
+    /// `~/.cache/mqplug/components`. Its MAC key is kept beside it
+    /// (`<folder>.key`); a folder others can write is not used.
     pub cache_dir: Option<PathBuf>,
+    /// The most MiB of compiled plugins kept; least recently used go first.
+    pub cache_max_mb: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -136,6 +139,7 @@ impl Default for RuntimeConfig {
             fuel: defaults.fuel,
             compile_cache: true,
             cache_dir: None,
+            cache_max_mb: defaults.cache_max_bytes / MIB as u64,
         }
     }
 }
@@ -306,6 +310,7 @@ impl HostConfig {
                 .compile_cache
                 .then(|| self.runtime.cache_dir.clone().or_else(default_cache_dir))
                 .flatten(),
+            cache_max_bytes: self.runtime.cache_max_mb.saturating_mul(MIB as u64),
         }
     }
 

@@ -311,9 +311,11 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
 
 #[test]
 fn a_warm_cache_loads_without_compiling_and_a_bad_entry_is_recompiled() -> Result<()> {
-    let dir = tempfile::tempdir()?;
+    let root = tempfile::tempdir()?;
+    // The folder's MAC key lives beside it, in `root`.
+    let dir = root.path().join("cache");
     let settings = RuntimeSettings {
-        cache_dir: Some(dir.path().to_path_buf()),
+        cache_dir: Some(dir.clone()),
         ..RuntimeSettings::default()
     };
     let wasm = std::fs::read(plugin_path("reward-logger")?)?;
@@ -329,7 +331,7 @@ fn a_warm_cache_loads_without_compiling_and_a_bad_entry_is_recompiled() -> Resul
         )?)
     };
     assert_eq!(load()?.compiled(), Compiled::Fresh, "a cold cache compiles");
-    let entries: Vec<_> = std::fs::read_dir(dir.path())?.collect::<Result<_, _>>()?;
+    let entries: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
     assert_eq!(entries.len(), 1);
     let entry = entries[0].path();
     let name = entry.file_name().unwrap().to_string_lossy().into_owned();
@@ -368,7 +370,7 @@ fn a_warm_cache_loads_without_compiling_and_a_bad_entry_is_recompiled() -> Resul
     );
     drop(fueled);
     assert_eq!(
-        std::fs::read_dir(dir.path())?.count(),
+        std::fs::read_dir(&dir)?.count(),
         2,
         "one entry per engine config"
     );
@@ -380,5 +382,144 @@ fn a_warm_cache_loads_without_compiling_and_a_bad_entry_is_recompiled() -> Resul
         "a bad entry is compiled afresh, not an error"
     );
     assert_eq!(load()?.compiled(), Compiled::FromCache, "and rewritten");
+    Ok(())
+}
+
+/// Loads `plugin` (a plugin of `plugins/`) on a new runtime caching in `dir`,
+/// as after a restart.
+fn load_cached(dir: &Path, max_bytes: Option<u64>, plugin: &str) -> Result<Plugin> {
+    let runtime = WasmRuntime::new(RuntimeSettings {
+        cache_dir: Some(dir.to_path_buf()),
+        cache_max_bytes: max_bytes.unwrap_or(mqplug::wasm::DEFAULT_CACHE_MAX_BYTES),
+        ..RuntimeSettings::default()
+    })
+    .map_err(anyhow::Error::msg)?;
+    let wasm = std::fs::read(plugin_path(plugin)?)?;
+    Ok(Plugin::load(
+        &runtime,
+        PluginSettings::new(plugin),
+        &wasm,
+        Default::default(),
+    )?)
+}
+
+/// The one `.cwasm` entry whose name starts with `plugin`'s digest.
+fn entry_of(dir: &Path, plugin: &str) -> Result<std::path::PathBuf> {
+    let version = Version::of(&std::fs::read(plugin_path(plugin)?)?);
+    std::fs::read_dir(dir)?
+        .filter_map(|item| item.ok().map(|item| item.path()))
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(&version.0))
+        })
+        .with_context(|| format!("no cache entry for {plugin}"))
+}
+
+/// A change made to a cache entry's bytes.
+type Tampering<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
+
+#[test]
+fn a_swapped_truncated_or_flipped_cache_entry_is_never_run_and_is_recompiled() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let dir = root.path().join("cache");
+    for plugin in ["noop", "chaos"] {
+        assert_eq!(load_cached(&dir, None, plugin)?.compiled(), Compiled::Fresh);
+        assert_eq!(
+            load_cached(&dir, None, plugin)?.compiled(),
+            Compiled::FromCache
+        );
+    }
+    let noop = entry_of(&dir, "noop")?;
+    let chaos = std::fs::read(entry_of(&dir, "chaos")?)?;
+    let tamperings: [(&str, Tampering<'_>); 3] = [
+        // Another plugin's valid entry under this plugin's name: running it
+        // would run the wrong code, with no sandbox check to stop it.
+        (
+            "swapped for chaos's entry",
+            Box::new(|entry| *entry = chaos.clone()),
+        ),
+        (
+            "truncated",
+            Box::new(|entry| entry.truncate(entry.len() / 2)),
+        ),
+        (
+            "one byte flipped",
+            Box::new(|entry| {
+                let middle = entry.len() / 2;
+                entry[middle] ^= 0x01;
+            }),
+        ),
+    ];
+    for (what, tamper) in &tamperings {
+        let mut bytes = std::fs::read(&noop)?;
+        tamper(&mut bytes);
+        std::fs::write(&noop, &bytes)?;
+        let plugin = load_cached(&dir, None, "noop")?;
+        assert_eq!(
+            plugin.compiled(),
+            Compiled::Fresh,
+            "{what}: refused, compiled afresh"
+        );
+        assert_eq!(
+            plugin.version(),
+            &Version::of(&std::fs::read(plugin_path("noop")?)?),
+            "{what}"
+        );
+        assert_eq!(
+            load_cached(&dir, None, "noop")?.compiled(),
+            Compiled::FromCache,
+            "{what}: the rewritten entry is used again"
+        );
+    }
+    // The key is outside the folder, readable by this user only.
+    let key = root.path().join("cache.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key)?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    Ok(())
+}
+
+#[test]
+fn a_cache_folder_others_can_write_is_not_used() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let root = tempfile::tempdir()?;
+    let dir = root.path().join("cache");
+    assert_eq!(load_cached(&dir, None, "noop")?.compiled(), Compiled::Fresh);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+    assert_eq!(
+        load_cached(&dir, None, "noop")?.compiled(),
+        Compiled::Fresh,
+        "an entry in a world-writable folder is not run"
+    );
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770))?;
+    assert_eq!(load_cached(&dir, None, "noop")?.compiled(), Compiled::Fresh);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    assert_eq!(
+        load_cached(&dir, None, "noop")?.compiled(),
+        Compiled::FromCache
+    );
+    Ok(())
+}
+
+#[test]
+fn past_its_size_cap_the_cache_drops_the_least_recently_used_entry() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let dir = root.path().join("cache");
+    load_cached(&dir, None, "noop")?;
+    let noop_bytes = std::fs::metadata(entry_of(&dir, "noop")?)?.len();
+    // Room for the larger entry alone: adding a second evicts the older.
+    let chaos = load_cached(&dir, Some(noop_bytes), "chaos")?;
+    drop(chaos);
+    let chaos_bytes = std::fs::metadata(entry_of(&dir, "chaos")?)?.len();
+    let cap = noop_bytes.max(chaos_bytes);
+    assert!(
+        entry_of(&dir, "noop").is_err(),
+        "noop, the older, was removed"
+    );
+    assert_eq!(
+        load_cached(&dir, Some(cap), "chaos")?.compiled(),
+        Compiled::FromCache,
+        "the newest stays"
+    );
     Ok(())
 }

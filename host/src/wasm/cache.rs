@@ -4,11 +4,14 @@
 //! configuration that makes compiled code incompatible (wasmtime's
 //! `precompile_compatibility_hash`). An entry made by another configuration
 //! has another key, so it is compiled afresh, never loaded and never an error.
-//! A corrupt entry is compiled afresh and overwritten.
+//! An entry whose MAC does not hold (swapped, truncated, changed) is never
+//! run: it is compiled afresh and overwritten.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -56,19 +59,63 @@ pub struct CompiledComponent {
     pub took: Duration,
 }
 
+/// The most bytes of entries the cache keeps by default; past it the least
+/// recently used entries are removed.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 1 << 30;
+
+/// An entry starts with this, then the MAC, then wasmtime's serialized
+/// component.
+const MAGIC: &[u8; 8] = b"MQPLUGC1";
+const MAC_LEN: usize = 32;
+
 /// Where compiled components are kept; `None` compiles every time.
+///
+/// A compiled entry is native code the host runs without a sandbox, so an
+/// entry is used only if it is provably one this host wrote for that wasm
+/// digest and engine: each carries an HMAC-SHA-256 over the digest, the
+/// engine key and the code, keyed with a secret kept outside the folder
+/// (`<folder>.key`, mode 0600). An entry swapped for another plugin's, cut
+/// short, or changed by one byte fails the check and is compiled afresh. A
+/// folder that others can write is not used at all.
 #[derive(Debug, Clone)]
 pub struct CompileCache {
     dir: Option<PathBuf>,
+    max_bytes: u64,
+}
+
+/// Why the cache folder cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error(
+        "compile cache folder {dir} is writable by {who} (mode {mode:o}): refusing to run native code from it; fix with `chmod go-w {dir}`"
+    )]
+    Writable {
+        dir: String,
+        who: &'static str,
+        mode: u32,
+    },
+    #[error("compile cache key {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("compile cache folder {dir}: {source}")]
+    Io { dir: String, source: std::io::Error },
 }
 
 impl CompileCache {
     pub fn new(dir: Option<PathBuf>) -> Self {
-        CompileCache { dir }
+        CompileCache {
+            dir,
+            max_bytes: DEFAULT_CACHE_MAX_BYTES,
+        }
+    }
+
+    /// The same cache, keeping at most `max_bytes` of entries.
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     pub fn disabled() -> Self {
-        CompileCache { dir: None }
+        CompileCache::new(None)
     }
 
     pub fn dir(&self) -> Option<&Path> {
@@ -79,59 +126,253 @@ impl CompileCache {
     pub fn compile(&self, engine: &Engine, wasm: &[u8]) -> wasmtime::Result<CompiledComponent> {
         let started = Instant::now();
         let version = Version::of(wasm);
-        let Some(dir) = &self.dir else {
-            let component = Component::new(engine, wasm)?;
-            return Ok(CompiledComponent {
-                component,
+        let fresh = |version: Version| -> wasmtime::Result<CompiledComponent> {
+            Ok(CompiledComponent {
+                component: Component::new(engine, wasm)?,
                 version,
                 how: Compiled::Fresh,
                 took: started.elapsed(),
-            });
+            })
         };
-        let entry = dir.join(format!("{}-{}.cwasm", version, engine_key(engine)));
+        let Some(dir) = &self.dir else {
+            return fresh(version);
+        };
+        let key = match open_folder(dir) {
+            Ok(key) => key,
+            Err(err) => {
+                tracing::error!("{err}; compiling without the cache");
+                return fresh(version);
+            }
+        };
+        let engine_key = engine_key(engine);
+        let entry = dir.join(format!("{version}-{engine_key}.cwasm"));
         // Read into memory rather than `deserialize_file`, which maps the
-        // file: a cache entry truncated while mapped (by another host
-        // sharing the folder, or by hand) would crash the process.
+        // file: an entry truncated while mapped would crash the process.
         if let Ok(bytes) = std::fs::read(&entry) {
-            // SAFETY: entries are written only by `store` below, from
-            // `Component::serialize` of this engine configuration (the key
-            // says so); wasmtime checks the header and configuration again.
-            match unsafe { Component::deserialize(engine, &bytes) } {
-                Ok(component) => {
-                    return Ok(CompiledComponent {
-                        component,
-                        version,
-                        how: Compiled::FromCache,
-                        took: started.elapsed(),
-                    });
-                }
-                Err(err) => tracing::warn!(
+            match verified_code(&key, &version, &engine_key, &bytes) {
+                // SAFETY: the MAC proves these bytes are what `store` wrote
+                // from `Component::serialize` for this digest and engine
+                // configuration, with a key only this host's user can read;
+                // wasmtime checks the header and configuration again.
+                Some(code) => match unsafe { Component::deserialize(engine, code) } {
+                    Ok(component) => {
+                        touch(&entry);
+                        return Ok(CompiledComponent {
+                            component,
+                            version,
+                            how: Compiled::FromCache,
+                            took: started.elapsed(),
+                        });
+                    }
+                    Err(err) => tracing::warn!(
+                        entry = %entry.display(),
+                        "compile cache entry unusable, compiling afresh: {err:#}"
+                    ),
+                },
+                None => tracing::warn!(
                     entry = %entry.display(),
-                    "compile cache entry unusable, compiling afresh: {err:#}"
+                    "compile cache entry is not one this host wrote for this plugin (MAC mismatch: \
+                     swapped, cut or changed); not run, compiling afresh"
                 ),
             }
         }
-        let component = Component::new(engine, wasm)?;
-        if let Err(err) = store(dir, &entry, &component) {
+        let compiled = fresh(version)?;
+        let written = store(
+            &key,
+            dir,
+            &entry,
+            &compiled.version,
+            &engine_key,
+            &compiled.component,
+        )
+        .and_then(|()| evict(dir, &entry, self.max_bytes));
+        if let Err(err) = written {
             tracing::warn!(dir = %dir.display(), "cannot write the compile cache: {err:#}");
         }
-        Ok(CompiledComponent {
-            component,
-            version,
-            how: Compiled::Fresh,
-            took: started.elapsed(),
-        })
+        Ok(compiled)
     }
 }
 
-/// Writes an entry atomically (temporary file, then rename), so a reader never
-/// sees half of one.
-fn store(dir: &Path, entry: &Path, component: &Component) -> wasmtime::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let bytes = component.serialize()?;
-    let temporary = entry.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, entry)?;
+/// Checks the folder (creating it, mode 0700) and returns the MAC key,
+/// creating it (mode 0600) on first use.
+fn open_folder(dir: &Path) -> Result<[u8; MAC_LEN], CacheError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+
+    let io = |source| CacheError::Io {
+        dir: dir.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    let mode = std::fs::metadata(dir).map_err(io)?.mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(CacheError::Writable {
+            dir: dir.display().to_string(),
+            who: if mode & 0o002 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            },
+            mode,
+        });
+    }
+    let path = key_path(dir);
+    let key_error = |reason: String| CacheError::Key {
+        path: path.display().to_string(),
+        reason,
+    };
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path);
+    match created {
+        Ok(mut file) => {
+            let mut key = [0u8; MAC_LEN];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut random| random.read_exact(&mut key))
+                .and_then(|()| file.write_all(&key))
+                .and_then(|()| file.sync_all())
+                .map_err(|err| key_error(format!("cannot create: {err}")))?;
+            Ok(key)
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            let metadata = std::fs::metadata(&path).map_err(|e| key_error(e.to_string()))?;
+            if metadata.mode() & 0o077 != 0 {
+                return Err(key_error(format!(
+                    "readable or writable by others (mode {:o})",
+                    metadata.mode() & 0o777
+                )));
+            }
+            let bytes = std::fs::read(&path).map_err(|e| key_error(e.to_string()))?;
+            bytes.try_into().map_err(|bytes: Vec<u8>| {
+                key_error(format!("{} bytes, not {MAC_LEN}", bytes.len()))
+            })
+        }
+        Err(err) => Err(key_error(format!("cannot create: {err}"))),
+    }
+}
+
+/// `<folder>.key`, beside the folder: whoever can write only the folder
+/// cannot replace it.
+fn key_path(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".key");
+    dir.with_file_name(name)
+}
+
+/// HMAC-SHA-256 (RFC 2104) of `parts`, each prefixed with its length.
+fn mac(key: &[u8; MAC_LEN], parts: &[&[u8]]) -> [u8; MAC_LEN] {
+    let mut inner_pad = [0x36u8; 64];
+    let mut outer_pad = [0x5cu8; 64];
+    for (i, byte) in key.iter().enumerate() {
+        inner_pad[i] ^= byte;
+        outer_pad[i] ^= byte;
+    }
+    let mut inner = Sha256::new();
+    inner.update(inner_pad);
+    for part in parts {
+        inner.update((part.len() as u64).to_be_bytes());
+        inner.update(part);
+    }
+    let mut outer = Sha256::new();
+    outer.update(outer_pad);
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// The compiled code in `entry` if its MAC holds for this digest and engine.
+fn verified_code<'a>(
+    key: &[u8; MAC_LEN],
+    version: &Version,
+    engine_key: &str,
+    entry: &'a [u8],
+) -> Option<&'a [u8]> {
+    let rest = entry.strip_prefix(MAGIC)?;
+    let (tag, code) = rest.split_at_checked(MAC_LEN)?;
+    let expected = mac(key, &[version.0.as_bytes(), engine_key.as_bytes(), code]);
+    // Compared in constant time: a timing difference tells nothing.
+    let differs = tag
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    (differs == 0).then_some(code)
+}
+
+/// Writes an entry atomically: a temporary file of a unique name, synced,
+/// then renamed, so a reader never sees half of one and two hosts sharing the
+/// folder never write into one temporary file.
+fn store(
+    key: &[u8; MAC_LEN],
+    dir: &Path,
+    entry: &Path,
+    version: &Version,
+    engine_key: &str,
+    component: &Component,
+) -> wasmtime::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+
+    let code = component.serialize()?;
+    let tag = mac(key, &[version.0.as_bytes(), engine_key.as_bytes(), &code]);
+    let temporary = dir.join(format!(
+        ".{}.{}-{}.tmp",
+        entry.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    let written = file
+        .write_all(MAGIC)
+        .and_then(|()| file.write_all(&tag))
+        .and_then(|()| file.write_all(&code))
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, entry));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written?;
+    Ok(())
+}
+
+/// Marks an entry as just used, for [`evict`].
+fn touch(entry: &Path) {
+    if let Ok(file) = std::fs::OpenOptions::new().write(true).open(entry) {
+        let _ = file.set_modified(SystemTime::now());
+    }
+}
+
+/// Removes the least recently used entries (by modification time, which a
+/// hit renews) until the folder's entries fit in `max_bytes`; `keep` (the
+/// entry just written) stays.
+fn evict(dir: &Path, keep: &Path, max_bytes: u64) -> wasmtime::Result<()> {
+    let mut entries = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let item = item?;
+        let path = item.path();
+        if path.extension().is_some_and(|ext| ext == "cwasm") {
+            let metadata = item.metadata()?;
+            entries.push((metadata.modified()?, metadata.len(), path));
+        }
+    }
+    let mut total: u64 = entries.iter().map(|(_, len, _)| len).sum();
+    entries.sort();
+    for (_, len, path) in entries {
+        if total <= max_bytes {
+            break;
+        }
+        if path != keep && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(entry = %path.display(), "compile cache over its size cap: removed the least recently used entry");
+            total -= len;
+        }
+    }
     Ok(())
 }
 
@@ -154,5 +395,50 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(version.short(), "ba7816bf8f01");
+    }
+
+    #[test]
+    fn the_mac_is_hmac_sha256_over_length_prefixed_parts() {
+        // Python: hmac.new(b"\x0b" * 32, struct.pack(">Q", 8) + b"Hi There",
+        // hashlib.sha256).hexdigest()
+        assert_eq!(
+            hex(&mac(&[0x0b; MAC_LEN], &[b"Hi There"])),
+            "0bc448fbd942bda00fa596aed1a2014da91bb53394aafc0fd1b510d9ce5de26a"
+        );
+    }
+
+    fn entry(key: &[u8; MAC_LEN], version: &Version, code: &[u8]) -> Vec<u8> {
+        let tag = mac(key, &[version.0.as_bytes(), b"engine", code]);
+        [MAGIC.as_slice(), &tag, code].concat()
+    }
+
+    #[test]
+    fn only_an_entry_tagged_for_this_digest_and_engine_with_this_key_verifies() {
+        let key = [7; MAC_LEN];
+        let version = Version::of(b"plugin a");
+        let good = entry(&key, &version, b"native code");
+        assert_eq!(
+            verified_code(&key, &version, "engine", &good),
+            Some(b"native code".as_slice())
+        );
+        let other_plugin = entry(&key, &Version::of(b"plugin b"), b"native code");
+        assert_eq!(verified_code(&key, &version, "engine", &other_plugin), None);
+        assert_eq!(verified_code(&key, &version, "other-engine", &good), None);
+        assert_eq!(
+            verified_code(&[8; MAC_LEN], &version, "engine", &good),
+            None
+        );
+        assert_eq!(
+            verified_code(&key, &version, "engine", &good[..good.len() - 1]),
+            None
+        );
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(verified_code(&key, &version, "engine", &flipped), None);
+        assert_eq!(verified_code(&key, &version, "engine", &good[..20]), None);
+        assert_eq!(
+            verified_code(&key, &version, "engine", b"native code"),
+            None
+        );
     }
 }

@@ -10,7 +10,7 @@ use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings;
-use super::cache::CompileCache;
+use super::cache::{CompileCache, DEFAULT_CACHE_MAX_BYTES};
 use super::clocks;
 use super::state::HostState;
 
@@ -26,6 +26,9 @@ pub struct RuntimeSettings {
     pub max_memory_bytes: usize,
     /// Where compiled components are cached; `None` compiles every load.
     pub cache_dir: Option<PathBuf>,
+    /// The most bytes of cached components kept; the least recently used
+    /// go first.
+    pub cache_max_bytes: u64,
     /// Count fuel (instructions) so plugins can have a deterministic
     /// per-event budget. Costs every plugin 15-36 % per event; off by default.
     pub fuel: bool,
@@ -37,6 +40,7 @@ impl Default for RuntimeSettings {
             max_instances: 256,
             max_memory_bytes: 256 * 1024 * 1024,
             cache_dir: None,
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             fuel: false,
         }
     }
@@ -85,7 +89,8 @@ impl WasmRuntime {
         Ok(Arc::new(WasmRuntime {
             engine,
             linker,
-            cache: CompileCache::new(settings.cache_dir.clone()),
+            cache: CompileCache::new(settings.cache_dir.clone())
+                .with_max_bytes(settings.cache_max_bytes),
             settings,
             _ticker: ticker,
         }))

@@ -10,6 +10,6 @@ mod log_budget;
 mod plugin;
 mod state;
 
-pub use cache::{CompileCache, Compiled, Version};
+pub use cache::{CacheError, CompileCache, Compiled, DEFAULT_CACHE_MAX_BYTES, Version};
 pub use engine::{EPOCH_TICK, PoolUsage, RuntimeSettings, WasmRuntime};
 pub use plugin::{InstanceMode, Plugin, PluginLoadError, PluginSettings};
