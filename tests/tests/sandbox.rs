@@ -299,12 +299,28 @@ fn the_readme_plugin_is_the_one_built_here_and_it_runs() {
 
 #[test]
 fn a_plugin_reaches_no_files_environment_arguments_or_network() {
-    // SAFETY: set before any other thread of this test reads the environment.
-    unsafe { std::env::set_var("MQPLUG_SECRET", "must not leak") };
+    // Everything the plugin probes is there to be reached: the host has
+    // environment variables, and a server really listens on the port it
+    // tries, so a granted connection would succeed and fail the test.
+    assert!(
+        std::env::var_os("PATH").is_some(),
+        "the host has an environment"
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut probe = event("PROBE_SANDBOX");
+    probe.event_data.insert(
+        "port".into(),
+        serde_json::Value::from(listener.local_addr().unwrap().port()),
+    );
     let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
     assert_eq!(
-        plugin.handle(&event("PROBE_SANDBOX"), &delivery("s", 0)),
+        plugin.handle(&probe, &delivery("s", 0)),
         HandlerOutcome::Accepted
+    );
+    assert!(
+        listener.accept().is_err(),
+        "no connection from the plugin reached the listener"
     );
 }
 

@@ -14,7 +14,7 @@
 //! | `SLEEP`     | sleeps `event_data.ms` milliseconds (default one hour) with `std::thread::sleep`, a blocking WASI wait, then ok |
 //! | `ECHO`      | logs the campaign name as it is, then returns an error made of it repeated `event_data.repeat` times (for untrusted-text tests) |
 //! | `PRINT`     | prints `chaos stdout <message id>` and `chaos stderr <message id>`, then ok |
-//! | `PROBE_SANDBOX` | tries files, environment, arguments and the network; an error names whatever it reached |
+//! | `PROBE_SANDBOX` | tries files, environment, arguments and the network (a TCP connection to `event_data.port` on 127.0.0.1); an error names whatever it reached |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
@@ -103,7 +103,14 @@ impl Handler for Chaos {
                 eprintln!("chaos stderr {}", delivery.message_id);
                 Ok(())
             }
-            "PROBE_SANDBOX" => probe_sandbox(),
+            "PROBE_SANDBOX" => {
+                let port = event
+                    .event_data
+                    .get("port")
+                    .and_then(|port| port.as_u64())
+                    .unwrap_or(9876);
+                probe_sandbox(port)
+            }
             "STACK_OVERFLOW" => {
                 let depth = recurse(std::hint::black_box(1));
                 Err(format!("recursion returned at depth {depth}"))
@@ -131,7 +138,9 @@ fn recurse(depth: u64) -> u64 {
 }
 
 /// Tries everything a plugin must not be able to do.
-fn probe_sandbox() -> Result<(), String> {
+/// Tries files, the environment, arguments, a TCP connection to `port` on
+/// 127.0.0.1 (where the test listens) and a UDP socket.
+fn probe_sandbox(port: u64) -> Result<(), String> {
     let mut reached = Vec::new();
     if std::fs::read_dir("/").is_ok() || std::fs::read_dir(".").is_ok() {
         reached.push("a directory listing");
@@ -148,7 +157,7 @@ fn probe_sandbox() -> Result<(), String> {
     if std::env::args_os().next().is_some() {
         reached.push("command-line arguments");
     }
-    if std::net::TcpStream::connect("127.0.0.1:9876").is_ok() {
+    if std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok() {
         reached.push("a TCP connection");
     }
     if std::net::UdpSocket::bind("127.0.0.1:0").is_ok() {
