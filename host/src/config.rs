@@ -329,6 +329,46 @@ impl HostConfig {
         })
     }
 
+    /// Listener threads the plugins use at once: the sum of their concurrency.
+    pub fn listener_threads(&self) -> usize {
+        self.plugins.iter().map(|p| p.concurrency as usize).sum()
+    }
+
+    /// Instances the plugins may need at once: each plugin's concurrency,
+    /// plus one for a reload.
+    pub fn instances_needed(&self) -> u64 {
+        self.plugins
+            .iter()
+            .map(|p| u64::from(p.concurrency) + 1)
+            .sum()
+    }
+
+    /// Whether this plugin list fits the pools a running host was sized
+    /// with at start (`listener_capacity` client listener threads,
+    /// `max_instances` wasm instances); the reason when it does not.
+    pub fn fits_pools(
+        &self,
+        listener_capacity: usize,
+        max_instances: u32,
+    ) -> Result<(), ConfigError> {
+        let threads = self.listener_threads();
+        if threads > listener_capacity {
+            return Err(ConfigError::Runtime(format!(
+                "the plugins' concurrency adds up to {threads} listener threads, over the \
+                 {listener_capacity} the running host was started with; restart mqplug to apply \
+                 this plugin list"
+            )));
+        }
+        let wanted = self.instances_needed();
+        if wanted > u64::from(max_instances) {
+            return Err(ConfigError::Runtime(format!(
+                "the plugins may need {wanted} instances at once, over the {max_instances} the \
+                 running host's wasm pool holds; restart mqplug to apply this plugin list"
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks everything that can be checked before connecting anywhere.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.topic()?;
@@ -378,11 +418,7 @@ impl HostConfig {
         }
         // Each event in flight holds an instance of its own, and a reload
         // instantiates the new build while the old one may still be busy.
-        let wanted: u64 = self
-            .plugins
-            .iter()
-            .map(|p| u64::from(p.concurrency) + 1)
-            .sum();
+        let wanted = self.instances_needed();
         if wanted > u64::from(self.runtime.max_instances) {
             return Err(ConfigError::Runtime(format!(
                 "the plugins may need {wanted} instances at once (each plugin's concurrency, \
@@ -588,6 +624,25 @@ mod tests {
         )
         .unwrap();
         assert!(config.validate().is_err(), "an explicit group collides too");
+    }
+
+    #[test]
+    fn a_plugin_list_that_outgrows_the_running_pools_is_refused_with_the_reason() {
+        let config = parse(
+            "[[plugin]]\nname='a'\npath='a'\nconcurrency=8\n[[plugin]]\nname='b'\npath='b'\nconcurrency=8",
+        )
+        .unwrap();
+        config.fits_pools(16, 18).unwrap();
+        let threads = config.fits_pools(15, 256).unwrap_err().to_string();
+        assert!(
+            threads.contains("16 listener threads, over the 15"),
+            "{threads}"
+        );
+        let instances = config.fits_pools(64, 17).unwrap_err().to_string();
+        assert!(
+            instances.contains("18 instances at once, over the 17"),
+            "{instances}"
+        );
     }
 
     #[test]

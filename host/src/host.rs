@@ -57,6 +57,8 @@ struct Shared {
     config: Mutex<HostConfig>,
     wasm: Arc<WasmRuntime>,
     mq: MqRuntime,
+    /// Listener threads the client runtime was sized for at start.
+    listener_capacity: usize,
     observers: Observers,
     metrics: Arc<Metrics>,
     /// Changed only by start-up, the watcher and shutdown, one at a time.
@@ -121,8 +123,8 @@ impl Host {
             .map_err(|err| HostError::LoadTask(err.to_string()))??
         };
 
-        let listener_threads: usize = config.plugins.iter().map(|p| p.concurrency as usize).sum();
-        let mq = MqRuntime::new(listener_threads + SPARE_LISTENER_THREADS)?;
+        let listener_capacity = config.listener_threads() + SPARE_LISTENER_THREADS;
+        let mq = MqRuntime::new(listener_capacity)?;
         let (stop, _) = watch::channel(false);
         let mut host = Host {
             shared: Arc::new(Shared {
@@ -130,6 +132,7 @@ impl Host {
                 config: Mutex::new(config.clone()),
                 wasm,
                 mq,
+                listener_capacity,
                 observers,
                 metrics,
                 running: tokio::sync::Mutex::new(BTreeMap::new()),
@@ -499,6 +502,12 @@ impl Watcher {
         watched.applied = Some(stamp);
         let parsed = HostConfig::from_file(path).and_then(|config| {
             config.validate()?;
+            // The pools were sized at start; a plugin list that outgrows
+            // them would fail its events at run time, so it is refused now.
+            config.fits_pools(
+                self.shared.listener_capacity,
+                self.shared.wasm.settings().max_instances,
+            )?;
             Ok(config)
         });
         let new = match parsed {

@@ -309,6 +309,54 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_list_that_outgrows_the_running_pools_is_refused_and_nothing_changes() -> Result<()>
+{
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("mqplug.toml");
+    let write_config = |plugins: &[(&str, u32)]| -> Result<()> {
+        let mut text = format!(
+            "name_server = \"{}\"\n[producer]\nenabled = true\ncreate_topic_queues = 4\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[reload]\npoll_ms = 50\nsettle_ms = 300\n",
+            broker.name_server
+        );
+        for (name, concurrency) in plugins {
+            text.push_str(&format!(
+                "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nconcurrency = {concurrency}\n",
+                plugin_path("reward-logger")?.display()
+            ));
+        }
+        replace(&config_path, text.as_bytes())
+    };
+    write_config(&[("first", 4)])?;
+    let host = Host::start(&HostConfig::from_file(&config_path)?, Default::default()).await?;
+    // 100 more listener threads than the client runtime was sized for at
+    // start (4 + 32 spare): valid on its own, but not for this host.
+    write_config(&[("first", 4), ("greedy", 100)])?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut status = plugins_json(&host)?;
+    while status["config_error"].is_null() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = plugins_json(&host)?;
+    }
+    host.shutdown().await;
+    let error = status["config_error"].as_str().unwrap_or_default();
+    ensure!(
+        error.contains("104 listener threads, over the 36"),
+        "the reload is refused with its reason: {status}"
+    );
+    let names: Vec<&str> = status["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["first"], "nothing was started: {status}");
+    assert_eq!(status["plugins"][0]["state"], "serving", "{status}");
+    Ok(())
+}
+
 #[test]
 fn a_warm_cache_loads_without_compiling_and_a_bad_entry_is_recompiled() -> Result<()> {
     let root = tempfile::tempdir()?;
