@@ -175,6 +175,10 @@ pub struct PluginConfig {
     /// counted in a warning.
     #[serde(default = "default_log_lines_per_second")]
     pub log_lines_per_second: u32,
+    /// Log bytes per second, besides the lines; the excess is dropped and
+    /// counted likewise.
+    #[serde(default = "default_log_bytes_per_second")]
+    pub log_bytes_per_second: u64,
     /// Where a new consumer group starts: `last` (default) or `first`.
     #[serde(default)]
     pub consume_from: ConsumeFrom,
@@ -265,6 +269,10 @@ fn default_deadline_ms() -> u64 {
 fn default_memory_limit_mb() -> usize {
     64
 }
+fn default_log_bytes_per_second() -> u64 {
+    PluginSettings::new("").log_bytes_per_second
+}
+
 fn default_log_lines_per_second() -> u32 {
     1000
 }
@@ -444,6 +452,7 @@ impl PluginConfig {
             deadline_ms: default_deadline_ms(),
             memory_limit_mb: default_memory_limit_mb(),
             log_lines_per_second: default_log_lines_per_second(),
+            log_bytes_per_second: default_log_bytes_per_second(),
             consume_from: ConsumeFrom::default(),
             fuel_per_event: None,
             inherit_stdio: false,
@@ -476,6 +485,7 @@ impl PluginConfig {
             memory_limit_bytes: self.memory_limit_mb.saturating_mul(MIB),
             instance_mode: self.instance_mode,
             log_lines_per_second: self.log_lines_per_second,
+            log_bytes_per_second: self.log_bytes_per_second,
             fuel_per_event: self.fuel_per_event,
             inherit_stdio: self.inherit_stdio,
         }

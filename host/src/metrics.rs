@@ -26,6 +26,8 @@ struct PluginCounters {
     sum_seconds: f64,
     /// By (result, source): (`ok`|`failed`, `compiled`|`cache`).
     loads: BTreeMap<(&'static str, &'static str), u64>,
+    /// Log lines dropped over the plugin's budget.
+    logs_dropped: u64,
 }
 
 /// Every plugin's counters. Cheap to update from any thread.
@@ -87,6 +89,10 @@ impl Metrics {
                 let result = if result.is_ok() { "ok" } else { "failed" };
                 let source = if *from_cache { "cache" } else { "compiled" };
                 *counters.loads.entry((result, source)).or_default() += 1;
+            }
+            HostEvent::LogsDropped { plugin, lines } => {
+                let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+                plugins.entry(plugin.clone()).or_default().logs_dropped += lines;
             }
             HostEvent::PluginLog { .. }
             | HostEvent::Draining { .. }
@@ -168,6 +174,20 @@ impl Metrics {
                 out,
                 "mqplug_handler_duration_seconds_bucket{{plugin=\"{plugin}\",le=\"+Inf\"}} {}\nmqplug_handler_duration_seconds_sum{{plugin=\"{plugin}\"}} {}\nmqplug_handler_duration_seconds_count{{plugin=\"{plugin}\"}} {}",
                 counters.count, counters.sum_seconds, counters.count
+            );
+        }
+        family(
+            &mut out,
+            "mqplug_log_lines_dropped_total",
+            "counter",
+            "Plugin log lines dropped over the plugin's lines or bytes per second.",
+        );
+        for (plugin, counters) in plugins.iter() {
+            let _ = writeln!(
+                out,
+                "mqplug_log_lines_dropped_total{{plugin=\"{}\"}} {}",
+                label(plugin),
+                counters.logs_dropped
             );
         }
         family(
@@ -310,6 +330,10 @@ mod tests {
             from_cache: false,
             took: Duration::from_millis(3),
         });
+        observe(&HostEvent::LogsDropped {
+            plugin: Arc::from("p\"1"),
+            lines: 320,
+        });
         let text = metrics.render(&[("p\"1".into(), "abc".into())]);
         for line in [
             "mqplug_plugin_info{plugin=\"p\\\"1\",version=\"abc\"} 1",
@@ -320,6 +344,7 @@ mod tests {
             "mqplug_handler_duration_seconds_bucket{plugin=\"p\\\"1\",le=\"0.5\"} 2",
             "mqplug_handler_duration_seconds_count{plugin=\"p\\\"1\"} 2",
             "mqplug_plugin_loads_total{plugin=\"p\\\"1\",result=\"failed\",source=\"compiled\"} 1",
+            "mqplug_log_lines_dropped_total{plugin=\"p\\\"1\"} 320",
         ] {
             assert!(text.contains(line), "missing {line}:\n{text}");
         }

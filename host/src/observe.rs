@@ -51,6 +51,9 @@ pub enum HostEvent {
     Draining { plugin: Arc<str> },
     /// A plugin's consumer has stopped: its handlers' outcomes are sent.
     Stopped { plugin: Arc<str> },
+    /// Log lines of a plugin dropped over its budget in the window that
+    /// just ended.
+    LogsDropped { plugin: Arc<str>, lines: u64 },
 }
 
 /// Why a message was not acknowledged.

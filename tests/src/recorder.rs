@@ -109,6 +109,20 @@ impl Recorder {
             .collect()
     }
 
+    /// Log lines of `plugin` reported dropped over its budget, so far.
+    pub fn logs_dropped(&self, plugin: &str) -> u64 {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|event| match event {
+                HostEvent::LogsDropped { plugin: p, lines } if &**p == plugin => *lines,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Every load and reload: (plugin, version, result).
     pub fn loads(&self) -> Vec<(String, String, Result<(), String>)> {
         self.inner

@@ -360,6 +360,43 @@ fn a_plugin_cannot_log_more_than_its_budget() {
     // The 20 events take well under a second, but a slow machine may cross
     // into a second window.
     assert!((5..=10).contains(&logged), "{logged} lines got through");
+    // The plugin is quiet now; the drop is still reported once its window
+    // ends (by the runtime's ticker), every line counted.
+    let dropped = 20 - logged as u64;
+    assert!(
+        recorder.wait_until(Duration::from_secs(30), |r| r.logs_dropped("chaos")
+            >= dropped),
+        "the drop summary never came: {} of {dropped}",
+        recorder.logs_dropped("chaos")
+    );
+    assert_eq!(recorder.logs_dropped("chaos"), dropped);
+}
+
+#[test]
+fn a_plugin_cannot_log_more_bytes_than_its_budget() {
+    let recorder = Recorder::new();
+    let plugin = load(
+        PluginSettings {
+            log_bytes_per_second: 64 * 1024,
+            ..PluginSettings::new("chaos")
+        },
+        &recorder,
+    );
+    // Each event's line is about 10 KB: six fit in 64 KiB, the rest not.
+    let mut big = event("USER_REGISTER");
+    big.campaign_name = "x".repeat(10_000);
+    for id in 0..20 {
+        assert_eq!(
+            plugin.handle(&big, &delivery(&id.to_string(), 0)),
+            HandlerOutcome::Accepted
+        );
+    }
+    let logged = recorder.plugin_logs("chaos").len();
+    assert!((6..=12).contains(&logged), "{logged} lines got through");
+    assert!(
+        recorder.wait_until(Duration::from_secs(30), |r| r.logs_dropped("chaos") > 0),
+        "the drop summary never came"
+    );
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! One wasmtime engine for the whole host, its linker, and its epoch ticker.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings;
 use super::cache::{CompileCache, DEFAULT_CACHE_MAX_BYTES};
 use super::clocks;
+use super::log_budget::LogBudget;
 use super::state::HostState;
 
 /// How often the epoch advances; deadlines are whole ticks.
@@ -53,8 +54,12 @@ pub struct WasmRuntime {
     pub(crate) linker: Linker<HostState>,
     pub(crate) cache: CompileCache,
     settings: RuntimeSettings,
+    /// Every plugin's log budget, flushed by the ticker each second.
+    log_budgets: LogBudgets,
     _ticker: EpochTicker,
 }
+
+type LogBudgets = Arc<Mutex<Vec<Weak<LogBudget>>>>;
 
 impl WasmRuntime {
     pub fn new(settings: RuntimeSettings) -> wasmtime::Result<Arc<Self>> {
@@ -85,9 +90,11 @@ impl WasmRuntime {
             state
         })?;
 
-        let ticker = EpochTicker::start(engine.clone());
+        let log_budgets = LogBudgets::default();
+        let ticker = EpochTicker::start(engine.clone(), log_budgets.clone());
         Ok(Arc::new(WasmRuntime {
             engine,
+            log_budgets,
             linker,
             cache: CompileCache::new(settings.cache_dir.clone())
                 .with_max_bytes(settings.cache_max_bytes),
@@ -98,6 +105,14 @@ impl WasmRuntime {
 
     pub fn settings(&self) -> &RuntimeSettings {
         &self.settings
+    }
+
+    /// Has the ticker report what `budget` dropped once each window ends,
+    /// also when the plugin has gone quiet.
+    pub(crate) fn watch_log_budget(&self, budget: &Arc<LogBudget>) {
+        let mut budgets = self.log_budgets.lock().unwrap_or_else(|e| e.into_inner());
+        budgets.retain(|budget| budget.strong_count() > 0);
+        budgets.push(Arc::downgrade(budget));
     }
 
     /// What the pooling allocator has handed out right now. A slot goes back
@@ -126,14 +141,15 @@ pub struct PoolUsage {
     pub max_component_instances: u32,
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+/// Advances the engine's epoch every [`EPOCH_TICK`], and flushes the log
+/// budgets every second, until dropped.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> Self {
+    fn start(engine: Engine, log_budgets: LogBudgets) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("mqplug-epoch".into())
@@ -144,12 +160,17 @@ impl EpochTicker {
                     // up), so a deadline of N ticks ends within one tick of
                     // N x EPOCH_TICK: the wait limit relies on it.
                     let mut next = Instant::now();
+                    let mut next_flush = next + Duration::from_secs(1);
                     while !stop.load(Ordering::Relaxed) {
                         next += EPOCH_TICK;
                         if let Some(early) = next.checked_duration_since(Instant::now()) {
                             std::thread::sleep(early);
                         }
                         engine.increment_epoch();
+                        if next >= next_flush {
+                            next_flush += Duration::from_secs(1);
+                            flush_log_budgets(&log_budgets);
+                        }
                     }
                 }
             })
@@ -158,6 +179,19 @@ impl EpochTicker {
             stop,
             thread: Some(thread),
         }
+    }
+}
+
+/// Reports what each live plugin's log budget dropped in its last window.
+fn flush_log_budgets(budgets: &LogBudgets) {
+    let live: Vec<Arc<LogBudget>> = budgets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    for budget in live {
+        budget.flush();
     }
 }
 

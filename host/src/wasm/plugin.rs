@@ -45,6 +45,8 @@ pub struct PluginSettings {
     /// Log lines per second the plugin may write; the rest are dropped and
     /// counted.
     pub log_lines_per_second: u32,
+    /// Log bytes per second, besides the lines.
+    pub log_bytes_per_second: u64,
     /// Fuel (about one unit per wasm instruction) per event, when the
     /// runtime counts fuel; `None` is unlimited. A deterministic limit,
     /// unlike the deadline.
@@ -63,6 +65,7 @@ impl PluginSettings {
             memory_limit_bytes: 64 * 1024 * 1024,
             instance_mode: InstanceMode::Reuse,
             log_lines_per_second: 1000,
+            log_bytes_per_second: 1024 * 1024,
             fuel_per_event: None,
             inherit_stdio: false,
         }
@@ -207,8 +210,15 @@ impl Plugin {
             name: name.clone(),
             cause,
         })?;
+        let log_budget = Arc::new(LogBudget::new(
+            Arc::from(name.as_str()),
+            settings.log_lines_per_second,
+            settings.log_bytes_per_second,
+            observers.clone(),
+        ));
+        runtime.watch_log_budget(&log_budget);
         let mut plugin = Plugin {
-            log_budget: Arc::new(LogBudget::new(settings.log_lines_per_second)),
+            log_budget,
             name: Arc::from(name.as_str()),
             runtime: runtime.clone(),
             pre,

@@ -8,7 +8,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::mqplug::plugin::{log, types};
 use super::clocks::WaitLimit;
-use super::log_budget::{LogAdmission, LogBudget};
+use super::log_budget::LogBudget;
 use crate::observe::{HostEvent, LogLevel, Observers};
 use crate::text::{MAX_UNTRUSTED_BYTES, inert};
 
@@ -109,13 +109,8 @@ impl types::Host for HostState {}
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) {
-        match self.log_budget.admit() {
-            LogAdmission::Drop => return,
-            LogAdmission::WriteAfterDropping { dropped } => tracing::warn!(
-                target: "mqplug::plugin",
-                "log rate limit: dropped {dropped} lines of this plugin in the last second"
-            ),
-            LogAdmission::Write => {}
+        if !self.log_budget.admit(message.len()) {
+            return;
         }
         // Plugin-controlled: escaped (no forged host lines) and cut.
         let message = inert(&message, MAX_LOG_LINE_BYTES);
