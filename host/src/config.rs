@@ -64,6 +64,22 @@ pub struct HostConfig {
     /// The file this config was read from, if any; hot reload watches it.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// Settings given on the command line, applied over the file's at start
+    /// and again on every reload of the file.
+    #[serde(skip)]
+    pub overrides: Overrides,
+}
+
+/// Settings from the command line (or environment) that beat the config
+/// file's, also after the file changes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub name_server: Option<String>,
+    pub topic: Option<String>,
+    /// Plugins added with `--plugin NAME=PATH`, besides the file's.
+    pub plugins: Vec<PluginConfig>,
+    /// `--admin-listen`: an address, or `off`.
+    pub admin_listen: Option<String>,
 }
 
 /// The admin HTTP listener: /healthz, /readyz, /plugins, /metrics.
@@ -284,6 +300,23 @@ impl Default for HostConfig {
 }
 
 impl HostConfig {
+    /// Applies `overrides` over this config and keeps them, so a reload of
+    /// the file can apply them again.
+    pub fn apply(&mut self, overrides: Overrides) {
+        if let Some(name_server) = &overrides.name_server {
+            self.name_server.clone_from(name_server);
+        }
+        if let Some(topic) = &overrides.topic {
+            self.topic.clone_from(topic);
+        }
+        self.plugins.extend(overrides.plugins.iter().cloned());
+        if let Some(listen) = &overrides.admin_listen {
+            self.admin.enabled = listen != "off";
+            self.admin.listen.clone_from(listen);
+        }
+        self.overrides = overrides;
+    }
+
     /// Reads a config file; plugin paths become relative to its folder.
     pub fn from_file(path: &Path) -> Result<HostConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {

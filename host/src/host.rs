@@ -500,7 +500,16 @@ impl Watcher {
             return;
         };
         watched.applied = Some(stamp);
-        let parsed = HostConfig::from_file(path).and_then(|config| {
+        let overrides = self
+            .shared
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .overrides
+            .clone();
+        let parsed = HostConfig::from_file(path).and_then(|mut config| {
+            // What the command line said still beats the file.
+            config.apply(overrides);
             config.validate()?;
             // The pools were sized at start; a plugin list that outgrows
             // them would fail its events at run time, so it is refused now.

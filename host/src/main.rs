@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use mqplug::config::{HostConfig, PluginConfig};
+use mqplug::config::{HostConfig, Overrides, PluginConfig};
 use mqplug::conformance;
 use mqplug::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
 use mqplug::mq::{MqRuntime, Publisher};
@@ -79,16 +79,21 @@ struct Connection {
 
 impl Connection {
     fn load(&self) -> Result<HostConfig> {
+        self.load_with(Overrides::default())
+    }
+
+    /// The config file (or the defaults) with these flags and `overrides`
+    /// applied; a reload of the file applies them again.
+    fn load_with(&self, overrides: Overrides) -> Result<HostConfig> {
         let mut config = match &self.config {
             Some(path) => HostConfig::from_file(path)?,
             None => HostConfig::default(),
         };
-        if let Some(name_server) = &self.name_server {
-            config.name_server.clone_from(name_server);
-        }
-        if let Some(topic) = &self.topic {
-            config.topic.clone_from(topic);
-        }
+        config.apply(Overrides {
+            name_server: self.name_server.clone(),
+            topic: self.topic.clone(),
+            ..overrides
+        });
         Ok(config)
     }
 }
@@ -237,17 +242,21 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<std::process::ExitCode> {
-    let mut config = args.connection.load()?;
-    for spec in &args.plugins {
-        let (name, path) = spec
-            .split_once('=')
-            .with_context(|| format!("--plugin {spec:?}: expected NAME=PATH"))?;
-        config.plugins.push(PluginConfig::new(name, path));
-    }
-    if let Some(listen) = &args.admin_listen {
-        config.admin.enabled = listen != "off";
-        config.admin.listen.clone_from(listen);
-    }
+    let plugins = args
+        .plugins
+        .iter()
+        .map(|spec| {
+            let (name, path) = spec
+                .split_once('=')
+                .with_context(|| format!("--plugin {spec:?}: expected NAME=PATH"))?;
+            Ok(PluginConfig::new(name, path))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let config = args.connection.load_with(Overrides {
+        plugins,
+        admin_listen: args.admin_listen.clone(),
+        ..Overrides::default()
+    })?;
     if config.plugins.is_empty() {
         bail!("no plugins: add [[plugin]] sections to the config file or pass --plugin NAME=PATH");
     }

@@ -357,6 +357,62 @@ async fn a_plugin_list_that_outgrows_the_running_pools_is_refused_and_nothing_ch
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_plugins_and_settings_survive_an_edit_of_the_config_file() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("mqplug.toml");
+    // The file names a wrong name server; the command line the right one.
+    let write_config = |plugins: &[&str]| -> Result<()> {
+        let mut text = "name_server = \"127.0.0.1:1\"\n[producer]\nenabled = true\n\
+             create_topic_queues = 4\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [reload]\npoll_ms = 50\nsettle_ms = 300\n"
+            .to_string();
+        for name in plugins {
+            text.push_str(&format!(
+                "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nconsume_from = \"first\"\n",
+                plugin_path("reward-logger")?.display()
+            ));
+        }
+        replace(&config_path, text.as_bytes())
+    };
+    write_config(&["a-file"])?;
+    let mut config = HostConfig::from_file(&config_path)?;
+    config.apply(mqplug::config::Overrides {
+        name_server: Some(broker.name_server.clone()),
+        plugins: vec![PluginConfig {
+            consume_from: mqplug::mq::ConsumeFrom::First,
+            ..PluginConfig::new("c-cli", plugin_path("chaos")?)
+        }],
+        ..Default::default()
+    });
+    let recorder = Recorder::new();
+    let host = Host::start(&config, recorder.observers()).await?;
+    let started = serving(&host, &["a-file", "c-cli"]).await;
+    ensure!(started.is_ok(), "not started: {started:?}");
+
+    write_config(&["a-file", "b-file"])?;
+    let reloaded = serving(&host, &["a-file", "b-file", "c-cli"]).await;
+    let status = plugins_json(&host)?;
+    // The command line's name server still holds: the plugins consume.
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let receipt = publisher.publish(&sample_event("USER_REGISTER", 1)).await?;
+    let all = recorder.wait_until(WAIT, |r| {
+        ["a-file", "b-file", "c-cli"].iter().all(|p| {
+            r.handled_by(p)
+                .iter()
+                .any(|h| h.message_id == receipt.message_id)
+        })
+    });
+    host.shutdown().await;
+    ensure!(
+        reloaded.is_ok(),
+        "the --plugin plugin was forgotten on the edit: {reloaded:?}; {status}"
+    );
+    ensure!(all, "every plugin handles a new message after the edit");
+    Ok(())
+}
+
 #[test]
 fn a_warm_cache_loads_without_compiling_and_a_bad_entry_is_recompiled() -> Result<()> {
     let root = tempfile::tempdir()?;
