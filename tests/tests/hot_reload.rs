@@ -35,6 +35,15 @@ fn get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(response)
 }
 
+/// A config file's text for `name_server`, with the producer on, the admin
+/// listener on a free port and the file watched quickly; plugins follow.
+fn watched_config_text(name_server: &str) -> String {
+    format!(
+        "name_server = \"{name_server}\"\n[producer]\nenabled = true\ncreate_topic_queues = 4\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[reload]\npoll_ms = 50\nsettle_ms = 300\n"
+    )
+}
+
 fn plugins_json(host: &Host) -> Result<serde_json::Value> {
     let response = get(host.admin_addr().context("admin is on")?, "/plugins")?;
     let body = response.split("\r\n\r\n").nth(1).context("a body")?;
@@ -250,11 +259,7 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("mqplug.toml");
     let write_config = |plugins: &[(&str, &str)]| -> Result<()> {
-        let mut text = format!(
-            "name_server = \"{}\"\n[producer]\nenabled = true\ncreate_topic_queues = 4\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[reload]\npoll_ms = 50\nsettle_ms = 300\n",
-            broker.name_server
-        );
+        let mut text = watched_config_text(&broker.name_server);
         for (name, plugin) in plugins {
             text.push_str(&format!(
                 "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nconsume_from = \"first\"\n",
@@ -316,11 +321,7 @@ async fn a_plugin_list_that_outgrows_the_running_pools_is_refused_and_nothing_ch
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("mqplug.toml");
     let write_config = |plugins: &[(&str, u32)]| -> Result<()> {
-        let mut text = format!(
-            "name_server = \"{}\"\n[producer]\nenabled = true\ncreate_topic_queues = 4\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[reload]\npoll_ms = 50\nsettle_ms = 300\n",
-            broker.name_server
-        );
+        let mut text = watched_config_text(&broker.name_server);
         for (name, concurrency) in plugins {
             text.push_str(&format!(
                 "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nconcurrency = {concurrency}\n",
@@ -364,10 +365,7 @@ async fn command_line_plugins_and_settings_survive_an_edit_of_the_config_file() 
     let config_path = dir.path().join("mqplug.toml");
     // The file names a wrong name server; the command line the right one.
     let write_config = |plugins: &[&str]| -> Result<()> {
-        let mut text = "name_server = \"127.0.0.1:1\"\n[producer]\nenabled = true\n\
-             create_topic_queues = 4\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [reload]\npoll_ms = 50\nsettle_ms = 300\n"
-            .to_string();
+        let mut text = watched_config_text("127.0.0.1:1");
         for name in plugins {
             text.push_str(&format!(
                 "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nconsume_from = \"first\"\n",
