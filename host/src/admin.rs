@@ -106,7 +106,18 @@ fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, String) {
         "/healthz" => (200, "text/plain", "ok\n".into()),
         "/readyz" => {
             if view.ready() {
-                (200, "text/plain", "ready\n".into())
+                // Still ready (every plugin serves a build), but a refused
+                // reload is said here too, not only on /plugins.
+                let mut body = String::from("ready\n");
+                for slot in view.slots() {
+                    if let SlotState::ReloadFailed { .. } = slot.status().state {
+                        body.push_str(&format!(
+                            "plugin {}: reload failed, its previous build serves (see /plugins)\n",
+                            crate::text::inert(slot.name(), 256)
+                        ));
+                    }
+                }
+                (200, "text/plain", body)
             } else {
                 (503, "text/plain", "not ready\n".into())
             }

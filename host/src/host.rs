@@ -18,9 +18,10 @@ use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::mq::{MqError, MqRuntime, PluginConsumer, Publisher};
 use crate::observe::{HostEvent, Observers};
+use crate::plan::{Step, plan};
 use crate::slot::{PluginSlot, SlotState, load_plugin};
 use crate::topic::TopicName;
-use crate::wasm::{PluginLoadError, PoolUsage, WasmRuntime};
+use crate::wasm::{Plugin, PluginLoadError, PoolUsage, Version, WasmRuntime};
 
 /// Listener threads kept free for plugins added to the config at run time.
 const SPARE_LISTENER_THREADS: usize = 32;
@@ -341,33 +342,68 @@ impl Shared {
             .iter()
             .map(|p| (p.name.clone(), p.clone()))
             .collect();
-        for (name, config) in &old {
-            if wanted.get(name) != Some(config) {
-                info!(plugin = %name, "removed or changed in the config: draining");
-                self.stop_consumer(name).await;
-            }
-        }
-        for (name, config) in &wanted {
-            if old.get(name) == Some(config) {
-                continue;
-            }
-            let wasm = self.wasm.clone();
-            let observers = self.observers.clone();
-            let entry = config.clone();
-            let loaded =
-                tokio::task::spawn_blocking(move || load_plugin(&wasm, &entry, &observers)).await;
-            match loaded {
-                Ok(Ok(plugin)) => {
-                    let slot = Arc::new(PluginSlot::new(config, plugin));
-                    if let Err(err) = self.start_consumer(config, slot).await {
-                        error!(plugin = %name, "cannot start the consumer of a plugin added to the config: {err}");
-                    } else {
-                        info!(plugin = %name, "plugin added from the config");
+        for step in plan(&old, &wanted) {
+            match step {
+                Step::Stop(name) => {
+                    info!(plugin = %name, "removed from the config: draining");
+                    self.stop_consumer(&name).await;
+                }
+                Step::Start(name) => {
+                    let config = &wanted[&name];
+                    match self.load(config).await {
+                        Ok(plugin) => {
+                            let slot = Arc::new(PluginSlot::new(config, plugin));
+                            if let Err(err) = self.start_consumer(config, slot).await {
+                                error!(plugin = %name, "cannot start the consumer of a plugin added to the config: {err}");
+                            } else {
+                                info!(plugin = %name, "plugin added from the config");
+                            }
+                        }
+                        Err(err) => {
+                            error!(plugin = %name, "plugin in the config not started: {err}")
+                        }
                     }
                 }
-                Ok(Err(err)) => error!(plugin = %name, "plugin in the config not started: {err}"),
-                Err(err) => error!(plugin = %name, "loading the plugin panicked: {err}"),
+                Step::Restart(name) => {
+                    // The new build loads before anything stops: a build
+                    // that fails leaves the running one serving.
+                    let config = &wanted[&name];
+                    match self.load(config).await {
+                        Ok(plugin) => {
+                            info!(plugin = %name, "changed in the config: the new entry loaded, restarting its consumer");
+                            self.stop_consumer(&name).await;
+                            let slot = Arc::new(PluginSlot::new(config, plugin));
+                            if let Err(err) = self.start_consumer(config, slot).await {
+                                error!(plugin = %name, "cannot start the consumer of a changed plugin: {err}");
+                            }
+                        }
+                        Err(err) => {
+                            error!(plugin = %name, "changed entry refused, the running one keeps serving: {err}");
+                            let running = self.running.lock().await;
+                            if let Some(plugin) = running.get(&name) {
+                                plugin.slot.set_state(SlotState::ReloadFailed {
+                                    version: std::fs::read(&config.path)
+                                        .map(|wasm| Version::of(&wasm).0)
+                                        .unwrap_or_default(),
+                                    error: err,
+                                });
+                            }
+                        }
+                    }
+                }
             }
+        }
+    }
+
+    /// Loads a plugin entry off the async threads; the error as text.
+    async fn load(&self, config: &PluginConfig) -> Result<Plugin, String> {
+        let wasm = self.wasm.clone();
+        let observers = self.observers.clone();
+        let entry = config.clone();
+        match tokio::task::spawn_blocking(move || load_plugin(&wasm, &entry, &observers)).await {
+            Ok(Ok(plugin)) => Ok(plugin),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(err) => Err(format!("loading the plugin panicked: {err}")),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod mq;
 pub mod observe;
 pub mod outcome;
+pub mod plan;
 pub mod replay;
 pub mod shutdown;
 pub mod slot;

@@ -411,6 +411,58 @@ async fn command_line_plugins_and_settings_survive_an_edit_of_the_config_file() 
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_entry_whose_build_fails_leaves_the_running_one_serving() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("mqplug.toml");
+    let broken = dir.path().join("broken.wasm");
+    std::fs::write(&broken, b"not a component")?;
+    let write_config = |path: &Path| -> Result<()> {
+        let mut text = watched_config_text(&broker.name_server);
+        text.push_str(&format!(
+            "[[plugin]]\nname = \"rewards\"\npath = \"{}\"\nconsume_from = \"first\"\n",
+            path.display()
+        ));
+        replace(&config_path, text.as_bytes())
+    };
+    let good = plugin_path("reward-logger")?;
+    write_config(&good)?;
+    let recorder = Recorder::new();
+    let host = Host::start(&HostConfig::from_file(&config_path)?, recorder.observers()).await?;
+    let serving_version = version_of(&good);
+
+    // The entry now names a file that is no component.
+    write_config(&broken)?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut status = plugins_json(&host)?;
+    while status["plugins"][0]["state"] != "reload-failed" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = plugins_json(&host)?;
+    }
+    let ready = get(host.admin_addr().context("admin is on")?, "/readyz")?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let receipt = publisher.publish(&sample_event("USER_REGISTER", 1)).await?;
+    let handled = recorder.wait_until(WAIT, |r| {
+        r.handled_by("rewards").iter().any(|h| {
+            h.message_id == receipt.message_id && h.outcome == DeliveryOutcome::ConsumeSuccess
+        })
+    });
+    host.shutdown().await;
+    assert_eq!(status["plugins"][0]["state"], "reload-failed", "{status}");
+    assert_eq!(
+        status["plugins"][0]["version"],
+        serving_version.as_str(),
+        "the old build still serves: {status}"
+    );
+    assert!(
+        ready.starts_with("HTTP/1.1 200") && ready.contains("plugin rewards: reload failed"),
+        "{ready}"
+    );
+    ensure!(handled, "the running build handles a new message");
+    Ok(())
+}
+
 #[test]
 fn a_warm_cache_loads_without_compiling_and_a_bad_entry_is_recompiled() -> Result<()> {
     let root = tempfile::tempdir()?;
