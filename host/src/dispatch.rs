@@ -15,7 +15,7 @@ use crate::outcome::{
     DeliveryOutcome, HandlerFailure, HandlerOutcome, UndecodablePolicy, delivery_outcome,
     undecodable_outcome,
 };
-use crate::text::{MAX_UNTRUSTED_BYTES, inert};
+use crate::text::{MAX_UNTRUSTED_BYTES, inert, inert_owned};
 use crate::wasm::Plugin;
 
 /// A message id is 32 hex digits when a RocketMQ client sets it; anything
@@ -88,7 +88,7 @@ impl Dispatcher {
             Err(err) => {
                 let outcome = undecodable_outcome(self.undecodable);
                 // serde's message can quote the body.
-                let err = inert(&err.to_string(), MAX_UNTRUSTED_BYTES);
+                let err = inert_owned(err.to_string(), MAX_UNTRUSTED_BYTES);
                 error!(
                     body_bytes = body.len(),
                     ?outcome,

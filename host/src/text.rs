@@ -4,6 +4,8 @@
 //! cannot write a line that looks like the host's own, and the text is cut
 //! at a byte limit, so a 40 MiB error reason costs the log 16 KiB.
 
+use std::borrow::Cow;
+
 /// The most bytes of untrusted text kept in one log line or error cause.
 pub const MAX_UNTRUSTED_BYTES: usize = 16 * 1024;
 
@@ -12,11 +14,31 @@ pub const TRUNCATED: &str = " [truncated]";
 
 /// `text` with control characters and bidirectional overrides escaped
 /// (`\n`, `\u{1b}`, `\u{202e}`), cut at a character boundary once the result
-/// reaches `max_bytes`, and then marked with [`TRUNCATED`].
-pub fn inert(text: &str, max_bytes: usize) -> String {
+/// reaches `max_bytes`, and then marked with [`TRUNCATED`]. Text that needs
+/// neither (the usual case, on the message path too) is borrowed, not copied.
+pub fn inert(text: &str, max_bytes: usize) -> Cow<'_, str> {
+    if text.len() <= max_bytes && !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(escape_and_cut(text, max_bytes))
+}
+
+/// [`inert`] for an owned `text`, kept as it is when it is already inert.
+pub fn inert_owned(text: String, max_bytes: usize) -> String {
+    match inert(&text, max_bytes) {
+        Cow::Borrowed(_) => text,
+        Cow::Owned(escaped) => escaped,
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control() || is_bidi_control(c)
+}
+
+fn escape_and_cut(text: &str, max_bytes: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max_bytes) + TRUNCATED.len());
     for c in text.chars() {
-        let escape = c.is_control() || is_bidi_control(c);
+        let escape = needs_escape(c);
         let width = if escape {
             c.escape_default().count()
         } else {
@@ -68,12 +90,12 @@ mod tests {
 
     #[test]
     fn long_text_is_cut_at_a_character_boundary_and_marked() {
-        let shown = inert(&"活".repeat(10_000), 1000);
+        let shown = inert_owned("活".repeat(10_000), 1000);
         assert!(shown.ends_with(TRUNCATED));
         assert!(shown.len() <= 1000 + TRUNCATED.len());
         assert!(shown.trim_end_matches(TRUNCATED).chars().all(|c| c == '活'));
         // Escapes count against the limit too.
-        let escaped = inert(&"\n".repeat(1000), 100);
+        let escaped = inert_owned("\n".repeat(1000), 100);
         assert!(escaped.len() <= 100 + TRUNCATED.len(), "{}", escaped.len());
     }
 

@@ -17,7 +17,7 @@ use crate::delivery::Delivery;
 use crate::event::TaskEvent;
 use crate::observe::Observers;
 use crate::outcome::{HandlerFailure, HandlerOutcome};
-use crate::text::{MAX_UNTRUSTED_BYTES, inert};
+use crate::text::{MAX_UNTRUSTED_BYTES, inert_owned};
 
 /// How instances are used across events.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -302,7 +302,7 @@ impl Plugin {
                 self.release(instance);
                 HandlerOutcome::Rejected {
                     // Logged and counted on every retry: bounded and escaped.
-                    reason: inert(&error.reason, MAX_UNTRUSTED_BYTES),
+                    reason: inert_owned(error.reason, MAX_UNTRUSTED_BYTES),
                 }
             }
             Err(err) => HandlerOutcome::Failed(self.classify(&instance.store, err)),
@@ -411,7 +411,7 @@ impl Plugin {
             },
             // The chain can carry the plugin's own function names.
             None => HandlerFailure::Host {
-                detail: inert(&format!("{err:#}"), MAX_UNTRUSTED_BYTES),
+                detail: inert_owned(format!("{err:#}"), MAX_UNTRUSTED_BYTES),
             },
         }
     }

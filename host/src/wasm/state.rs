@@ -10,7 +10,7 @@ use super::bindings::mqplug::plugin::{log, types};
 use super::clocks::WaitLimit;
 use super::log_budget::LogBudget;
 use crate::observe::{HostEvent, LogLevel, Observers};
-use crate::text::{MAX_UNTRUSTED_BYTES, inert};
+use crate::text::{MAX_UNTRUSTED_BYTES, inert_owned};
 
 /// A plugin's log line is cut to this many bytes.
 pub const MAX_LOG_LINE_BYTES: usize = MAX_UNTRUSTED_BYTES;
@@ -113,7 +113,7 @@ impl log::Host for HostState {
             return;
         }
         // Plugin-controlled: escaped (no forged host lines) and cut.
-        let message = inert(&message, MAX_LOG_LINE_BYTES);
+        let message = inert_owned(message, MAX_LOG_LINE_BYTES);
         // The dispatcher's `message` span already carries plugin and message id.
         let level = match level {
             log::Level::Trace => {
