@@ -19,9 +19,9 @@ use crate::metrics::Metrics;
 use crate::mq::{MqError, MqRuntime, PluginConsumer, Publisher};
 use crate::observe::{HostEvent, Observers};
 use crate::plan::{Step, plan};
-use crate::slot::{PluginSlot, SlotState, load_plugin};
+use crate::slot::{PluginSlot, SlotState, load_plugin, load_unreported};
 use crate::topic::TopicName;
-use crate::wasm::{Plugin, PluginLoadError, PoolUsage, Version, WasmRuntime};
+use crate::wasm::{Plugin, PluginLoadError, PoolUsage, WasmRuntime};
 
 /// Listener threads kept free for plugins added to the config at run time.
 const SPARE_LISTENER_THREADS: usize = 32;
@@ -350,12 +350,11 @@ impl Shared {
                 }
                 Step::Start(name) => {
                     let config = &wanted[&name];
-                    match self.load(config).await {
+                    let (loaded, report) = self.load(config).await;
+                    self.report(report);
+                    match loaded {
                         Ok(plugin) => {
-                            let slot = Arc::new(PluginSlot::new(config, plugin));
-                            if let Err(err) = self.start_consumer(config, slot).await {
-                                error!(plugin = %name, "cannot start the consumer of a plugin added to the config: {err}");
-                            } else {
+                            if self.serve(config, plugin).await {
                                 info!(plugin = %name, "plugin added from the config");
                             }
                         }
@@ -368,26 +367,22 @@ impl Shared {
                     // The new build loads before anything stops: a build
                     // that fails leaves the running one serving.
                     let config = &wanted[&name];
-                    match self.load(config).await {
+                    let (loaded, report) = self.load(config).await;
+                    match loaded {
                         Ok(plugin) => {
+                            self.report(report);
                             info!(plugin = %name, "changed in the config: the new entry loaded, restarting its consumer");
                             self.stop_consumer(&name).await;
-                            let slot = Arc::new(PluginSlot::new(config, plugin));
-                            if let Err(err) = self.start_consumer(config, slot).await {
-                                error!(plugin = %name, "cannot start the consumer of a changed plugin: {err}");
-                            }
+                            self.serve(config, plugin).await;
                         }
                         Err(err) => {
-                            error!(plugin = %name, "changed entry refused, the running one keeps serving: {err}");
-                            let running = self.running.lock().await;
-                            if let Some(plugin) = running.get(&name) {
-                                plugin.slot.set_state(SlotState::ReloadFailed {
-                                    version: std::fs::read(&config.path)
-                                        .map(|wasm| Version::of(&wasm).0)
-                                        .unwrap_or_default(),
-                                    error: err,
-                                });
+                            // The refusal is in place before the load is reported.
+                            if let (Some(plugin), Some(report)) =
+                                (self.running.lock().await.get(&name), &report)
+                            {
+                                plugin.slot.refuse(report, err);
                             }
+                            self.report(report);
                         }
                     }
                 }
@@ -395,16 +390,34 @@ impl Shared {
         }
     }
 
-    /// Loads a plugin entry off the async threads; the error as text.
-    async fn load(&self, config: &PluginConfig) -> Result<Plugin, String> {
+    /// Loads a plugin entry off the async threads. Its load report comes
+    /// back unsent, so the caller can put its own state in place first.
+    async fn load(&self, config: &PluginConfig) -> (Result<Plugin, String>, Option<HostEvent>) {
         let wasm = self.wasm.clone();
         let observers = self.observers.clone();
         let entry = config.clone();
-        match tokio::task::spawn_blocking(move || load_plugin(&wasm, &entry, &observers)).await {
-            Ok(Ok(plugin)) => Ok(plugin),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(err) => Err(format!("loading the plugin panicked: {err}")),
+        match tokio::task::spawn_blocking(move || load_unreported(&wasm, &entry, &observers)).await
+        {
+            Ok((loaded, report)) => (loaded.map_err(|err| err.to_string()), Some(report)),
+            Err(err) => (Err(format!("loading the plugin panicked: {err}")), None),
         }
+    }
+
+    fn report(&self, report: Option<HostEvent>) {
+        if let Some(report) = report {
+            self.observers.emit(|| report);
+        }
+    }
+
+    /// Starts consuming for a freshly loaded plugin, in a new slot; whether
+    /// its consumer started (a failure is logged).
+    async fn serve(&self, config: &PluginConfig, plugin: Plugin) -> bool {
+        let slot = Arc::new(PluginSlot::new(config, plugin));
+        let started = self.start_consumer(config, slot).await;
+        if let Err(err) = &started {
+            error!(plugin = %config.name, "cannot start the consumer of a plugin from the config: {err}");
+        }
+        started.is_ok()
     }
 }
 

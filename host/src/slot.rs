@@ -72,7 +72,7 @@ pub fn load_plugin(
 
 /// [`load_plugin`] without the report, for a caller that must change its own
 /// state before anyone hears of the load.
-fn load_unreported(
+pub(crate) fn load_unreported(
     runtime: &Arc<WasmRuntime>,
     config: &PluginConfig,
     observers: &Observers,
@@ -168,24 +168,27 @@ impl PluginSlot {
                 Ok(version)
             }
             Err(err) => {
-                let version = match &report {
-                    HostEvent::Loaded { version, .. } => version.to_string(),
-                    _ => String::new(),
-                };
-                tracing::error!(
-                    plugin = %self.name,
-                    serving = &self.version()[..12.min(self.version().len())],
-                    "reload refused, the current build keeps serving: {err}"
-                );
-                self.set_state(SlotState::ReloadFailed {
-                    version,
-                    error: err.to_string(),
-                });
+                self.refuse(&report, err.to_string());
                 Err(err)
             }
         };
         observers.emit(|| report);
         outcome
+    }
+
+    /// Records a build that did not load (its load `report` names its
+    /// version): the current build keeps serving, the slot shows why.
+    pub fn refuse(&self, report: &HostEvent, error: String) {
+        let version = match report {
+            HostEvent::Loaded { version, .. } => version.to_string(),
+            _ => String::new(),
+        };
+        tracing::error!(
+            plugin = %self.name,
+            serving = &self.version()[..12.min(self.version().len())],
+            "reload refused, the current build keeps serving: {error}"
+        );
+        self.set_state(SlotState::ReloadFailed { version, error });
     }
 
     pub fn set_state(&self, state: SlotState) {
