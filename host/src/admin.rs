@@ -1,24 +1,60 @@
 //! The admin HTTP listener: `/healthz`, `/readyz`, `/plugins`, `/metrics`.
 //!
-//! A deliberately small HTTP/1.1 server: GET only, one request per
-//! connection, a request head of at most 8 KiB read within 5 s.
+//! hyper's HTTP/1.1 server, one request per connection (no keep-alive), with
+//! bounds a busy or hostile network cannot push past: a request head of at
+//! most 8 KiB within 5 s, a response written within 10 s of its request,
+//! at most `admin.max_connections` connections at once (the oldest one still
+//! waiting for its request gives way to a new one), and a growing pause
+//! after a failed `accept` (out of descriptors), so the listener neither
+//! spins nor starves the broker client of descriptors.
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tracing::{debug, info};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
 
 use crate::metrics::{Metrics, render_gauges};
 use crate::slot::{PluginSlot, SlotState};
 use crate::wasm::PoolUsage;
 
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The request line and headers, together.
+pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// From accepting a connection to having its whole request head.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// From the request head to the last byte of the response.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bounds one listener keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+impl Limits {
+    pub fn new(max_connections: usize) -> Limits {
+        Limits {
+            max_connections,
+            read_timeout: READ_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+        }
+    }
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What the admin endpoints read.
 pub trait AdminView: Send + Sync + 'static {
@@ -32,76 +68,209 @@ pub trait AdminView: Send + Sync + 'static {
     fn config_error(&self) -> Option<String>;
 }
 
+/// One open connection, as the cap sees it.
+struct Conn {
+    id: u64,
+    /// Its request head has arrived: it is being answered.
+    answering: AtomicBool,
+    /// Told to close to make room for a newer connection.
+    evict: Notify,
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Conns {
+    open: Mutex<VecDeque<Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+impl Conns {
+    /// Registers a new connection; at `cap`, first makes room by evicting
+    /// the oldest one still waiting for its request. `None` when every open
+    /// connection is being answered: the new one is turned away.
+    fn admit(&self, cap: usize) -> Option<Arc<Conn>> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= cap {
+            let idle = open
+                .iter()
+                .position(|conn| !conn.answering.load(Ordering::Acquire))?;
+            let evicted = open.remove(idle).expect("position is in range");
+            evicted.evict.notify_one();
+        }
+        let conn = Arc::new(Conn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            answering: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        open.push_back(conn.clone());
+        Some(conn)
+    }
+
+    fn remove(&self, id: u64) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = open.iter().position(|conn| conn.id == id) {
+            open.remove(at);
+        }
+    }
+}
+
+/// Where connections come from: a TCP listener, or a test's stand-in.
+trait Acceptor: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept(
+        &mut self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, SocketAddr)>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    fn accept(
+        &mut self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, SocketAddr)>> + Send {
+        TcpListener::accept(self)
+    }
+}
+
 /// Binds `listen` and serves until `stop` turns true.
 pub async fn serve(
     listen: &str,
+    limits: Limits,
     view: Arc<dyn AdminView>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    info!(%addr, "admin listening: /healthz /readyz /plugins /metrics");
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.changed() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let view = view.clone();
-                        tokio::spawn(async move {
-                            if let Err(err) = respond(stream, view.as_ref()).await {
-                                debug!(%peer, "admin request failed: {err}");
-                            }
-                        });
-                    }
-                    Err(err) => debug!("admin accept failed: {err}"),
-                },
-            }
-        }
-    });
+    info!(
+        %addr,
+        max_connections = limits.max_connections,
+        "admin listening: /healthz /readyz /plugins /metrics"
+    );
+    let task = tokio::spawn(accept_loop(listener, limits, view, stop));
     Ok((addr, task))
 }
 
-async fn respond(mut stream: TcpStream, view: &dyn AdminView) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let read = async {
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 || head.len() + n > MAX_REQUEST_HEAD {
-                break;
+async fn accept_loop<A: Acceptor>(
+    mut listener: A,
+    limits: Limits,
+    view: Arc<dyn AdminView>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let conns = Arc::new(Conns::default());
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                accepted
             }
-            head.extend_from_slice(&buf[..n]);
-        }
-        std::io::Result::Ok(())
-    };
-    if tokio::time::timeout(READ_TIMEOUT, read).await.is_err() {
-        return Ok(());
+            Err(err) => {
+                // Typically out of descriptors: retrying at once would
+                // spin. Pause, longer each time, until one succeeds.
+                warn!(
+                    pause_ms = backoff.as_millis() as u64,
+                    "admin accept failed: {err}"
+                );
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let Some(conn) = conns.admit(limits.max_connections) else {
+            debug!(%peer, "admin connection refused: every connection is being answered");
+            continue;
+        };
+        tokio::spawn(connection(
+            stream,
+            peer,
+            limits,
+            conn,
+            conns.clone(),
+            view.clone(),
+        ));
     }
-    let text = String::from_utf8_lossy(&head);
-    let mut words = text.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, content_type, body) = if method != "GET" {
-        (405, "text/plain", "only GET\n".to_string())
-    } else {
-        route(path, view)
-    };
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
-fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, String) {
+async fn connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    limits: Limits,
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+    view: Arc<dyn AdminView>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let answering = Arc::new(Notify::new());
+    let service = {
+        let (conn, answering) = (conn.clone(), answering.clone());
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            conn.answering.store(true, Ordering::Release);
+            answering.notify_one();
+            let response = respond(&request, view.as_ref());
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
+    let serving = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.read_timeout)
+        .max_header_size(MAX_REQUEST_HEAD)
+        .max_headers(64)
+        .keep_alive(false)
+        // A client that closes its sending side after the request still
+        // gets its answer.
+        .half_close(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        served = serving => if let Err(err) = served {
+            debug!(%peer, "admin request failed: {err}");
+        },
+        _ = conn.evict.notified() => {
+            debug!(%peer, "admin connection closed before its request: the connection cap needed room");
+        }
+        _ = async {
+            answering.notified().await;
+            tokio::time::sleep(limits.write_timeout).await;
+        } => {
+            debug!(%peer, "admin response not taken within {:?}: connection closed", limits.write_timeout);
+        }
+    }
+    conns.remove(conn.id);
+}
+
+/// The response to one request.
+pub fn respond<B>(request: &Request<B>, view: &dyn AdminView) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match *request.method() {
+        Method::GET | Method::HEAD => route(request.uri().path(), view),
+        _ => (405, "text/plain", "only GET\n".to_string()),
+    };
+    let body = if request.method() == Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from(body)
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    if status == 405 {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+    }
+    response
+}
+
+pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, String) {
     match path {
         "/healthz" => (200, "text/plain", "ok\n".into()),
         "/readyz" => {
@@ -176,4 +345,353 @@ fn plugins_json(view: &dyn AdminView) -> String {
     .expect("JSON values serialize");
     text.push('\n');
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// A view with no plugins; `config_error` makes `/plugins` as large as
+    /// a test needs.
+    struct Stub {
+        metrics: Arc<Metrics>,
+        config_error: Option<String>,
+    }
+
+    impl Stub {
+        fn view(config_error: Option<String>) -> Arc<dyn AdminView> {
+            Arc::new(Stub {
+                metrics: Metrics::new(),
+                config_error,
+            })
+        }
+    }
+
+    impl AdminView for Stub {
+        fn ready(&self) -> bool {
+            true
+        }
+        fn slots(&self) -> Vec<Arc<PluginSlot>> {
+            Vec::new()
+        }
+        fn metrics(&self) -> &Metrics {
+            &self.metrics
+        }
+        fn pool_usage(&self) -> PoolUsage {
+            PoolUsage {
+                component_instances: 0,
+                core_instances: 0,
+                memories: 0,
+                tables: 0,
+                max_component_instances: 1,
+            }
+        }
+        fn config_error(&self) -> Option<String> {
+            self.config_error.clone()
+        }
+    }
+
+    /// Ends a test that would otherwise hang on a bug; not a measurement.
+    const HANG_GUARD: Duration = Duration::from_secs(60);
+
+    async fn start(limits: Limits, view: Arc<dyn AdminView>) -> (SocketAddr, watch::Sender<bool>) {
+        let (stop, stopped) = watch::channel(false);
+        let (addr, _task) = serve("127.0.0.1:0", limits, view, stopped).await.unwrap();
+        (addr, stop)
+    }
+
+    /// GET `path`: (status, body).
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, body.to_string())
+    }
+
+    /// Whether the server has closed `stream` (it reads end of file).
+    fn closed_by_server(stream: &TcpStream) -> bool {
+        let mut byte = [0u8; 1];
+        match stream.try_read(&mut byte) {
+            Ok(read) => read == 0,
+            Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn thousands_of_idle_connections_give_way_and_healthz_answers() {
+        // Timeouts far beyond the test: only the cap can close anything.
+        let limits = Limits {
+            max_connections: 16,
+            read_timeout: Duration::from_secs(3600),
+            write_timeout: Duration::from_secs(3600),
+        };
+        let (addr, _stop) = start(limits, Stub::view(None)).await;
+        const IDLE: usize = 2000;
+        let mut idle = Vec::with_capacity(IDLE);
+        for _ in 0..IDLE {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let (status, body) = tokio::time::timeout(HANG_GUARD, get(addr, "/healthz"))
+            .await
+            .expect("/healthz answers behind the idle connections");
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        // The server keeps at most the cap open: every older idle
+        // connection was closed to make room.
+        let held = tokio::time::timeout(HANG_GUARD, async {
+            loop {
+                let open = idle.iter().filter(|s| !closed_by_server(s)).count();
+                if open < limits.max_connections {
+                    return open;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the idle connections past the cap are closed");
+        assert!(held < limits.max_connections, "{held} still open");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_never_finishes_its_request_is_cut_off_at_the_read_timeout() {
+        let limits = Limits {
+            max_connections: 16,
+            read_timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_secs(3600),
+        };
+        let (addr, _stop) = start(limits, Stub::view(None)).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: te")
+            .await
+            .unwrap();
+        assert_eq!(get(addr, "/healthz").await.0, 200, "others are answered");
+        let mut rest = Vec::new();
+        tokio::time::timeout(HANG_GUARD, slow.read_to_end(&mut rest))
+            .await
+            .expect("the server closes the slow connection")
+            .ok();
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+            "no answer to half a request: {rest}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_does_not_read_its_response_is_cut_off_at_the_write_timeout() {
+        let limits = Limits {
+            max_connections: 16,
+            read_timeout: Duration::from_secs(3600),
+            write_timeout: Duration::from_millis(300),
+        };
+        // Far more than the two sockets' buffers hold.
+        let view = Stub::view(Some("x".repeat(32 << 20)));
+        let full = respond(&Request::get("/plugins").body(()).unwrap(), view.as_ref());
+        let full_len = http_body_util::BodyExt::collect(full.into_body())
+            .await
+            .unwrap()
+            .to_bytes()
+            .len();
+        let (addr, _stop) = start(limits, view).await;
+        let mut reader = TcpStream::connect(addr).await.unwrap();
+        reader
+            .write_all(b"GET /plugins HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        // The slow client: it reads nothing for a while.
+        tokio::time::sleep(limits.write_timeout * 4).await;
+        assert_eq!(get(addr, "/healthz").await.0, 200, "others are answered");
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(HANG_GUARD, reader.read_to_end(&mut got))
+            .await
+            .expect("the server closed the connection");
+        assert!(
+            got.len() < full_len,
+            "the response was cut off: {} of {full_len} bytes",
+            got.len()
+        );
+    }
+
+    /// Fails its first `FAILS` accepts, as a listener out of descriptors
+    /// does, then waits forever (so a loop that spins stops spinning, and
+    /// paused time can move on).
+    struct Failing(Arc<AtomicUsize>);
+
+    const FAILS: usize = 12;
+
+    impl Acceptor for Failing {
+        type Stream = tokio::io::DuplexStream;
+        fn accept(
+            &mut self,
+        ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, SocketAddr)>> + Send
+        {
+            let call = self.0.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if call < FAILS {
+                    Err(std::io::Error::other("too many open files"))
+                } else {
+                    std::future::pending().await
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_accepts_pause_longer_each_time_instead_of_spinning() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = watch::channel(false);
+        let started = tokio::time::Instant::now();
+        let task = tokio::spawn(accept_loop(
+            Failing(calls.clone()),
+            Limits::new(4),
+            Stub::view(None),
+            stopped,
+        ));
+        while calls.load(Ordering::SeqCst) <= FAILS {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Paused time: the pauses the loop took, not a measurement.
+        let paused = started.elapsed();
+        let expected: Duration = (0..FAILS as u32)
+            .map(|i| (ACCEPT_BACKOFF_MIN * 2u32.pow(i)).min(ACCEPT_BACKOFF_MAX))
+            .sum();
+        assert!(
+            paused >= expected,
+            "{FAILS} failed accepts paused {paused:?}, expected {expected:?}"
+        );
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn only_get_and_head_are_served_and_head_has_no_body() {
+        let view = Stub::view(None);
+        let post = respond(&Request::post("/healthz").body(()).unwrap(), view.as_ref());
+        assert_eq!(post.status(), 405);
+        assert_eq!(post.headers()[header::ALLOW], "GET, HEAD");
+        let head = respond(&Request::head("/healthz").body(()).unwrap(), view.as_ref());
+        assert_eq!(head.status(), 200);
+        assert_eq!(http_body::Body::size_hint(head.body()).exact(), Some(0));
+        let missing = respond(&Request::get("/nope").body(()).unwrap(), view.as_ref());
+        assert_eq!(missing.status(), 404);
+    }
+
+    #[test]
+    fn the_cap_evicts_the_oldest_waiting_connection_and_refuses_when_all_are_answering() {
+        let conns = Conns::default();
+        let first = conns.admit(2).unwrap();
+        let second = conns.admit(2).unwrap();
+        second.answering.store(true, Ordering::SeqCst);
+        let third = conns.admit(2).expect("the waiting one gives way");
+        assert!(
+            futures_ready(first.evict.notified()),
+            "the oldest waiting connection is told to close"
+        );
+        third.answering.store(true, Ordering::SeqCst);
+        assert!(conns.admit(2).is_none(), "both are being answered");
+        conns.remove(second.id);
+        assert!(conns.admit(2).is_some(), "a closed one frees its place");
+    }
+
+    /// Whether a `Notified` completes without waiting.
+    fn futures_ready(notified: tokio::sync::futures::Notified<'_>) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().poll(&mut cx).is_ready()
+    }
+
+    /// Runs one request's bytes through the admin connection over an
+    /// in-memory pipe: the response's status, if one came.
+    fn exchange(runtime: &tokio::runtime::Runtime, request: &[u8]) -> Option<u16> {
+        runtime.block_on(async {
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let conns = Arc::new(Conns::default());
+            let conn = conns.admit(1).unwrap();
+            let serving = tokio::spawn(connection(
+                server,
+                "127.0.0.1:1".parse().unwrap(),
+                Limits::new(1),
+                conn,
+                conns,
+                Stub::view(None),
+            ));
+            let _ = client.write_all(request).await;
+            let _ = client.shutdown().await;
+            let mut response = Vec::new();
+            let _ = client.read_to_end(&mut response).await;
+            serving.await.expect("the connection task does not panic");
+            let response = String::from_utf8_lossy(&response);
+            let status = response.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok();
+            assert!(status.is_some(), "a status line or nothing: {response}");
+            status
+        })
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    const VALID: &[u8] = b"GET /metrics?x=1 HTTP/1.1\r\nhost: test\r\naccept: */*\r\n\r\n";
+
+    #[test]
+    fn the_fuzz_harness_gets_answers_to_well_formed_requests() {
+        let runtime = runtime();
+        assert_eq!(exchange(&runtime, VALID), Some(200));
+        assert_eq!(
+            exchange(&runtime, b"DELETE / HTTP/1.1\r\nhost: t\r\n\r\n"),
+            Some(405)
+        );
+        let huge = format!(
+            "GET / HTTP/1.1\r\nx: {}\r\n\r\n",
+            "y".repeat(MAX_REQUEST_HEAD)
+        );
+        assert_eq!(exchange(&runtime, huge.as_bytes()), Some(431));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
+
+        #[test]
+        fn arbitrary_bytes_get_a_bounded_answer_or_none(
+            request in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            thread_local!(static RUNTIME: tokio::runtime::Runtime = runtime());
+            RUNTIME.with(|runtime| exchange(runtime, &request));
+        }
+
+        #[test]
+        fn near_misses_of_a_valid_request_get_a_bounded_answer_or_none(
+            position in any::<usize>(), byte in any::<u8>(), cut in any::<bool>(),
+        ) {
+            let mut request = VALID.to_vec();
+            let at = position % request.len();
+            if cut { request.truncate(at) } else { request[at] = byte }
+            thread_local!(static RUNTIME: tokio::runtime::Runtime = runtime());
+            if let Some(status) = RUNTIME.with(|runtime| exchange(runtime, &request)) {
+                prop_assert!([200, 400, 404, 405, 431, 505].contains(&status), "{status}");
+            }
+        }
+
+        #[test]
+        fn any_path_is_routed_without_panicking(path in "/[\\x21-\\x7e]{0,200}") {
+            let request = format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n");
+            thread_local!(static RUNTIME: tokio::runtime::Runtime = runtime());
+            RUNTIME.with(|runtime| exchange(runtime, request.as_bytes()));
+        }
+    }
 }

@@ -34,6 +34,10 @@ pub enum ConfigError {
     Runtime(String),
 }
 
+/// Admin connections a host may hold at most: each costs a descriptor the
+/// broker client also needs.
+pub const MAX_ADMIN_CONNECTIONS: usize = 4096;
+
 /// The whole configuration. Every key is optional except the plugins' `name`
 /// and `path`.
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +94,10 @@ pub struct AdminConfig {
     /// Address to bind; keep it on loopback unless something guards it.
     /// Port 0 picks a free port (logged at start-up).
     pub listen: String,
+    /// Connections served at once. At the cap, the oldest connection that
+    /// has not yet sent its request is closed to make room; if every one is
+    /// mid-request, the new connection is closed instead.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
@@ -97,6 +105,7 @@ impl Default for AdminConfig {
         AdminConfig {
             enabled: true,
             listen: "127.0.0.1:9900".into(),
+            max_connections: 64,
         }
     }
 }
@@ -413,6 +422,12 @@ impl HostConfig {
     /// Checks everything that can be checked before connecting anywhere.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.topic()?;
+        if !(1..=MAX_ADMIN_CONNECTIONS).contains(&self.admin.max_connections) {
+            return Err(ConfigError::Runtime(format!(
+                "admin.max_connections = {} must be between 1 and {MAX_ADMIN_CONNECTIONS}",
+                self.admin.max_connections
+            )));
+        }
         let mut names = std::collections::HashSet::new();
         // Group -> the plugin that has it: two plugins in one group would
         // split its queues and each see only part of the topic.

@@ -293,17 +293,8 @@ mod tests {
                 )
         }
 
-        /// 10,000 cases per property in the suite; `MQPLUG_FUZZ_CASES` sets
-        /// more for a long run outside CI (RELIABILITY.md has the command).
-        fn cases() -> u32 {
-            std::env::var("MQPLUG_FUZZ_CASES")
-                .ok()
-                .and_then(|cases| cases.parse().ok())
-                .unwrap_or(10_000)
-        }
-
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(cases()))]
+            #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
 
             #[test]
             fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..300)) {

@@ -160,12 +160,17 @@ impl Host {
     ) -> Result<(), HostError> {
         if config.admin.enabled {
             let view: Arc<dyn AdminView> = self.shared.clone();
-            let (addr, task) = admin::serve(&config.admin.listen, view, self.stop.subscribe())
-                .await
-                .map_err(|cause| HostError::Admin {
-                    listen: config.admin.listen.clone(),
-                    cause,
-                })?;
+            let (addr, task) = admin::serve(
+                &config.admin.listen,
+                admin::Limits::new(config.admin.max_connections),
+                view,
+                self.stop.subscribe(),
+            )
+            .await
+            .map_err(|cause| HostError::Admin {
+                listen: config.admin.listen.clone(),
+                cause,
+            })?;
             self.admin_addr = Some(addr);
             self.tasks.push(task);
         }

@@ -29,6 +29,17 @@ pub mod text;
 pub mod topic;
 pub mod wasm;
 
+/// Generated cases per fuzz property: 10,000 in the suite;
+/// `MQPLUG_FUZZ_CASES` sets more for a long run outside CI (RELIABILITY.md
+/// has the commands).
+#[cfg(test)]
+pub(crate) fn fuzz_cases() -> u32 {
+    std::env::var("MQPLUG_FUZZ_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(10_000)
+}
+
 pub use config::{HostConfig, PluginConfig};
 pub use delivery::Delivery;
 pub use event::TaskEvent;

@@ -608,3 +608,79 @@ async fn shutdown_drains_every_plugin_at_once_and_acknowledges_their_in_flight_h
     }
     Ok(())
 }
+
+/// GET `path` from the admin listener: its status code.
+async fn admin_status(addr: std::net::SocketAddr, path: &str) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("a status line: {response:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_admin_clients_stop_neither_healthz_nor_messages() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    const IDLE: usize = 2_000;
+    const EVENTS: u64 = 20;
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let mut config = host_config(
+        &broker,
+        "admin.flood",
+        vec![PluginConfig::new("rewards", plugin_path("reward-logger")?)],
+    );
+    config.admin.max_connections = 32;
+    let host = Host::start(&config, recorder.observers()).await?;
+    let admin = host.admin_addr().context("the admin listener is on")?;
+
+    // Connections that never send a byte, and one that sends half a request
+    // head and stops: together far past the cap.
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(tokio::net::TcpStream::connect(admin).await?);
+    }
+    let mut slow = tokio::net::TcpStream::connect(admin).await?;
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nhost: sl").await?;
+
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let mut published = HashSet::new();
+    for user in 0..EVENTS {
+        published.insert(
+            publisher
+                .publish(&sample_event("USER_REGISTER", user))
+                .await?
+                .message_id,
+        );
+    }
+    let healthz = admin_status(admin, "/healthz").await;
+    let readyz = admin_status(admin, "/readyz").await;
+    let all = recorder.wait_until(WAIT, |r| {
+        let handled: HashSet<String> = r
+            .handled_by("rewards")
+            .into_iter()
+            .filter(|h| h.outcome == DeliveryOutcome::ConsumeSuccess)
+            .map(|h| h.message_id)
+            .collect();
+        published.is_subset(&handled)
+    });
+    host.shutdown().await;
+    drop((idle, slow));
+    assert_eq!(
+        healthz?, 200,
+        "/healthz answers behind {IDLE} idle connections"
+    );
+    assert_eq!(readyz?, 200);
+    ensure!(
+        all,
+        "every event handled while the admin listener was flooded"
+    );
+    Ok(())
+}
