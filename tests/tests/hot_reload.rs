@@ -315,6 +315,86 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_file_changed_during_a_config_reload_is_loaded_and_a_touch_is_not() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("mqplug.toml");
+    // Copies, so the test can rewrite them. The watcher checks plugins in
+    // name order: "added" before "first".
+    let (first_path, added_path) = (dir.path().join("first.wasm"), dir.path().join("added.wasm"));
+    let (old_build, new_build) = (plugin_path("reward-logger")?, plugin_path("chaos")?);
+    std::fs::copy(&old_build, &first_path)?;
+    std::fs::copy(&new_build, &added_path)?;
+    let write_config = |with_added: bool| -> Result<()> {
+        let mut text = watched_config_text(&broker.name_server);
+        if with_added {
+            text.push_str(&format!(
+                "[[plugin]]\nname = \"added\"\npath = \"{}\"\n",
+                added_path.display()
+            ));
+        }
+        text.push_str(&format!(
+            "[[plugin]]\nname = \"first\"\npath = \"{}\"\n",
+            first_path.display()
+        ));
+        replace(&config_path, text.as_bytes())
+    };
+    write_config(false)?;
+    let recorder = Recorder::new();
+    let host = Host::start(&HostConfig::from_file(&config_path)?, recorder.observers()).await?;
+    let first_serves = |build: &Path| {
+        let expected = version_of(build);
+        let host = &host;
+        async move {
+            tokio::time::timeout(WAIT, async {
+                while !host
+                    .plugins()
+                    .iter()
+                    .any(|p| p.name() == "first" && *p.version() == *expected)
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .is_ok()
+        }
+    };
+
+    // The config changes, and the first plugin's file right after it: both
+    // settle together, and the config is applied first.
+    write_config(true)?;
+    replace(&first_path, &std::fs::read(&new_build)?)?;
+    let changed_during_reload = first_serves(&new_build).await;
+    // The added plugin's file touched (same bytes, a new modification
+    // time), then the first plugin changed back: once that is served, the
+    // watcher has looked at the touched file too.
+    replace(&added_path, &std::fs::read(&added_path)?)?;
+    replace(&first_path, &std::fs::read(&old_build)?)?;
+    let changed_back = first_serves(&old_build).await;
+    let loads = |plugin: &str| {
+        recorder
+            .loads()
+            .iter()
+            .filter(|(p, ..)| p == plugin)
+            .count()
+    };
+    let (first_loads, added_loads) = (loads("first"), loads("added"));
+    host.shutdown().await;
+    ensure!(
+        changed_during_reload,
+        "the file changed during the config reload was never loaded"
+    );
+    ensure!(changed_back, "the later change was not loaded");
+    assert_eq!(first_loads, 3, "at start, and once per change");
+    assert_eq!(
+        added_loads, 1,
+        "the added plugin loaded once: neither the check after the config reload nor the touch \
+         reloaded a build with the same content"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_list_that_outgrows_the_running_pools_is_refused_and_nothing_changes() -> Result<()>
 {
     let broker = LocalBroker::start()?;

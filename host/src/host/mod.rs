@@ -1,0 +1,233 @@
+//! The host: loads the plugins, then starts one consumer per plugin, the
+//! built-in producer if configured, the admin listener, and the watcher that
+//! hot-reloads plugin files and the config's plugin list.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tracing::info;
+
+mod lifecycle;
+mod watcher;
+
+use lifecycle::Shared;
+use watcher::Watcher;
+
+use crate::admin::{self, AdminView};
+use crate::config::{ConfigError, HostConfig};
+use crate::metrics::Metrics;
+use crate::mq::{MqError, MqRuntime, Publisher};
+use crate::observe::Observers;
+use crate::slot::{PluginSlot, load_plugin};
+use crate::topic::TopicName;
+use crate::wasm::{PluginLoadError, PoolUsage, WasmRuntime};
+
+/// Listener threads kept free for plugins added to the config at run time.
+const SPARE_LISTENER_THREADS: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Plugin(#[from] PluginLoadError),
+    #[error(transparent)]
+    Mq(#[from] MqError),
+    #[error("cannot start the wasm engine: {0:#}")]
+    Engine(wasmtime::Error),
+    #[error("the task loading the plugins failed: {0}")]
+    LoadTask(String),
+    #[error("admin listener on {listen}: {cause}")]
+    Admin {
+        listen: String,
+        cause: std::io::Error,
+    },
+}
+
+/// A running mqplug host. Dropping it without [`Host::shutdown`] abandons
+/// in-flight handlers; their messages are redelivered later.
+pub struct Host {
+    shared: Arc<Shared>,
+    publisher: Option<Publisher>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    admin_addr: Option<SocketAddr>,
+}
+
+impl Host {
+    /// Validates the config and loads every plugin before connecting to
+    /// anything, so a bad config or plugin fails fast with nothing started.
+    pub async fn start(config: &HostConfig, observers: Observers) -> Result<Host, HostError> {
+        config.validate()?;
+        let topic = config.topic().map_err(ConfigError::from)?;
+        info!(
+            topic = topic.configured(),
+            wire_topic = topic.wire(),
+            name_server = %config.name_server,
+            "starting mqplug"
+        );
+        let metrics = Metrics::new();
+        let observers = observers.with(metrics.observer());
+
+        let wasm = WasmRuntime::new(config.runtime_settings()).map_err(HostError::Engine)?;
+        // Compiling and instantiating run off the async threads: they take
+        // up to seconds, and a plugin's start-up may call WASI functions that
+        // block on a Tokio runtime, which panics on an async thread.
+        let loaded = {
+            let (wasm, plugins, observers) =
+                (wasm.clone(), config.plugins.clone(), observers.clone());
+            tokio::task::spawn_blocking(move || {
+                plugins
+                    .iter()
+                    .map(|plugin| {
+                        let started = Instant::now();
+                        let instance = load_plugin(&wasm, plugin, &observers)?;
+                        info!(
+                            plugin = %plugin.name,
+                            path = %plugin.path.display(),
+                            version = instance.version().short(),
+                            compiled = ?instance.compiled(),
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "plugin loaded"
+                        );
+                        Ok(Arc::new(PluginSlot::new(plugin, instance)))
+                    })
+                    .collect::<Result<Vec<_>, PluginLoadError>>()
+            })
+            .await
+            .map_err(|err| HostError::LoadTask(err.to_string()))??
+        };
+
+        let listener_capacity = config.listener_threads() + SPARE_LISTENER_THREADS;
+        let mq = MqRuntime::new(listener_capacity)?;
+        let (stop, _) = watch::channel(false);
+        let mut host = Host {
+            shared: Arc::new(Shared {
+                topic,
+                config: Mutex::new(config.clone()),
+                wasm,
+                mq,
+                listener_capacity,
+                observers,
+                metrics,
+                running: tokio::sync::Mutex::new(BTreeMap::new()),
+                slots: RwLock::new(Vec::new()),
+                ready: AtomicBool::new(false),
+                config_error: Mutex::new(None),
+            }),
+            publisher: None,
+            stop,
+            tasks: Vec::new(),
+            admin_addr: None,
+        };
+        if let Err(err) = host.connect(config, loaded).await {
+            host.shutdown().await;
+            return Err(err);
+        }
+        Ok(host)
+    }
+
+    async fn connect(
+        &mut self,
+        config: &HostConfig,
+        loaded: Vec<Arc<PluginSlot>>,
+    ) -> Result<(), HostError> {
+        if config.admin.enabled {
+            let view: Arc<dyn AdminView> = self.shared.clone();
+            let (addr, task) = admin::serve(
+                &config.admin.listen,
+                admin::Limits::new(config.admin.max_connections),
+                view,
+                self.stop.subscribe(),
+            )
+            .await
+            .map_err(|cause| HostError::Admin {
+                listen: config.admin.listen.clone(),
+                cause,
+            })?;
+            self.admin_addr = Some(addr);
+            self.tasks.push(task);
+        }
+        if config.producer.enabled {
+            let mut publisher =
+                Publisher::start(&self.shared.mq, config.producer_settings()?).await?;
+            if let Some(queues) = config.producer.create_topic_queues {
+                publisher.create_topic(queues).await?;
+                info!(
+                    wire_topic = self.shared.topic.wire(),
+                    queues, "topic created"
+                );
+            }
+            info!(group = %config.producer.group, "producer started");
+            self.publisher = Some(publisher);
+        }
+        for (plugin_config, slot) in config.plugins.iter().zip(loaded) {
+            self.shared.start_consumer(plugin_config, slot).await?;
+        }
+        self.shared.ready.store(true, Ordering::Release);
+        if config.reload.watch {
+            let watcher = Watcher::new(self.shared.clone(), config);
+            self.tasks
+                .push(tokio::spawn(watcher.run(self.stop.subscribe())));
+        }
+        Ok(())
+    }
+
+    pub fn topic(&self) -> &TopicName {
+        &self.shared.topic
+    }
+
+    /// The built-in producer, if the config enabled it.
+    pub fn publisher(&self) -> Option<&Publisher> {
+        self.publisher.as_ref()
+    }
+
+    /// The plugins being served, by name.
+    pub fn plugins(&self) -> Vec<Arc<PluginSlot>> {
+        self.shared.slots()
+    }
+
+    /// Where the admin listener is, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The wasm pool's live slots (also on `/metrics`).
+    pub fn pool_usage(&self) -> PoolUsage {
+        self.shared.wasm.pool_usage()
+    }
+
+    /// Stops watching, stops pulling, lets in-flight handlers finish and
+    /// their outcomes reach the broker, then closes the producer and the
+    /// client runtime.
+    pub async fn shutdown(self) {
+        info!("shutting down: draining in-flight handlers");
+        self.shared.ready.store(false, Ordering::Release);
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        // Every consumer stops pulling at once and they drain together: the
+        // whole stop takes the longest plugin's drain, not the sum.
+        let running = std::mem::take(&mut *self.shared.running.lock().await);
+        let mut stopping = tokio::task::JoinSet::new();
+        for (_, plugin) in running {
+            stopping.spawn(plugin.stop(self.shared.observers.clone()));
+        }
+        while stopping.join_next().await.is_some() {}
+        if let Some(publisher) = self.publisher {
+            publisher.shutdown().await;
+        }
+        // Also while an admin connection still holds the shared state.
+        self.shared.mq.shutdown().await;
+        info!("mqplug stopped");
+    }
+}
