@@ -332,7 +332,13 @@ impl HostConfig {
             path: path.to_path_buf(),
             cause,
         })?;
-        let mut config: HostConfig = toml::from_str(&text).map_err(|cause| ConfigError::Parse {
+        HostConfig::from_text(&text, path)
+    }
+
+    /// Parses a config file's `text`; `path` is where it was read from
+    /// (relative plugin paths are relative to its folder).
+    pub fn from_text(text: &str, path: &Path) -> Result<HostConfig, ConfigError> {
+        let mut config: HostConfig = toml::from_str(text).map_err(|cause| ConfigError::Parse {
             path: path.to_path_buf(),
             cause,
         })?;
@@ -714,6 +720,133 @@ mod tests {
         for ms in [0, MAX_DEADLINE_MS + 1, LISTENER_TIMEOUT_MS - 1] {
             let err = deadline(ms).unwrap_err().to_string();
             assert!(err.contains("must be between 1 and 28000"), "{ms}: {err}");
+        }
+    }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A config with every section, the base of the near misses.
+        const FULL: &str = "name_server = \"127.0.0.1:9876;127.0.0.2:9876\"\n\
+            topic = \"marketing.task.completed\"\non_undecodable = \"drop\"\n\
+            max_body_bytes = 1048576\n[runtime]\nmax_instances = 64\nmax_memory_mb = 128\n\
+            fuel = true\ncache_max_mb = 64\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+            max_connections = 8\n[reload]\npoll_ms = 50\nsettle_ms = 300\n\
+            [producer]\nenabled = true\nretries = 2\nsend_timeout_ms = 3000\n\
+            [[plugin]]\nname = \"rewards\"\npath = \"rewards.wasm\"\n\
+            tags = \"USER_REGISTER || INVITE_FRIEND\"\nconcurrency = 4\n\
+            max_reconsume_times = 3\ninstance_mode = \"fresh-per-event\"\ndeadline_ms = 2000\n\
+            memory_limit_mb = 32\nlog_lines_per_second = 10\nfuel_per_event = 1000000\n\
+            [[plugin]]\nname = \"a.b\"\npath = \"/abs/a.wasm\"\ngroup = \"g-1\"\n";
+
+        #[test]
+        fn the_base_of_the_near_misses_is_valid() {
+            let config = HostConfig::from_text(FULL, Path::new("/etc/mqplug/mqplug.toml")).unwrap();
+            config.validate().unwrap();
+            assert_eq!(config.plugins.len(), 2);
+            assert_eq!(
+                config.plugins[0].path,
+                Path::new("/etc/mqplug/rewards.wasm")
+            );
+        }
+
+        /// Everything a host does with a config before it connects anywhere.
+        fn exercise(text: &str) {
+            let Ok(config) = HostConfig::from_text(text, Path::new("/etc/mqplug/mqplug.toml"))
+            else {
+                return;
+            };
+            if config.validate().is_err() {
+                return;
+            }
+            let _ = config.runtime_settings();
+            let _ = config.fits_pools(usize::MAX, u32::MAX);
+            let topic = config.topic().expect("validated");
+            for plugin in &config.plugins {
+                let _ = plugin.plugin_settings();
+                let _ = plugin.consumer_settings(&config.name_server, &topic);
+                // What validation promises.
+                assert!((1..=MAX_DEADLINE_MS).contains(&plugin.deadline_ms));
+                assert!(check_resource_name(&plugin.group()).is_ok());
+            }
+        }
+
+        fn mutated(base: &[u8], position: usize, byte: u8, cut: bool) -> String {
+            let mut text = base.to_vec();
+            let at = position % text.len();
+            if cut {
+                text.truncate(at);
+            } else {
+                text[at] = byte;
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        }
+
+        /// A value of any TOML type, including the edges of the integers.
+        fn arb_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                prop_oneof![
+                    Just(0i128),
+                    Just(-1),
+                    Just(u32::MAX as i128 + 1),
+                    Just(i64::MAX as i128)
+                ]
+                .prop_map(|n| n.to_string()),
+                "[ -~]{0,40}".prop_map(|s| format!("{s:?}")),
+                any::<bool>().prop_map(|b| b.to_string()),
+                any::<f64>().prop_map(|f| format!("{f:?}")),
+                Just("[]".to_string()),
+            ]
+        }
+
+        const KEYS: &[&str] = &[
+            "name",
+            "path",
+            "group",
+            "tags",
+            "concurrency",
+            "max_reconsume_times",
+            "instance_mode",
+            "deadline_ms",
+            "memory_limit_mb",
+            "log_lines_per_second",
+            "log_bytes_per_second",
+            "consume_from",
+            "fuel_per_event",
+            "inherit_stdio",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
+
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+                exercise(&text);
+            }
+
+            #[test]
+            fn near_misses_of_a_full_config_never_panic(
+                position in any::<usize>(), byte in any::<u8>(), cut in any::<bool>(),
+            ) {
+                exercise(&mutated(FULL.as_bytes(), position, byte, cut));
+            }
+
+            #[test]
+            fn any_value_for_any_plugin_key_is_validated_without_panicking(
+                values in proptest::collection::vec((0..KEYS.len(), arb_value()), 0..8),
+            ) {
+                let mut text = String::from("[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\n");
+                let mut seen = std::collections::HashSet::new();
+                for (key, value) in values {
+                    if KEYS[key] != "name" && KEYS[key] != "path" && seen.insert(key) {
+                        text.push_str(&format!("{} = {value}\n", KEYS[key]));
+                    }
+                }
+                exercise(&text);
+            }
         }
     }
 }

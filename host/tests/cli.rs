@@ -20,6 +20,19 @@ use mqplug_tests::{LocalBroker, workspace_root};
 /// The binary under test, built by cargo for this test run.
 const MQPLUG: &str = env!("CARGO_BIN_EXE_mqplug");
 
+/// The mqplug binary, compiling into the tests' cache rather than the
+/// user's `~/.cache`.
+fn mqplug_command() -> Command {
+    let mut command = Command::new(MQPLUG);
+    command.env(
+        "MQPLUG_CACHE_DIR",
+        mqplug_tests::test_cache_dir()
+            .parent()
+            .expect("the cache folder has a parent"),
+    );
+    command
+}
+
 /// Kills the child if the test fails before it exits on its own.
 struct Running(Option<Child>);
 
@@ -64,7 +77,7 @@ where
     I: IntoIterator<Item = A>,
     A: AsRef<std::ffi::OsStr>,
 {
-    let mut child = Command::new(MQPLUG)
+    let mut child = mqplug_command()
         .args(args)
         .env("MQPLUG_LOG", log)
         .env("MQPLUG_ADMIN_LISTEN", "127.0.0.1:0")
@@ -127,7 +140,7 @@ fn chaos_config(dir: &std::path::Path, extra: &str) -> Result<std::path::PathBuf
 
 /// `mqplug publish --file FILE`; returns what it printed.
 fn publish_file(name_server: &str, file: &std::path::Path) -> Result<String> {
-    let publish = Command::new(MQPLUG)
+    let publish = mqplug_command()
         .args(["publish", "--name-server", name_server, "--file"])
         .arg(file)
         .output()?;
@@ -231,7 +244,7 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
 
 #[test]
 fn replay_prints_each_outcome_without_a_broker() -> Result<()> {
-    let output = Command::new(MQPLUG)
+    let output = mqplug_command()
         .args(["replay", "--plugin"])
         .arg(plugin_path("reward-logger")?)
         .arg("--events")
@@ -257,7 +270,7 @@ fn a_plugin_prints_to_the_hosts_stdout_only_when_granted() -> Result<()> {
         r#"{"event_type":"PRINT","user_id":1,"tenant_id":"t","app_id":"a","campaign_id":"c","campaign_name":"n","event_data":{},"timestamp":"2026-11-25T14:19:15+08:00"}"#,
     )?;
     let replay = |grant: bool| -> Result<(String, String)> {
-        let mut command = Command::new(MQPLUG);
+        let mut command = mqplug_command();
         command
             .args(["replay", "--plugin"])
             .arg(plugin_path("chaos")?)
@@ -290,7 +303,7 @@ fn a_misspelt_config_key_is_named_and_nothing_starts() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("mqplug.toml");
     std::fs::write(&config, "name_server = \"127.0.0.1:1\"\ntopik = \"x\"\n")?;
-    let output = Command::new(MQPLUG)
+    let output = mqplug_command()
         .args(["run", "--config"])
         .arg(&config)
         .output()?;
@@ -302,7 +315,7 @@ fn a_misspelt_config_key_is_named_and_nothing_starts() -> Result<()> {
 
 #[test]
 fn a_topic_still_illegal_after_mapping_fails_before_connecting() -> Result<()> {
-    let output = Command::new(MQPLUG)
+    let output = mqplug_command()
         .args([
             "run",
             "--name-server",
@@ -328,7 +341,7 @@ fn a_topic_still_illegal_after_mapping_fails_before_connecting() -> Result<()> {
 #[test]
 fn a_failed_send_reports_the_real_cause_and_fails_the_command() -> Result<()> {
     // Nothing listens on port 1.
-    let output = Command::new(MQPLUG)
+    let output = mqplug_command()
         .args(["publish", "--name-server", "127.0.0.1:1"])
         .env("MQPLUG_LOG", "off")
         .output()?;
@@ -429,7 +442,7 @@ fn examples_in_rust_python_and_javascript_handle_the_same_published_events() -> 
 fn mqplug_test_exits_0_on_a_passing_plugin_and_writes_junit() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let junit = dir.path().join("junit.xml");
-    let output = Command::new(MQPLUG)
+    let output = mqplug_command()
         .arg("test")
         .arg(plugin_path("reward-logger")?)
         .arg("--fixtures")
@@ -457,7 +470,7 @@ fn mqplug_test_exits_0_on_a_passing_plugin_and_writes_junit() -> Result<()> {
 fn mqplug_test_exits_1_on_a_failing_plugin_and_2_when_it_cannot_run() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let junit = dir.path().join("junit.xml");
-    let output = Command::new(MQPLUG)
+    let output = mqplug_command()
         .arg("test")
         .arg(plugin_path("flaky")?)
         .arg("--junit")
@@ -477,7 +490,7 @@ fn mqplug_test_exits_1_on_a_failing_plugin_and_2_when_it_cannot_run() -> Result<
         "{xml}"
     );
 
-    let output = Command::new(MQPLUG)
+    let output = mqplug_command()
         .arg("test")
         .arg(dir.path().join("missing.wasm"))
         .output()?;

@@ -22,6 +22,19 @@ pub fn workspace_root() -> PathBuf {
 }
 
 use mqplug::config::{HostConfig, PluginConfig};
+
+/// How long a test watches for deliveries that should not happen (a
+/// duplicate, a redelivery, a filtered event) after everything expected has
+/// arrived. Absence cannot be awaited: a bug shows as an extra delivery in
+/// this window. Not a measurement and not a wait for a condition.
+pub const QUIET_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The compile cache every test shares: under the build's target folder,
+/// never the user's `~/.cache` (its key file sits beside it).
+pub fn test_cache_dir() -> PathBuf {
+    plugins::target_dir().join("test-cache").join("components")
+}
+
 use mqplug::mq::ConsumeFrom;
 
 /// A host config for `broker` with the producer on (creating `topic` with 4
@@ -34,6 +47,7 @@ pub fn host_config(broker: &LocalBroker, topic: &str, plugins: Vec<PluginConfig>
     config.producer.create_topic_queues = Some(4);
     // A free port: tests run side by side.
     config.admin.listen = "127.0.0.1:0".into();
+    config.runtime.cache_dir = Some(test_cache_dir());
     config.plugins = plugins
         .into_iter()
         .map(|plugin| PluginConfig {

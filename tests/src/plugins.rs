@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use crate::workspace_root;
 
 /// The target directory the tests' own build uses.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))

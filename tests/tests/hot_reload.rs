@@ -40,7 +40,9 @@ fn get(addr: SocketAddr, path: &str) -> Result<String> {
 fn watched_config_text(name_server: &str) -> String {
     format!(
         "name_server = \"{name_server}\"\n[producer]\nenabled = true\ncreate_topic_queues = 4\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[reload]\npoll_ms = 50\nsettle_ms = 300\n"
+         [admin]\nlisten = \"127.0.0.1:0\"\n[reload]\npoll_ms = 50\nsettle_ms = 300\n\
+         [runtime]\ncache_dir = {:?}\n",
+        mqplug_tests::test_cache_dir()
     )
 }
 
@@ -107,8 +109,7 @@ async fn a_reload_under_a_steady_stream_loses_nothing_and_retries_nothing() -> R
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let all = recorder.wait_until(WAIT, |r| r.handled_by("rewards").len() >= N as usize);
-    // Give stray redeliveries a moment to show up before counting.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(mqplug_tests::QUIET_PERIOD).await;
     let status = plugins_json(&host)?;
     host.shutdown().await;
     ensure!(all, "not every event was handled:\n{}", broker.logs());
@@ -294,7 +295,7 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
             .iter()
             .any(|h| h.message_id == receipt.message_id)
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(mqplug_tests::QUIET_PERIOD).await;
     let status = plugins_json(&host)?;
     host.shutdown().await;
     ensure!(second, "the remaining plugin handles a new message");
