@@ -1,7 +1,9 @@
 //! The host's configuration file (TOML). Unknown keys are errors that name
 //! the key, so a typo never silently falls back to a default.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -10,7 +12,7 @@ use crate::event::DEFAULT_MAX_BODY_BYTES;
 use crate::mq::{Backoff, ConsumeFrom, ConsumerSettings, DEFAULT_PRODUCER_GROUP, ProducerSettings};
 use crate::outcome::UndecodablePolicy;
 use crate::topic::{DEFAULT_TOPIC, TopicName, TopicNameError, check_resource_name};
-use crate::wasm::{InstanceMode, PluginSettings, RuntimeSettings};
+use crate::wasm::{ConfigValues, InstanceMode, PluginSettings, RuntimeSettings};
 
 pub const DEFAULT_NAME_SERVER: &str = "127.0.0.1:9876";
 
@@ -215,6 +217,97 @@ pub struct PluginConfig {
     /// plugin that prints). Default: what it prints is discarded.
     #[serde(default)]
     pub inherit_stdio: bool,
+    /// Values the plugin reads through `wasi:config/store` (`[plugin.config]`).
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Secrets the plugin reads through `wasi:config/store`
+    /// (`[plugin.secrets]`, e.g. `token = { env = "REWARDS_TOKEN" }` or
+    /// `{ file = "/run/secrets/token" }`): where the host reads each value,
+    /// never the value itself. Read at every load and reload.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSource>,
+}
+
+/// Where the host reads one secret.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// An environment variable of the host process.
+    pub env: Option<String>,
+    /// A file (relative paths are relative to the config file); one
+    /// trailing newline is dropped.
+    pub file: Option<PathBuf>,
+}
+
+/// Longest config key or secret name.
+pub const MAX_CONFIG_KEY_BYTES: usize = 256;
+/// Longest config value or secret.
+pub const MAX_CONFIG_VALUE_BYTES: usize = 64 * 1024;
+
+impl SecretSource {
+    /// The secret's value; the error names where it was looked for, never
+    /// what was found.
+    fn read(&self) -> Result<String, String> {
+        let mut value = match (&self.env, &self.file) {
+            (Some(var), None) => std::env::var(var)
+                .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
+            (None, Some(path)) => {
+                let bytes = std::fs::read(path)
+                    .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+                String::from_utf8(bytes)
+                    .map_err(|_| format!("{} is not UTF-8 text", path.display()))?
+            }
+            _ => return Err("give exactly one of `env` or `file`".into()),
+        };
+        if value.ends_with('\n') {
+            value.pop();
+            if value.ends_with('\r') {
+                value.pop();
+            }
+        }
+        if value.is_empty() {
+            return Err("it is empty".into());
+        }
+        if value.len() > MAX_CONFIG_VALUE_BYTES {
+            return Err(format!("it is over {MAX_CONFIG_VALUE_BYTES} bytes"));
+        }
+        Ok(value)
+    }
+}
+
+/// Keys and values of `[plugin.config]` and `[plugin.secrets]`: bounded,
+/// no key in both, each secret with one source. Secret values are read at
+/// load, not here.
+fn check_config_table(plugin: &PluginConfig) -> Result<(), String> {
+    let keys = plugin.config.keys().chain(plugin.secrets.keys());
+    for key in keys {
+        if key.is_empty() || key.len() > MAX_CONFIG_KEY_BYTES {
+            return Err(format!(
+                "config key {:?} must be 1 to {MAX_CONFIG_KEY_BYTES} bytes",
+                crate::text::inert(key, 64)
+            ));
+        }
+    }
+    for (key, value) in &plugin.config {
+        if value.len() > MAX_CONFIG_VALUE_BYTES {
+            return Err(format!(
+                "config value {key:?} is over {MAX_CONFIG_VALUE_BYTES} bytes"
+            ));
+        }
+        if plugin.secrets.contains_key(key) {
+            return Err(format!(
+                "{key:?} is both a config value and a secret; keep one"
+            ));
+        }
+    }
+    for (key, source) in &plugin.secrets {
+        if source.env.is_some() == source.file.is_some() {
+            return Err(format!(
+                "secret {key:?}: give exactly one of `env` or `file`"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The built-in producer: off unless `enabled`, like the platform's nil producer.
@@ -347,6 +440,11 @@ impl HostConfig {
             if plugin.path.is_relative() {
                 plugin.path = base.join(&plugin.path);
             }
+            for source in plugin.secrets.values_mut() {
+                if let Some(file) = source.file.as_mut().filter(|file| file.is_relative()) {
+                    *file = base.join(&*file);
+                }
+            }
         }
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -463,6 +561,7 @@ impl HostConfig {
                     LISTENER_TIMEOUT_MS - MAX_DEADLINE_MS
                 )));
             }
+            check_config_table(plugin).map_err(problem)?;
             if plugin.fuel_per_event.is_some() && !self.runtime.fuel {
                 return Err(problem(
                     "fuel_per_event needs runtime.fuel = true (fuel counting is off)".into(),
@@ -510,6 +609,8 @@ impl PluginConfig {
             consume_from: ConsumeFrom::default(),
             fuel_per_event: None,
             inherit_stdio: false,
+            config: BTreeMap::new(),
+            secrets: BTreeMap::new(),
         }
     }
 
@@ -532,8 +633,19 @@ impl PluginConfig {
         })
     }
 
-    pub fn plugin_settings(&self) -> PluginSettings {
-        PluginSettings {
+    /// The sandbox settings, with the secrets read from where the entry
+    /// says; the error names the secret and where it was looked for.
+    pub fn plugin_settings(&self) -> Result<PluginSettings, ConfigError> {
+        let mut secrets = BTreeMap::new();
+        for (key, source) in &self.secrets {
+            let value = source.read().map_err(|why| ConfigError::Plugin {
+                plugin: self.name.clone(),
+                problem: format!("secret {key:?}: {why}"),
+            })?;
+            secrets.insert(key.clone(), value);
+        }
+        Ok(PluginSettings {
+            config: Arc::new(ConfigValues::new(&self.config, secrets)),
             name: self.name.clone(),
             deadline: Duration::from_millis(self.deadline_ms),
             memory_limit_bytes: self.memory_limit_mb.saturating_mul(MIB),
@@ -542,7 +654,7 @@ impl PluginConfig {
             log_bytes_per_second: self.log_bytes_per_second,
             fuel_per_event: self.fuel_per_event,
             inherit_stdio: self.inherit_stdio,
-        }
+        })
     }
 
     pub fn consumer_settings(&self, name_server: &str, topic: &TopicName) -> ConsumerSettings {
@@ -635,11 +747,7 @@ mod tests {
              [[plugin]]\nname = 'quiet'\npath = 'q.wasm'\n",
         )
         .unwrap();
-        let grants: Vec<bool> = config
-            .plugins
-            .iter()
-            .map(|p| p.plugin_settings().inherit_stdio)
-            .collect();
+        let grants: Vec<bool> = config.plugins.iter().map(|p| p.inherit_stdio).collect();
         assert_eq!(grants, [true, false]);
     }
 
@@ -721,6 +829,58 @@ mod tests {
             let err = deadline(ms).unwrap_err().to_string();
             assert!(err.contains("must be between 1 and 28000"), "{ms}: {err}");
         }
+    }
+
+    #[test]
+    fn config_values_and_secret_sources_parse_and_relative_secret_files_follow_the_config() {
+        let text = "[[plugin]]\nname = 'r'\npath = 'r.wasm'\n\
+            [plugin.config]\nrewards_url = 'http://127.0.0.1:8080'\n\
+            [plugin.secrets]\ntoken = { env = 'REWARDS_TOKEN' }\nkey = { file = 'secrets/key' }\n";
+        let config = HostConfig::from_text(text, Path::new("/etc/mqplug/mqplug.toml")).unwrap();
+        config.validate().unwrap();
+        let plugin = &config.plugins[0];
+        assert_eq!(plugin.config["rewards_url"], "http://127.0.0.1:8080");
+        assert_eq!(
+            plugin.secrets["token"].env.as_deref(),
+            Some("REWARDS_TOKEN")
+        );
+        assert_eq!(
+            plugin.secrets["key"].file.as_deref(),
+            Some(Path::new("/etc/mqplug/secrets/key"))
+        );
+    }
+
+    #[test]
+    fn a_secret_with_two_sources_or_none_and_a_key_in_both_tables_are_refused() {
+        let refused = [
+            (
+                "[plugin.secrets]\nt = { env = 'A', file = 'b' }\n",
+                "exactly one of `env` or `file`",
+            ),
+            (
+                "[plugin.secrets]\nt = {}\n",
+                "exactly one of `env` or `file`",
+            ),
+            (
+                "[plugin.config]\nt = 'x'\n[plugin.secrets]\nt = { env = 'A' }\n",
+                "both a config value and a secret",
+            ),
+            ("[plugin.config]\n'' = 'x'\n", "must be 1 to 256 bytes"),
+        ];
+        for (tables, why) in refused {
+            let text = format!("[[plugin]]\nname = 'r'\npath = 'r.wasm'\n{tables}");
+            let config = HostConfig::from_text(&text, Path::new("/m.toml")).unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(why), "{tables}: {err}");
+        }
+        let err =
+            parse("[[plugin]]\nname = 'r'\npath = 'r.wasm'\n[plugin.secrets]\nt = 'inline'\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("expected struct SecretSource"),
+            "a secret's value is never in the file: {err}"
+        );
     }
 
     mod fuzz {

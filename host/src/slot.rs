@@ -48,6 +48,11 @@ pub struct SlotStatus {
     pub loaded_at: SystemTime,
     pub from_cache: bool,
     pub state: SlotState,
+    /// The contract version the serving build was built against.
+    pub contract: &'static str,
+    /// The config keys and secret names it is granted (never values).
+    pub config_keys: Vec<String>,
+    pub secret_keys: Vec<String>,
 }
 
 pub struct PluginSlot {
@@ -80,7 +85,13 @@ pub(crate) fn load_unreported(
     let started = Instant::now();
     let (result, version) = match std::fs::read(&config.path) {
         Ok(wasm) => {
-            let result = Plugin::load(runtime, config.plugin_settings(), &wasm, observers.clone());
+            let result = config
+                .plugin_settings()
+                .map_err(|err| PluginLoadError::Settings {
+                    name: config.name.clone(),
+                    problem: err.to_string(),
+                })
+                .and_then(|settings| Plugin::load(runtime, settings, &wasm, observers.clone()));
             // A loaded plugin carries the digest its compile computed; hash
             // the bytes again only for a build that did not load.
             let version = match &result {
@@ -205,6 +216,9 @@ impl PluginSlot {
             loaded_at: build.loaded_at,
             from_cache: build.from_cache,
             state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            contract: build.plugin.contract(),
+            config_keys: build.plugin.settings().config.keys().0.to_vec(),
+            secret_keys: build.plugin.settings().config.keys().1.to_vec(),
         }
     }
 }

@@ -43,6 +43,17 @@ mod direct {
     impl self::mqplug::plugin::log::Host for State {
         fn log(&mut self, _level: self::mqplug::plugin::log::Level, _message: String) {}
     }
+    impl self::wasi::config::store::Host for State {
+        fn get(
+            &mut self,
+            _key: String,
+        ) -> Result<Option<String>, self::wasi::config::store::Error> {
+            Ok(None)
+        }
+        fn get_all(&mut self) -> Result<Vec<(String, String)>, self::wasi::config::store::Error> {
+            Ok(Vec::new())
+        }
+    }
 
     pub fn instantiate(wasm: &[u8]) -> (Store<State>, Plugin) {
         let engine = Engine::default();

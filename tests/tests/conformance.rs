@@ -127,10 +127,10 @@ fn a_plugin_importing_what_the_host_lacks_is_caught_naming_the_import() {
 #[test]
 fn a_plugin_built_for_another_contract_version_is_caught_naming_the_export() {
     let report = kit(&plugin_path("future-wit").unwrap(), settings(), "");
-    let why = failure_of(&report, "exports mqplug:plugin/handler@0.1.x");
+    let why = failure_of(&report, "exports mqplug:plugin/handler@0.2.x or 0.1.x");
     assert!(
         why.starts_with(
-            "exports mqplug:plugin/handler@0.2.0, but this host supports mqplug:plugin@0.1.x"
+            "exports mqplug:plugin/handler@0.9.0, but this host supports mqplug:plugin 0.2.x and 0.1.x"
         ),
         "{why}"
     );
@@ -143,9 +143,9 @@ fn a_component_of_another_world_and_a_junk_file_are_caught() {
     let empty = dir.path().join("empty.wasm");
     std::fs::write(&empty, [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00]).unwrap();
     let report = kit(&empty, settings(), "");
-    let why = failure_of(&report, "exports mqplug:plugin/handler@0.1.x");
+    let why = failure_of(&report, "exports mqplug:plugin/handler@0.2.x or 0.1.x");
     assert!(
-        why.starts_with("does not export mqplug:plugin/handler@0.1.x (exports: nothing)"),
+        why.starts_with("does not export mqplug:plugin/handler 0.2.x and 0.1.x (exports: nothing)"),
         "{why}"
     );
 

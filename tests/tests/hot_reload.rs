@@ -396,6 +396,66 @@ async fn a_plugin_file_changed_during_a_config_reload_is_loaded_and_a_touch_is_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_config_values_reach_the_plugin_and_secrets_stay_off_the_admin_pages() -> Result<()>
+{
+    const TOKEN: &str = "tok-0a9f3c";
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("mqplug.toml");
+    std::fs::write(dir.path().join("token"), TOKEN)?;
+    let write_config = |greeting: &str| -> Result<()> {
+        let mut text = watched_config_text(&broker.name_server);
+        text.push_str(&format!(
+            "[[plugin]]\nname = \"chaos\"\npath = \"{}\"\nconsume_from = \"first\"\n\
+             [plugin.config]\ngreeting = \"{greeting}\"\n\
+             [plugin.secrets]\ntoken = {{ file = \"token\" }}\n",
+            plugin_path("chaos")?.display()
+        ));
+        replace(&config_path, text.as_bytes())
+    };
+    write_config("hello")?;
+    let recorder = Recorder::new();
+    let host = Host::start(&HostConfig::from_file(&config_path)?, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let ask = || {
+        let mut event = sample_event("CONFIG", 1);
+        event.event_data = serde_json::json!({"keys": ["greeting"]})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        event
+    };
+    let said = |line: &str| {
+        recorder.wait_until(WAIT, |r| {
+            r.plugin_logs("chaos").iter().any(|(_, l)| l == line)
+        })
+    };
+    publisher.publish(&ask()).await?;
+    let first = said("config greeting=hello");
+    let status = plugins_json(&host)?;
+    write_config("bonjour")?;
+    let reloaded = recorder.wait_until(WAIT, |r| {
+        r.loads()
+            .iter()
+            .filter(|(p, _, ok)| p == "chaos" && ok.is_ok())
+            .count()
+            == 2
+    });
+    publisher.publish(&ask()).await?;
+    let second = said("config greeting=bonjour");
+    host.shutdown().await;
+    ensure!(first, "the first value was not read");
+    ensure!(reloaded, "the changed entry was not reloaded");
+    ensure!(second, "the changed value did not reach the plugin");
+    let plugin = &status["plugins"][0];
+    assert_eq!(plugin["contract"], "0.2", "{status}");
+    assert_eq!(plugin["config_keys"], serde_json::json!(["greeting"]));
+    assert_eq!(plugin["secret_keys"], serde_json::json!(["token"]));
+    assert!(!status.to_string().contains(TOKEN), "{status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_list_that_outgrows_the_running_pools_is_refused_and_nothing_changes() -> Result<()>
 {
     let broker = LocalBroker::start()?;

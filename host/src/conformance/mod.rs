@@ -26,10 +26,17 @@ use crate::wasm::{Plugin, PluginSettings, WasmRuntime};
 use fixtures::{Expect, Fixture, FixtureError};
 pub use report::{Check, Group, Report, Status};
 
-/// The contract this host implements: `mqplug:plugin@0.1.x`.
+/// The contract this host implements: `mqplug:plugin@0.2.x` and `@0.1.x`.
 pub const CONTRACT_PACKAGE: &str = "mqplug:plugin";
-pub const CONTRACT_VERSION: (u64, u64) = (0, 1);
+pub use crate::wasm::CONTRACT_VERSIONS;
 const HANDLER_INTERFACE: &str = "mqplug:plugin/handler";
+/// The versions, for messages: "0.2.x and 0.1.x".
+const SUPPORTED: &str = "0.2.x and 0.1.x";
+/// The standard WASI interfaces a plugin's grants serve, exactly as linked.
+const CAPABILITIES: [(&str, &str); 1] = [(
+    "wasi:config/store@0.2.0-rc.1",
+    "the plugin's config and secrets",
+)];
 
 /// How a component's import is served by the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +46,9 @@ pub enum ImportKind {
     /// A WASI 0.2 interface: linked, but it grants nothing (no files,
     /// network, environment, arguments or stdio).
     WasiGrantingNothing,
+    /// A standard WASI interface that serves what the plugin's config entry
+    /// grants (its config and secrets); the text says what.
+    Capability(&'static str),
     /// Not provided: the plugin cannot be linked. The text says why.
     Denied(String),
 }
@@ -48,9 +58,9 @@ pub fn classify_import(name: &str) -> ImportKind {
     let (path, version) = name.split_once('@').unwrap_or((name, ""));
     let major_minor = parse_major_minor(version);
     if let Some(interface) = path.strip_prefix("mqplug:plugin/") {
-        if major_minor != Some(CONTRACT_VERSION) {
+        if !major_minor.is_some_and(|v| CONTRACT_VERSIONS.contains(&v)) {
             return ImportKind::Denied(format!(
-                "contract version {version} is not 0.1.x: rebuild against this host's wit/plugin.wit"
+                "contract version {version} is not {SUPPORTED}: rebuild against this host's wit/plugin.wit"
             ));
         }
         return match interface {
@@ -59,6 +69,9 @@ pub fn classify_import(name: &str) -> ImportKind {
                 "the contract has no interface `{interface}` to import"
             )),
         };
+    }
+    if let Some((_, what)) = CAPABILITIES.iter().find(|(linked, _)| *linked == name) {
+        return ImportKind::Capability(what);
     }
     const WASI: [&str; 6] = ["cli", "io", "clocks", "random", "filesystem", "sockets"];
     if let Some(rest) = path.strip_prefix("wasi:") {
@@ -75,8 +88,9 @@ pub fn classify_import(name: &str) -> ImportKind {
             );
         }
         return ImportKind::Denied(format!(
-            "the host provides WASI 0.2 cli, io, clocks, random, filesystem and sockets only, \
-             not `{path}` at {version}"
+            "the host provides WASI 0.2 cli, io, clocks, random, filesystem and sockets, and \
+             {}, not `{path}` at {version}",
+            CAPABILITIES.map(|(name, _)| name).join(", ")
         ));
     }
     ImportKind::Denied("mqplug provides no such interface".into())
@@ -244,7 +258,7 @@ impl Kit {
     }
 
     fn check_exports(&mut self, exports: &[String]) -> bool {
-        const NAME: &str = "exports mqplug:plugin/handler@0.1.x";
+        const NAME: &str = "exports mqplug:plugin/handler@0.2.x or 0.1.x";
         let handler = exports.iter().find(|name| {
             name.split_once('@')
                 .is_some_and(|(path, _)| path == HANDLER_INTERFACE)
@@ -252,17 +266,17 @@ impl Kit {
         let status = match handler {
             Some(name) => {
                 let version = name.split_once('@').map(|(_, v)| v).unwrap_or_default();
-                if parse_major_minor(version) == Some(CONTRACT_VERSION) {
+                if parse_major_minor(version).is_some_and(|v| CONTRACT_VERSIONS.contains(&v)) {
                     Status::Pass
                 } else {
                     Status::Fail(format!(
-                        "exports {name}, but this host supports {CONTRACT_PACKAGE}@0.1.x: \
+                        "exports {name}, but this host supports {CONTRACT_PACKAGE} {SUPPORTED}: \
                          rebuild against this host's wit/plugin.wit"
                     ))
                 }
             }
             None => Status::Fail(format!(
-                "does not export {HANDLER_INTERFACE}@0.1.x (exports: {}); build it against wit/plugin.wit's world `plugin`",
+                "does not export {HANDLER_INTERFACE} {SUPPORTED} (exports: {}); build it against wit/plugin.wit's world `plugin`",
                 if exports.is_empty() {
                     "nothing".to_string()
                 } else {
@@ -284,6 +298,7 @@ impl Kit {
     fn check_imports(&mut self, imports: &[(String, bool)]) -> bool {
         let mut contract = Vec::new();
         let mut wasi = 0;
+        let mut capabilities = Vec::new();
         let mut denied = Vec::new();
         for (name, is_instance) in imports {
             let kind = if *is_instance {
@@ -296,14 +311,19 @@ impl Kit {
             match kind {
                 ImportKind::Contract => contract.push(name.as_str()),
                 ImportKind::WasiGrantingNothing => wasi += 1,
+                ImportKind::Capability(what) => capabilities.push(format!("{name} ({what})")),
                 ImportKind::Denied(why) => denied.push(format!("{name}: {why}")),
             }
         }
-        let detail = format!(
+        let mut detail = format!(
             "{}{}{wasi} WASI interfaces (granted nothing)",
             contract.join(", "),
             if contract.is_empty() { "" } else { " + " },
         );
+        for capability in capabilities {
+            detail.push_str(" + ");
+            detail.push_str(&capability);
+        }
         let status = if denied.is_empty() {
             Status::Pass
         } else {
@@ -445,6 +465,14 @@ mod tests {
             ImportKind::Contract
         );
         assert_eq!(
+            classify_import("mqplug:plugin/log@0.2.0"),
+            ImportKind::Contract
+        );
+        assert_eq!(
+            classify_import("wasi:config/store@0.2.0-rc.1"),
+            ImportKind::Capability("the plugin's config and secrets")
+        );
+        assert_eq!(
             classify_import("wasi:cli/environment@0.2.3"),
             ImportKind::WasiGrantingNothing
         );
@@ -453,7 +481,11 @@ mod tests {
             ImportKind::WasiGrantingNothing
         );
         let denied = [
-            ("mqplug:plugin/log@0.2.0", "0.1.x"),
+            ("mqplug:plugin/log@0.3.0", "0.2.x and 0.1.x"),
+            (
+                "wasi:config/store@0.2.0-draft",
+                "not `wasi:config/store` at 0.2.0-draft",
+            ),
             ("mqplug:plugin/secrets@0.1.0", "no interface `secrets`"),
             ("wasi:http/types@0.2.3", "wasi:http is not provided"),
             (

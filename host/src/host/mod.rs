@@ -91,6 +91,7 @@ impl Host {
                             path = %plugin.path.display(),
                             version = instance.version().short(),
                             compiled = ?instance.compiled(),
+                            contract = instance.contract(),
                             took_ms = started.elapsed().as_millis() as u64,
                             "plugin loaded"
                         );

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_config::WasiConfig;
 
 use super::bindings;
 use super::cache::{CompileCache, DEFAULT_CACHE_MAX_BYTES};
@@ -86,8 +87,22 @@ impl WasmRuntime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         // A blocking wait (a sleep) ends at the event's deadline.
         clocks::add_to_linker(&mut linker)?;
-        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| {
-            state
+        // Each contract version's host services, side by side.
+        bindings::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        bindings::v0_2::mqplug::plugin::types::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        bindings::v0_2::mqplug::plugin::log::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        // The plugin's own config and secrets, nobody else's.
+        wasmtime_wasi_config::add_to_linker(&mut linker, |state: &mut HostState| {
+            WasiConfig::new(&state.config.variables)
         })?;
 
         let log_budgets = LogBudgets::default();

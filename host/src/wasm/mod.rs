@@ -5,11 +5,14 @@
 mod bindings;
 mod cache;
 mod clocks;
+mod config_store;
 mod engine;
 mod log_budget;
 mod plugin;
 mod state;
 
+pub use bindings::CONTRACT_VERSIONS;
 pub use cache::{CacheError, CompileCache, Compiled, DEFAULT_CACHE_MAX_BYTES, Version};
+pub use config_store::{ConfigValues, REDACTED};
 pub use engine::{EPOCH_TICK, PoolUsage, RuntimeSettings, WasmRuntime};
 pub use plugin::{InstanceMode, Plugin, PluginLoadError, PluginSettings};

@@ -10,6 +10,7 @@ use wasmtime::{Store, Trap};
 
 use super::bindings::{self, PluginPre};
 use super::cache::{Compiled, Version};
+use super::config_store::ConfigValues;
 use super::engine::{EPOCH_TICK, WasmRuntime};
 use super::log_budget::LogBudget;
 use super::state::HostState;
@@ -55,6 +56,9 @@ pub struct PluginSettings {
     /// stdin). Off: what it prints is discarded, and its only output is the
     /// rate-limited log import.
     pub inherit_stdio: bool,
+    /// What `wasi:config/store` answers: the plugin's config values and
+    /// secrets (nothing by default).
+    pub config: Arc<ConfigValues>,
 }
 
 impl PluginSettings {
@@ -68,6 +72,7 @@ impl PluginSettings {
             log_bytes_per_second: 1024 * 1024,
             fuel_per_event: None,
             inherit_stdio: false,
+            config: Arc::default(),
         }
     }
 }
@@ -81,6 +86,8 @@ pub enum PluginLoadError {
         path: PathBuf,
         cause: std::io::Error,
     },
+    #[error("{problem}")]
+    Settings { name: String, problem: String },
     #[error("plugin {name}: not a valid wasm component: {cause:#}")]
     Compile {
         name: String,
@@ -250,6 +257,11 @@ impl Plugin {
         &self.version
     }
 
+    /// The contract version the plugin was built against: "0.2" or "0.1".
+    pub fn contract(&self) -> &'static str {
+        self.pre.contract()
+    }
+
     /// Whether loading compiled the component or took it from the cache.
     pub fn compiled(&self) -> Compiled {
         self.compiled
@@ -281,11 +293,9 @@ impl Plugin {
         if let Err(failure) = self.refuel(&mut instance.store) {
             return HandlerOutcome::Failed(failure);
         }
-        let result = instance.bindings.mqplug_plugin_handler().call_handle(
-            &mut instance.store,
-            &bindings::TaskEvent::from(event),
-            &bindings::Delivery::from(delivery),
-        );
+        let result = instance
+            .bindings
+            .handle(&mut instance.store, event, delivery);
         if result.is_ok() && instance.store.data().wait_limit.cut_short() {
             // It waited until its deadline and came back before the epoch
             // interrupt: still a deadline, and the instance is dropped.
@@ -298,11 +308,11 @@ impl Plugin {
                 self.release(instance);
                 HandlerOutcome::Accepted
             }
-            Ok(Err(error)) => {
+            Ok(Err(reason)) => {
                 self.release(instance);
                 HandlerOutcome::Rejected {
                     // Logged and counted on every retry: bounded and escaped.
-                    reason: inert_owned(error.reason, MAX_UNTRUSTED_BYTES),
+                    reason: inert_owned(self.settings.config.redact(reason), MAX_UNTRUSTED_BYTES),
                 }
             }
             Err(err) => HandlerOutcome::Failed(self.classify(&instance.store, err)),
@@ -361,6 +371,7 @@ impl Plugin {
             self.name.clone(),
             self.settings.memory_limit_bytes,
             self.settings.inherit_stdio,
+            self.settings.config.clone(),
             self.observers.clone(),
             self.log_budget.clone(),
         );

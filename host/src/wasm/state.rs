@@ -6,8 +6,9 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::mqplug::plugin::{log, types};
+use super::bindings::{v0_1, v0_2};
 use super::clocks::WaitLimit;
+use super::config_store::ConfigValues;
 use super::log_budget::LogBudget;
 use crate::observe::{HostEvent, LogLevel, Observers};
 use crate::text::{MAX_UNTRUSTED_BYTES, inert_owned};
@@ -33,6 +34,8 @@ pub struct HostState {
     log_budget: Arc<LogBudget>,
     /// Every wait the plugin makes ends at the current event's deadline.
     pub(crate) wait_limit: WaitLimit,
+    /// What `wasi:config/store` answers.
+    pub(crate) config: Arc<ConfigValues>,
 }
 
 impl HostState {
@@ -40,6 +43,7 @@ impl HostState {
         plugin: Arc<str>,
         memory_limit_bytes: usize,
         inherit_stdio: bool,
+        config: Arc<ConfigValues>,
         observers: Observers,
         log_budget: Arc<LogBudget>,
     ) -> Self {
@@ -64,6 +68,7 @@ impl HostState {
             observers,
             log_budget,
             wait_limit: WaitLimit::default(),
+            config,
         }
     }
 }
@@ -105,38 +110,55 @@ impl ResourceLimiter for HostState {
     }
 }
 
-impl types::Host for HostState {}
+impl v0_1::mqplug::plugin::types::Host for HostState {}
+impl v0_2::mqplug::plugin::types::Host for HostState {}
 
-impl log::Host for HostState {
-    fn log(&mut self, level: log::Level, message: String) {
+impl v0_1::mqplug::plugin::log::Host for HostState {
+    fn log(&mut self, level: v0_1::mqplug::plugin::log::Level, message: String) {
+        use v0_1::mqplug::plugin::log::Level;
+        let level = match level {
+            Level::Trace => LogLevel::Trace,
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+        };
+        self.write_log(level, message);
+    }
+}
+
+impl v0_2::mqplug::plugin::log::Host for HostState {
+    fn log(&mut self, level: v0_2::mqplug::plugin::log::Level, message: String) {
+        use v0_2::mqplug::plugin::log::Level;
+        let level = match level {
+            Level::Trace => LogLevel::Trace,
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+        };
+        self.write_log(level, message);
+    }
+}
+
+impl HostState {
+    /// One line of the plugin's `log` import, of any contract version.
+    fn write_log(&mut self, level: LogLevel, message: String) {
         if !self.log_budget.admit(message.len()) {
             return;
         }
+        // A secret the plugin was given never reaches the host's log.
+        let message = self.config.redact(message);
         // Plugin-controlled: escaped (no forged host lines) and cut.
         let message = inert_owned(message, MAX_LOG_LINE_BYTES);
         // The dispatcher's `message` span already carries plugin and message id.
-        let level = match level {
-            log::Level::Trace => {
-                tracing::trace!(target: "mqplug::plugin", "{message}");
-                LogLevel::Trace
-            }
-            log::Level::Debug => {
-                tracing::debug!(target: "mqplug::plugin", "{message}");
-                LogLevel::Debug
-            }
-            log::Level::Info => {
-                tracing::info!(target: "mqplug::plugin", "{message}");
-                LogLevel::Info
-            }
-            log::Level::Warn => {
-                tracing::warn!(target: "mqplug::plugin", "{message}");
-                LogLevel::Warn
-            }
-            log::Level::Error => {
-                tracing::error!(target: "mqplug::plugin", "{message}");
-                LogLevel::Error
-            }
-        };
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "mqplug::plugin", "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "mqplug::plugin", "{message}"),
+            LogLevel::Info => tracing::info!(target: "mqplug::plugin", "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "mqplug::plugin", "{message}"),
+            LogLevel::Error => tracing::error!(target: "mqplug::plugin", "{message}"),
+        }
         self.observers.emit(|| HostEvent::PluginLog {
             plugin: self.plugin.clone(),
             message_id: self.message_id.clone(),

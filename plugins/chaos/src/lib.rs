@@ -15,6 +15,8 @@
 //! | `ECHO`      | logs the campaign name as it is, then returns an error made of it repeated `event_data.repeat` times (for untrusted-text tests) |
 //! | `PRINT`     | prints `chaos stdout <message id>` and `chaos stderr <message id>`, then ok |
 //! | `PROBE_SANDBOX` | tries files, environment, arguments and the network (a TCP connection to `event_data.port` on 127.0.0.1); an error names whatever it reached |
+//! | `CONFIG`    | logs `config <key>=<value>` for every key in `event_data.keys` (`<none>` when unset), then ok |
+//! | `LEAK`      | logs `leak <value>` of config key `event_data.key`, then returns an error carrying it too (for redaction tests) |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
@@ -97,6 +99,23 @@ impl Handler for Chaos {
                     .and_then(|n| n.as_u64())
                     .unwrap_or(1);
                 Err(event.campaign_name.repeat(repeat as usize))
+            }
+            "CONFIG" => {
+                let keys = event.event_data.get("keys").and_then(|k| k.as_array());
+                for key in keys.into_iter().flatten().filter_map(|k| k.as_str()) {
+                    let value = mqplug_plugin::config::get(key);
+                    log::info(&format!(
+                        "config {key}={}",
+                        value.as_deref().unwrap_or("<none>")
+                    ));
+                }
+                Ok(())
+            }
+            "LEAK" => {
+                let key = event.event_data.get("key").and_then(|k| k.as_str());
+                let value = key.and_then(mqplug_plugin::config::get).unwrap_or_default();
+                log::info(&format!("leak {value}"));
+                Err(format!("leaking {value} in a reason"))
             }
             "PRINT" => {
                 println!("chaos stdout {}", delivery.message_id);

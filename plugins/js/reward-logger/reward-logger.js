@@ -7,7 +7,7 @@
 // Build: bash scripts/build-guest-plugins.sh (componentize-js, about 10 s).
 // WIT names become camelCase; a u64 such as userId is a BigInt.
 
-import { log } from 'mqplug:plugin/log@0.1.0';
+import { log } from 'mqplug:plugin/log@0.2.0';
 
 export const handler = {
   handle(event, delivery) {

@@ -31,10 +31,34 @@ pub mod bindings {
         pub_export_macro: true,
         default_bindings_module: "mqplug_plugin::bindings",
         export_macro_name: "export_raw",
+        // wasi:config too: the contract imports it.
+        generate_all,
     });
 }
 
 pub use bindings::mqplug::plugin::types::Delivery;
+
+/// The plugin's settings and secrets: its `[plugin.config]` table and the
+/// secrets its `[plugin.secrets]` table names, through the standard
+/// `wasi:config/store` interface.
+///
+/// ```ignore
+/// let url = mqplug_plugin::config::get("rewards_url").ok_or("rewards_url is not set")?;
+/// ```
+pub mod config {
+    use crate::bindings::wasi::config::store;
+
+    /// The value of `key`; `None` when the plugin's entry does not set it.
+    pub fn get(key: &str) -> Option<String> {
+        // mqplug's store never fails; an error would mean no value either.
+        store::get(key).ok().flatten()
+    }
+
+    /// Every key with its value, secrets included.
+    pub fn all() -> Vec<(String, String)> {
+        store::get_all().unwrap_or_default()
+    }
+}
 
 use bindings::mqplug::plugin::types::{HandlerError, TaskEvent};
 

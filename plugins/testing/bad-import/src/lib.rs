@@ -12,7 +12,7 @@ wit_bindgen::generate!({
 
         world plugin-with-vault {
             import vault;
-            export mqplug:plugin/handler@0.1.0;
+            export mqplug:plugin/handler@0.2.0;
         }
     "#,
     world: "test:bad-import/plugin-with-vault",

@@ -1,9 +1,9 @@
-//! Test plugin: built against a future contract, `mqplug:plugin@0.2.0`, whose
-//! handler takes other arguments; a 0.1 host must refuse it and say so.
+//! Test plugin: built against a future contract, `mqplug:plugin@0.9.0`, whose
+//! handler takes other arguments; a 0.1/0.2 host must refuse it and say so.
 
 wit_bindgen::generate!({
     inline: r#"
-        package mqplug:plugin@0.2.0;
+        package mqplug:plugin@0.9.0;
 
         interface handler {
             handle: func(event-json: string) -> result<_, string>;
@@ -13,7 +13,7 @@ wit_bindgen::generate!({
             export handler;
         }
     "#,
-    world: "mqplug:plugin/plugin@0.2.0",
+    world: "mqplug:plugin/plugin@0.9.0",
 });
 
 use exports::mqplug::plugin::handler::Guest;

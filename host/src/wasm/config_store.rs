@@ -1,0 +1,114 @@
+//! What `wasi:config/store` gives one plugin: the values of its
+//! `[plugin.config]` table and its secrets, and the redaction that keeps the
+//! secrets out of the host's log.
+
+use std::collections::BTreeMap;
+
+use wasmtime_wasi_config::WasiConfigVariables;
+
+/// Replaces a secret's value in a plugin's log line or `err` reason.
+pub const REDACTED: &str = "[secret]";
+
+/// One plugin's config values and secrets. Its `Debug` shows key names
+/// only.
+#[derive(Default)]
+pub struct ConfigValues {
+    pub(crate) variables: WasiConfigVariables,
+    keys: Vec<String>,
+    secret_keys: Vec<String>,
+    /// Secret values, longest first, so a secret that contains another is
+    /// redacted whole.
+    secrets: Vec<String>,
+}
+
+impl ConfigValues {
+    /// `config` values and resolved `secrets` (key to value); a secret's key
+    /// shadows a config value of the same name.
+    pub fn new(config: &BTreeMap<String, String>, secrets: BTreeMap<String, String>) -> Self {
+        let mut variables = WasiConfigVariables::new();
+        for (key, value) in config {
+            variables.insert(key.clone(), value.clone());
+        }
+        let secret_keys: Vec<String> = secrets.keys().cloned().collect();
+        let mut values = Vec::with_capacity(secrets.len());
+        for (key, value) in secrets {
+            variables.insert(key, value.clone());
+            values.push(value);
+        }
+        values.retain(|value| !value.is_empty());
+        values.sort_by_key(|value| std::cmp::Reverse(value.len()));
+        values.dedup();
+        ConfigValues {
+            variables,
+            keys: config.keys().cloned().collect(),
+            secret_keys,
+            secrets: values,
+        }
+    }
+
+    /// `text` with every secret value replaced by [`REDACTED`].
+    pub fn redact(&self, text: String) -> String {
+        if !self
+            .secrets
+            .iter()
+            .any(|secret| text.contains(secret.as_str()))
+        {
+            return text;
+        }
+        let mut text = text;
+        for secret in &self.secrets {
+            text = text.replace(secret.as_str(), REDACTED);
+        }
+        text
+    }
+
+    /// The config keys, then the secret keys (names only).
+    pub fn keys(&self) -> (&[String], &[String]) {
+        (&self.keys, &self.secret_keys)
+    }
+}
+
+impl std::fmt::Debug for ConfigValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigValues")
+            .field("keys", &self.keys)
+            .field("secret_keys", &self.secret_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values() -> ConfigValues {
+        ConfigValues::new(
+            &BTreeMap::from([("url".to_string(), "http://x".to_string())]),
+            BTreeMap::from([
+                ("token".to_string(), "s3cr3t".to_string()),
+                ("long".to_string(), "s3cr3t-and-more".to_string()),
+                ("empty".to_string(), String::new()),
+            ]),
+        )
+    }
+
+    #[test]
+    fn secrets_are_redacted_whole_and_other_text_is_kept() {
+        let values = values();
+        assert_eq!(
+            values.redact("a s3cr3t-and-more b s3cr3t c http://x".into()),
+            "a [secret] b [secret] c http://x"
+        );
+        assert_eq!(values.redact("nothing here".into()), "nothing here");
+    }
+
+    #[test]
+    fn debug_shows_key_names_and_never_values() {
+        let shown = format!("{:?}", values());
+        assert!(shown.contains("token") && shown.contains("url"), "{shown}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("http://x"),
+            "{shown}"
+        );
+    }
+}

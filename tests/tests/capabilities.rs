@@ -1,0 +1,234 @@
+//! What a plugin's config entry grants, and nothing more: its config values
+//! and secrets through `wasi:config/store` (contract 0.2), secrets kept out
+//! of the host's log and error texts; and plugins built against contract
+//! 0.1 still running beside 0.2 ones.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use mqplug::config::{PluginConfig, SecretSource};
+use mqplug::delivery::Delivery;
+use mqplug::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
+use mqplug::outcome::HandlerOutcome;
+use mqplug::slot::load_plugin;
+use mqplug::wasm::{Plugin, REDACTED, RuntimeSettings, WasmRuntime};
+use mqplug_tests::{Recorder, plugins::plugin_path, workspace_root};
+
+fn event(event_type: &str, event_data: serde_json::Value) -> TaskEvent {
+    let body = serde_json::json!({
+        "event_type": event_type, "user_id": 7, "tenant_id": "tenant1", "app_id": "app1",
+        "campaign_id": "campaign-1", "campaign_name": "测试活动", "event_data": event_data,
+        "timestamp": "2026-11-25T14:19:15+08:00",
+    });
+    TaskEvent::decode(body.to_string().as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap()
+}
+
+fn delivery(id: &str) -> Delivery {
+    Delivery {
+        message_id: id.into(),
+        topic: "marketing_task_completed".into(),
+        ..Delivery::default()
+    }
+}
+
+fn runtime() -> Arc<WasmRuntime> {
+    WasmRuntime::new(RuntimeSettings::default()).unwrap()
+}
+
+/// The chaos plugin under `entry`'s grants, loaded as the host loads it.
+fn chaos_with(entry: PluginConfig, recorder: &Recorder) -> Result<Plugin, String> {
+    load_plugin(&runtime(), &entry, &recorder.observers()).map_err(|err| err.to_string())
+}
+
+/// What the plugin logged for message `id`.
+fn logged(recorder: &Recorder, id: &str) -> Vec<String> {
+    recorder
+        .plugin_logs("chaos")
+        .into_iter()
+        .filter(|(message_id, _)| message_id == id)
+        .map(|(_, line)| line)
+        .filter(|line| !line.starts_with("seen "))
+        .collect()
+}
+
+const TOKEN: &str = "tok-5c1e2d9a7f";
+
+/// A chaos entry granted `rewards_url` and the secret `token` (from a file
+/// in `dir`).
+fn granted_entry(dir: &Path) -> PluginConfig {
+    let secret_file = dir.join("token");
+    std::fs::write(&secret_file, format!("{TOKEN}\n")).unwrap();
+    PluginConfig {
+        config: BTreeMap::from([(
+            "rewards_url".to_string(),
+            "http://127.0.0.1:8080".to_string(),
+        )]),
+        secrets: BTreeMap::from([(
+            "token".to_string(),
+            SecretSource {
+                env: None,
+                file: Some(secret_file),
+            },
+        )]),
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    }
+}
+
+#[test]
+fn a_plugin_reads_its_config_values_and_secrets_and_an_unset_key_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::new();
+    let plugin = chaos_with(granted_entry(dir.path()), &recorder).unwrap();
+    assert_eq!(plugin.contract(), "0.2");
+    let keys = serde_json::json!({"keys": ["rewards_url", "token", "absent"]});
+    assert_eq!(
+        plugin.handle(&event("CONFIG", keys), &delivery("c-1")),
+        HandlerOutcome::Accepted
+    );
+    assert_eq!(
+        logged(&recorder, "c-1"),
+        [
+            "config rewards_url=http://127.0.0.1:8080".to_string(),
+            // The plugin got the secret exactly (its trailing newline
+            // dropped): the line carried it, and the host redacted it.
+            format!("config token={REDACTED}"),
+            "config absent=<none>".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn a_plugin_granted_nothing_reads_nothing() {
+    let recorder = Recorder::new();
+    let plugin = chaos_with(
+        PluginConfig::new("chaos", plugin_path("chaos").unwrap()),
+        &recorder,
+    )
+    .unwrap();
+    let keys = serde_json::json!({"keys": ["rewards_url", "token", "HOME", "PATH"]});
+    plugin.handle(&event("CONFIG", keys), &delivery("c-2"));
+    assert_eq!(
+        logged(&recorder, "c-2"),
+        [
+            "config rewards_url=<none>",
+            "config token=<none>",
+            "config HOME=<none>",
+            "config PATH=<none>"
+        ]
+    );
+}
+
+#[test]
+fn a_secret_never_reaches_the_hosts_log_or_an_error_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::new();
+    let plugin = chaos_with(granted_entry(dir.path()), &recorder).unwrap();
+    let outcome = plugin.handle(
+        &event("LEAK", serde_json::json!({"key": "token"})),
+        &delivery("c-3"),
+    );
+    assert_eq!(
+        outcome,
+        HandlerOutcome::Rejected {
+            reason: format!("leaking {REDACTED} in a reason")
+        }
+    );
+    assert_eq!(logged(&recorder, "c-3"), [format!("leak {REDACTED}")]);
+    let everything = format!(
+        "{:?} {:?}",
+        recorder.plugin_logs("chaos"),
+        plugin.settings()
+    );
+    assert!(!everything.contains(TOKEN), "{everything}");
+}
+
+#[test]
+fn a_secret_that_cannot_be_read_refuses_the_load_naming_where_it_was_looked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::new();
+    let unset = "MQPLUG_TEST_SECRET_THAT_IS_NEVER_SET";
+    assert!(std::env::var_os(unset).is_none());
+    let from_env = PluginConfig {
+        secrets: BTreeMap::from([(
+            "token".to_string(),
+            SecretSource {
+                env: Some(unset.into()),
+                file: None,
+            },
+        )]),
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    };
+    let err = chaos_with(from_env, &recorder).err().unwrap();
+    assert!(
+        err.contains("secret \"token\"") && err.contains(unset),
+        "{err}"
+    );
+    let missing_file = dir.path().join("nowhere");
+    let from_file = PluginConfig {
+        secrets: BTreeMap::from([(
+            "token".to_string(),
+            SecretSource {
+                env: None,
+                file: Some(missing_file.clone()),
+            },
+        )]),
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    };
+    let err = chaos_with(from_file, &recorder).err().unwrap();
+    assert!(
+        err.contains("secret \"token\"") && err.contains(&missing_file.display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_plugin_built_against_contract_0_1_runs_beside_0_2_plugins() {
+    let recorder = Recorder::new();
+    let runtime = runtime();
+    // reward-logger as built against wit/v0.1/plugin.wit, kept unchanged.
+    let old = workspace_root().join("tests/fixtures/reward-logger-contract-0.1.0.wasm");
+    let old = Plugin::load_file(
+        &runtime,
+        mqplug::wasm::PluginSettings::new("old"),
+        &old,
+        recorder.observers(),
+    )
+    .unwrap();
+    let new = Plugin::load_file(
+        &runtime,
+        mqplug::wasm::PluginSettings::new("new"),
+        &plugin_path("reward-logger").unwrap(),
+        recorder.observers(),
+    )
+    .unwrap();
+    assert_eq!((old.contract(), new.contract()), ("0.1", "0.2"));
+    let granted = event("USER_REGISTER", serde_json::json!({"count": 1}));
+    for plugin in [&old, &new] {
+        assert_eq!(
+            plugin.handle(&granted, &delivery("r-1")),
+            HandlerOutcome::Accepted
+        );
+    }
+    let bad = event("USER_REGISTER", serde_json::json!({"count": "many"}));
+    for plugin in [&old, &new] {
+        assert!(
+            matches!(
+                plugin.handle(&bad, &delivery("r-2")),
+                HandlerOutcome::Rejected { .. }
+            ),
+            "{}",
+            plugin.name()
+        );
+    }
+    for name in ["old", "new"] {
+        assert!(
+            recorder
+                .plugin_logs(name)
+                .iter()
+                .any(|(id, line)| id == "r-1" && line.contains("user 7")),
+            "{name}: {:?}",
+            recorder.plugin_logs(name)
+        );
+    }
+}
