@@ -15,7 +15,7 @@ use mqplug::observe::Observers;
 use mqplug::outcome::{DeliveryOutcome, UndecodablePolicy};
 use mqplug::replay::Replayer;
 use mqplug::topic::TopicName;
-use mqplug::wasm::{Plugin, PluginSettings, RuntimeSettings, WasmRuntime};
+use mqplug::wasm::{ConfigValues, Plugin, PluginSettings, RuntimeSettings, WasmRuntime};
 use mqplug::{Host, shutdown};
 use tracing_subscriber::EnvFilter;
 
@@ -192,6 +192,21 @@ struct TestArgs {
     /// Linear memory limit in MiB, as in the plugin's config.
     #[arg(long, default_value_t = 64)]
     memory_limit_mib: usize,
+    /// A config value the plugin reads through wasi:config/store, as in its
+    /// `[plugin.config]`; repeatable.
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = key_value)]
+    config: Vec<(String, String)>,
+    /// A secret the plugin reads through wasi:config/store (a test value;
+    /// redacted from its log lines like a real one); repeatable.
+    #[arg(long = "secret", value_name = "KEY=VALUE", value_parser = key_value)]
+    secrets: Vec<(String, String)>,
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .filter(|(key, _)| !key.is_empty())
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 /// `mqplug test`'s exit code when the kit itself cannot run.
@@ -452,6 +467,10 @@ fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
     let settings = PluginSettings {
         deadline: Duration::from_millis(args.deadline_ms),
         memory_limit_bytes: args.memory_limit_mib.saturating_mul(1024 * 1024),
+        config: Arc::new(ConfigValues::new(
+            &args.config.into_iter().collect(),
+            args.secrets.into_iter().collect(),
+        )),
         ..PluginSettings::new(plugin_name(&args.plugin))
     };
     let report = conformance::run(&runtime, settings, &args.plugin, &fixtures)

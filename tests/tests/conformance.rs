@@ -58,13 +58,31 @@ fn failure_of<'a>(report: &'a Report, name: &str) -> &'a str {
 fn assert_passes_with_example_fixtures(path: &Path) {
     let report = kit(path, PluginSettings::new("example"), &example_fixtures());
     assert!(report.passed(), "{}", report.table());
-    assert_eq!(checks(&report, Group::Contract).len(), 4);
-    assert_eq!(checks(&report, Group::Suite).len(), 10);
-    assert_eq!(checks(&report, Group::Determinism).len(), 10);
-    assert_eq!(checks(&report, Group::Fixtures).len(), 4);
+    let mut contract: Vec<&str> = checks(&report, Group::Contract)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    contract.sort_unstable();
+    assert_eq!(
+        contract,
+        [
+            "exports mqplug:plugin/handler@0.2.x or 0.1.x",
+            "imports only what the host provides",
+            "is a wasm component",
+            "links and instantiates within its limits",
+            "uses only the config keys it is granted",
+        ]
+    );
+    let (cases, fixtures) = (
+        mqplug::conformance::suite::cases().len(),
+        mqplug::conformance::fixtures::parse(&example_fixtures()).len(),
+    );
+    assert_eq!(checks(&report, Group::Suite).len(), cases);
+    assert_eq!(checks(&report, Group::Determinism).len(), cases);
+    assert_eq!(checks(&report, Group::Fixtures).len(), fixtures);
     assert!(report.memory_at_instantiation.unwrap() > 0);
     // Every built-in event ran twice, every fixture once.
-    assert_eq!(report.event_times.len(), 24);
+    assert_eq!(report.event_times.len(), 2 * cases + fixtures);
 }
 
 #[test]
@@ -305,4 +323,30 @@ fn the_readme_javascript_plugin_builds_and_passes_the_kit() {
         .env("NODE_PATH", node_modules)
         .current_dir(dir.path()));
     assert_readme_plugin_passes(&component);
+}
+
+#[test]
+fn a_config_key_the_plugin_needs_and_is_not_granted_is_named() {
+    const NEEDS: &str = r#"{"name": "reads its url", "expect": "ok", "event": {"event_type": "CONFIG", "user_id": 1, "tenant_id": "t", "app_id": "a", "campaign_id": "c", "campaign_name": "n", "event_data": {"keys": ["rewards_url"]}, "timestamp": "2026-11-25T14:19:15+08:00"}}"#;
+    const CHECK: &str = "uses only the config keys it is granted";
+    let chaos = plugin_path("chaos").unwrap();
+    let report = kit(&chaos, settings(), NEEDS);
+    let why = failure_of(&report, CHECK);
+    assert!(
+        why.contains("not granted: rewards_url") && why.contains("--config KEY=VALUE"),
+        "{why}"
+    );
+    assert!(!report.passed());
+
+    let granted = PluginSettings {
+        config: std::sync::Arc::new(mqplug::wasm::ConfigValues::new(
+            &[("rewards_url".to_string(), "http://127.0.0.1:1".to_string())]
+                .into_iter()
+                .collect(),
+            Default::default(),
+        )),
+        ..settings()
+    };
+    let report = kit(&chaos, granted, NEEDS);
+    assert!(report.passed(), "{}", report.table());
 }

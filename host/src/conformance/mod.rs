@@ -123,6 +123,7 @@ pub fn run(
         Ok(plugin) => {
             kit.suite_and_determinism(&plugin);
             kit.fixtures(&plugin, fixtures);
+            kit.grants(&plugin);
         }
         Err(why) => {
             let cases = suite::cases().len();
@@ -393,6 +394,34 @@ impl Kit {
                 elapsed,
             );
         }
+    }
+
+    /// Whether every config key the plugin asked for while handling the
+    /// events was granted (`--config`, `--secret`): a key it needs and its
+    /// entry lacks is named here rather than found in production.
+    fn grants(&mut self, plugin: &Plugin) {
+        let missing = plugin.settings().config.missing();
+        let (config, secrets) = plugin.settings().config.keys();
+        let status = if missing.is_empty() {
+            Status::Pass
+        } else {
+            Status::Fail(format!(
+                "asked for config keys that are not granted: {}; grant them in the plugin's \
+                 [plugin.config] or [plugin.secrets] (here: --config KEY=VALUE or --secret KEY=VALUE)",
+                missing.join(", ")
+            ))
+        };
+        self.push(
+            Group::Contract,
+            "uses only the config keys it is granted",
+            status,
+            format!(
+                "granted: {} config, {} secrets",
+                config.len(),
+                secrets.len()
+            ),
+            Duration::ZERO,
+        );
     }
 
     fn fixtures(&mut self, plugin: &Plugin, fixtures: &[Result<Fixture, FixtureError>]) {

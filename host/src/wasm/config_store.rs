@@ -2,18 +2,22 @@
 //! `[plugin.config]` table and its secrets, and the redaction that keeps the
 //! secrets out of the host's log.
 
-use std::collections::BTreeMap;
-
-use wasmtime_wasi_config::WasiConfigVariables;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 /// Replaces a secret's value in a plugin's log line or `err` reason.
 pub const REDACTED: &str = "[secret]";
+
+/// Keys asked for but not granted that one build remembers (and warns of).
+const MAX_MISSING_KEYS: usize = 32;
 
 /// One plugin's config values and secrets. Its `Debug` shows key names
 /// only.
 #[derive(Default)]
 pub struct ConfigValues {
-    pub(crate) variables: WasiConfigVariables,
+    values: BTreeMap<String, String>,
+    /// Keys the plugin asked for that its entry does not grant.
+    missing: Mutex<BTreeSet<String>>,
     keys: Vec<String>,
     secret_keys: Vec<String>,
     /// Secret values, longest first, so a secret that contains another is
@@ -25,10 +29,7 @@ impl ConfigValues {
     /// `config` values and resolved `secrets` (key to value); a secret's key
     /// shadows a config value of the same name.
     pub fn new(config: &BTreeMap<String, String>, secrets: BTreeMap<String, String>) -> Self {
-        let mut variables = WasiConfigVariables::new();
-        for (key, value) in config {
-            variables.insert(key.clone(), value.clone());
-        }
+        let mut variables = config.clone();
         let secret_keys: Vec<String> = secrets.keys().cloned().collect();
         let mut values = Vec::with_capacity(secrets.len());
         for (key, value) in secrets {
@@ -39,11 +40,46 @@ impl ConfigValues {
         values.sort_by_key(|value| std::cmp::Reverse(value.len()));
         values.dedup();
         ConfigValues {
-            variables,
+            values: variables,
+            missing: Mutex::default(),
             keys: config.keys().cloned().collect(),
             secret_keys,
             secrets: values,
         }
+    }
+
+    /// The value of `key`; a key not granted is remembered (see
+    /// [`ConfigValues::missing`]) and, the first time, logged.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        let value = self.values.get(key).map(String::as_str);
+        if value.is_none() {
+            let mut missing = self.missing.lock().unwrap_or_else(|e| e.into_inner());
+            if missing.len() < MAX_MISSING_KEYS && !missing.contains(key) {
+                let key =
+                    crate::text::inert_owned(key.to_string(), crate::config::MAX_CONFIG_KEY_BYTES);
+                tracing::warn!(target: "mqplug::plugin", "asked for config key {key:?}, which its entry does not grant (neither [plugin.config] nor [plugin.secrets])");
+                missing.insert(key);
+            }
+        }
+        value
+    }
+
+    /// Every granted key with its value.
+    pub fn all(&self) -> Vec<(String, String)> {
+        self.values
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect()
+    }
+
+    /// Keys the plugin asked for that are not granted (at most 32).
+    pub fn missing(&self) -> Vec<String> {
+        self.missing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// `text` with every secret value replaced by [`REDACTED`].

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
-use wasmtime_wasi_config::WasiConfig;
 
 use super::bindings;
 use super::cache::{CompileCache, DEFAULT_CACHE_MAX_BYTES};
@@ -101,9 +100,10 @@ impl WasmRuntime {
             |state| state,
         )?;
         // The plugin's own config and secrets, nobody else's.
-        wasmtime_wasi_config::add_to_linker(&mut linker, |state: &mut HostState| {
-            WasiConfig::new(&state.config.variables)
-        })?;
+        bindings::v0_2::wasi::config::store::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )?;
 
         let log_budgets = LogBudgets::default();
         let ticker = EpochTicker::start(engine.clone(), log_budgets.clone());

@@ -141,6 +141,16 @@ impl v0_2::mqplug::plugin::log::Host for HostState {
     }
 }
 
+impl v0_2::wasi::config::store::Host for HostState {
+    fn get(&mut self, key: String) -> Result<Option<String>, v0_2::wasi::config::store::Error> {
+        Ok(self.config.get(&key).map(str::to_string))
+    }
+
+    fn get_all(&mut self) -> Result<Vec<(String, String)>, v0_2::wasi::config::store::Error> {
+        Ok(self.config.all())
+    }
+}
+
 impl HostState {
     /// One line of the plugin's `log` import, of any contract version.
     fn write_log(&mut self, level: LogLevel, message: String) {
