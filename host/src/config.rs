@@ -10,9 +10,13 @@ use serde::Deserialize;
 
 use crate::event::DEFAULT_MAX_BODY_BYTES;
 use crate::mq::{Backoff, ConsumeFrom, ConsumerSettings, DEFAULT_PRODUCER_GROUP, ProducerSettings};
+use crate::observe::Observers;
 use crate::outcome::UndecodablePolicy;
 use crate::topic::{DEFAULT_TOPIC, TopicName, TopicNameError, check_resource_name};
-use crate::wasm::{ConfigValues, InstanceMode, PluginSettings, RuntimeSettings};
+use crate::wasm::{
+    ConfigValues, InstanceMode, Network, Origin, OutboundGrants, OutboundLimits, PluginSettings,
+    RuntimeSettings,
+};
 
 pub const DEFAULT_NAME_SERVER: &str = "127.0.0.1:9876";
 
@@ -226,7 +230,45 @@ pub struct PluginConfig {
     /// never the value itself. Read at every load and reload.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretSource>,
+    /// Origins the plugin may send HTTP requests to
+    /// (`wasi:http/outgoing-handler`), e.g. `["http://127.0.0.1:8080"]`;
+    /// scheme, host and port must match. None by default.
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
+    /// Internal address ranges (`10.0.0.0/8`) a granted name may resolve
+    /// to; without them only public addresses, or an address a grant names
+    /// literally, are reached.
+    #[serde(default)]
+    pub allowed_outbound_networks: Vec<String>,
+    /// One request's time limit; the guest may shorten it, and the event's
+    /// deadline ends it anyway.
+    #[serde(default = "default_http_timeout_ms")]
+    pub http_timeout_ms: u64,
+    /// A response body longer than this is an error the guest sees.
+    #[serde(default = "default_http_max_response_bytes")]
+    pub http_max_response_bytes: u64,
+    /// Requests of this plugin in flight at once; more are refused
+    /// (`connection-limit-reached`).
+    #[serde(default = "default_http_max_in_flight")]
+    pub http_max_in_flight: usize,
 }
+
+fn default_http_timeout_ms() -> u64 {
+    OutboundLimits::default().timeout.as_millis() as u64
+}
+
+fn default_http_max_response_bytes() -> u64 {
+    OutboundLimits::default().max_response_bytes
+}
+
+fn default_http_max_in_flight() -> usize {
+    OutboundLimits::default().max_in_flight
+}
+
+/// The largest `http_max_response_bytes`.
+pub const MAX_HTTP_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+/// The largest `http_max_in_flight`.
+pub const MAX_HTTP_IN_FLIGHT: usize = 256;
 
 /// Where the host reads one secret.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -562,6 +604,20 @@ impl HostConfig {
                 )));
             }
             check_config_table(plugin).map_err(problem)?;
+            plugin.outbound_grants().map_err(problem)?;
+            if plugin.http_timeout_ms == 0 {
+                return Err(problem("http_timeout_ms must be at least 1".into()));
+            }
+            if !(1..=MAX_HTTP_RESPONSE_BYTES).contains(&plugin.http_max_response_bytes) {
+                return Err(problem(format!(
+                    "http_max_response_bytes must be between 1 and {MAX_HTTP_RESPONSE_BYTES}"
+                )));
+            }
+            if !(1..=MAX_HTTP_IN_FLIGHT).contains(&plugin.http_max_in_flight) {
+                return Err(problem(format!(
+                    "http_max_in_flight must be between 1 and {MAX_HTTP_IN_FLIGHT}"
+                )));
+            }
             if plugin.fuel_per_event.is_some() && !self.runtime.fuel {
                 return Err(problem(
                     "fuel_per_event needs runtime.fuel = true (fuel counting is off)".into(),
@@ -611,6 +667,11 @@ impl PluginConfig {
             inherit_stdio: false,
             config: BTreeMap::new(),
             secrets: BTreeMap::new(),
+            allowed_outbound_hosts: Vec::new(),
+            allowed_outbound_networks: Vec::new(),
+            http_timeout_ms: default_http_timeout_ms(),
+            http_max_response_bytes: default_http_max_response_bytes(),
+            http_max_in_flight: default_http_max_in_flight(),
         }
     }
 
@@ -644,8 +705,24 @@ impl PluginConfig {
             })?;
             secrets.insert(key.clone(), value);
         }
+        let problem = |problem: String| ConfigError::Plugin {
+            plugin: self.name.clone(),
+            problem,
+        };
+        let (origins, networks) = self.outbound_grants().map_err(problem)?;
         Ok(PluginSettings {
             config: Arc::new(ConfigValues::new(&self.config, secrets)),
+            outbound: Arc::new(OutboundGrants::new(
+                &self.name,
+                origins,
+                networks,
+                OutboundLimits {
+                    timeout: Duration::from_millis(self.http_timeout_ms),
+                    max_response_bytes: self.http_max_response_bytes,
+                    max_in_flight: self.http_max_in_flight,
+                },
+                Observers::default(),
+            )),
             name: self.name.clone(),
             deadline: Duration::from_millis(self.deadline_ms),
             memory_limit_bytes: self.memory_limit_mb.saturating_mul(MIB),
@@ -655,6 +732,25 @@ impl PluginConfig {
             fuel_per_event: self.fuel_per_event,
             inherit_stdio: self.inherit_stdio,
         })
+    }
+
+    /// The parsed `allowed_outbound_hosts` and `allowed_outbound_networks`.
+    pub fn outbound_grants(&self) -> Result<(Vec<Origin>, Vec<Network>), String> {
+        let origins = self
+            .allowed_outbound_hosts
+            .iter()
+            .map(|origin| {
+                Origin::parse(origin).map_err(|why| format!("allowed_outbound_hosts: {why}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let networks = self
+            .allowed_outbound_networks
+            .iter()
+            .map(|network| {
+                Network::parse(network).map_err(|why| format!("allowed_outbound_networks: {why}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((origins, networks))
     }
 
     pub fn consumer_settings(&self, name_server: &str, topic: &TopicName) -> ConsumerSettings {

@@ -15,7 +15,10 @@ use mqplug::observe::Observers;
 use mqplug::outcome::{DeliveryOutcome, UndecodablePolicy};
 use mqplug::replay::Replayer;
 use mqplug::topic::TopicName;
-use mqplug::wasm::{ConfigValues, Plugin, PluginSettings, RuntimeSettings, WasmRuntime};
+use mqplug::wasm::{
+    ConfigValues, Origin, OutboundGrants, OutboundLimits, Plugin, PluginSettings, RuntimeSettings,
+    WasmRuntime,
+};
 use mqplug::{Host, shutdown};
 use tracing_subscriber::EnvFilter;
 
@@ -200,6 +203,11 @@ struct TestArgs {
     /// redacted from its log lines like a real one); repeatable.
     #[arg(long = "secret", value_name = "KEY=VALUE", value_parser = key_value)]
     secrets: Vec<(String, String)>,
+    /// An origin the plugin may send HTTP requests to, as in its
+    /// `allowed_outbound_hosts` (`http://127.0.0.1:8080`); repeatable. The
+    /// requests really go out.
+    #[arg(long = "allow-outbound", value_name = "ORIGIN")]
+    allow_outbound: Vec<String>,
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {
@@ -470,6 +478,16 @@ fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
         config: Arc::new(ConfigValues::new(
             &args.config.into_iter().collect(),
             args.secrets.into_iter().collect(),
+        )),
+        outbound: Arc::new(OutboundGrants::new(
+            &plugin_name(&args.plugin),
+            args.allow_outbound
+                .iter()
+                .map(|origin| Origin::parse(origin).map_err(anyhow::Error::msg))
+                .collect::<Result<_>>()?,
+            Vec::new(),
+            OutboundLimits::default(),
+            Observers::default(),
         )),
         ..PluginSettings::new(plugin_name(&args.plugin))
     };

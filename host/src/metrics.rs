@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
-use crate::observe::{HostEvent, Observer};
+use crate::observe::{HostEvent, Observer, OutboundResult};
 use crate::outcome::DeliveryOutcome;
 use crate::wasm::PoolUsage;
 
@@ -28,6 +28,10 @@ struct PluginCounters {
     loads: BTreeMap<(&'static str, &'static str), u64>,
     /// Log lines dropped over the plugin's budget.
     logs_dropped: u64,
+    /// Outbound HTTP requests by result: `response`, `refused`, `failed`.
+    outbound: BTreeMap<&'static str, u64>,
+    /// Seconds until the response head, summed, of those answered.
+    outbound_seconds: f64,
 }
 
 /// Every plugin's counters. Cheap to update from any thread.
@@ -93,6 +97,23 @@ impl Metrics {
             HostEvent::LogsDropped { plugin, lines } => {
                 let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
                 plugins.entry(plugin.clone()).or_default().logs_dropped += lines;
+            }
+            HostEvent::Outbound {
+                plugin,
+                result,
+                took,
+            } => {
+                let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+                let counters = plugins.entry(plugin.clone()).or_default();
+                let result = match result {
+                    OutboundResult::Response(_) => {
+                        counters.outbound_seconds += took.as_secs_f64();
+                        "response"
+                    }
+                    OutboundResult::Refused => "refused",
+                    OutboundResult::Failed => "failed",
+                };
+                *counters.outbound.entry(result).or_default() += 1;
             }
             HostEvent::PluginLog { .. }
             | HostEvent::Draining { .. }
@@ -189,6 +210,37 @@ impl Metrics {
                 label(plugin),
                 counters.logs_dropped
             );
+        }
+        family(
+            &mut out,
+            "mqplug_outbound_requests_total",
+            "counter",
+            "Plugins' outbound HTTP requests, by result (response, refused by the grants, failed).",
+        );
+        for (plugin, counters) in plugins.iter() {
+            for (result, n) in &counters.outbound {
+                let _ = writeln!(
+                    out,
+                    "mqplug_outbound_requests_total{{plugin=\"{}\",result=\"{result}\"}} {n}",
+                    label(plugin)
+                );
+            }
+        }
+        family(
+            &mut out,
+            "mqplug_outbound_response_seconds_sum",
+            "counter",
+            "Seconds until the response head, summed over answered outbound requests.",
+        );
+        for (plugin, counters) in plugins.iter() {
+            if counters.outbound.contains_key("response") {
+                let _ = writeln!(
+                    out,
+                    "mqplug_outbound_response_seconds_sum{{plugin=\"{}\"}} {}",
+                    label(plugin),
+                    counters.outbound_seconds
+                );
+            }
         }
         family(
             &mut out,

@@ -54,6 +54,25 @@ pub enum HostEvent {
     /// Log lines of a plugin dropped over its budget in the window that
     /// just ended.
     LogsDropped { plugin: Arc<str>, lines: u64 },
+    /// A plugin's outbound HTTP request ended: answered, refused by its
+    /// grants, or failed.
+    Outbound {
+        plugin: Arc<str>,
+        result: OutboundResult,
+        /// Until the response head (or the refusal or failure).
+        took: Duration,
+    },
+}
+
+/// How an outbound request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboundResult {
+    /// The server answered with this status.
+    Response(u16),
+    /// Not allowed by the plugin's grants: origin or address.
+    Refused,
+    /// Allowed, but failed: connection, timeout, deadline, protocol.
+    Failed,
 }
 
 /// Why a message was not acknowledged.

@@ -23,7 +23,15 @@ mod direct {
     use wasmtime::{Engine, Store};
     use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-    wasmtime::component::bindgen!({ path: "../wit", world: "plugin" });
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+        with: {
+            "wasi:http": wasmtime_wasi_http::p2::bindings::sync::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::sync::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+        },
+    });
 
     pub use self::mqplug::plugin::types::{Delivery, TaskEvent};
 
@@ -60,7 +68,11 @@ mod direct {
         let component = Component::new(&engine, wasm).unwrap();
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
-        Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).unwrap();
+        // The no-op plugin imports log (and types) only.
+        self::mqplug::plugin::types::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+            .unwrap();
+        self::mqplug::plugin::log::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+            .unwrap();
         let mut store = Store::new(
             &engine,
             State {

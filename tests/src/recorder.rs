@@ -123,6 +123,25 @@ impl Recorder {
             .sum()
     }
 
+    /// Every outbound HTTP request of `plugin` that ended: how, and how long
+    /// it waited.
+    pub fn outbound(&self, plugin: &str) -> Vec<(mqplug::observe::OutboundResult, Duration)> {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|event| match event {
+                HostEvent::Outbound {
+                    plugin: p,
+                    result,
+                    took,
+                } if &**p == plugin => Some((*result, *took)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Every load and reload: (plugin, version, result).
     pub fn loads(&self) -> Vec<(String, String, Result<(), String>)> {
         self.inner

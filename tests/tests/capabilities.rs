@@ -232,3 +232,341 @@ fn a_plugin_built_against_contract_0_1_runs_beside_0_2_plugins() {
         );
     }
 }
+
+/// How the loopback server answers.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// 200 with this body.
+    Ok(&'static str),
+    /// 200 with a body of this many bytes.
+    Large(usize),
+    /// Accepts, reads the request, never answers.
+    Never,
+    /// Sends a head promising 1 MB, then a byte every 100 ms.
+    Trickle,
+}
+
+/// A loopback HTTP server recording each request's head and body.
+struct Server {
+    addr: std::net::SocketAddr,
+    requests: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Server {
+    fn start(answer: Answer) -> Server {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut data = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let (head, body) = loop {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        data.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&data).to_string();
+                        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                            let length = head
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length: ")
+                                        .map(str::to_string)
+                                })
+                                .and_then(|n| n.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            let chunked = head
+                                .to_ascii_lowercase()
+                                .contains("transfer-encoding: chunked");
+                            if body.len() >= length && (!chunked || body.ends_with("0\r\n\r\n")) {
+                                break (head.to_string(), body.to_string());
+                            }
+                        }
+                    };
+                    seen.lock().unwrap().push((head, body));
+                    match answer {
+                        Answer::Ok(text) => {
+                            let _ = stream
+                                .write_all(
+                                    format!(
+                                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}",
+                                        text.len()
+                                    )
+                                    .as_bytes(),
+                                )
+                                .await;
+                        }
+                        Answer::Large(n) => {
+                            let _ = stream
+                                .write_all(
+                                    format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n")
+                                        .as_bytes(),
+                                )
+                                .await;
+                            let _ = stream.write_all(&vec![b'x'; n]).await;
+                        }
+                        Answer::Never => {
+                            std::future::pending::<()>().await;
+                        }
+                        Answer::Trickle => {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
+                                .await;
+                            loop {
+                                if stream.write_all(b"x").await.is_err() {
+                                    return;
+                                }
+                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Server {
+            addr,
+            requests,
+            runtime,
+        }
+    }
+
+    fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn requests(&self) -> Vec<(String, String)> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Stops the server's tasks with its runtime, also when a test fails.
+        let _ = &self.runtime;
+    }
+}
+
+fn http_event(url: &str, method: &str, body: Option<&str>) -> TaskEvent {
+    event(
+        "HTTP",
+        serde_json::json!({"url": url, "method": method, "body": body}),
+    )
+}
+
+/// The chaos plugin granted `origins`, with a `deadline` (and a request
+/// timeout far past it).
+fn chaos_granted(
+    origins: &[String],
+    networks: &[&str],
+    deadline: std::time::Duration,
+    recorder: &Recorder,
+) -> Plugin {
+    let entry = PluginConfig {
+        allowed_outbound_hosts: origins.to_vec(),
+        allowed_outbound_networks: networks.iter().map(|n| n.to_string()).collect(),
+        deadline_ms: deadline.as_millis() as u64,
+        http_timeout_ms: REQUEST_TIMEOUT.as_millis() as u64,
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    };
+    chaos_with(entry, recorder).unwrap()
+}
+
+const SECOND: std::time::Duration = std::time::Duration::from_secs(1);
+/// The request timeout of [`chaos_granted`]: 60 times its 1 s deadline.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[test]
+fn a_granted_request_reaches_the_server_with_the_granted_authority() {
+    let server = Server::start(Answer::Ok("granted"));
+    let recorder = Recorder::new();
+    let plugin = chaos_granted(&[server.origin()], &[], 10 * SECOND, &recorder);
+    let url = format!("{}/grants?user=7", server.origin());
+    let outcome = plugin.handle(
+        &http_event(&url, "POST", Some(r#"{"points":10}"#)),
+        &delivery("h-1"),
+    );
+    assert_eq!(outcome, HandlerOutcome::Accepted);
+    assert_eq!(logged(&recorder, "h-1"), ["http 200 granted"]);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let (head, body) = &requests[0];
+    let lower = head.to_ascii_lowercase();
+    assert!(head.starts_with("POST /grants?user=7 HTTP/1.1"), "{head}");
+    assert!(lower.contains(&format!("host: {}", server.addr)), "{head}");
+    assert!(lower.contains("idempotency-key: h-1"), "{head}");
+    assert!(body.contains(r#"{"points":10}"#), "{body}");
+}
+
+#[test]
+fn requests_outside_the_grants_are_refused_as_errors_the_handler_sees() {
+    let server = Server::start(Answer::Ok("never"));
+    let recorder = Recorder::new();
+    let metrics = mqplug::metrics::Metrics::new();
+    let entry = PluginConfig {
+        allowed_outbound_hosts: vec![server.origin()],
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    };
+    let observers = recorder.observers().with(metrics.observer());
+    let plugin = load_plugin(&runtime(), &entry, &observers).unwrap();
+    let other_port = format!("http://127.0.0.1:{}/", server.addr.port() + 1);
+    let other_host = format!("http://127.0.0.2:{}/", server.addr.port());
+    for (i, url) in [other_port, other_host].iter().enumerate() {
+        let outcome = plugin.handle(&http_event(url, "GET", None), &delivery(&format!("d-{i}")));
+        match outcome {
+            HandlerOutcome::Rejected { reason } => {
+                assert!(reason.contains("HttpRequestDenied"), "{url}: {reason}")
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    // Nothing granted at all: refused too.
+    let bare = chaos_with(
+        PluginConfig::new("chaos", plugin_path("chaos").unwrap()),
+        &recorder,
+    )
+    .unwrap();
+    let outcome = bare.handle(
+        &http_event(&format!("{}/", server.origin()), "GET", None),
+        &delivery("d-3"),
+    );
+    assert!(
+        matches!(outcome, HandlerOutcome::Rejected { ref reason } if reason.contains("HttpRequestDenied")),
+        "{outcome:?}"
+    );
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+    let text = metrics.render(&[]);
+    assert!(
+        text.contains("mqplug_outbound_requests_total{plugin=\"chaos\",result=\"refused\"} 2"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_name_that_resolves_to_an_internal_address_is_refused_unless_its_network_is_granted() {
+    let server = Server::start(Answer::Ok("inside"));
+    let recorder = Recorder::new();
+    let by_name = format!("http://localhost:{}", server.addr.port());
+    let url = format!("{by_name}/");
+    let refused = chaos_granted(std::slice::from_ref(&by_name), &[], 10 * SECOND, &recorder);
+    let outcome = refused.handle(&http_event(&url, "GET", None), &delivery("n-1"));
+    assert!(
+        matches!(outcome, HandlerOutcome::Rejected { ref reason } if reason.contains("DestinationIpProhibited")),
+        "{outcome:?}"
+    );
+    assert!(server.requests().is_empty());
+    let allowed = chaos_granted(
+        &[by_name],
+        &["127.0.0.0/8", "::1/128"],
+        10 * SECOND,
+        &recorder,
+    );
+    assert_eq!(
+        allowed.handle(&http_event(&url, "GET", None), &delivery("n-2")),
+        HandlerOutcome::Accepted
+    );
+    assert_eq!(logged(&recorder, "n-2"), ["http 200 inside"]);
+}
+
+#[test]
+fn a_server_that_never_answers_or_trickles_ends_at_the_deadline_and_the_next_event_runs() {
+    for answer in [Answer::Never, Answer::Trickle] {
+        let server = Server::start(answer);
+        let recorder = Recorder::new();
+        let plugin = chaos_granted(&[server.origin()], &[], SECOND, &recorder);
+        let url = format!("{}/", server.origin());
+        // The request's own timeout (60 s) is far past the deadline (1 s).
+        let outcome = plugin.handle(&http_event(&url, "GET", None), &delivery("t-1"));
+        assert!(
+            matches!(
+                outcome,
+                HandlerOutcome::Failed(mqplug::outcome::HandlerFailure::Deadline { .. })
+            ),
+            "{outcome:?}"
+        );
+        // Which limit ended the wait: the deadline, not the request timeout
+        // (not a measurement: the two are 60 times apart).
+        let ended = recorder.outbound("chaos");
+        assert!(
+            ended.iter().all(|(_, took)| *took < REQUEST_TIMEOUT),
+            "{ended:?}"
+        );
+        assert_eq!(
+            plugin.handle(
+                &event("USER_REGISTER", serde_json::json!({})),
+                &delivery("t-2")
+            ),
+            HandlerOutcome::Accepted
+        );
+    }
+}
+
+#[test]
+fn a_response_over_the_size_cap_is_an_error_the_handler_sees() {
+    let server = Server::start(Answer::Large(64 * 1024));
+    let recorder = Recorder::new();
+    let entry = PluginConfig {
+        allowed_outbound_hosts: vec![server.origin()],
+        http_max_response_bytes: 1024,
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    };
+    let plugin = chaos_with(entry, &recorder).unwrap();
+    let outcome = plugin.handle(
+        &http_event(&format!("{}/", server.origin()), "GET", None),
+        &delivery("s-1"),
+    );
+    assert!(
+        matches!(outcome, HandlerOutcome::Rejected { ref reason } if reason.contains("reading the response")),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn requests_past_the_in_flight_cap_are_refused() {
+    let server = Server::start(Answer::Never);
+    let recorder = Recorder::new();
+    let entry = PluginConfig {
+        allowed_outbound_hosts: vec![server.origin()],
+        http_max_in_flight: 1,
+        deadline_ms: 3_000,
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    };
+    let plugin = Arc::new(chaos_with(entry, &recorder).unwrap());
+    let url = format!("{}/", server.origin());
+    let first = {
+        let (plugin, url) = (plugin.clone(), url.clone());
+        std::thread::spawn(move || plugin.handle(&http_event(&url, "GET", None), &delivery("f-1")))
+    };
+    // The first request holds the only place once the server has it.
+    while server.requests().is_empty() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = plugin.handle(&http_event(&url, "GET", None), &delivery("f-2"));
+    assert!(
+        matches!(second, HandlerOutcome::Rejected { ref reason } if reason.contains("ConnectionLimitReached")),
+        "{second:?}"
+    );
+    assert!(matches!(
+        first.join().unwrap(),
+        HandlerOutcome::Failed(mqplug::outcome::HandlerFailure::Deadline { .. })
+    ));
+}

@@ -70,6 +70,7 @@ fn assert_passes_with_example_fixtures(path: &Path) {
             "imports only what the host provides",
             "is a wasm component",
             "links and instantiates within its limits",
+            "reaches only the origins it is granted",
             "uses only the config keys it is granted",
         ]
     );
@@ -349,4 +350,15 @@ fn a_config_key_the_plugin_needs_and_is_not_granted_is_named() {
     };
     let report = kit(&chaos, granted, NEEDS);
     assert!(report.passed(), "{}", report.table());
+}
+
+#[test]
+fn an_http_request_to_an_origin_not_granted_is_named() {
+    const CALLS: &str = r#"{"name": "calls rewards", "expect": "err", "event": {"event_type": "HTTP", "user_id": 1, "tenant_id": "t", "app_id": "a", "campaign_id": "c", "campaign_name": "n", "event_data": {"url": "http://127.0.0.1:9/grants"}, "timestamp": "2026-11-25T14:19:15+08:00"}}"#;
+    let report = kit(&plugin_path("chaos").unwrap(), settings(), CALLS);
+    let why = failure_of(&report, "reaches only the origins it is granted");
+    assert!(
+        why.contains("http://127.0.0.1:9") && why.contains("--allow-outbound ORIGIN"),
+        "{why}"
+    );
 }

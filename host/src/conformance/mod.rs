@@ -73,6 +73,11 @@ pub fn classify_import(name: &str) -> ImportKind {
     if let Some((_, what)) = CAPABILITIES.iter().find(|(linked, _)| *linked == name) {
         return ImportKind::Capability(what);
     }
+    if matches!(path, "wasi:http/outgoing-handler" | "wasi:http/types")
+        && major_minor == Some((0, 2))
+    {
+        return ImportKind::Capability("outbound HTTP to the origins its entry grants");
+    }
     const WASI: [&str; 6] = ["cli", "io", "clocks", "random", "filesystem", "sockets"];
     if let Some(rest) = path.strip_prefix("wasi:") {
         let package = rest.split('/').next().unwrap_or_default();
@@ -81,9 +86,9 @@ pub fn classify_import(name: &str) -> ImportKind {
         }
         if package == "http" {
             return ImportKind::Denied(
-                "wasi:http is not provided (plugins get no network); a JavaScript plugin must be \
-                 built with the `http` and `fetch-event` features disabled, as \
-                 plugins/js/componentize.mjs does"
+                "of wasi:http only outgoing-handler and types 0.2.x are provided (a plugin \
+                 handles events, not HTTP requests); a JavaScript plugin must be built with the \
+                 `fetch-event` feature disabled, as plugins/js/componentize.mjs does"
                     .into(),
             );
         }
@@ -422,6 +427,26 @@ impl Kit {
             ),
             Duration::ZERO,
         );
+        let refused = plugin.settings().outbound.refused();
+        let status = if refused.is_empty() {
+            Status::Pass
+        } else {
+            Status::Fail(format!(
+                "sent HTTP requests its grants refuse, to: {}; grant the origin in the plugin's \
+                 allowed_outbound_hosts (here: --allow-outbound ORIGIN)",
+                refused.join(", ")
+            ))
+        };
+        self.push(
+            Group::Contract,
+            "reaches only the origins it is granted",
+            status,
+            format!(
+                "granted: {} origins",
+                plugin.settings().outbound.origins().len()
+            ),
+            Duration::ZERO,
+        );
     }
 
     fn fixtures(&mut self, plugin: &Plugin, fixtures: &[Result<Fixture, FixtureError>]) {
@@ -502,6 +527,10 @@ mod tests {
             ImportKind::Capability("the plugin's config and secrets")
         );
         assert_eq!(
+            classify_import("wasi:http/outgoing-handler@0.2.12"),
+            ImportKind::Capability("outbound HTTP to the origins its entry grants")
+        );
+        assert_eq!(
             classify_import("wasi:cli/environment@0.2.3"),
             ImportKind::WasiGrantingNothing
         );
@@ -516,7 +545,11 @@ mod tests {
                 "not `wasi:config/store` at 0.2.0-draft",
             ),
             ("mqplug:plugin/secrets@0.1.0", "no interface `secrets`"),
-            ("wasi:http/types@0.2.3", "wasi:http is not provided"),
+            (
+                "wasi:http/incoming-handler@0.2.3",
+                "only outgoing-handler and types",
+            ),
+            ("wasi:http/types@0.3.0", "only outgoing-handler and types"),
             (
                 "wasi:cli/environment@0.3.0",
                 "not `wasi:cli/environment` at 0.3.0",

@@ -16,6 +16,12 @@ pub mod v0_2 {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "plugin",
+        // wasi:http and what it uses are wasmtime's own implementations.
+        with: {
+            "wasi:http": wasmtime_wasi_http::p2::bindings::sync::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::sync::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+        },
     });
 }
 

@@ -13,6 +13,8 @@
 //! its deadline either way: its outcome is "deadline" even if it manages to
 //! return normally.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::StoreContextMut;
@@ -33,6 +35,9 @@ const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 pub(crate) struct WaitLimit {
     deadline: Option<Instant>,
     cut_short: bool,
+    /// Set by I/O the host runs off the store (an outbound HTTP request)
+    /// that was still waiting at the deadline.
+    io_cut: Arc<AtomicBool>,
 }
 
 impl WaitLimit {
@@ -40,11 +45,22 @@ impl WaitLimit {
     pub(crate) fn start(&mut self, limit: Duration) {
         self.deadline = Instant::now().checked_add(limit);
         self.cut_short = false;
+        self.io_cut.store(false, Ordering::Release);
     }
 
     /// Whether a wait since [`WaitLimit::start`] asked to go past the deadline.
     pub(crate) fn cut_short(&self) -> bool {
-        self.cut_short
+        self.cut_short || self.io_cut.load(Ordering::Acquire)
+    }
+
+    /// The current event's deadline, if one has started.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The flag off-store I/O sets when the deadline ends its wait.
+    pub(crate) fn io_cut(&self) -> Arc<AtomicBool> {
+        self.io_cut.clone()
     }
 
     fn clamp(&mut self, wait: Duration) -> Duration {

@@ -8,6 +8,7 @@ mod clocks;
 mod config_store;
 mod engine;
 mod log_budget;
+mod outbound;
 mod plugin;
 mod state;
 
@@ -15,4 +16,5 @@ pub use bindings::CONTRACT_VERSIONS;
 pub use cache::{CacheError, CompileCache, Compiled, DEFAULT_CACHE_MAX_BYTES, Version};
 pub use config_store::{ConfigValues, REDACTED};
 pub use engine::{EPOCH_TICK, PoolUsage, RuntimeSettings, WasmRuntime};
+pub use outbound::{Network, Origin, OutboundGrants, OutboundLimits, is_internal};
 pub use plugin::{InstanceMode, Plugin, PluginLoadError, PluginSettings};

@@ -13,6 +13,7 @@ use super::cache::{Compiled, Version};
 use super::config_store::ConfigValues;
 use super::engine::{EPOCH_TICK, WasmRuntime};
 use super::log_budget::LogBudget;
+use super::outbound::OutboundGrants;
 use super::state::HostState;
 use crate::delivery::Delivery;
 use crate::event::TaskEvent;
@@ -59,6 +60,8 @@ pub struct PluginSettings {
     /// What `wasi:config/store` answers: the plugin's config values and
     /// secrets (nothing by default).
     pub config: Arc<ConfigValues>,
+    /// Where `wasi:http/outgoing-handler` may go (nowhere by default).
+    pub outbound: Arc<OutboundGrants>,
 }
 
 impl PluginSettings {
@@ -73,6 +76,7 @@ impl PluginSettings {
             fuel_per_event: None,
             inherit_stdio: false,
             config: Arc::default(),
+            outbound: Arc::new(OutboundGrants::none("")),
         }
     }
 }
@@ -132,6 +136,7 @@ pub struct Plugin {
     settings: PluginSettings,
     observers: Observers,
     log_budget: Arc<LogBudget>,
+    outbound: Arc<OutboundGrants>,
     /// Healthy instances waiting for an event (reuse mode only).
     idle: Mutex<Vec<Instance>>,
     /// Linear memory of the first instance right after instantiation.
@@ -224,7 +229,13 @@ impl Plugin {
             observers.clone(),
         ));
         runtime.watch_log_budget(&log_budget);
+        let outbound = Arc::new(
+            settings
+                .outbound
+                .reporting_to(&Arc::from(name.as_str()), observers.clone()),
+        );
         let mut plugin = Plugin {
+            outbound,
             log_budget,
             name: Arc::from(name.as_str()),
             runtime: runtime.clone(),
@@ -372,6 +383,7 @@ impl Plugin {
             self.settings.memory_limit_bytes,
             self.settings.inherit_stdio,
             self.settings.config.clone(),
+            self.outbound.clone(),
             self.observers.clone(),
             self.log_budget.clone(),
         );

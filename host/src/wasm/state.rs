@@ -10,8 +10,10 @@ use super::bindings::{v0_1, v0_2};
 use super::clocks::WaitLimit;
 use super::config_store::ConfigValues;
 use super::log_budget::LogBudget;
+use super::outbound::{HttpHooks, OutboundGrants};
 use crate::observe::{HostEvent, LogLevel, Observers};
 use crate::text::{MAX_UNTRUSTED_BYTES, inert_owned};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// A plugin's log line is cut to this many bytes.
 pub const MAX_LOG_LINE_BYTES: usize = MAX_UNTRUSTED_BYTES;
@@ -36,6 +38,8 @@ pub struct HostState {
     pub(crate) wait_limit: WaitLimit,
     /// What `wasi:config/store` answers.
     pub(crate) config: Arc<ConfigValues>,
+    http: WasiHttpCtx,
+    http_hooks: HttpHooks,
 }
 
 impl HostState {
@@ -44,6 +48,7 @@ impl HostState {
         memory_limit_bytes: usize,
         inherit_stdio: bool,
         config: Arc<ConfigValues>,
+        outbound: Arc<OutboundGrants>,
         observers: Observers,
         log_budget: Arc<LogBudget>,
     ) -> Self {
@@ -57,6 +62,7 @@ impl HostState {
             wasi.inherit_stdout().inherit_stderr();
         }
         let wasi = wasi.build();
+        let wait_limit = WaitLimit::default();
         HostState {
             plugin,
             message_id: String::new(),
@@ -67,8 +73,14 @@ impl HostState {
             memory_bytes: 0,
             observers,
             log_budget,
-            wait_limit: WaitLimit::default(),
+            http_hooks: HttpHooks {
+                grants: outbound,
+                deadline: None,
+                cut: wait_limit.io_cut(),
+            },
+            wait_limit,
             config,
+            http: WasiHttpCtx::new(),
         }
     }
 }
@@ -78,6 +90,18 @@ impl WasiView for HostState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        // The deadline of the event being handled, for requests it makes.
+        self.http_hooks.deadline = self.wait_limit.deadline();
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
         }
     }
 }

@@ -17,6 +17,7 @@
 //! | `PROBE_SANDBOX` | tries files, environment, arguments and the network (a TCP connection to `event_data.port` on 127.0.0.1); an error names whatever it reached |
 //! | `CONFIG`    | logs `config <key>=<value>` for every key in `event_data.keys` (`<none>` when unset), then ok |
 //! | `LEAK`      | logs `leak <value>` of config key `event_data.key`, then returns an error carrying it too (for redaction tests) |
+//! | `HTTP`      | sends `event_data.method` (default GET) to `event_data.url` with `event_data.body`; logs `http <status> <body>` and is ok, or returns the error `http: <why>` |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
@@ -116,6 +117,28 @@ impl Handler for Chaos {
                 let value = key.and_then(mqplug_plugin::config::get).unwrap_or_default();
                 log::info(&format!("leak {value}"));
                 Err(format!("leaking {value} in a reason"))
+            }
+            "HTTP" => {
+                let field = |name: &str| event.event_data.get(name).and_then(|v| v.as_str());
+                let url = field("url").unwrap_or_default();
+                let body = field("body").map(str::as_bytes);
+                let idempotency_key = delivery.message_id.clone();
+                match mqplug_plugin::http::request(
+                    field("method").unwrap_or("GET"),
+                    url,
+                    &[("idempotency-key", &idempotency_key)],
+                    body,
+                ) {
+                    Ok(response) => {
+                        log::info(&format!(
+                            "http {} {}",
+                            response.status,
+                            String::from_utf8_lossy(&response.body)
+                        ));
+                        Ok(())
+                    }
+                    Err(why) => Err(format!("http: {why}")),
+                }
             }
             "PRINT" => {
                 println!("chaos stdout {}", delivery.message_id);

@@ -12,7 +12,7 @@ import json
 from componentize_py_types import Err
 from wit_world import exports
 from wit_world.imports import log
-from wit_world.imports.types import Delivery, HandlerError, TaskEvent
+from wit_world.imports.mqplug_plugin_types import Delivery, HandlerError, TaskEvent
 
 
 class Handler(exports.Handler):

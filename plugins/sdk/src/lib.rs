@@ -60,6 +60,136 @@ pub mod config {
     }
 }
 
+/// Outbound HTTP through the standard `wasi:http/outgoing-handler`, to the
+/// origins the plugin's entry grants (`allowed_outbound_hosts`); any other
+/// request fails with `HttpRequestDenied`, an error to handle like any
+/// other. Every wait ends at the event's deadline.
+///
+/// ```ignore
+/// let response = mqplug_plugin::http::request(
+///     "POST",
+///     "http://127.0.0.1:8080/grants",
+///     &[("content-type", "application/json"), ("idempotency-key", &delivery.message_id)],
+///     Some(br#"{"points": 10}"#),
+/// )?;
+/// if response.status != 200 { return Err(format!("rewards said {}", response.status)); }
+/// ```
+pub mod http {
+    use crate::bindings::wasi::http::outgoing_handler;
+    use crate::bindings::wasi::http::types::{
+        Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, Scheme,
+    };
+    use crate::bindings::wasi::io::streams::StreamError;
+
+    /// A response, its body read whole.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Response {
+        pub status: u16,
+        pub headers: Vec<(String, Vec<u8>)>,
+        pub body: Vec<u8>,
+    }
+
+    /// A GET request.
+    pub fn get(url: &str) -> Result<Response, String> {
+        request("GET", url, &[], None)
+    }
+
+    /// Sends one request to `url` (`http://host:port/path?query`) and reads
+    /// the whole response. The error names what failed (`HttpRequestDenied`
+    /// when the entry does not grant the origin).
+    pub fn request(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("{url}: only http:// URLs"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(at) => rest.split_at(at),
+            None => (rest, "/"),
+        };
+        let fields = Fields::from_list(
+            &headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|err| format!("header: {err:?}"))?;
+        let request = OutgoingRequest::new(fields);
+        let method = match method {
+            "GET" => Method::Get,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "DELETE" => Method::Delete,
+            "PATCH" => Method::Patch,
+            "HEAD" => Method::Head,
+            other => Method::Other(other.to_string()),
+        };
+        let invalid = |what: &str| format!("{url}: invalid {what}");
+        request
+            .set_method(&method)
+            .map_err(|()| invalid("method"))?;
+        request
+            .set_scheme(Some(&Scheme::Http))
+            .map_err(|()| invalid("scheme"))?;
+        request
+            .set_authority(Some(authority))
+            .map_err(|()| invalid("authority"))?;
+        request
+            .set_path_with_query(Some(path))
+            .map_err(|()| invalid("path"))?;
+        let outgoing = request
+            .body()
+            .map_err(|()| "request body taken".to_string())?;
+        let future = outgoing_handler::handle(request, None).map_err(|err| format!("{err:?}"))?;
+        if let Some(body) = body {
+            let stream = outgoing
+                .write()
+                .map_err(|()| "request body stream taken".to_string())?;
+            for chunk in body.chunks(4096) {
+                stream
+                    .blocking_write_and_flush(chunk)
+                    .map_err(|err| format!("writing the request body: {err:?}"))?;
+            }
+        }
+        OutgoingBody::finish(outgoing, None).map_err(|err| format!("{err:?}"))?;
+        future.subscribe().block();
+        let response = future
+            .get()
+            .ok_or("no response")?
+            .map_err(|()| "response taken".to_string())?
+            .map_err(|err| format!("{err:?}"))?;
+        let status = response.status();
+        let headers = response.headers().entries();
+        let incoming = response
+            .consume()
+            .map_err(|()| "response body taken".to_string())?;
+        let mut body = Vec::new();
+        {
+            let stream = incoming
+                .stream()
+                .map_err(|()| "response body stream taken".to_string())?;
+            loop {
+                match stream.blocking_read(64 * 1024) {
+                    Ok(chunk) => body.extend_from_slice(&chunk),
+                    Err(StreamError::Closed) => break,
+                    Err(StreamError::LastOperationFailed(err)) => {
+                        return Err(format!("reading the response: {}", err.to_debug_string()));
+                    }
+                }
+            }
+        }
+        let _ = IncomingBody::finish(incoming);
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
 use bindings::mqplug::plugin::types::{HandlerError, TaskEvent};
 
 /// A task event with its free-form data parsed.

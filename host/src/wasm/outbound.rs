@@ -1,0 +1,609 @@
+//! Outbound HTTP for plugins: `wasi:http/outgoing-handler` is wasmtime's own
+//! implementation; mqplug decides, in [`WasiHttpHooks::send_request`], whether
+//! and how each request goes out.
+//!
+//! - Only origins (scheme, host, port) the plugin's entry lists in
+//!   `allowed_outbound_hosts` are reached; anything else is
+//!   `HTTP-request-denied`, an error the handler sees, never a trap.
+//! - The name is resolved by mqplug and the address checked before
+//!   connecting to that very address: loopback, private, link-local (cloud
+//!   metadata), shared, multicast and unspecified addresses are refused
+//!   unless the grant names that address literally or
+//!   `allowed_outbound_networks` contains it, so a name that resolves (or
+//!   rebinds) to an internal address gets nowhere.
+//! - Every wait ends at the request timeout (which the guest may shorten,
+//!   not lengthen) and at the event's deadline; a request still waiting at
+//!   the deadline makes the event's outcome "deadline".
+//! - A response body over `http_max_response_bytes` is an error; at most
+//!   `http_max_in_flight` requests per plugin at once.
+//!
+//! Plain `http://` only for now: an `https://` grant is refused when the
+//! config is validated.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::warn;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use super::engine::EPOCH_TICK;
+use crate::observe::{HostEvent, Observers, OutboundResult};
+use crate::text::inert;
+
+/// One origin a plugin may call: `http://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    host: String,
+    port: u16,
+    /// The host, when the grant names an address rather than a name.
+    literal: Option<IpAddr>,
+}
+
+impl Origin {
+    /// Parses `http://host[:port]` (no path, query or user); the error says
+    /// what is wrong.
+    pub fn parse(text: &str) -> Result<Origin, String> {
+        let rest = if let Some(rest) = text.strip_prefix("http://") {
+            rest
+        } else if text.starts_with("https://") {
+            return Err(format!(
+                "{text:?}: https is not supported yet (plain http:// only in this release)"
+            ));
+        } else {
+            return Err(format!("{text:?}: give an origin like http://host:port"));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(format!(
+                "{text:?}: give scheme, host and port only (no path, query or user)"
+            ));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(':') && !port.contains(']') => (
+                host,
+                port.parse::<u16>()
+                    .map_err(|_| format!("{text:?}: {port:?} is not a port"))?,
+            ),
+            _ => (authority, 80),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("{text:?}: no host"));
+        }
+        let host = host.to_ascii_lowercase();
+        Ok(Origin {
+            literal: host.parse().ok(),
+            host,
+            port,
+        })
+    }
+}
+
+/// An address range a grant names explicitly: `10.0.0.0/8`, `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    base: IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    pub fn parse(text: &str) -> Result<Network, String> {
+        let (base, prefix) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?}: give a network like 10.0.0.0/8"))?;
+        let base: IpAddr = base
+            .parse()
+            .map_err(|_| format!("{text:?}: {base:?} is not an address"))?;
+        let max = if base.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|prefix| *prefix <= max)
+            .ok_or_else(|| format!("{text:?}: the prefix must be 0 to {max}"))?;
+        Ok(Network { base, prefix })
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| -> (u128, u32) {
+            match ip {
+                IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+                IpAddr::V6(v6) => (u128::from(v6), 128),
+            }
+        };
+        let ((base, width), (ip, ip_width)) = (bits(self.base), bits(unmapped(ip)));
+        if width != ip_width {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift >= width || (base >> shift) == (ip >> shift)
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether `ip` is an address a plugin reaches only when named explicitly:
+/// loopback, private, link-local (cloud metadata at 169.254.169.254),
+/// shared, unique-local, multicast, broadcast, documentation, unspecified.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match unmapped(ip) {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// What one plugin's entry grants for outbound HTTP.
+pub struct OutboundGrants {
+    plugin: Arc<str>,
+    origins: Vec<Origin>,
+    networks: Vec<Network>,
+    timeout: Duration,
+    max_response_bytes: u64,
+    in_flight: Arc<Semaphore>,
+    /// Origins asked for and refused (at most 32), shared by every copy.
+    refused: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    observers: Observers,
+}
+
+/// Refused origins one plugin remembers.
+const MAX_REFUSED: usize = 32;
+
+/// The limits of [`OutboundGrants`] besides the origins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboundLimits {
+    pub timeout: Duration,
+    pub max_response_bytes: u64,
+    pub max_in_flight: usize,
+}
+
+impl Default for OutboundLimits {
+    fn default() -> Self {
+        OutboundLimits {
+            timeout: Duration::from_secs(5),
+            max_response_bytes: 1024 * 1024,
+            max_in_flight: 4,
+        }
+    }
+}
+
+impl std::fmt::Debug for OutboundGrants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundGrants")
+            .field("origins", &self.origins)
+            .field("networks", &self.networks)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboundGrants {
+    /// Nothing granted: every request is refused.
+    pub fn none(plugin: &str) -> Self {
+        OutboundGrants::new(
+            plugin,
+            Vec::new(),
+            Vec::new(),
+            OutboundLimits::default(),
+            Observers::default(),
+        )
+    }
+
+    pub fn new(
+        plugin: &str,
+        origins: Vec<Origin>,
+        networks: Vec<Network>,
+        limits: OutboundLimits,
+        observers: Observers,
+    ) -> Self {
+        OutboundGrants {
+            plugin: Arc::from(plugin),
+            origins,
+            networks,
+            timeout: limits.timeout,
+            max_response_bytes: limits.max_response_bytes,
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+            refused: Arc::default(),
+            observers,
+        }
+    }
+
+    /// A copy for plugin `plugin` reporting to `observers` (made when the
+    /// plugin loads); it shares the in-flight cap.
+    pub fn reporting_to(&self, plugin: &Arc<str>, observers: Observers) -> Self {
+        OutboundGrants {
+            plugin: plugin.clone(),
+            origins: self.origins.clone(),
+            networks: self.networks.clone(),
+            timeout: self.timeout,
+            max_response_bytes: self.max_response_bytes,
+            in_flight: self.in_flight.clone(),
+            refused: self.refused.clone(),
+            observers,
+        }
+    }
+
+    pub fn origins(&self) -> &[Origin] {
+        &self.origins
+    }
+
+    /// Origins the plugin asked for that its grants refused, so far.
+    pub fn refused(&self) -> Vec<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn address_allowed(&self, origin: &Origin, ip: IpAddr) -> bool {
+        origin.literal == Some(ip)
+            || !is_internal(ip)
+            || self.networks.iter().any(|network| network.contains(ip))
+    }
+
+    async fn send(
+        self: Arc<Self>,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        deadline: Option<Instant>,
+        cut: Arc<AtomicBool>,
+    ) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
+        let started = Instant::now();
+        let target = format!(
+            "{} {}",
+            request.method(),
+            inert(&request.uri().to_string(), 512)
+        );
+        let origin = format!(
+            "{}://{}",
+            request.uri().scheme_str().unwrap_or("?"),
+            inert(request.uri().authority().map_or("?", |a| a.as_str()), 256)
+        );
+        let result = self.send_checked(request, options, deadline, cut).await;
+        let outcome = match &result {
+            Ok((response, _)) => OutboundResult::Response(response.status().as_u16()),
+            Err(Error::HttpRequestDenied | Error::DestinationIpProhibited) => {
+                let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+                if refused.len() < MAX_REFUSED {
+                    refused.insert(origin);
+                }
+                OutboundResult::Refused
+            }
+            Err(_) => OutboundResult::Failed,
+        };
+        if let Err(err) = &result {
+            warn!(plugin = %self.plugin, "outbound {target}: {err}");
+        }
+        self.observers.emit(|| HostEvent::Outbound {
+            plugin: self.plugin.clone(),
+            result: outcome,
+            took: started.elapsed(),
+        });
+        result
+    }
+
+    async fn send_checked(
+        &self,
+        mut request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        deadline: Option<Instant>,
+        cut: Arc<AtomicBool>,
+    ) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
+        let uri = request.uri();
+        if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+            return Err(Error::HttpRequestDenied);
+        }
+        let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let port = authority.port_u16().unwrap_or(80);
+        let origin = self
+            .origins
+            .iter()
+            .find(|origin| origin.host == host && origin.port == port)
+            .ok_or(Error::HttpRequestDenied)?
+            .clone();
+        let permit = self
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::ConnectionLimitReached)?;
+
+        // The request's time: the grant's timeout, shortened by the guest's
+        // own, and never past the event's deadline.
+        let now = Instant::now();
+        let mut limit = self.timeout;
+        if let Some(options) = options {
+            for own in [
+                options.connect_timeout,
+                options.first_byte_timeout,
+                options.between_bytes_timeout,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                limit = limit.min(own);
+            }
+        }
+        let mut end = now + limit;
+        let mut at_deadline = false;
+        if let Some(deadline) = deadline.map(|d| d + 2 * EPOCH_TICK)
+            && deadline <= end
+        {
+            end = deadline;
+            at_deadline = true;
+        }
+        let expired = |error: Error| {
+            if at_deadline {
+                cut.store(true, Ordering::Release);
+            }
+            error
+        };
+        let end_tokio = tokio::time::Instant::from_std(end);
+
+        let addresses = tokio::time::timeout_at(
+            end_tokio,
+            tokio::net::lookup_host((origin.host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| expired(Error::DnsTimeout))?
+        .map_err(|_| Error::DestinationNotFound)?;
+        let address: SocketAddr = addresses
+            .into_iter()
+            .find(|address| self.address_allowed(&origin, address.ip()))
+            .ok_or(Error::DestinationIpProhibited)?;
+
+        let stream = tokio::time::timeout_at(end_tokio, tokio::net::TcpStream::connect(address))
+            .await
+            .map_err(|_| expired(Error::ConnectionTimeout))?
+            .map_err(|err| match err.kind() {
+                std::io::ErrorKind::ConnectionRefused => Error::ConnectionRefused,
+                _ => Error::Connect(err),
+            })?;
+        let (mut sender, connection) = tokio::time::timeout_at(
+            end_tokio,
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)),
+        )
+        .await
+        .map_err(|_| expired(Error::ConnectionTimeout))?
+        .map_err(Error::from)?;
+        // The connection lives no longer than the request may.
+        let io = tokio::spawn(tokio::time::timeout_at(end_tokio, connection));
+
+        // The origin-form target; the authority stays the granted one.
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        *request.uri_mut() = http::Uri::builder()
+            .path_and_query(path)
+            .build()
+            .map_err(|_| Error::HttpRequestUriInvalid)?;
+        let response = tokio::time::timeout_at(end_tokio, sender.send_request(request))
+            .await
+            .map_err(|_| expired(Error::HttpResponseTimeout))?
+            .map_err(Error::from)?;
+        let (parts, incoming) = response.into_parts();
+        let body = Bounded {
+            inner: incoming,
+            left: self.max_response_bytes,
+            end: Box::pin(tokio::time::sleep_until(end_tokio)),
+            at_deadline,
+            cut,
+            _permit: permit,
+        };
+        let io: IoFuture = Box::new(async move {
+            let _ = io.await;
+            Ok(())
+        });
+        Ok((http::Response::from_parts(parts, body.boxed_unsync()), io))
+    }
+}
+
+/// The future wasmtime drives alongside a response.
+type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
+
+/// A response body that ends in an error past its size cap or its end.
+struct Bounded {
+    inner: Incoming,
+    left: u64,
+    end: Pin<Box<tokio::time::Sleep>>,
+    at_deadline: bool,
+    cut: Arc<AtomicBool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Body for Bounded {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > self.left {
+                        return Poll::Ready(Some(Err(Error::HttpResponseBodySize(None))));
+                    }
+                    self.left -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(Error::from(err)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if self.end.as_mut().poll(cx).is_ready() {
+                    if self.at_deadline {
+                        self.cut.store(true, Ordering::Release);
+                    }
+                    return Poll::Ready(Some(Err(Error::ConnectionReadTimeout)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The `wasi:http` hooks of one store: its plugin's grants, and the
+/// current event's deadline.
+pub(crate) struct HttpHooks {
+    pub(crate) grants: Arc<OutboundGrants>,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) cut: Arc<AtomicBool>,
+}
+
+impl WasiHttpHooks for HttpHooks {
+    fn is_supported_scheme(&mut self, scheme: &http::uri::Scheme) -> bool {
+        *scheme == http::uri::Scheme::HTTP
+    }
+
+    fn default_scheme(&mut self) -> Option<http::uri::Scheme> {
+        Some(http::uri::Scheme::HTTP)
+    }
+
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _response_error: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), Error>> + Send> {
+        let (grants, deadline, cut) = (self.grants.clone(), self.deadline, self.cut.clone());
+        Box::new(grants.send(request, options, deadline, cut))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_parse_with_their_default_port_and_anything_else_is_refused() {
+        let origin = Origin::parse("http://Rewards.Internal:8080").unwrap();
+        assert_eq!(
+            (origin.host.as_str(), origin.port),
+            ("rewards.internal", 8080)
+        );
+        assert_eq!(Origin::parse("http://127.0.0.1").unwrap().port, 80);
+        assert_eq!(
+            Origin::parse("http://127.0.0.1:9/").unwrap().literal,
+            Some("127.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            Origin::parse("http://[::1]:8080").unwrap().literal,
+            Some("::1".parse().unwrap())
+        );
+        for (bad, why) in [
+            ("https://a:1", "https is not supported yet"),
+            ("ftp://a", "origin like"),
+            ("http://a/path", "no path"),
+            ("http://user@a", "no path, query or user"),
+            ("http://a:99999", "not a port"),
+            ("http://", "no path"),
+        ] {
+            let err = Origin::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn internal_addresses_are_recognised_in_both_families() {
+        for internal in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(is_internal(internal.parse().unwrap()), "{internal}");
+        }
+        for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(!is_internal(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn networks_contain_what_their_prefix_says() {
+        let ten = Network::parse("10.0.0.0/8").unwrap();
+        assert!(ten.contains("10.200.1.1".parse().unwrap()));
+        assert!(ten.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!ten.contains("11.0.0.1".parse().unwrap()));
+        assert!(!ten.contains("fd00::1".parse().unwrap()));
+        let all = Network::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains("127.0.0.1".parse().unwrap()));
+        assert!(Network::parse("10.0.0.0/33").is_err());
+        assert!(Network::parse("10.0.0.0").is_err());
+    }
+
+    #[test]
+    fn a_name_resolving_inside_is_refused_unless_named_or_its_network_granted() {
+        let grants = OutboundGrants::new(
+            "p",
+            vec![],
+            vec![Network::parse("10.0.0.0/8").unwrap()],
+            OutboundLimits::default(),
+            Observers::default(),
+        );
+        let by_name = Origin::parse("http://rewards.internal:80").unwrap();
+        let literal = Origin::parse("http://127.0.0.1:80").unwrap();
+        let loopback = "127.0.0.1".parse().unwrap();
+        assert!(!grants.address_allowed(&by_name, loopback));
+        assert!(grants.address_allowed(&literal, loopback));
+        assert!(grants.address_allowed(&by_name, "10.9.9.9".parse().unwrap()));
+        assert!(!grants.address_allowed(&by_name, "169.254.169.254".parse().unwrap()));
+        assert!(grants.address_allowed(&by_name, "8.8.8.8".parse().unwrap()));
+    }
+}
