@@ -118,26 +118,51 @@ async fn a_go_consumer_and_mqplug_in_one_group_split_the_queues_and_lose_nothing
             .collect()
     };
 
-    // Warm-up: publish until both members have been given queues. Until the
-    // group settles a queue may move, so these may be handled twice.
+    // Warm-up: publish batches until the group has settled: a whole batch
+    // split between both members, each message handled exactly once. Until
+    // then a queue may still move (each client rebalances on its own
+    // schedule), so a warm-up message may be handled twice.
+    const BATCH: u64 = 20;
     let mut published = Vec::new();
-    let mut warm_up = 0;
-    while handled_by_go(&go).is_empty() || handled_by_mqplug(&recorder).is_empty() {
+    let mut settled = false;
+    for round in 0..30u64 {
+        let mut batch = HashSet::new();
+        for i in 0..BATCH {
+            let receipt = publisher
+                .publish(&sample_event("WARM_UP", round * BATCH + i))
+                .await?;
+            batch.insert(receipt.message_id.clone());
+            published.push(receipt.message_id);
+        }
+        let all_handled = |go: &GoConsumer, r: &Recorder| {
+            let seen: HashSet<String> = handled_by_go(go)
+                .into_iter()
+                .chain(handled_by_mqplug(r))
+                .collect();
+            batch.iter().all(|id| seen.contains(id))
+        };
         ensure!(
-            warm_up < 600,
-            "the group never split: Go handled {}, mqplug {}",
-            handled_by_go(&go).len(),
-            handled_by_mqplug(&recorder).len()
+            recorder.wait_until(WAIT, |r| all_handled(&go, r)),
+            "a warm-up batch was not handled"
         );
-        warm_up += 1;
-        published.push(
-            publisher
-                .publish(&sample_event("WARM_UP", warm_up))
-                .await?
-                .message_id,
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(mqplug_tests::QUIET_PERIOD).await;
+        let go_ids: Vec<String> = handled_by_go(&go)
+            .into_iter()
+            .filter(|id| batch.contains(id))
+            .collect();
+        let mqplug_ids: Vec<String> = handled_by_mqplug(&recorder)
+            .into_iter()
+            .filter(|id| batch.contains(id))
+            .collect();
+        if !go_ids.is_empty()
+            && !mqplug_ids.is_empty()
+            && go_ids.len() + mqplug_ids.len() == batch.len()
+        {
+            settled = true;
+            break;
+        }
     }
+    ensure!(settled, "the group never settled into a split");
 
     // Both run: each message goes to exactly one of them, exactly once.
     const BOTH: u64 = 200;
@@ -183,9 +208,10 @@ async fn a_go_consumer_and_mqplug_in_one_group_split_the_queues_and_lose_nothing
         by_mqplug.len()
     );
     println!(
-        "while both ran: Go handled {}, mqplug {} of {BOTH}; warm-up {warm_up} events",
+        "while both ran: Go handled {}, mqplug {} of {BOTH}; warm-up {} events",
         by_go.len(),
-        by_mqplug.len()
+        by_mqplug.len(),
+        published.len() - BOTH as usize
     );
 
     // The Go service leaves: mqplug takes over its queues and nothing is lost.
