@@ -13,6 +13,7 @@ use mqplug::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
 use mqplug::outcome::HandlerOutcome;
 use mqplug::slot::load_plugin;
 use mqplug::wasm::{Plugin, REDACTED, RuntimeSettings, WasmRuntime};
+use mqplug_tests::http_server::{Answer, Server};
 use mqplug_tests::{Recorder, plugins::plugin_path, workspace_root};
 
 fn event(event_type: &str, event_data: serde_json::Value) -> TaskEvent {
@@ -230,139 +231,6 @@ fn a_plugin_built_against_contract_0_1_runs_beside_0_2_plugins() {
             "{name}: {:?}",
             recorder.plugin_logs(name)
         );
-    }
-}
-
-/// How the loopback server answers.
-#[derive(Clone, Copy)]
-enum Answer {
-    /// 200 with this body.
-    Ok(&'static str),
-    /// 200 with a body of this many bytes.
-    Large(usize),
-    /// Accepts, reads the request, never answers.
-    Never,
-    /// Sends a head promising 1 MB, then a byte every 100 ms.
-    Trickle,
-}
-
-/// A loopback HTTP server recording each request's head and body.
-struct Server {
-    addr: std::net::SocketAddr,
-    requests: Arc<std::sync::Mutex<Vec<(String, String)>>>,
-    runtime: tokio::runtime::Runtime,
-}
-
-impl Server {
-    fn start(answer: Answer) -> Server {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = requests.clone();
-        runtime.spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let mut data = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    let (head, body) = loop {
-                        let Ok(n) = stream.read(&mut buf).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        data.extend_from_slice(&buf[..n]);
-                        let text = String::from_utf8_lossy(&data).to_string();
-                        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                            let length = head
-                                .lines()
-                                .find_map(|l| {
-                                    l.to_ascii_lowercase()
-                                        .strip_prefix("content-length: ")
-                                        .map(str::to_string)
-                                })
-                                .and_then(|n| n.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            let chunked = head
-                                .to_ascii_lowercase()
-                                .contains("transfer-encoding: chunked");
-                            if body.len() >= length && (!chunked || body.ends_with("0\r\n\r\n")) {
-                                break (head.to_string(), body.to_string());
-                            }
-                        }
-                    };
-                    seen.lock().unwrap().push((head, body));
-                    match answer {
-                        Answer::Ok(text) => {
-                            let _ = stream
-                                .write_all(
-                                    format!(
-                                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}",
-                                        text.len()
-                                    )
-                                    .as_bytes(),
-                                )
-                                .await;
-                        }
-                        Answer::Large(n) => {
-                            let _ = stream
-                                .write_all(
-                                    format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n")
-                                        .as_bytes(),
-                                )
-                                .await;
-                            let _ = stream.write_all(&vec![b'x'; n]).await;
-                        }
-                        Answer::Never => {
-                            std::future::pending::<()>().await;
-                        }
-                        Answer::Trickle => {
-                            let _ = stream
-                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
-                                .await;
-                            loop {
-                                if stream.write_all(b"x").await.is_err() {
-                                    return;
-                                }
-                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        Server {
-            addr,
-            requests,
-            runtime,
-        }
-    }
-
-    fn origin(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn requests(&self) -> Vec<(String, String)> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // Stops the server's tasks with its runtime, also when a test fails.
-        let _ = &self.runtime;
     }
 }
 

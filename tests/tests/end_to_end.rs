@@ -692,3 +692,74 @@ async fn idle_and_slow_admin_clients_stop_neither_healthz_nor_messages() -> Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumed_event_calls_a_granted_service_and_a_refused_one_is_retried() -> Result<()> {
+    use mqplug_tests::http_server::{Answer, Server};
+    const EVENTS: u64 = 5;
+    let server = Server::start(Answer::Ok("granted"));
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let config = host_config(
+        &broker,
+        "outbound.topic",
+        vec![PluginConfig {
+            allowed_outbound_hosts: vec![server.origin()],
+            ..PluginConfig::new("chaos", plugin_path("chaos")?)
+        }],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let http_event = |user: u64, url: String| {
+        let mut event = sample_event("HTTP", user);
+        event.event_data = serde_json::json!({"url": url, "method": "POST", "body": "{}"})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        event
+    };
+    let mut granted = HashSet::new();
+    for user in 0..EVENTS {
+        let url = format!("{}/grants", server.origin());
+        granted.insert(publisher.publish(&http_event(user, url)).await?.message_id);
+    }
+    // Not granted: another port on the same host.
+    let refused_url = format!("http://127.0.0.1:{}/grants", server.addr.port() + 1);
+    let refused = publisher
+        .publish(&http_event(99, refused_url))
+        .await?
+        .message_id;
+    let done = recorder.wait_until(WAIT, |r| {
+        let handled = r.handled_by("chaos");
+        granted.iter().all(|id| {
+            handled
+                .iter()
+                .any(|h| &h.message_id == id && h.outcome == DeliveryOutcome::ConsumeSuccess)
+        }) && handled
+            .iter()
+            .any(|h| h.message_id == refused && h.outcome == DeliveryOutcome::ConsumeRetryLater)
+    });
+    host.shutdown().await;
+    ensure!(done, "handled: {:#?}", recorder.handled_by("chaos"));
+    let keys: HashSet<String> = server
+        .requests()
+        .iter()
+        .filter_map(|(head, _)| {
+            head.lines()
+                .find_map(|l| l.strip_prefix("idempotency-key: "))
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(
+        keys, granted,
+        "each granted event's request, keyed by its message id"
+    );
+    let cause = recorder
+        .handled_by("chaos")
+        .into_iter()
+        .find(|h| h.message_id == refused)
+        .and_then(|h| h.cause)
+        .unwrap_or_default();
+    assert!(cause.contains("HttpRequestDenied"), "{cause}");
+    Ok(())
+}
