@@ -15,7 +15,7 @@ use crate::outcome::UndecodablePolicy;
 use crate::topic::{DEFAULT_TOPIC, TopicName, TopicNameError, check_resource_name};
 use crate::wasm::{
     ConfigValues, InstanceMode, Network, Origin, OutboundGrants, OutboundLimits, PluginSettings,
-    RuntimeSettings,
+    PublishGrants, RuntimeSettings,
 };
 
 pub const DEFAULT_NAME_SERVER: &str = "127.0.0.1:9876";
@@ -251,6 +251,11 @@ pub struct PluginConfig {
     /// (`connection-limit-reached`).
     #[serde(default = "default_http_max_in_flight")]
     pub http_max_in_flight: usize,
+    /// Topics the plugin may publish follow-up messages to (the `publish`
+    /// import), as configured (`marketing.reward.granted`); needs the
+    /// built-in producer (`[producer] enabled = true`). None by default.
+    #[serde(default)]
+    pub allowed_topics: Vec<String>,
 }
 
 fn default_http_timeout_ms() -> u64 {
@@ -605,6 +610,15 @@ impl HostConfig {
             }
             check_config_table(plugin).map_err(problem)?;
             plugin.outbound_grants().map_err(problem)?;
+            for topic in &plugin.allowed_topics {
+                TopicName::new(topic).map_err(|err| problem(format!("allowed_topics: {err}")))?;
+            }
+            if !plugin.allowed_topics.is_empty() && !self.producer.enabled {
+                return Err(problem(
+                    "allowed_topics needs the built-in producer: set [producer] enabled = true"
+                        .into(),
+                ));
+            }
             if plugin.http_timeout_ms == 0 {
                 return Err(problem("http_timeout_ms must be at least 1".into()));
             }
@@ -672,6 +686,7 @@ impl PluginConfig {
             http_timeout_ms: default_http_timeout_ms(),
             http_max_response_bytes: default_http_max_response_bytes(),
             http_max_in_flight: default_http_max_in_flight(),
+            allowed_topics: Vec::new(),
         }
     }
 
@@ -710,8 +725,16 @@ impl PluginConfig {
             problem,
         };
         let (origins, networks) = self.outbound_grants().map_err(problem)?;
+        let topics = self
+            .allowed_topics
+            .iter()
+            .map(|topic| {
+                TopicName::new(topic).map_err(|err| problem(format!("allowed_topics: {err}")))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(PluginSettings {
             config: Arc::new(ConfigValues::new(&self.config, secrets)),
+            publish: Arc::new(PublishGrants::new(topics)),
             outbound: Arc::new(OutboundGrants::new(
                 &self.name,
                 origins,
@@ -977,6 +1000,27 @@ mod tests {
             err.contains("expected struct SecretSource"),
             "a secret's value is never in the file: {err}"
         );
+    }
+
+    #[test]
+    fn publishing_needs_the_producer_and_valid_topic_names() {
+        let entry = |topics: &str, producer: bool| {
+            format!(
+                "[producer]\nenabled = {producer}\n[[plugin]]\nname = 'r'\npath = 'r.wasm'\n\
+                 allowed_topics = [{topics}]\n"
+            )
+        };
+        let check = |text: String| {
+            HostConfig::from_text(&text, Path::new("/m.toml"))
+                .unwrap()
+                .validate()
+                .map_err(|err| err.to_string())
+        };
+        check(entry("'marketing.reward.granted'", true)).unwrap();
+        let err = check(entry("'marketing.reward.granted'", false)).unwrap_err();
+        assert!(err.contains("needs the built-in producer"), "{err}");
+        let err = check(entry("'bad topic!'", true)).unwrap_err();
+        assert!(err.contains("allowed_topics"), "{err}");
     }
 
     mod fuzz {

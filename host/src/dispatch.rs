@@ -16,7 +16,7 @@ use crate::outcome::{
     undecodable_outcome,
 };
 use crate::text::{MAX_UNTRUSTED_BYTES, inert, inert_owned};
-use crate::wasm::Plugin;
+use crate::wasm::{OutgoingMessage, Plugin};
 
 /// A message id is 32 hex digits when a RocketMQ client sets it; anything
 /// much longer is cut in the log.
@@ -35,6 +35,36 @@ pub trait EventHandler: Send + Sync + 'static {
     ) -> (HandlerOutcome, Option<Arc<str>>) {
         (self.handle(event, delivery), None)
     }
+
+    /// Handles the event: its outcome, the build that handled it, and the
+    /// follow-up messages to send if it was accepted.
+    fn handle_full(&self, event: &TaskEvent, delivery: &Delivery) -> Handled {
+        let (outcome, version) = self.handle_versioned(event, delivery);
+        Handled {
+            outcome,
+            version,
+            outbox: Vec::new(),
+        }
+    }
+}
+
+/// What [`EventHandler::handle_full`] reports.
+pub struct Handled {
+    pub outcome: HandlerOutcome,
+    pub version: Option<Arc<str>>,
+    /// Follow-up messages, to send before acknowledging (empty unless the
+    /// outcome is `Accepted`).
+    pub outbox: Vec<OutgoingMessage>,
+}
+
+/// Sends an accepted event's follow-up messages: the built-in producer, or
+/// a fake in tests.
+pub trait OutboxSender: Send + Sync + 'static {
+    /// Sends `messages` for the incoming message `delivery`, each keyed and
+    /// identified by [`crate::wasm::follow_up_key`] and
+    /// [`crate::wasm::follow_up_id`]; the first
+    /// failure, with what was sent before it.
+    fn send(&self, delivery: &Delivery, messages: &[OutgoingMessage]) -> Result<(), String>;
 }
 
 impl EventHandler for Plugin {
@@ -50,6 +80,7 @@ pub struct Dispatcher {
     undecodable: UndecodablePolicy,
     max_body_bytes: usize,
     observers: Observers,
+    outbox: Option<Arc<dyn OutboxSender>>,
 }
 
 impl Dispatcher {
@@ -66,7 +97,14 @@ impl Dispatcher {
             undecodable,
             max_body_bytes,
             observers,
+            outbox: None,
         }
+    }
+
+    /// Sends accepted events' follow-up messages through `sender`.
+    pub fn with_outbox(mut self, sender: Arc<dyn OutboxSender>) -> Self {
+        self.outbox = Some(sender);
+        self
     }
 
     /// Decodes the body, runs the handler, logs what happened and returns
@@ -105,8 +143,8 @@ impl Dispatcher {
                 // library) must not take the listener thread with it: it is
                 // a host failure, the message is retried, and the instance
                 // that was in use is dropped as the panic unwinds.
-                let (handled, handled_by) = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    self.handler.handle_versioned(&event, delivery)
+                let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    self.handler.handle_full(&event, delivery)
                 }))
                 .unwrap_or_else(|panic| {
                     let detail = panic
@@ -114,14 +152,47 @@ impl Dispatcher {
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic without a message".into());
-                    (
-                        HandlerOutcome::Failed(HandlerFailure::Host {
+                    Handled {
+                        outcome: HandlerOutcome::Failed(HandlerFailure::Host {
                             detail: format!("panicked while handling the event: {detail}"),
                         }),
-                        None,
-                    )
+                        version: None,
+                        outbox: Vec::new(),
+                    }
                 });
-                version = handled_by;
+                version = handled.version;
+                // Follow-up messages go out before the event is acknowledged;
+                // if they cannot, the event is retried and republishes them
+                // with the same ids.
+                let handled = match (handled.outcome, handled.outbox) {
+                    (HandlerOutcome::Accepted, outbox) if !outbox.is_empty() => {
+                        match self.send_outbox(delivery, &outbox) {
+                            Ok(()) => HandlerOutcome::Accepted,
+                            Err(why) => {
+                                failure = Some(FailureKind::Publish);
+                                let outcome = DeliveryOutcome::ConsumeRetryLater;
+                                error!(
+                                    ?outcome,
+                                    messages = outbox.len(),
+                                    "follow-up messages not sent: {why}"
+                                );
+                                let cause = format!("follow-up messages not sent: {why}");
+                                self.observers.emit(|| HostEvent::Handled {
+                                    plugin: self.plugin.clone(),
+                                    message_id: delivery.message_id.clone(),
+                                    reconsume_times: delivery.reconsume_times,
+                                    outcome,
+                                    cause: Some(cause),
+                                    version: version.clone(),
+                                    failure,
+                                    duration: started.elapsed(),
+                                });
+                                return outcome;
+                            }
+                        }
+                    }
+                    (outcome, _) => outcome,
+                };
                 let outcome = delivery_outcome(&handled);
                 let cause = match handled {
                     HandlerOutcome::Accepted => {
@@ -159,6 +230,15 @@ impl Dispatcher {
             duration: started.elapsed(),
         });
         outcome
+    }
+}
+
+impl Dispatcher {
+    fn send_outbox(&self, delivery: &Delivery, outbox: &[OutgoingMessage]) -> Result<(), String> {
+        let Some(sender) = &self.outbox else {
+            return Err("the built-in producer is off ([producer] enabled = false)".into());
+        };
+        sender.send(delivery, outbox)
     }
 }
 
@@ -345,6 +425,93 @@ mod tests {
         assert_eq!(
             dispatcher.dispatch(&delivery(), b"\xff"),
             DeliveryOutcome::ConsumeSuccess
+        );
+    }
+
+    /// Accepts every event with one follow-up message in its outbox.
+    struct Publishing;
+
+    impl EventHandler for Publishing {
+        fn handle(&self, _event: &TaskEvent, _delivery: &Delivery) -> HandlerOutcome {
+            HandlerOutcome::Accepted
+        }
+
+        fn handle_full(&self, _event: &TaskEvent, _delivery: &Delivery) -> Handled {
+            Handled {
+                outcome: HandlerOutcome::Accepted,
+                version: None,
+                outbox: vec![OutgoingMessage {
+                    topic: crate::topic::TopicName::new("marketing.reward.granted").unwrap(),
+                    tag: None,
+                    keys: Vec::new(),
+                    body: b"{}".to_vec(),
+                }],
+            }
+        }
+    }
+
+    /// Records what it is asked to send; fails when told to.
+    struct Sender {
+        fail: bool,
+        sent: Mutex<Vec<(String, usize)>>,
+    }
+
+    impl OutboxSender for Sender {
+        fn send(&self, delivery: &Delivery, messages: &[OutgoingMessage]) -> Result<(), String> {
+            self.sent
+                .lock()
+                .unwrap()
+                .push((delivery.message_id.clone(), messages.len()));
+            if self.fail {
+                Err("the broker is away".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn an_accepted_events_follow_ups_are_sent_before_it_is_acknowledged() {
+        let (dispatcher, _) = dispatching_to(Arc::new(Publishing), UndecodablePolicy::Retry);
+        let sender = Arc::new(Sender {
+            fail: false,
+            sent: Mutex::default(),
+        });
+        let dispatcher = dispatcher.with_outbox(sender.clone());
+        assert_eq!(
+            dispatcher.dispatch(&delivery(), BODY),
+            DeliveryOutcome::ConsumeSuccess
+        );
+        assert_eq!(*sender.sent.lock().unwrap(), [("m-1".to_string(), 1)]);
+    }
+
+    #[test]
+    fn follow_ups_that_cannot_be_sent_retry_the_event_and_say_why() {
+        let (dispatcher, events) = dispatching_to(Arc::new(Publishing), UndecodablePolicy::Retry);
+        let failing = Arc::new(Sender {
+            fail: true,
+            sent: Mutex::default(),
+        });
+        let dispatcher = dispatcher.with_outbox(failing);
+        assert_eq!(
+            dispatcher.dispatch(&delivery(), BODY),
+            DeliveryOutcome::ConsumeRetryLater
+        );
+        let events = events.lock().unwrap();
+        let (cause, failure) = events
+            .iter()
+            .find_map(|event| match event {
+                HostEvent::Handled { cause, failure, .. } => Some((cause.clone(), *failure)),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(failure, Some(FailureKind::Publish));
+        assert!(cause.unwrap().contains("the broker is away"));
+        // Without a producer at all, the same.
+        let (no_producer, _) = dispatching_to(Arc::new(Publishing), UndecodablePolicy::Retry);
+        assert_eq!(
+            no_producer.dispatch(&delivery(), BODY),
+            DeliveryOutcome::ConsumeRetryLater
         );
     }
 }

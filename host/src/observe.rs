@@ -80,6 +80,8 @@ pub enum OutboundResult {
 pub enum FailureKind {
     /// The handler returned `err`.
     Rejected,
+    /// Accepted, but its follow-up messages could not be sent.
+    Publish,
     /// A trap: panic, `unreachable`, stack overflow, bad memory access.
     Trap,
     Deadline,
@@ -95,6 +97,7 @@ impl FailureKind {
     pub fn as_str(self) -> &'static str {
         match self {
             FailureKind::Rejected => "rejected",
+            FailureKind::Publish => "publish",
             FailureKind::Trap => "trap",
             FailureKind::Deadline => "deadline",
             FailureKind::MemoryLimit => "memory_limit",

@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::config::PluginConfig;
 use crate::delivery::Delivery;
-use crate::dispatch::EventHandler;
+use crate::dispatch::{EventHandler, Handled};
 use crate::event::TaskEvent;
 use crate::observe::{HostEvent, Observers};
 use crate::outcome::HandlerOutcome;
@@ -236,7 +236,7 @@ impl Build {
 
 impl EventHandler for PluginSlot {
     fn handle(&self, event: &TaskEvent, delivery: &Delivery) -> HandlerOutcome {
-        self.handle_versioned(event, delivery).0
+        self.handle_full(event, delivery).outcome
     }
 
     fn handle_versioned(
@@ -244,6 +244,11 @@ impl EventHandler for PluginSlot {
         event: &TaskEvent,
         delivery: &Delivery,
     ) -> (HandlerOutcome, Option<Arc<str>>) {
+        let handled = self.handle_full(event, delivery);
+        (handled.outcome, handled.version)
+    }
+
+    fn handle_full(&self, event: &TaskEvent, delivery: &Delivery) -> Handled {
         // Clone the build and let go of the lock: a reload may swap while
         // this message is in the handler; it finishes on this build.
         let (plugin, version) = {
@@ -253,6 +258,11 @@ impl EventHandler for PluginSlot {
         // Into the dispatcher's `message` span before the call, so the
         // plugin's own log lines carry the build too.
         tracing::Span::current().record("version", &version[..12.min(version.len())]);
-        (plugin.handle(event, delivery), Some(version))
+        let (outcome, outbox) = plugin.handle_with_outbox(event, delivery);
+        Handled {
+            outcome,
+            version: Some(version),
+            outbox,
+        }
     }
 }

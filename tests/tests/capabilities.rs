@@ -438,3 +438,59 @@ fn requests_past_the_in_flight_cap_are_refused() {
         HandlerOutcome::Failed(mqplug::outcome::HandlerFailure::Deadline { .. })
     ));
 }
+
+fn publish_event(topic: &str, then: &str) -> TaskEvent {
+    event(
+        "PUBLISH",
+        serde_json::json!({"topic": topic, "count": 3, "then": then}),
+    )
+}
+
+#[test]
+fn follow_ups_are_held_until_ok_and_only_to_granted_topics() {
+    let recorder = Recorder::new();
+    let entry = PluginConfig {
+        allowed_topics: vec!["marketing.reward.granted".into()],
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    };
+    let plugin = chaos_with(entry, &recorder).unwrap();
+    let (outcome, outbox) = plugin.handle_with_outbox(
+        &publish_event("marketing.reward.granted", "ok"),
+        &delivery("p-1"),
+    );
+    assert_eq!(outcome, HandlerOutcome::Accepted);
+    assert_eq!(outbox.len(), 3);
+    assert!(
+        outbox
+            .iter()
+            .all(|m| m.topic.wire() == "marketing_reward_granted"
+                && m.tag.as_deref() == Some("FOLLOW_UP"))
+    );
+    assert_eq!(outbox[1].body, br#"{"for":"p-1","i":1}"#.to_vec());
+    // A handler that fails after publishing publishes nothing, and the next
+    // event's outbox starts empty.
+    let (outcome, outbox) = plugin.handle_with_outbox(
+        &publish_event("marketing.reward.granted", "err"),
+        &delivery("p-2"),
+    );
+    assert!(
+        matches!(outcome, HandlerOutcome::Rejected { .. }),
+        "{outcome:?}"
+    );
+    assert!(outbox.is_empty());
+    let (_, outbox) = plugin.handle_with_outbox(
+        &publish_event("marketing.reward.granted", "ok"),
+        &delivery("p-3"),
+    );
+    assert_eq!(outbox.len(), 3, "not the failed event's leftovers");
+    // A topic not granted: an error the handler sees.
+    let (outcome, outbox) = plugin.handle_with_outbox(
+        &publish_event("marketing.task.completed", "ok"),
+        &delivery("p-4"),
+    );
+    assert!(
+        matches!(outcome, HandlerOutcome::Rejected { ref reason } if reason.contains("marketing.task.completed is not in this plugin's allowed_topics")),
+        "{outcome:?}"
+    );
+    assert!(outbox.is_empty());
+}

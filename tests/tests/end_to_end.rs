@@ -2,6 +2,7 @@
 //! built-in producer -> broker -> push consumer -> wasm plugin -> ack or retry.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -223,8 +224,6 @@ async fn a_panicking_plugin_is_retried_and_the_next_message_is_handled() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Result<()> {
-    use std::sync::Arc;
-
     use mqplug::mq::{ConsumeFrom, ConsumerSettings, MqRuntime, PluginConsumer};
     use mqplug::topic::TopicName;
 
@@ -761,5 +760,106 @@ async fn a_consumed_event_calls_a_granted_service_and_a_refused_one_is_retried()
         .and_then(|h| h.cause)
         .unwrap_or_default();
     assert!(cause.contains("HttpRequestDenied"), "{cause}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_up_messages_go_out_after_ok_with_derived_ids_and_never_after_err() -> Result<()> {
+    use mqplug::mq::{ConsumeFrom, ConsumerSettings, MqRuntime, PluginConsumer};
+    use mqplug::topic::TopicName;
+    use mqplug::wasm::{follow_up_id, follow_up_key};
+    const FOLLOW_UPS: u64 = 2;
+    const FOLLOW_UP_TOPIC: &str = "marketing.reward.granted";
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let mut config = host_config(
+        &broker,
+        "publishing.topic",
+        vec![PluginConfig {
+            allowed_topics: vec![FOLLOW_UP_TOPIC.into()],
+            ..PluginConfig::new("chaos", plugin_path("chaos")?)
+        }],
+    );
+    config.producer.create_topic_queues = Some(4);
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    // The follow-up topic, and a consumer of it.
+    let mq = MqRuntime::new(1)?;
+    let follow_up_topic = TopicName::new(FOLLOW_UP_TOPIC)?;
+    let mut creator = mqplug::mq::Publisher::start(
+        &mq,
+        mqplug::mq::ProducerSettings::new(broker.name_server.clone(), follow_up_topic.clone()),
+    )
+    .await?;
+    creator.create_topic(4).await?;
+    creator.shutdown().await;
+    let seen = mqplug_tests::Collect::default();
+    let reader = PluginConsumer::start(
+        &mq,
+        &ConsumerSettings {
+            name_server: broker.name_server.clone(),
+            group: "follow-up-reader".into(),
+            topic: follow_up_topic,
+            tags: "*".into(),
+            concurrency: 1,
+            max_reconsume_times: 0,
+            consume_from: ConsumeFrom::First,
+            drain_timeout: Duration::from_secs(1),
+        },
+        Arc::new(seen.clone()),
+    )
+    .await?;
+
+    let publish_event = |user: u64, then: &str| {
+        let mut event = sample_event("PUBLISH", user);
+        event.event_data = serde_json::json!({
+            "topic": FOLLOW_UP_TOPIC, "count": FOLLOW_UPS, "then": then,
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+        event
+    };
+    let ok = publisher.publish(&publish_event(1, "ok")).await?.message_id;
+    let failing = publisher
+        .publish(&publish_event(2, "err"))
+        .await?
+        .message_id;
+    let second_try = publisher
+        .publish(&publish_event(3, "err_first"))
+        .await?
+        .message_id;
+    let expected: HashSet<(String, String)> = [&ok, &second_try]
+        .into_iter()
+        .flat_map(|id| {
+            (0..FOLLOW_UPS as usize).map(move |i| (follow_up_id(id, i), follow_up_key(id, i)))
+        })
+        .collect();
+    let arrived = |seen: &mqplug_tests::Collect| -> Vec<(String, String)> {
+        seen.deliveries()
+            .into_iter()
+            .map(|d| (d.message_id, d.keys.first().cloned().unwrap_or_default()))
+            .collect()
+    };
+    let all = recorder.wait_until(WAIT, |r| {
+        expected.iter().all(|e| arrived(&seen).contains(e))
+            && r.handled_by("chaos")
+                .iter()
+                .any(|h| h.message_id == failing && h.reconsume_times >= 1)
+    });
+    tokio::time::sleep(QUIET_PERIOD).await;
+    let got = arrived(&seen);
+    reader.shutdown().await;
+    host.shutdown().await;
+    ensure!(all, "follow-ups seen: {got:?}; expected {expected:?}");
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "each follow-up once, none from the failing event: {got:?}"
+    );
+    assert!(
+        !got.iter().any(|(_, key)| key.starts_with(&failing)),
+        "a handler that returned err published nothing: {got:?}"
+    );
     Ok(())
 }

@@ -65,6 +65,7 @@ pub fn classify_import(name: &str) -> ImportKind {
         }
         return match interface {
             "log" | "types" => ImportKind::Contract,
+            "publish" if major_minor == Some((0, 2)) => ImportKind::Contract,
             _ => ImportKind::Denied(format!(
                 "the contract has no interface `{interface}` to import"
             )),
@@ -545,6 +546,7 @@ mod tests {
                 "not `wasi:config/store` at 0.2.0-draft",
             ),
             ("mqplug:plugin/secrets@0.1.0", "no interface `secrets`"),
+            ("mqplug:plugin/publish@0.1.0", "no interface `publish`"),
             (
                 "wasi:http/incoming-handler@0.2.3",
                 "only outgoing-handler and types",

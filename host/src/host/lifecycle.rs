@@ -11,7 +11,7 @@ use tracing::{error, info};
 use super::HostError;
 use crate::admin::AdminView;
 use crate::config::{HostConfig, PluginConfig};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, OutboxSender};
 use crate::metrics::Metrics;
 use crate::mq::{MqRuntime, PluginConsumer};
 use crate::observe::{HostEvent, Observers};
@@ -43,6 +43,8 @@ pub(super) struct Shared {
     pub(super) slots: RwLock<Vec<Arc<PluginSlot>>>,
     pub(super) ready: AtomicBool,
     pub(super) config_error: Mutex<Option<String>>,
+    /// Sends plugins' follow-up messages, while the producer runs.
+    pub(super) outbox: Mutex<Option<Arc<dyn OutboxSender>>>,
 }
 
 impl Running {
@@ -82,13 +84,21 @@ impl Shared {
                 config.name_server.clone(),
             )
         };
-        let dispatcher = Dispatcher::new(
+        let mut dispatcher = Dispatcher::new(
             slot.name(),
             slot.clone(),
             on_undecodable,
             max_body_bytes,
             self.observers.clone(),
         );
+        if let Some(outbox) = self
+            .outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            dispatcher = dispatcher.with_outbox(outbox);
+        }
         let settings = plugin_config.consumer_settings(&name_server, &self.topic);
         let consumer = PluginConsumer::start(&self.mq, &settings, Arc::new(dispatcher)).await?;
         info!(

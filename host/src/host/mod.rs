@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 mod lifecycle;
 mod watcher;
@@ -20,7 +20,7 @@ use watcher::Watcher;
 use crate::admin::{self, AdminView};
 use crate::config::{ConfigError, HostConfig};
 use crate::metrics::Metrics;
-use crate::mq::{MqError, MqRuntime, Publisher};
+use crate::mq::{MqError, MqRuntime, Publisher, PublisherOutbox};
 use crate::observe::Observers;
 use crate::slot::{PluginSlot, load_plugin};
 use crate::topic::TopicName;
@@ -52,7 +52,7 @@ pub enum HostError {
 /// in-flight handlers; their messages are redelivered later.
 pub struct Host {
     shared: Arc<Shared>,
-    publisher: Option<Publisher>,
+    publisher: Option<Arc<Publisher>>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     admin_addr: Option<SocketAddr>,
@@ -119,6 +119,7 @@ impl Host {
                 slots: RwLock::new(Vec::new()),
                 ready: AtomicBool::new(false),
                 config_error: Mutex::new(None),
+                outbox: Mutex::new(None),
             }),
             publisher: None,
             stop,
@@ -164,6 +165,11 @@ impl Host {
                 );
             }
             info!(group = %config.producer.group, "producer started");
+            let publisher = Arc::new(publisher);
+            // Plugins' follow-up messages go out through it too.
+            *self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(
+                PublisherOutbox::new(publisher.clone(), tokio::runtime::Handle::current()),
+            ));
             self.publisher = Some(publisher);
         }
         for (plugin_config, slot) in config.plugins.iter().zip(loaded) {
@@ -184,7 +190,7 @@ impl Host {
 
     /// The built-in producer, if the config enabled it.
     pub fn publisher(&self) -> Option<&Publisher> {
-        self.publisher.as_ref()
+        self.publisher.as_deref()
     }
 
     /// The plugins being served, by name.
@@ -224,8 +230,19 @@ impl Host {
             stopping.spawn(plugin.stop(self.shared.observers.clone()));
         }
         while stopping.join_next().await.is_some() {}
+        // The consumers have stopped, so no dispatcher still holds it.
+        self.shared
+            .outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(publisher) = self.publisher {
-            publisher.shutdown().await;
+            match Arc::try_unwrap(publisher) {
+                Ok(publisher) => publisher.shutdown().await,
+                Err(_) => warn!(
+                    "the producer is still shared at shutdown; its client stops with the runtime"
+                ),
+            }
         }
         // Also while an admin connection still holds the shared state.
         self.shared.mq.shutdown().await;

@@ -11,6 +11,8 @@ mod publisher;
 pub use client::MqRuntime;
 pub use consumer::{ConsumeFrom, ConsumerSettings, MessageHandler, PluginConsumer};
 pub use error::{MqError, error_chain};
-pub use publisher::{Backoff, DEFAULT_PRODUCER_GROUP, ProducerSettings, PublishReceipt, Publisher};
+pub use publisher::{
+    Backoff, DEFAULT_PRODUCER_GROUP, ProducerSettings, PublishReceipt, Publisher, PublisherOutbox,
+};
 
 pub use crate::outcome::DeliveryOutcome;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rocketmq_client_rust::{ClientRuntime, DefaultMQProducer};
 use rocketmq_model::common::message::message_client_id_setter::MessageClientIDSetter;
+use rocketmq_model::common::message::message_property::MessagePropertyKey;
 use rocketmq_model::common::message::message_single::Message;
 
 use super::client::MqRuntime;
@@ -175,10 +176,27 @@ impl Publisher {
         tags: Option<&str>,
         keys: Vec<String>,
     ) -> Result<PublishReceipt, MqError> {
-        let wire = self.settings.topic.wire();
+        let topic = self.settings.topic.clone();
+        self.publish_to(&topic, body, tags, keys, None).await
+    }
+
+    /// Publishes to any topic; `id` fixes the message id (`UNIQ_KEY`), for
+    /// a message that must keep its id when it is published again.
+    pub async fn publish_to(
+        &self,
+        topic: &TopicName,
+        body: Vec<u8>,
+        tags: Option<&str>,
+        keys: Vec<String>,
+        id: Option<String>,
+    ) -> Result<PublishReceipt, MqError> {
+        let wire = topic.wire();
         let mut builder = Message::builder().topic(wire).keys(keys).body(body);
         if let Some(tags) = tags {
             builder = builder.tags(tags);
+        }
+        if let Some(id) = id {
+            builder = builder.property(MessagePropertyKey::UniqueClientMsgId, id);
         }
         let mut message = builder
             .build()
@@ -201,7 +219,9 @@ impl Publisher {
             }
             let (result, generation) = {
                 let client = self.current.read().await;
-                let result = self.send_once(&client.producer, message.clone()).await;
+                let result = self
+                    .send_once(&client.producer, wire, message.clone())
+                    .await;
                 (result, client.generation)
             };
             match result {
@@ -239,9 +259,9 @@ impl Publisher {
     async fn send_once(
         &self,
         producer: &DefaultMQProducer,
+        wire: &str,
         message: Message,
     ) -> Result<PublishReceipt, MqError> {
-        let wire = self.settings.topic.wire();
         let timeout = u64::try_from(self.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
         let result = producer
             .send_with_timeout(message, timeout)
@@ -279,6 +299,62 @@ async fn start_client(
         .await
         .map_err(|err| MqError::new(format!("start producer group {}", settings.group), &err))?;
     Ok(producer)
+}
+
+/// Sends accepted events' follow-up messages through the built-in producer,
+/// from the client's listener threads.
+pub struct PublisherOutbox {
+    publisher: Arc<Publisher>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Everything an event's follow-up messages may take: they are sent on the
+/// listener thread, within the client's 30 s listener timeout.
+const OUTBOX_BUDGET: Duration = Duration::from_secs(10);
+
+impl PublisherOutbox {
+    pub fn new(publisher: Arc<Publisher>, runtime: tokio::runtime::Handle) -> Self {
+        PublisherOutbox { publisher, runtime }
+    }
+}
+
+impl crate::dispatch::OutboxSender for PublisherOutbox {
+    fn send(
+        &self,
+        delivery: &crate::delivery::Delivery,
+        messages: &[crate::wasm::OutgoingMessage],
+    ) -> Result<(), String> {
+        let send_all = async {
+            for (index, message) in messages.iter().enumerate() {
+                let mut keys = vec![crate::wasm::follow_up_key(&delivery.message_id, index)];
+                keys.extend(message.keys.iter().cloned());
+                self.publisher
+                    .publish_to(
+                        &message.topic,
+                        message.body.clone(),
+                        message.tag.as_deref(),
+                        keys,
+                        Some(crate::wasm::follow_up_id(&delivery.message_id, index)),
+                    )
+                    .await
+                    .map_err(|err| {
+                        format!(
+                            "message {} of {} to {}: {err}",
+                            index + 1,
+                            messages.len(),
+                            message.topic.wire()
+                        )
+                    })?;
+            }
+            Ok(())
+        };
+        // A listener thread is a blocking one: it may wait on the runtime.
+        self.runtime.block_on(async {
+            tokio::time::timeout(OUTBOX_BUDGET, send_all)
+                .await
+                .unwrap_or_else(|_| Err(format!("not sent within {OUTBOX_BUDGET:?}")))
+        })
+    }
 }
 
 #[cfg(test)]

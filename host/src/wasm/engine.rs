@@ -99,6 +99,10 @@ impl WasmRuntime {
             &mut linker,
             |state| state,
         )?;
+        bindings::v0_2::mqplug::plugin::publish::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )?;
         // Outbound HTTP: wasmtime's wasi:http, with mqplug's grant checks
         // in its send hook (outbound.rs).
         wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;

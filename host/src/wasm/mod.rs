@@ -9,6 +9,7 @@ mod config_store;
 mod engine;
 mod log_budget;
 mod outbound;
+mod outbox;
 mod plugin;
 mod state;
 
@@ -17,4 +18,8 @@ pub use cache::{CacheError, CompileCache, Compiled, DEFAULT_CACHE_MAX_BYTES, Ver
 pub use config_store::{ConfigValues, REDACTED};
 pub use engine::{EPOCH_TICK, PoolUsage, RuntimeSettings, WasmRuntime};
 pub use outbound::{Network, Origin, OutboundGrants, OutboundLimits, is_internal};
+pub use outbox::{
+    MAX_OUTBOX_BODY_BYTES, MAX_OUTBOX_MESSAGES, OutgoingMessage, PublishGrants, follow_up_id,
+    follow_up_key,
+};
 pub use plugin::{InstanceMode, Plugin, PluginLoadError, PluginSettings};

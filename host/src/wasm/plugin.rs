@@ -14,7 +14,8 @@ use super::config_store::ConfigValues;
 use super::engine::{EPOCH_TICK, WasmRuntime};
 use super::log_budget::LogBudget;
 use super::outbound::OutboundGrants;
-use super::state::HostState;
+use super::outbox::{OutgoingMessage, PublishGrants};
+use super::state::{Grants, HostState};
 use crate::delivery::Delivery;
 use crate::event::TaskEvent;
 use crate::observe::Observers;
@@ -62,6 +63,8 @@ pub struct PluginSettings {
     pub config: Arc<ConfigValues>,
     /// Where `wasi:http/outgoing-handler` may go (nowhere by default).
     pub outbound: Arc<OutboundGrants>,
+    /// The topics `publish` may send to (none by default).
+    pub publish: Arc<PublishGrants>,
 }
 
 impl PluginSettings {
@@ -77,6 +80,7 @@ impl PluginSettings {
             inherit_stdio: false,
             config: Arc::default(),
             outbound: Arc::new(OutboundGrants::none("")),
+            publish: Arc::default(),
         }
     }
 }
@@ -291,18 +295,26 @@ impl Plugin {
     /// or a blocking-pool one, as the consumers do): a plugin's WASI calls,
     /// such as printing with `inherit_stdio`, block on a Tokio runtime.
     pub fn handle(&self, event: &TaskEvent, delivery: &Delivery) -> HandlerOutcome {
+        self.handle_with_outbox(event, delivery).0
+    }
+
+    /// [`Plugin::handle`], with the follow-up messages the handler put in
+    /// its outbox: some only when it returned `ok`, none otherwise.
+    pub fn handle_with_outbox(
+        &self,
+        event: &TaskEvent,
+        delivery: &Delivery,
+    ) -> (HandlerOutcome, Vec<OutgoingMessage>) {
         let mut instance = match self.acquire() {
             Ok(instance) => instance,
-            Err(failure) => return HandlerOutcome::Failed(failure),
+            Err(failure) => return (HandlerOutcome::Failed(failure), Vec::new()),
         };
-        instance
-            .store
-            .data_mut()
-            .message_id
-            .clone_from(&delivery.message_id);
+        let state = instance.store.data_mut();
+        state.message_id.clone_from(&delivery.message_id);
+        state.outbox.clear();
         self.start_deadline(&mut instance.store);
         if let Err(failure) = self.refuel(&mut instance.store) {
-            return HandlerOutcome::Failed(failure);
+            return (HandlerOutcome::Failed(failure), Vec::new());
         }
         let result = instance
             .bindings
@@ -310,23 +322,34 @@ impl Plugin {
         if result.is_ok() && instance.store.data().wait_limit.cut_short() {
             // It waited until its deadline and came back before the epoch
             // interrupt: still a deadline, and the instance is dropped.
-            return HandlerOutcome::Failed(HandlerFailure::Deadline {
-                limit: self.settings.deadline,
-            });
+            return (
+                HandlerOutcome::Failed(HandlerFailure::Deadline {
+                    limit: self.settings.deadline,
+                }),
+                Vec::new(),
+            );
         }
         match result {
             Ok(Ok(())) => {
+                let outbox = std::mem::take(&mut instance.store.data_mut().outbox);
                 self.release(instance);
-                HandlerOutcome::Accepted
+                (HandlerOutcome::Accepted, outbox)
             }
             Ok(Err(reason)) => {
                 self.release(instance);
-                HandlerOutcome::Rejected {
-                    // Logged and counted on every retry: bounded and escaped.
-                    reason: inert_owned(self.settings.config.redact(reason), MAX_UNTRUSTED_BYTES),
-                }
+                let reason = self.settings.config.redact(reason);
+                (
+                    HandlerOutcome::Rejected {
+                        // Logged and counted on every retry: bounded and escaped.
+                        reason: inert_owned(reason, MAX_UNTRUSTED_BYTES),
+                    },
+                    Vec::new(),
+                )
             }
-            Err(err) => HandlerOutcome::Failed(self.classify(&instance.store, err)),
+            Err(err) => (
+                HandlerOutcome::Failed(self.classify(&instance.store, err)),
+                Vec::new(),
+            ),
         }
     }
 
@@ -382,8 +405,11 @@ impl Plugin {
             self.name.clone(),
             self.settings.memory_limit_bytes,
             self.settings.inherit_stdio,
-            self.settings.config.clone(),
-            self.outbound.clone(),
+            Grants {
+                config: self.settings.config.clone(),
+                outbound: self.outbound.clone(),
+                publish: self.settings.publish.clone(),
+            },
             self.observers.clone(),
             self.log_budget.clone(),
         );

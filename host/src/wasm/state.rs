@@ -11,6 +11,7 @@ use super::clocks::WaitLimit;
 use super::config_store::ConfigValues;
 use super::log_budget::LogBudget;
 use super::outbound::{HttpHooks, OutboundGrants};
+use super::outbox::{OutgoingMessage, PublishGrants, Refusal};
 use crate::observe::{HostEvent, LogLevel, Observers};
 use crate::text::{MAX_UNTRUSTED_BYTES, inert_owned};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -20,6 +21,13 @@ pub const MAX_LOG_LINE_BYTES: usize = MAX_UNTRUSTED_BYTES;
 
 /// Most table elements a plugin may have; generous for any real plugin.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// What a plugin's entry grants it, for each of its stores.
+pub(crate) struct Grants {
+    pub config: Arc<ConfigValues>,
+    pub outbound: Arc<OutboundGrants>,
+    pub publish: Arc<PublishGrants>,
+}
 
 pub struct HostState {
     plugin: Arc<str>,
@@ -40,6 +48,9 @@ pub struct HostState {
     pub(crate) config: Arc<ConfigValues>,
     http: WasiHttpCtx,
     http_hooks: HttpHooks,
+    publish: Arc<PublishGrants>,
+    /// The current event's follow-up messages, sent after `ok`.
+    pub(crate) outbox: Vec<OutgoingMessage>,
 }
 
 impl HostState {
@@ -47,8 +58,7 @@ impl HostState {
         plugin: Arc<str>,
         memory_limit_bytes: usize,
         inherit_stdio: bool,
-        config: Arc<ConfigValues>,
-        outbound: Arc<OutboundGrants>,
+        grants: Grants,
         observers: Observers,
         log_budget: Arc<LogBudget>,
     ) -> Self {
@@ -63,6 +73,11 @@ impl HostState {
         }
         let wasi = wasi.build();
         let wait_limit = WaitLimit::default();
+        let Grants {
+            config,
+            outbound,
+            publish,
+        } = grants;
         HostState {
             plugin,
             message_id: String::new(),
@@ -81,6 +96,8 @@ impl HostState {
             wait_limit,
             config,
             http: WasiHttpCtx::new(),
+            publish,
+            outbox: Vec::new(),
         }
     }
 }
@@ -162,6 +179,36 @@ impl v0_2::mqplug::plugin::log::Host for HostState {
             Level::Error => LogLevel::Error,
         };
         self.write_log(level, message);
+    }
+}
+
+impl v0_2::mqplug::plugin::publish::Host for HostState {
+    fn send(
+        &mut self,
+        message: v0_2::mqplug::plugin::publish::Message,
+    ) -> Result<(), v0_2::mqplug::plugin::publish::PublishError> {
+        use v0_2::mqplug::plugin::publish::PublishError;
+        let admitted = self.publish.admit(
+            &self.outbox,
+            &message.topic,
+            message.tag,
+            message.keys,
+            message.body,
+        );
+        match admitted {
+            Ok(message) => {
+                self.outbox.push(message);
+                Ok(())
+            }
+            Err(refusal) => {
+                tracing::warn!(target: "mqplug::plugin", "publish refused: {refusal:?}");
+                Err(match refusal {
+                    Refusal::TopicNotAllowed(topic) => PublishError::TopicNotAllowed(topic),
+                    Refusal::TooLarge(limit) => PublishError::TooLarge(limit),
+                    Refusal::TooMany(limit) => PublishError::TooMany(limit),
+                })
+            }
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! | `CONFIG`    | logs `config <key>=<value>` for every key in `event_data.keys` (`<none>` when unset), then ok |
 //! | `LEAK`      | logs `leak <value>` of config key `event_data.key`, then returns an error carrying it too (for redaction tests) |
 //! | `HTTP`      | sends `event_data.method` (default GET) to `event_data.url` with `event_data.body`; logs `http <status> <body>` and is ok, or returns the error `http: <why>` |
+//! | `PUBLISH`   | publishes `event_data.count` messages `{"for": <message id>, "i": i}` to `event_data.topic` (tag `FOLLOW_UP`); then ok, or with `event_data.then` = `"err"` an error, or with `"err_first"` an error on first delivery only; a refused message is an error |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
@@ -138,6 +139,29 @@ impl Handler for Chaos {
                         Ok(())
                     }
                     Err(why) => Err(format!("http: {why}")),
+                }
+            }
+            "PUBLISH" => {
+                let topic = event
+                    .event_data
+                    .get("topic")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default();
+                let count = event
+                    .event_data
+                    .get("count")
+                    .and_then(|n| n.as_u64())
+                    .unwrap_or(1);
+                for i in 0..count {
+                    let body = json!({"for": delivery.message_id, "i": i}).to_string();
+                    mqplug_plugin::publish::send(topic, Some("FOLLOW_UP"), &[], body.as_bytes())?;
+                }
+                match event.event_data.get("then").and_then(|t| t.as_str()) {
+                    Some("err") => Err("chaos: published, then failed".into()),
+                    Some("err_first") if delivery.reconsume_times == 0 => {
+                        Err("chaos: published, then failed the first delivery".into())
+                    }
+                    _ => Ok(()),
                 }
             }
             "PRINT" => {

@@ -60,6 +60,35 @@ pub mod config {
     }
 }
 
+/// Follow-up messages to the topics the plugin's entry grants
+/// (`allowed_topics`), sent by the host after the handler returns `Ok` and
+/// never after `Err`. Each is keyed `<message-id>:<index>` with a message
+/// id derived from both, so a redelivered event republishes the same ids.
+///
+/// ```ignore
+/// mqplug_plugin::publish::send("marketing.reward.granted", Some("REWARD"), &[], body)?;
+/// ```
+pub mod publish {
+    use crate::bindings::mqplug::plugin::publish::{self as raw, Message, PublishError};
+
+    /// Puts a message in this event's outbox; the error says why not.
+    pub fn send(topic: &str, tag: Option<&str>, keys: &[&str], body: &[u8]) -> Result<(), String> {
+        raw::send(&Message {
+            topic: topic.to_string(),
+            tag: tag.map(str::to_string),
+            keys: keys.iter().map(|key| key.to_string()).collect(),
+            body: body.to_vec(),
+        })
+        .map_err(|err| match err {
+            PublishError::TopicNotAllowed(topic) => {
+                format!("topic {topic} is not in this plugin's allowed_topics")
+            }
+            PublishError::TooLarge(limit) => format!("message over {limit} bytes"),
+            PublishError::TooMany(limit) => format!("more than {limit} messages for one event"),
+        })
+    }
+}
+
 /// Outbound HTTP through the standard `wasi:http/outgoing-handler`, to the
 /// origins the plugin's entry grants (`allowed_outbound_hosts`); any other
 /// request fails with `HttpRequestDenied`, an error to handle like any

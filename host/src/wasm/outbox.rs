@@ -1,0 +1,158 @@
+//! The `publish` import: follow-up messages a handler puts in its event's
+//! outbox, checked against the plugin's `allowed_topics` and bounded. The
+//! dispatcher sends them after `ok`; this module only holds them.
+
+use crate::topic::TopicName;
+
+/// Most messages one event may publish.
+pub const MAX_OUTBOX_MESSAGES: u32 = 16;
+/// Largest body of one follow-up message.
+pub const MAX_OUTBOX_BODY_BYTES: u32 = 4 * 1024 * 1024;
+/// Most keys one follow-up message may carry besides the host's.
+const MAX_KEYS: usize = 8;
+/// Longest tag or key.
+const MAX_KEY_BYTES: usize = 256;
+
+/// One follow-up message, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    pub topic: TopicName,
+    pub tag: Option<String>,
+    pub keys: Vec<String>,
+    pub body: Vec<u8>,
+}
+
+/// The topics a plugin may publish to (none by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishGrants {
+    topics: Vec<TopicName>,
+}
+
+/// Why a message was refused, as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    TopicNotAllowed(String),
+    TooLarge(u32),
+    TooMany(u32),
+}
+
+impl PublishGrants {
+    pub fn new(topics: Vec<TopicName>) -> Self {
+        PublishGrants { topics }
+    }
+
+    pub fn topics(&self) -> &[TopicName] {
+        &self.topics
+    }
+
+    /// Checks one message against the grants and the outbox so far.
+    pub fn admit(
+        &self,
+        outbox: &[OutgoingMessage],
+        topic: &str,
+        tag: Option<String>,
+        keys: Vec<String>,
+        body: Vec<u8>,
+    ) -> Result<OutgoingMessage, Refusal> {
+        let Some(topic) = self
+            .topics
+            .iter()
+            .find(|granted| granted.configured() == topic || granted.wire() == topic)
+        else {
+            return Err(Refusal::TopicNotAllowed(crate::text::inert_owned(
+                topic.to_string(),
+                MAX_KEY_BYTES,
+            )));
+        };
+        if outbox.len() >= MAX_OUTBOX_MESSAGES as usize {
+            return Err(Refusal::TooMany(MAX_OUTBOX_MESSAGES));
+        }
+        if body.len() > MAX_OUTBOX_BODY_BYTES as usize
+            || keys.len() > MAX_KEYS
+            || tag.as_ref().is_some_and(|tag| tag.len() > MAX_KEY_BYTES)
+            || keys.iter().any(|key| key.len() > MAX_KEY_BYTES)
+        {
+            return Err(Refusal::TooLarge(MAX_OUTBOX_BODY_BYTES));
+        }
+        Ok(OutgoingMessage {
+            topic: topic.clone(),
+            tag,
+            keys,
+            body,
+        })
+    }
+}
+
+/// The message id of follow-up message `index` of the incoming message
+/// `message_id`: 32 hex digits, like a client's, the same on every
+/// redelivery.
+pub fn follow_up_id(message_id: &str, index: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("mqplug-outbox\n{message_id}\n{index}").as_bytes());
+    digest[..16].iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// The key the host gives follow-up message `index` of `message_id`.
+pub fn follow_up_key(message_id: &str, index: usize) -> String {
+    format!("{message_id}:{index}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants() -> PublishGrants {
+        PublishGrants::new(vec![TopicName::new("marketing.reward.granted").unwrap()])
+    }
+
+    #[test]
+    fn only_granted_topics_by_either_name_are_admitted() {
+        let grants = grants();
+        for name in ["marketing.reward.granted", "marketing_reward_granted"] {
+            let admitted = grants
+                .admit(&[], name, None, vec![], b"{}".to_vec())
+                .unwrap();
+            assert_eq!(admitted.topic.wire(), "marketing_reward_granted");
+        }
+        assert_eq!(
+            grants.admit(&[], "marketing.task.completed", None, vec![], vec![]),
+            Err(Refusal::TopicNotAllowed("marketing.task.completed".into()))
+        );
+        assert!(matches!(
+            PublishGrants::default().admit(&[], "marketing.reward.granted", None, vec![], vec![]),
+            Err(Refusal::TopicNotAllowed(_))
+        ));
+    }
+
+    #[test]
+    fn the_outbox_and_each_message_are_bounded() {
+        let grants = grants();
+        let one = grants
+            .admit(&[], "marketing.reward.granted", None, vec![], vec![])
+            .unwrap();
+        let full = vec![one; MAX_OUTBOX_MESSAGES as usize];
+        assert_eq!(
+            grants.admit(&full, "marketing.reward.granted", None, vec![], vec![]),
+            Err(Refusal::TooMany(MAX_OUTBOX_MESSAGES))
+        );
+        let big = vec![0; MAX_OUTBOX_BODY_BYTES as usize + 1];
+        assert!(matches!(
+            grants.admit(&[], "marketing.reward.granted", None, vec![], big),
+            Err(Refusal::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn follow_up_ids_are_stable_distinct_and_shaped_like_a_clients() {
+        let id = follow_up_id("C0A80001000000000000000000000001", 0);
+        assert_eq!(id, follow_up_id("C0A80001000000000000000000000001", 0));
+        assert_ne!(id, follow_up_id("C0A80001000000000000000000000001", 1));
+        assert_ne!(id, follow_up_id("C0A80001000000000000000000000002", 0));
+        assert_eq!(id.len(), 32);
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+        );
+        assert_eq!(follow_up_key("abc", 2), "abc:2");
+    }
+}
