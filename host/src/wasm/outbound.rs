@@ -376,13 +376,19 @@ impl OutboundGrants {
         };
         let end_tokio = tokio::time::Instant::from_std(end);
 
-        let addresses = tokio::time::timeout_at(
-            end_tokio,
-            tokio::net::lookup_host((origin.host.as_str(), port)),
-        )
-        .await
-        .map_err(|_| expired(Error::DnsTimeout))?
-        .map_err(|_| Error::DestinationNotFound)?;
+        // An address granted literally needs no resolution (nor a trip to
+        // the resolver's blocking thread).
+        let addresses: Vec<SocketAddr> = match origin.literal {
+            Some(ip) => vec![SocketAddr::new(ip, port)],
+            None => tokio::time::timeout_at(
+                end_tokio,
+                tokio::net::lookup_host((origin.host.as_str(), port)),
+            )
+            .await
+            .map_err(|_| expired(Error::DnsTimeout))?
+            .map_err(|_| Error::DestinationNotFound)?
+            .collect(),
+        };
         let address: SocketAddr = addresses
             .into_iter()
             .find(|address| self.address_allowed(&origin, address.ip()))
