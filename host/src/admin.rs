@@ -681,9 +681,7 @@ mod tests {
         fn near_misses_of_a_valid_request_get_a_bounded_answer_or_none(
             position in any::<usize>(), byte in any::<u8>(), cut in any::<bool>(),
         ) {
-            let mut request = VALID.to_vec();
-            let at = position % request.len();
-            if cut { request.truncate(at) } else { request[at] = byte }
+            let request = crate::mutated(VALID, position, byte, cut);
             thread_local!(static RUNTIME: tokio::runtime::Runtime = runtime());
             if let Some(status) = RUNTIME.with(|runtime| exchange(runtime, &request)) {
                 prop_assert!([200, 400, 404, 405, 431, 505].contains(&status), "{status}");

@@ -1073,17 +1073,6 @@ mod tests {
             }
         }
 
-        fn mutated(base: &[u8], position: usize, byte: u8, cut: bool) -> String {
-            let mut text = base.to_vec();
-            let at = position % text.len();
-            if cut {
-                text.truncate(at);
-            } else {
-                text[at] = byte;
-            }
-            String::from_utf8_lossy(&text).into_owned()
-        }
-
         /// A value of any TOML type, including the edges of the integers.
         fn arb_value() -> impl Strategy<Value = String> {
             prop_oneof![
@@ -1131,7 +1120,7 @@ mod tests {
             fn near_misses_of_a_full_config_never_panic(
                 position in any::<usize>(), byte in any::<u8>(), cut in any::<bool>(),
             ) {
-                exercise(&mutated(FULL.as_bytes(), position, byte, cut));
+                exercise(&String::from_utf8_lossy(&crate::mutated(FULL.as_bytes(), position, byte, cut)));
             }
 
             #[test]

@@ -240,17 +240,6 @@ mod tests {
 
         /// Valid bodies with a byte flipped, cut short or grown: the decoder's
         /// hardest inputs are the near misses.
-        fn mutated(body: &[u8], position: usize, byte: u8, cut: bool) -> Vec<u8> {
-            let mut body = body.to_vec();
-            let position = position % body.len();
-            if cut {
-                body.truncate(position);
-            } else {
-                body[position] = byte;
-            }
-            body
-        }
-
         fn arb_event() -> impl Strategy<Value = TaskEvent> {
             (
                 ".{0,20}",
@@ -307,7 +296,7 @@ mod tests {
                 go_spelling in any::<bool>(),
             ) {
                 let body = if go_spelling { GO } else { SNAKE };
-                let _ = TaskEvent::decode(&mutated(body.as_bytes(), position, byte, cut), DEFAULT_MAX_BODY_BYTES);
+                let _ = TaskEvent::decode(&crate::mutated(body.as_bytes(), position, byte, cut), DEFAULT_MAX_BODY_BYTES);
             }
 
             #[test]

@@ -40,6 +40,20 @@ pub(crate) fn fuzz_cases() -> u32 {
         .unwrap_or(10_000)
 }
 
+/// `base` with the byte at `position` (modulo its length) replaced by
+/// `byte`, or cut there: the near misses the fuzzers try.
+#[cfg(test)]
+pub(crate) fn mutated(base: &[u8], position: usize, byte: u8, cut: bool) -> Vec<u8> {
+    let mut mutated = base.to_vec();
+    let at = position % mutated.len();
+    if cut {
+        mutated.truncate(at);
+    } else {
+        mutated[at] = byte;
+    }
+    mutated
+}
+
 pub use config::{HostConfig, PluginConfig};
 pub use delivery::Delivery;
 pub use event::TaskEvent;

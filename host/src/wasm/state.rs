@@ -154,33 +154,26 @@ impl ResourceLimiter for HostState {
 impl v0_1::mqplug::plugin::types::Host for HostState {}
 impl v0_2::mqplug::plugin::types::Host for HostState {}
 
-impl v0_1::mqplug::plugin::log::Host for HostState {
-    fn log(&mut self, level: v0_1::mqplug::plugin::log::Level, message: String) {
-        use v0_1::mqplug::plugin::log::Level;
-        let level = match level {
-            Level::Trace => LogLevel::Trace,
-            Level::Debug => LogLevel::Debug,
-            Level::Info => LogLevel::Info,
-            Level::Warn => LogLevel::Warn,
-            Level::Error => LogLevel::Error,
-        };
-        self.write_log(level, message);
-    }
+/// The `log` import of each contract version: the same levels, one writer.
+macro_rules! log_host {
+    ($($version:ident),*) => {$(
+        impl $version::mqplug::plugin::log::Host for HostState {
+            fn log(&mut self, level: $version::mqplug::plugin::log::Level, message: String) {
+                use $version::mqplug::plugin::log::Level;
+                let level = match level {
+                    Level::Trace => LogLevel::Trace,
+                    Level::Debug => LogLevel::Debug,
+                    Level::Info => LogLevel::Info,
+                    Level::Warn => LogLevel::Warn,
+                    Level::Error => LogLevel::Error,
+                };
+                self.write_log(level, message);
+            }
+        }
+    )*};
 }
 
-impl v0_2::mqplug::plugin::log::Host for HostState {
-    fn log(&mut self, level: v0_2::mqplug::plugin::log::Level, message: String) {
-        use v0_2::mqplug::plugin::log::Level;
-        let level = match level {
-            Level::Trace => LogLevel::Trace,
-            Level::Debug => LogLevel::Debug,
-            Level::Info => LogLevel::Info,
-            Level::Warn => LogLevel::Warn,
-            Level::Error => LogLevel::Error,
-        };
-        self.write_log(level, message);
-    }
-}
+log_host!(v0_1, v0_2);
 
 impl v0_2::mqplug::plugin::publish::Host for HostState {
     fn send(
