@@ -161,40 +161,8 @@ impl Dispatcher {
                     }
                 });
                 version = handled.version;
-                // Follow-up messages go out before the event is acknowledged;
-                // if they cannot, the event is retried and republishes them
-                // with the same ids.
-                let handled = match (handled.outcome, handled.outbox) {
-                    (HandlerOutcome::Accepted, outbox) if !outbox.is_empty() => {
-                        match self.send_outbox(delivery, &outbox) {
-                            Ok(()) => HandlerOutcome::Accepted,
-                            Err(why) => {
-                                failure = Some(FailureKind::Publish);
-                                let outcome = DeliveryOutcome::ConsumeRetryLater;
-                                error!(
-                                    ?outcome,
-                                    messages = outbox.len(),
-                                    "follow-up messages not sent: {why}"
-                                );
-                                let cause = format!("follow-up messages not sent: {why}");
-                                self.observers.emit(|| HostEvent::Handled {
-                                    plugin: self.plugin.clone(),
-                                    message_id: delivery.message_id.clone(),
-                                    reconsume_times: delivery.reconsume_times,
-                                    outcome,
-                                    cause: Some(cause),
-                                    version: version.clone(),
-                                    failure,
-                                    duration: started.elapsed(),
-                                });
-                                return outcome;
-                            }
-                        }
-                    }
-                    (outcome, _) => outcome,
-                };
-                let outcome = delivery_outcome(&handled);
-                let cause = match handled {
+                let outcome = delivery_outcome(&handled.outcome);
+                let cause = match handled.outcome {
                     HandlerOutcome::Accepted => {
                         debug!(event_type = %event.event_type, "handled");
                         None
@@ -216,7 +184,26 @@ impl Dispatcher {
                         Some(why.to_string())
                     }
                 };
-                (outcome, cause)
+                // Follow-up messages go out before the event is acknowledged;
+                // if they cannot, the event is retried and republishes them
+                // with the same ids.
+                let unsent = (outcome == DeliveryOutcome::ConsumeSuccess
+                    && !handled.outbox.is_empty())
+                .then(|| self.send_outbox(delivery, &handled.outbox).err())
+                .flatten();
+                match unsent {
+                    None => (outcome, cause),
+                    Some(why) => {
+                        failure = Some(FailureKind::Publish);
+                        let outcome = DeliveryOutcome::ConsumeRetryLater;
+                        error!(
+                            ?outcome,
+                            messages = handled.outbox.len(),
+                            "follow-up messages not sent: {why}"
+                        );
+                        (outcome, Some(format!("follow-up messages not sent: {why}")))
+                    }
+                }
             }
         };
         self.observers.emit(|| HostEvent::Handled {
