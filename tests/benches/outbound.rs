@@ -14,20 +14,16 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::{BodyExt, Empty};
 use mqplug::config::PluginConfig;
 use mqplug::delivery::Delivery;
-use mqplug::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
+use mqplug::event::TaskEvent;
 use mqplug::outcome::HandlerOutcome;
 use mqplug::slot::load_plugin;
 use mqplug::wasm::{RuntimeSettings, WasmRuntime};
 use mqplug_tests::http_server::{Answer, Server};
 use mqplug_tests::plugins::plugin_path;
 
+/// The platform's example event from user 7 with `event_data`.
 fn event(event_type: &str, event_data: serde_json::Value) -> TaskEvent {
-    let body = serde_json::json!({
-        "event_type": event_type, "user_id": 7, "tenant_id": "t", "app_id": "a",
-        "campaign_id": "c", "campaign_name": "n", "event_data": event_data,
-        "timestamp": "2026-11-25T14:19:15+08:00",
-    });
-    TaskEvent::decode(body.to_string().as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap()
+    mqplug_tests::sample_event_with(event_type, 7, event_data)
 }
 
 fn bench(c: &mut Criterion) {

@@ -61,9 +61,19 @@ pub fn host_config(broker: &LocalBroker, topic: &str, plugins: Vec<PluginConfig>
 
 /// The platform's example event with the given type and user.
 pub fn sample_event(event_type: &str, user_id: u64) -> mqplug::TaskEvent {
+    sample_event_with(event_type, user_id, serde_json::json!({"count": 1}))
+}
+
+/// The platform's example event with the given type, user and event data
+/// (what the chaos plugin reads its instructions from).
+pub fn sample_event_with(
+    event_type: &str,
+    user_id: u64,
+    event_data: serde_json::Value,
+) -> mqplug::TaskEvent {
     let body = serde_json::json!({
         "event_type": event_type, "user_id": user_id, "tenant_id": "tenant1", "app_id": "app1",
-        "campaign_id": "campaign-1", "campaign_name": "测试活动", "event_data": {"count": 1},
+        "campaign_id": "campaign-1", "campaign_name": "测试活动", "event_data": event_data,
         "timestamp": "2026-11-25T14:19:15+08:00",
     });
     mqplug::TaskEvent::decode(body.to_string().as_bytes(), usize::MAX).expect("a valid event")

@@ -9,20 +9,16 @@ use std::sync::Arc;
 
 use mqplug::config::{PluginConfig, SecretSource};
 use mqplug::delivery::Delivery;
-use mqplug::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
+use mqplug::event::TaskEvent;
 use mqplug::outcome::HandlerOutcome;
 use mqplug::slot::load_plugin;
 use mqplug::wasm::{Plugin, REDACTED, RuntimeSettings, WasmRuntime};
 use mqplug_tests::http_server::{Answer, Server};
 use mqplug_tests::{Recorder, plugins::plugin_path, workspace_root};
 
+/// The platform's example event from user 7 with `event_data`.
 fn event(event_type: &str, event_data: serde_json::Value) -> TaskEvent {
-    let body = serde_json::json!({
-        "event_type": event_type, "user_id": 7, "tenant_id": "tenant1", "app_id": "app1",
-        "campaign_id": "campaign-1", "campaign_name": "测试活动", "event_data": event_data,
-        "timestamp": "2026-11-25T14:19:15+08:00",
-    });
-    TaskEvent::decode(body.to_string().as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap()
+    mqplug_tests::sample_event_with(event_type, 7, event_data)
 }
 
 fn delivery(id: &str) -> Delivery {

@@ -710,12 +710,11 @@ async fn a_consumed_event_calls_a_granted_service_and_a_refused_one_is_retried()
     let host = Host::start(&config, recorder.observers()).await?;
     let publisher = host.publisher().context("the producer is enabled")?;
     let http_event = |user: u64, url: String| {
-        let mut event = sample_event("HTTP", user);
-        event.event_data = serde_json::json!({"url": url, "method": "POST", "body": "{}"})
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        event
+        mqplug_tests::sample_event_with(
+            "HTTP",
+            user,
+            serde_json::json!({"url": url, "method": "POST", "body": "{}"}),
+        )
     };
     let mut granted = HashSet::new();
     for user in 0..EVENTS {
@@ -811,14 +810,11 @@ async fn follow_up_messages_go_out_after_ok_with_derived_ids_and_never_after_err
     .await?;
 
     let publish_event = |user: u64, then: &str| {
-        let mut event = sample_event("PUBLISH", user);
-        event.event_data = serde_json::json!({
-            "topic": FOLLOW_UP_TOPIC, "count": FOLLOW_UPS, "then": then,
-        })
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-        event
+        mqplug_tests::sample_event_with(
+            "PUBLISH",
+            user,
+            serde_json::json!({"topic": FOLLOW_UP_TOPIC, "count": FOLLOW_UPS, "then": then}),
+        )
     };
     let ok = publisher.publish(&publish_event(1, "ok")).await?.message_id;
     let failing = publisher

@@ -417,14 +417,8 @@ async fn changed_config_values_reach_the_plugin_and_secrets_stay_off_the_admin_p
     let recorder = Recorder::new();
     let host = Host::start(&HostConfig::from_file(&config_path)?, recorder.observers()).await?;
     let publisher = host.publisher().context("the producer is enabled")?;
-    let ask = || {
-        let mut event = sample_event("CONFIG", 1);
-        event.event_data = serde_json::json!({"keys": ["greeting"]})
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        event
-    };
+    let ask =
+        || mqplug_tests::sample_event_with("CONFIG", 1, serde_json::json!({"keys": ["greeting"]}));
     let said = |line: &str| {
         recorder.wait_until(WAIT, |r| {
             r.plugin_logs("chaos").iter().any(|(_, l)| l == line)

@@ -118,6 +118,15 @@ async fn a_go_consumer_and_mqplug_in_one_group_split_the_queues_and_lose_nothing
             .collect()
     };
 
+    // Whether every message of `ids` was handled by one member or the other.
+    let all_handled = |ids: &HashSet<String>, go: &GoConsumer, r: &Recorder| {
+        let seen: HashSet<String> = handled_by_go(go)
+            .into_iter()
+            .chain(handled_by_mqplug(r))
+            .collect();
+        ids.iter().all(|id| seen.contains(id))
+    };
+
     // Warm-up: publish batches until the group has settled: a whole batch
     // split between both members, each message handled exactly once. Until
     // then a queue may still move (each client rebalances on its own
@@ -134,15 +143,8 @@ async fn a_go_consumer_and_mqplug_in_one_group_split_the_queues_and_lose_nothing
             batch.insert(receipt.message_id.clone());
             published.push(receipt.message_id);
         }
-        let all_handled = |go: &GoConsumer, r: &Recorder| {
-            let seen: HashSet<String> = handled_by_go(go)
-                .into_iter()
-                .chain(handled_by_mqplug(r))
-                .collect();
-            batch.iter().all(|id| seen.contains(id))
-        };
         ensure!(
-            recorder.wait_until(WAIT, |r| all_handled(&go, r)),
+            recorder.wait_until(WAIT, |r| all_handled(&batch, &go, r)),
             "a warm-up batch was not handled"
         );
         tokio::time::sleep(mqplug_tests::QUIET_PERIOD).await;
@@ -174,15 +176,8 @@ async fn a_go_consumer_and_mqplug_in_one_group_split_the_queues_and_lose_nothing
         while_both.insert(receipt.message_id.clone());
         published.push(receipt.message_id);
     }
-    let done = |go: &GoConsumer, r: &Recorder| {
-        let seen: HashSet<String> = handled_by_go(go)
-            .into_iter()
-            .chain(handled_by_mqplug(r))
-            .collect();
-        while_both.iter().all(|id| seen.contains(id))
-    };
     ensure!(
-        recorder.wait_until(WAIT, |r| done(&go, r)),
+        recorder.wait_until(WAIT, |r| all_handled(&while_both, &go, r)),
         "not every message was handled while both ran"
     );
     let count = |ids: Vec<String>| {
