@@ -372,14 +372,11 @@ async fn a_plugin_file_changed_during_a_config_reload_is_loaded_and_a_touch_is_n
     replace(&added_path, &std::fs::read(&added_path)?)?;
     replace(&first_path, &std::fs::read(&old_build)?)?;
     let changed_back = first_serves(&old_build).await;
-    let loads = |plugin: &str| {
-        recorder
-            .loads()
-            .iter()
-            .filter(|(p, ..)| p == plugin)
-            .count()
-    };
-    let (first_loads, added_loads) = (loads("first"), loads("added"));
+    let loads = |r: &Recorder, plugin: &str| r.loads().iter().filter(|(p, ..)| p == plugin).count();
+    // A reload swaps the build in before it reports the load: wait for the
+    // report of the change just served.
+    recorder.wait_until(WAIT, |r| loads(r, "first") >= 3);
+    let (first_loads, added_loads) = (loads(&recorder, "first"), loads(&recorder, "added"));
     host.shutdown().await;
     ensure!(
         changed_during_reload,
