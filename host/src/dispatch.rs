@@ -12,8 +12,8 @@ use crate::event::TaskEvent;
 use crate::mq::MessageHandler;
 use crate::observe::{FailureKind, HostEvent, Observers};
 use crate::outcome::{
-    DeliveryOutcome, HandlerFailure, HandlerOutcome, UndecodablePolicy, delivery_outcome,
-    undecodable_outcome,
+    DeliveryOutcome, Disposition, HandlerFailure, HandlerOutcome, UndecodablePolicy,
+    delivery_outcome, undecodable_outcome,
 };
 use crate::text::{MAX_UNTRUSTED_BYTES, inert, inert_owned};
 use crate::wasm::{OutgoingMessage, Plugin};
@@ -167,10 +167,23 @@ impl Dispatcher {
                         debug!(event_type = %event.event_type, "handled");
                         None
                     }
-                    HandlerOutcome::Rejected { reason } => {
+                    HandlerOutcome::Rejected {
+                        reason,
+                        disposition,
+                    } => {
                         failure = Some(FailureKind::Rejected);
-                        warn!(?outcome, "handler returned an error: {reason}");
-                        Some(format!("handler error: {reason}"))
+                        let cause = match disposition {
+                            Disposition::Retry => format!("handler error: {reason}"),
+                            Disposition::RetryAfter(delay) => format!(
+                                "handler error, retry after {} ms: {reason}",
+                                delay.as_millis()
+                            ),
+                            Disposition::DeadLetter => {
+                                format!("handler error, dead letter: {reason}")
+                            }
+                        };
+                        warn!(?outcome, "{cause}");
+                        Some(cause)
                     }
                     HandlerOutcome::Failed(why) => {
                         failure = Some(match why {
@@ -337,9 +350,7 @@ mod tests {
     fn a_rejected_or_failed_event_is_retried_with_its_cause() {
         for (outcome, expected_cause) in [
             (
-                HandlerOutcome::Rejected {
-                    reason: "out of stock".into(),
-                },
+                HandlerOutcome::rejected("out of stock"),
                 "handler error: out of stock",
             ),
             (

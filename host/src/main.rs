@@ -440,7 +440,7 @@ fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
     );
     let file = std::fs::File::open(&args.events)
         .with_context(|| format!("cannot open {}", args.events.display()))?;
-    let (mut acked, mut retried) = (0, 0);
+    let (mut acked, mut retried, mut dead) = (0, 0, 0);
     for (index, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
         let line = line.with_context(|| format!("cannot read {}", args.events.display()))?;
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -449,7 +449,8 @@ fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
         let result = replayer.replay(index + 1, &line, args.reconsume_times);
         match result.outcome {
             DeliveryOutcome::ConsumeSuccess => acked += 1,
-            DeliveryOutcome::ConsumeRetryLater => retried += 1,
+            DeliveryOutcome::ConsumeRetryLater | DeliveryOutcome::RetryAfter { .. } => retried += 1,
+            DeliveryOutcome::DeadLetter => dead += 1,
         }
         println!(
             "line {}: {:?}{}",
@@ -458,7 +459,7 @@ fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
             result.cause.map(|c| format!(" ({c})")).unwrap_or_default()
         );
     }
-    println!("{acked} acknowledged, {retried} to retry");
+    println!("{acked} acknowledged, {retried} to retry, {dead} to the dead-letter queue");
     Ok(std::process::ExitCode::SUCCESS)
 }
 

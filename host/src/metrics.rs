@@ -6,7 +6,6 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use crate::observe::{HostEvent, Observer, OutboundResult};
-use crate::outcome::DeliveryOutcome;
 use crate::wasm::PoolUsage;
 
 /// Upper bounds of the handler duration histogram, in seconds.
@@ -65,10 +64,7 @@ impl Metrics {
             } => {
                 let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
                 let counters = plugins.entry(plugin.clone()).or_default();
-                let outcome = match outcome {
-                    DeliveryOutcome::ConsumeSuccess => "success",
-                    DeliveryOutcome::ConsumeRetryLater => "retry_later",
-                };
+                let outcome = outcome.as_str();
                 *counters.messages.entry(outcome).or_default() += 1;
                 if let Some(kind) = failure {
                     *counters.failures.entry(kind.as_str()).or_default() += 1;
@@ -351,6 +347,7 @@ mod tests {
 
     use super::*;
     use crate::observe::FailureKind;
+    use crate::outcome::DeliveryOutcome;
 
     fn handled(outcome: DeliveryOutcome, failure: Option<FailureKind>, ms: u64) -> HostEvent {
         HostEvent::Handled {

@@ -16,13 +16,18 @@ pub struct Handled {
     pub cause: Option<String>,
     /// The plugin build (SHA-256) that handled it.
     pub version: Option<String>,
+    /// When the host reported it.
+    pub at: Instant,
 }
 
 /// Collects every [`HostEvent`] the host emits.
 #[derive(Clone, Default)]
 pub struct Recorder {
-    inner: Arc<(Mutex<Vec<HostEvent>>, Condvar)>,
+    inner: Arc<(Mutex<Vec<Stamped>>, Condvar)>,
 }
+
+/// An event and when it was reported.
+type Stamped = (Instant, HostEvent);
 
 impl Recorder {
     pub fn new() -> Self {
@@ -33,7 +38,7 @@ impl Recorder {
         let inner = self.inner.clone();
         let observer: Observer = Arc::new(move |event: &HostEvent| {
             let (events, changed) = &*inner;
-            events.lock().unwrap().push(event.clone());
+            events.lock().unwrap().push((Instant::now(), event.clone()));
             changed.notify_all();
         });
         Observers::new(vec![observer])
@@ -45,7 +50,7 @@ impl Recorder {
             .lock()
             .unwrap()
             .iter()
-            .filter_map(|event| match event {
+            .filter_map(|(at, event)| match event {
                 HostEvent::Handled {
                     plugin,
                     message_id,
@@ -61,6 +66,7 @@ impl Recorder {
                     outcome: *outcome,
                     cause: cause.clone(),
                     version: version.as_deref().map(str::to_string),
+                    at: *at,
                 }),
                 _ => None,
             })
@@ -81,7 +87,7 @@ impl Recorder {
             .lock()
             .unwrap()
             .iter()
-            .filter_map(|event| match event {
+            .filter_map(|(_, event)| match event {
                 HostEvent::PluginLog {
                     plugin: p,
                     message_id,
@@ -101,7 +107,7 @@ impl Recorder {
             .lock()
             .unwrap()
             .iter()
-            .filter_map(|event| match event {
+            .filter_map(|(_, event)| match event {
                 HostEvent::Draining { plugin } => Some(("draining", plugin.to_string())),
                 HostEvent::Stopped { plugin } => Some(("stopped", plugin.to_string())),
                 _ => None,
@@ -116,7 +122,7 @@ impl Recorder {
             .lock()
             .unwrap()
             .iter()
-            .map(|event| match event {
+            .map(|(_, event)| match event {
                 HostEvent::LogsDropped { plugin: p, lines } if &**p == plugin => *lines,
                 _ => 0,
             })
@@ -131,7 +137,7 @@ impl Recorder {
             .lock()
             .unwrap()
             .iter()
-            .filter_map(|event| match event {
+            .filter_map(|(_, event)| match event {
                 HostEvent::Outbound {
                     plugin: p,
                     result,
@@ -149,7 +155,7 @@ impl Recorder {
             .lock()
             .unwrap()
             .iter()
-            .filter_map(|event| match event {
+            .filter_map(|(_, event)| match event {
                 HostEvent::Loaded {
                     plugin,
                     version,

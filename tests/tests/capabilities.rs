@@ -127,9 +127,7 @@ fn a_secret_never_reaches_the_hosts_log_or_an_error_reason() {
     );
     assert_eq!(
         outcome,
-        HandlerOutcome::Rejected {
-            reason: format!("leaking {REDACTED} in a reason")
-        }
+        HandlerOutcome::rejected(format!("leaking {REDACTED} in a reason"))
     );
     assert_eq!(logged(&recorder, "c-3"), [format!("leak {REDACTED}")]);
     let everything = format!(
@@ -297,7 +295,7 @@ fn requests_outside_the_grants_are_refused_as_errors_the_handler_sees() {
     for (i, url) in [other_port, other_host].iter().enumerate() {
         let outcome = plugin.handle(&http_event(url, "GET", None), &delivery(&format!("d-{i}")));
         match outcome {
-            HandlerOutcome::Rejected { reason } => {
+            HandlerOutcome::Rejected { reason, .. } => {
                 assert!(reason.contains("HttpRequestDenied"), "{url}: {reason}")
             }
             other => panic!("{url}: {other:?}"),
@@ -314,7 +312,7 @@ fn requests_outside_the_grants_are_refused_as_errors_the_handler_sees() {
         &delivery("d-3"),
     );
     assert!(
-        matches!(outcome, HandlerOutcome::Rejected { ref reason } if reason.contains("HttpRequestDenied")),
+        matches!(outcome, HandlerOutcome::Rejected { ref reason, .. } if reason.contains("HttpRequestDenied")),
         "{outcome:?}"
     );
     assert!(server.requests().is_empty(), "{:?}", server.requests());
@@ -334,7 +332,7 @@ fn a_name_that_resolves_to_an_internal_address_is_refused_unless_its_network_is_
     let refused = chaos_granted(std::slice::from_ref(&by_name), &[], 10 * SECOND, &recorder);
     let outcome = refused.handle(&http_event(&url, "GET", None), &delivery("n-1"));
     assert!(
-        matches!(outcome, HandlerOutcome::Rejected { ref reason } if reason.contains("DestinationIpProhibited")),
+        matches!(outcome, HandlerOutcome::Rejected { ref reason, .. } if reason.contains("DestinationIpProhibited")),
         "{outcome:?}"
     );
     assert!(server.requests().is_empty());
@@ -399,7 +397,7 @@ fn a_response_over_the_size_cap_is_an_error_the_handler_sees() {
         &delivery("s-1"),
     );
     assert!(
-        matches!(outcome, HandlerOutcome::Rejected { ref reason } if reason.contains("reading the response")),
+        matches!(outcome, HandlerOutcome::Rejected { ref reason, .. } if reason.contains("reading the response")),
         "{outcome:?}"
     );
 }
@@ -426,7 +424,7 @@ fn requests_past_the_in_flight_cap_are_refused() {
     }
     let second = plugin.handle(&http_event(&url, "GET", None), &delivery("f-2"));
     assert!(
-        matches!(second, HandlerOutcome::Rejected { ref reason } if reason.contains("ConnectionLimitReached")),
+        matches!(second, HandlerOutcome::Rejected { ref reason, .. } if reason.contains("ConnectionLimitReached")),
         "{second:?}"
     );
     assert!(matches!(
@@ -485,7 +483,7 @@ fn follow_ups_are_held_until_ok_and_only_to_granted_topics() {
         &delivery("p-4"),
     );
     assert!(
-        matches!(outcome, HandlerOutcome::Rejected { ref reason } if reason.contains("marketing.task.completed is not in this plugin's allowed_topics")),
+        matches!(outcome, HandlerOutcome::Rejected { ref reason, .. } if reason.contains("marketing.task.completed is not in this plugin's allowed_topics")),
         "{outcome:?}"
     );
     assert!(outbox.is_empty());

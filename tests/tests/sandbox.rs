@@ -102,15 +102,11 @@ fn a_handler_error_is_a_rejection_with_its_reason() {
     let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
     assert_eq!(
         plugin.handle(&event("FAIL"), &delivery("a", 0)),
-        HandlerOutcome::Rejected {
-            reason: "chaos: asked to fail".into()
-        }
+        HandlerOutcome::rejected("chaos: asked to fail")
     );
     assert_eq!(
         plugin.handle(&event("FAIL_ONCE"), &delivery("b", 0)),
-        HandlerOutcome::Rejected {
-            reason: "chaos: failing the first delivery".into()
-        }
+        HandlerOutcome::rejected("chaos: failing the first delivery")
     );
     assert_eq!(
         plugin.handle(&event("FAIL_ONCE"), &delivery("b", 1)),
@@ -199,7 +195,7 @@ fn the_example_plugin_grants_rewards_and_rejects_a_bad_count() {
         .insert("count".into(), serde_json::json!("three"));
     assert!(matches!(
         plugin.handle(&bad, &delivery("r2", 0)),
-        HandlerOutcome::Rejected { reason } if reason.contains("count")
+        HandlerOutcome::Rejected { reason, .. } if reason.contains("count")
     ));
 }
 
@@ -291,9 +287,7 @@ fn the_readme_plugin_is_the_one_built_here_and_it_runs() {
     no_tenant.tenant_id.clear();
     assert_eq!(
         plugin.handle(&no_tenant, &delivery("y", 0)),
-        HandlerOutcome::Rejected {
-            reason: "no tenant".into()
-        }
+        HandlerOutcome::rejected("no tenant")
     );
 }
 
@@ -650,7 +644,7 @@ fn plugin_text_is_escaped_and_bounded_in_logs_and_error_reasons() {
     echo.event_data
         .insert("repeat".into(), serde_json::Value::from(repeat));
     let outcome = plugin.handle(&echo, &delivery("echo", 0));
-    let HandlerOutcome::Rejected { reason } = outcome else {
+    let HandlerOutcome::Rejected { reason, .. } = outcome else {
         panic!("{outcome:?}");
     };
     assert!(

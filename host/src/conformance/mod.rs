@@ -21,7 +21,7 @@ use wasmtime::component::types::ComponentItem;
 
 use crate::delivery::Delivery;
 use crate::event::TaskEvent;
-use crate::outcome::HandlerOutcome;
+use crate::outcome::{Disposition, HandlerOutcome};
 use crate::wasm::{Plugin, PluginSettings, WasmRuntime};
 use fixtures::{Expect, Fixture, FixtureError};
 pub use report::{Check, Group, Report, Status};
@@ -469,7 +469,7 @@ impl Kit {
             let status = match (&fixture.expect, &outcome) {
                 (Expect::Ok, HandlerOutcome::Accepted) => Status::Pass,
                 (Expect::Err(None), HandlerOutcome::Rejected { .. }) => Status::Pass,
-                (Expect::Err(Some(pattern)), HandlerOutcome::Rejected { reason }) => {
+                (Expect::Err(Some(pattern)), HandlerOutcome::Rejected { reason, .. }) => {
                     if pattern.is_match(reason) {
                         Status::Pass
                     } else {
@@ -500,7 +500,16 @@ impl Kit {
 fn describe(outcome: &HandlerOutcome) -> String {
     match outcome {
         HandlerOutcome::Accepted => "ok".into(),
-        HandlerOutcome::Rejected { reason } => format!("err: {reason}"),
+        HandlerOutcome::Rejected {
+            reason,
+            disposition,
+        } => match disposition {
+            Disposition::Retry => format!("err: {reason}"),
+            Disposition::RetryAfter(delay) => {
+                format!("err, retry after {} ms: {reason}", delay.as_millis())
+            }
+            Disposition::DeadLetter => format!("err, dead letter: {reason}"),
+        },
         HandlerOutcome::Failed(failure) => failure.to_string(),
     }
 }

@@ -11,6 +11,7 @@ use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
 use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
 use serde::Deserialize;
+use tracing::warn;
 
 use super::client::MqRuntime;
 use super::error::MqError;
@@ -55,9 +56,20 @@ pub struct ConsumerSettings {
 
 /// A started push consumer; [`PluginConsumer::shutdown`] drains it.
 pub struct PluginConsumer {
-    consumer: DefaultMQPushConsumer,
+    consumer: SharedConsumer,
     group: String,
 }
+
+/// The consumer, shared with its listener, which sends messages back to the
+/// broker through it (a handler's retry-after or dead-letter). The client
+/// takes `&mut` to send back; [`PluginConsumer::shutdown`] takes the
+/// consumer out first, so a listener still running then falls back to
+/// ConsumeRetryLater instead of waiting on the drain that waits on it.
+type SharedConsumer = Arc<tokio::sync::Mutex<Option<DefaultMQPushConsumer>>>;
+
+/// How long a listener waits to send a message back (for the lock, which
+/// start holds, and for the broker) before falling back to ConsumeRetryLater.
+const SEND_BACK_BUDGET: Duration = Duration::from_secs(10);
 
 impl PluginConsumer {
     /// Subscribes and starts consuming. Every message is handed to `handler`
@@ -69,7 +81,7 @@ impl PluginConsumer {
     ) -> Result<PluginConsumer, MqError> {
         let concurrency = settings.concurrency.max(1);
         let drain_millis = u64::try_from(settings.drain_timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut consumer = DefaultMQPushConsumer::builder(runtime.client())
+        let consumer = DefaultMQPushConsumer::builder(runtime.client())
             .name_server_addr(settings.name_server.clone())
             .consumer_group(settings.group.clone())
             .message_model(MessageModel::Clustering)
@@ -83,6 +95,11 @@ impl PluginConsumer {
             .max_reconsume_times(settings.max_reconsume_times)
             .await_termination_millis_when_shutdown(drain_millis)
             .build();
+        let shared: SharedConsumer = Arc::new(tokio::sync::Mutex::new(Some(consumer)));
+        // Held until the consumer has started: a message that comes in
+        // sooner and must be sent back waits for it.
+        let mut guard = shared.clone().lock_owned().await;
+        let consumer = guard.as_mut().expect("just built");
         let wire = settings.topic.wire();
         consumer
             .subscribe(wire, normalize_tags(&settings.tags))
@@ -93,12 +110,18 @@ impl PluginConsumer {
                     &err,
                 )
             })?;
-        consumer.register_message_listener_concurrently(Listener { handler });
+        consumer.register_message_listener_concurrently(Listener {
+            handler,
+            consumer: shared.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            group: settings.group.clone(),
+        });
         consumer.start().await.map_err(|err| {
             MqError::new(format!("start consumer group {}", settings.group), &err)
         })?;
+        drop(guard);
         Ok(PluginConsumer {
-            consumer,
+            consumer: shared,
             group: settings.group.clone(),
         })
     }
@@ -109,8 +132,11 @@ impl PluginConsumer {
 
     /// Stops pulling, waits for in-flight handlers (up to the drain timeout)
     /// so their outcomes reach the broker, and leaves the group.
-    pub async fn shutdown(mut self) {
-        self.consumer.shutdown().await;
+    pub async fn shutdown(self) {
+        let consumer = self.consumer.lock().await.take();
+        if let Some(mut consumer) = consumer {
+            consumer.shutdown().await;
+        }
     }
 }
 
@@ -132,6 +158,45 @@ fn normalize_tags(expression: &str) -> String {
 
 struct Listener {
     handler: Arc<dyn MessageHandler>,
+    consumer: SharedConsumer,
+    /// The runtime the consumer was started on; a listener thread is a
+    /// blocking one and may wait on it.
+    runtime: tokio::runtime::Handle,
+    group: String,
+}
+
+impl Listener {
+    /// Sends `msg` back to the broker with `delay_level` (-1: the
+    /// dead-letter queue), as the Java client does with a context's
+    /// `delayLevelWhenNextConsume`, which rocketmq-client-rust 1.0.0 does
+    /// not let a listener set. `true` once the broker has it.
+    fn send_back(&self, msg: &MessageExt, delay_level: i32) -> bool {
+        let sent = self.runtime.block_on(async {
+            tokio::time::timeout(SEND_BACK_BUDGET, async {
+                let mut consumer = self.consumer.lock().await;
+                let Some(consumer) = consumer.as_mut() else {
+                    return Err("the consumer is shutting down".to_string());
+                };
+                consumer
+                    .send_message_back_to_origin_broker(msg.clone(), delay_level)
+                    .await
+                    .map_err(|err| err.to_string())
+            })
+            .await
+            .unwrap_or_else(|_| Err(format!("not done within {SEND_BACK_BUDGET:?}")))
+        });
+        match sent {
+            Ok(()) => true,
+            Err(why) => {
+                warn!(
+                    group = %self.group,
+                    delay_level,
+                    "could not send the message back ({why}); retrying it on the broker's schedule"
+                );
+                false
+            }
+        }
+    }
 }
 
 impl MessageListenerConcurrently for Listener {
@@ -146,11 +211,15 @@ impl MessageListenerConcurrently for Listener {
         for msg in msgs {
             let body = msg.body();
             let body = body.as_deref().unwrap_or_default();
-            match self.handler.on_message(&delivery_of(msg), body) {
-                DeliveryOutcome::ConsumeSuccess => {}
-                DeliveryOutcome::ConsumeRetryLater => {
-                    status = ConsumeConcurrentlyStatus::ReconsumeLater;
-                }
+            let delay_level = match self.handler.on_message(&delivery_of(msg), body) {
+                DeliveryOutcome::ConsumeSuccess => continue,
+                DeliveryOutcome::ConsumeRetryLater => None,
+                DeliveryOutcome::RetryAfter { delay_level } => Some(i32::from(delay_level)),
+                DeliveryOutcome::DeadLetter => Some(-1),
+            };
+            // Sent back, the message is the broker's again: acknowledged here.
+            if !delay_level.is_some_and(|level| self.send_back(msg, level)) {
+                status = ConsumeConcurrentlyStatus::ReconsumeLater;
             }
         }
         Ok(status)

@@ -2,6 +2,10 @@
 //! 0.2 (`wit/plugin.wit`) and 0.1 (`wit/v0.1/plugin.wit`, frozen), and
 //! conversions from the event model.
 
+use std::time::Duration;
+
+use crate::outcome::Disposition;
+
 /// `mqplug:plugin@0.1.x`: log, and the handler.
 pub mod v0_1 {
     wasmtime::component::bindgen!({
@@ -107,22 +111,31 @@ impl<T: Send + 'static> PluginPre<T> {
 }
 
 impl Plugin {
-    /// Calls `handle`: `Ok(Err(reason))` when the handler returned `err`.
+    /// Calls `handle`: `Ok(Err((reason, disposition)))` when the handler
+    /// returned `err`.
     pub fn handle<T: Send + 'static>(
         &self,
         store: &mut wasmtime::Store<T>,
         event: &crate::event::TaskEvent,
         delivery: &crate::delivery::Delivery,
-    ) -> wasmtime::Result<Result<(), String>> {
+    ) -> wasmtime::Result<Result<(), (String, Disposition)>> {
+        use v0_2::mqplug::plugin::types::HandlerError;
         Ok(match self {
             Plugin::V0_1(plugin) => plugin
                 .mqplug_plugin_handler()
                 .call_handle(store, &event.into(), &delivery.into())?
-                .map_err(|err| err.reason),
+                .map_err(|err| (err.reason, Disposition::Retry)),
             Plugin::V0_2(plugin) => plugin
                 .mqplug_plugin_handler()
                 .call_handle(store, &event.into(), &delivery.into())?
-                .map_err(|err| err.reason),
+                .map_err(|err| match err {
+                    HandlerError::Retry(reason) => (reason, Disposition::Retry),
+                    HandlerError::RetryAfter(after) => (
+                        after.reason,
+                        Disposition::RetryAfter(Duration::from_millis(after.delay_ms.into())),
+                    ),
+                    HandlerError::DeadLetter(reason) => (reason, Disposition::DeadLetter),
+                }),
         })
     }
 }

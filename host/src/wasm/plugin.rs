@@ -335,13 +335,14 @@ impl Plugin {
                 self.release(instance);
                 (HandlerOutcome::Accepted, outbox)
             }
-            Ok(Err(reason)) => {
+            Ok(Err((reason, disposition))) => {
                 self.release(instance);
                 let reason = self.settings.config.redact(reason);
                 (
                     HandlerOutcome::Rejected {
                         // Logged and counted on every retry: bounded and escaped.
                         reason: inert_owned(reason, MAX_UNTRUSTED_BYTES),
+                        disposition,
                     },
                     Vec::new(),
                 )

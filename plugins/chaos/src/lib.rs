@@ -19,18 +19,44 @@
 //! | `LEAK`      | logs `leak <value>` of config key `event_data.key`, then returns an error carrying it too (for redaction tests) |
 //! | `HTTP`      | sends `event_data.method` (default GET) to `event_data.url` with `event_data.body`; logs `http <status> <body>` and is ok, or returns the error `http: <why>` |
 //! | `PUBLISH`   | publishes `event_data.count` messages `{"for": <message id>, "i": i}` to `event_data.topic` (tag `FOLLOW_UP`); then ok, or with `event_data.then` = `"err"` an error, or with `"err_first"` an error on first delivery only; a refused message is an error |
+//! | `DEAD_LETTER` | logs `dead letter <reconsume times>`, then asks for the dead-letter queue (`Failure::dead_letter`) |
+//! | `RETRY_AFTER` | on first delivery, logs `retry after <ms>` and asks for a retry no sooner than `event_data.ms` (default 1000); ok on redelivery |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
 //! a test can check what reached the plugin.
 
-use mqplug_plugin::{Delivery, Event, Handler, log};
+use std::time::Duration;
+
+use mqplug_plugin::{Delivery, Event, Failure, Handler, log};
 use serde_json::json;
 
 struct Chaos;
 
 impl Handler for Chaos {
-    fn handle(event: Event, delivery: Delivery) -> Result<(), String> {
+    fn handle(event: Event, delivery: Delivery) -> Result<(), Failure> {
+        match event.event_type.as_str() {
+            // A poison event: to the dead-letter queue without retries.
+            "DEAD_LETTER" => {
+                log::info(&format!("dead letter {}", delivery.reconsume_times));
+                Err(Failure::dead_letter("chaos: no retry can help"))
+            }
+            // Retry no sooner than event_data.ms, on the first delivery.
+            "RETRY_AFTER" if delivery.reconsume_times == 0 => {
+                let delay = event.event_data["ms"].as_u64().unwrap_or(1000);
+                log::info(&format!("retry after {delay}"));
+                Err(Failure::retry_after(
+                    Duration::from_millis(delay),
+                    "chaos: busy, try later",
+                ))
+            }
+            _ => Chaos::behave(event, delivery).map_err(Failure::from),
+        }
+    }
+}
+
+impl Chaos {
+    fn behave(event: Event, delivery: Delivery) -> Result<(), String> {
         let seen = json!({
             "event_type": event.event_type,
             "user_id": event.user_id,

@@ -14,8 +14,12 @@ export const handler = {
     const data = JSON.parse(event.eventData);
     const count = data.count === undefined ? 1 : data.count;
     if (!Number.isSafeInteger(count) || count < 0) {
-      // A thrown handler-error record is the `err` of handle's result.
-      throw { reason: `event_data.count must be a non-negative integer, got ${JSON.stringify(count)}` };
+      // A thrown handler-error is the `err` of handle's result; `retry`
+      // redelivers on the broker's schedule.
+      throw {
+        tag: 'retry',
+        val: `event_data.count must be a non-negative integer, got ${JSON.stringify(count)}`,
+      };
     }
     const points = 10 * count;
     log(

@@ -1,9 +1,9 @@
-use mqplug_plugin::{Delivery, Event, Handler, log};
+use mqplug_plugin::{Delivery, Event, Failure, Handler, log};
 
 struct MyPlugin;
 
 impl Handler for MyPlugin {
-    fn handle(event: Event, delivery: Delivery) -> Result<(), String> {
+    fn handle(event: Event, delivery: Delivery) -> Result<(), Failure> {
         log::info(&format!(
             "{} by user {}, attempt {}",
             event.event_type,

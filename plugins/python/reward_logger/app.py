@@ -12,7 +12,7 @@ import json
 from componentize_py_types import Err
 from wit_world import exports
 from wit_world.imports import log
-from wit_world.imports.mqplug_plugin_types import Delivery, HandlerError, TaskEvent
+from wit_world.imports.mqplug_plugin_types import Delivery, HandlerError_Retry, TaskEvent
 
 
 class Handler(exports.Handler):
@@ -21,8 +21,9 @@ class Handler(exports.Handler):
         count = data.get("count", 1)
         # bool is an int in Python; JSON true is not a count.
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise Err(HandlerError(
-                reason=f"event_data.count must be a non-negative integer, got {json.dumps(count)}"
+            # handler-error's `retry` case: redeliver on the broker's schedule.
+            raise Err(HandlerError_Retry(
+                f"event_data.count must be a non-negative integer, got {json.dumps(count)}"
             ))
         points = 10 * count
         log.log(

@@ -3,12 +3,12 @@
 //! Rejects (for redelivery) an event whose `count` in the event data is not a
 //! number, to show how a handler reports an error.
 
-use mqplug_plugin::{Delivery, Event, Handler, log};
+use mqplug_plugin::{Delivery, Event, Failure, Handler, log};
 
 struct RewardLogger;
 
 impl Handler for RewardLogger {
-    fn handle(event: Event, delivery: Delivery) -> Result<(), String> {
+    fn handle(event: Event, delivery: Delivery) -> Result<(), Failure> {
         let count = match event.event_data.get("count") {
             None => 1,
             Some(value) => value.as_u64().ok_or_else(|| {

@@ -4,12 +4,12 @@
 //! [`export_handler!`], built as a `cdylib` for `wasm32-wasip2`:
 //!
 //! ```ignore
-//! use mqplug_plugin::{Delivery, Event, Handler, log};
+//! use mqplug_plugin::{Delivery, Event, Failure, Handler, log};
 //!
 //! struct Rewards;
 //!
 //! impl Handler for Rewards {
-//!     fn handle(event: Event, delivery: Delivery) -> Result<(), String> {
+//!     fn handle(event: Event, delivery: Delivery) -> Result<(), Failure> {
 //!         log::info(&format!("reward for user {}", event.user_id));
 //!         Ok(())
 //!     }
@@ -19,7 +19,8 @@
 //! ```
 //!
 //! `Ok(())` acknowledges the message; `Err(reason)` logs the reason on the
-//! host and asks the broker to redeliver the message later.
+//! host and asks the broker to redeliver the message later. A [`Failure`]
+//! says more: retry no sooner than a delay, or to the dead-letter queue now.
 
 /// The raw bindings generated from `wit/plugin.wit`; [`Handler`] is the
 /// friendlier way in.
@@ -219,7 +220,9 @@ pub mod http {
     }
 }
 
-use bindings::mqplug::plugin::types::{HandlerError, TaskEvent};
+use std::time::Duration;
+
+use bindings::mqplug::plugin::types::{HandlerError, RetryAfter, TaskEvent};
 
 /// A task event with its free-form data parsed.
 #[derive(Debug, Clone, PartialEq)]
@@ -255,16 +258,88 @@ impl Event {
 
 /// A plugin's business logic.
 pub trait Handler {
-    /// Handles one event: `Ok(())` acknowledges it, `Err(reason)` asks for
-    /// redelivery and puts `reason` in the host's log.
-    fn handle(event: Event, delivery: Delivery) -> Result<(), String>;
+    /// Handles one event: `Ok(())` acknowledges it; `Err` puts its reason in
+    /// the host's log and retries the message ([`Failure::retry`], what a
+    /// `String` error becomes through `?` or `.into()`), retries it no
+    /// sooner than a delay ([`Failure::retry_after`]) or moves it to the
+    /// dead-letter queue now ([`Failure::dead_letter`]).
+    fn handle(event: Event, delivery: Delivery) -> Result<(), Failure>;
+}
+
+/// Why a handler did not accept an event, and what becomes of the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Redeliver it on the broker's schedule (10 s, 30 s, 1 min, ...).
+    Retry(String),
+    /// Redeliver it no sooner than `delay` (rounded up to RocketMQ's delay
+    /// levels, 2 h at most); it counts as a retry.
+    RetryAfter { reason: String, delay: Duration },
+    /// No retry can help (a poison event): to the dead-letter queue now.
+    DeadLetter(String),
+}
+
+impl Failure {
+    /// Redeliver on the broker's schedule.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Failure::Retry(reason.into())
+    }
+
+    /// Redeliver no sooner than `delay`.
+    pub fn retry_after(delay: Duration, reason: impl Into<String>) -> Self {
+        Failure::RetryAfter {
+            reason: reason.into(),
+            delay,
+        }
+    }
+
+    /// To the dead-letter queue now, without retrying.
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        Failure::DeadLetter(reason.into())
+    }
+
+    fn into_wit(self) -> HandlerError {
+        match self {
+            Failure::Retry(reason) => HandlerError::Retry(reason),
+            Failure::RetryAfter { reason, delay } => HandlerError::RetryAfter(RetryAfter {
+                reason,
+                delay_ms: u32::try_from(delay.as_millis()).unwrap_or(u32::MAX),
+            }),
+            Failure::DeadLetter(reason) => HandlerError::DeadLetter(reason),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Failure::Retry(reason)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(reason: &str) -> Self {
+        Failure::Retry(reason.to_string())
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Retry(reason) => f.write_str(reason),
+            Failure::RetryAfter { reason, delay } => {
+                write!(f, "{reason} (retry after {} ms)", delay.as_millis())
+            }
+            Failure::DeadLetter(reason) => write!(f, "{reason} (dead letter)"),
+        }
+    }
 }
 
 /// Adapts a [`Handler`] to the generated bindings; used by [`export_handler!`].
 #[doc(hidden)]
 pub fn dispatch<H: Handler>(event: TaskEvent, delivery: Delivery) -> Result<(), HandlerError> {
-    let event = Event::from_wit(event).map_err(|reason| HandlerError { reason })?;
-    H::handle(event, delivery).map_err(|reason| HandlerError { reason })
+    // The host always passes JSON; anything else is its bug, which a
+    // retry on a fixed host would not meet.
+    let event = Event::from_wit(event).map_err(HandlerError::Retry)?;
+    H::handle(event, delivery).map_err(Failure::into_wit)
 }
 
 /// Exports a [`Handler`] as the plugin's `handle` function.

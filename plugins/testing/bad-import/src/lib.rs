@@ -27,9 +27,7 @@ struct BadImport;
 impl Guest for BadImport {
     fn handle(event: TaskEvent, _delivery: Delivery) -> Result<(), HandlerError> {
         if test::bad_import::vault::secret(&event.tenant_id).is_empty() {
-            return Err(HandlerError {
-                reason: "no secret".into(),
-            });
+            return Err(HandlerError::Retry("no secret".into()));
         }
         Ok(())
     }

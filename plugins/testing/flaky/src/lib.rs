@@ -3,17 +3,17 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use mqplug_plugin::{Delivery, Event, Handler};
+use mqplug_plugin::{Delivery, Event, Failure, Handler};
 
 static CALLS: AtomicU32 = AtomicU32::new(0);
 
 struct Flaky;
 
 impl Handler for Flaky {
-    fn handle(_event: Event, _delivery: Delivery) -> Result<(), String> {
+    fn handle(_event: Event, _delivery: Delivery) -> Result<(), Failure> {
         let call = CALLS.fetch_add(1, Ordering::Relaxed);
         if call % 2 == 1 {
-            Err(format!("flaky: call {call} fails"))
+            Err(format!("flaky: call {call} fails").into())
         } else {
             Ok(())
         }
