@@ -16,8 +16,8 @@ use mqplug::outcome::{DeliveryOutcome, UndecodablePolicy};
 use mqplug::replay::Replayer;
 use mqplug::topic::TopicName;
 use mqplug::wasm::{
-    ConfigValues, Origin, OutboundGrants, OutboundLimits, Plugin, PluginSettings, RuntimeSettings,
-    WasmRuntime,
+    ConfigValues, Origin, OutboundGrants, OutboundLimits, Plugin, PluginSettings, PublishGrants,
+    RuntimeSettings, WasmRuntime,
 };
 use mqplug::{Host, shutdown};
 use tracing_subscriber::EnvFilter;
@@ -205,9 +205,14 @@ struct TestArgs {
     secrets: Vec<(String, String)>,
     /// An origin the plugin may send HTTP requests to, as in its
     /// `allowed_outbound_hosts` (`http://127.0.0.1:8080`); repeatable. The
-    /// requests really go out.
+    /// requests really go out, unless the fixtures answer them (`http`).
     #[arg(long = "allow-outbound", value_name = "ORIGIN")]
     allow_outbound: Vec<String>,
+    /// A topic the plugin may publish follow-up messages to, as in its
+    /// `allowed_topics`; repeatable. Nothing is sent: fixtures check the
+    /// messages (`published`).
+    #[arg(long = "allow-topic", value_name = "TOPIC")]
+    allow_topics: Vec<String>,
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {
@@ -489,6 +494,12 @@ fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
             Vec::new(),
             OutboundLimits::default(),
             Observers::default(),
+        )),
+        publish: Arc::new(PublishGrants::new(
+            args.allow_topics
+                .iter()
+                .map(|topic| TopicName::new(topic).map_err(anyhow::Error::msg))
+                .collect::<Result<_>>()?,
         )),
         ..PluginSettings::new(plugin_name(&args.plugin))
     };

@@ -439,7 +439,7 @@ fn examples_in_rust_python_and_javascript_handle_the_same_published_events() -> 
 }
 
 /// The kit's contract checks (tests/tests/conformance.rs lists them by name).
-const CONTRACT_CHECKS: usize = 6;
+const CONTRACT_CHECKS: usize = 7;
 
 #[test]
 fn mqplug_test_exits_0_on_a_passing_plugin_and_writes_junit() -> Result<()> {

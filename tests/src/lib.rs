@@ -8,6 +8,7 @@ pub mod peers;
 pub mod plugins;
 pub mod proxy;
 pub mod recorder;
+pub mod rewards;
 
 pub use broker::LocalBroker;
 pub use recorder::{Collect, Recorder};

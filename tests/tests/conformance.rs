@@ -362,3 +362,120 @@ fn an_http_request_to_an_origin_not_granted_is_named() {
         "{why}"
     );
 }
+
+fn granter_fixtures() -> String {
+    std::fs::read_to_string(workspace_root().join("plugins/reward-granter/fixtures.jsonl")).unwrap()
+}
+
+/// What the reward-granter's entry would grant, with the kit's fake origin.
+fn granter_settings(topics: &[&str]) -> PluginSettings {
+    use mqplug::topic::TopicName;
+    use mqplug::wasm::{ConfigValues, Origin, OutboundGrants, PublishGrants};
+    PluginSettings {
+        config: Arc::new(ConfigValues::new(
+            &[("rewards_url".to_string(), "http://rewards.test".to_string())]
+                .into_iter()
+                .collect(),
+            [("rewards_token".to_string(), "test-token".to_string())]
+                .into_iter()
+                .collect(),
+        )),
+        outbound: Arc::new(OutboundGrants::new(
+            "reward-granter",
+            vec![Origin::parse("http://rewards.test").unwrap()],
+            Vec::new(),
+            Default::default(),
+            Default::default(),
+        )),
+        publish: Arc::new(PublishGrants::new(
+            topics.iter().map(|t| TopicName::new(t).unwrap()).collect(),
+        )),
+        ..PluginSettings::new("reward-granter")
+    }
+}
+
+fn assert_granter_passes_its_fixtures(path: &Path) {
+    let report = kit(
+        path,
+        granter_settings(&["marketing.reward.granted"]),
+        &granter_fixtures(),
+    );
+    assert!(report.passed(), "{}", report.table());
+    let fixtures = checks(&report, Group::Fixtures);
+    assert_eq!(
+        fixtures.len(),
+        fixtures::parse(&granter_fixtures()).len(),
+        "{}",
+        report.table()
+    );
+}
+
+#[test]
+fn the_reward_granter_passes_its_fixtures_with_http_and_publishing_virtualised() {
+    assert_granter_passes_its_fixtures(&plugin_path("reward-granter").unwrap());
+}
+
+#[test]
+fn a_wrong_request_a_wrong_message_and_a_missing_topic_grant_are_named() {
+    let granter = plugin_path("reward-granter").unwrap();
+    let first = granter_fixtures()
+        .lines()
+        .find(|line| line.starts_with('{'))
+        .unwrap()
+        .to_string();
+
+    // The fixture wants another idempotency key and another tag.
+    let wrong = first
+        .replacen(
+            r#""idempotency-key": "7F000001000000000000000000000001""#,
+            r#""idempotency-key": "another-key""#,
+            1,
+        )
+        .replacen(
+            r#""tag": "REWARD_GRANTED""#,
+            r#""tag": "REWARD_REVOKED""#,
+            1,
+        );
+    let report = kit(
+        &granter,
+        granter_settings(&["marketing.reward.granted"]),
+        &wrong,
+    );
+    let why = failure_of(&report, "line 1: grants 10 points and announces the grant");
+    assert!(
+        why.contains(
+            "expected header idempotency-key: another-key, got 7F000001000000000000000000000001"
+        ),
+        "{why}"
+    );
+    assert!(
+        why.contains("expected tag Some(\"REWARD_REVOKED\")"),
+        "{why}"
+    );
+
+    // No answer for the request the handler makes: it sees an error, and
+    // the fixture expecting ok fails.
+    let unanswered = first.replacen(
+        "http://rewards.test/grants\", \"status\"",
+        "http://rewards.test/other\", \"status\"",
+        1,
+    );
+    let report = kit(
+        &granter,
+        granter_settings(&["marketing.reward.granted"]),
+        &unanswered,
+    );
+    let why = failure_of(&report, "line 1: grants 10 points and announces the grant");
+    assert!(
+        why.contains("the fixture has no answer for POST http://rewards.test/grants"),
+        "{why}"
+    );
+
+    // Without the topic grant, publishing fails and the grant is named.
+    let report = kit(&granter, granter_settings(&[]), &first);
+    let why = failure_of(&report, "publishes only to the topics it is granted");
+    assert!(
+        why.contains("marketing.reward.granted") && why.contains("--allow-topic TOPIC"),
+        "{why}"
+    );
+}

@@ -6,9 +6,26 @@
 //! {"event": {...}, "expect": "err", "reason": "count must be", "delivery": {"reconsume_times": 3}}
 //! ```
 //!
-//! `event` is a `TaskEventMessage` in either field spelling; `reason` is a
-//! regular expression the handler's error must match; `delivery` sets any of
-//! the delivery fields, the rest take test defaults.
+//! `event` is a `TaskEventMessage` in either field spelling; `expect` is
+//! `ok`, `err` (any error), or one kind of error: `retry`, `retry-after`,
+//! `dead-letter`; `reason` is a regular expression the handler's error must
+//! match; `delivery` sets any of the delivery fields, the rest take test
+//! defaults.
+//!
+//! Capabilities, virtualised:
+//!
+//! ```json
+//! {"event": {...}, "expect": "ok",
+//!  "http": [{"method": "POST", "url": "http://rewards.test/grants", "status": 201, "body": {"grant_id": "g-1"}}],
+//!  "requests": [{"method": "POST", "url": "http://rewards.test/grants", "headers": {"idempotency-key": "fixture-1"}, "body": "\"points\":10"}],
+//!  "published": [{"topic": "marketing.reward.granted", "tag": "REWARD_GRANTED", "body": "g-1"}]}
+//! ```
+//!
+//! `http` answers requests by method and URL (status, optional `headers`,
+//! `body` as text or JSON); `requests` lists the requests the handler must
+//! make, in order (`headers` it must carry, `body` a pattern), `published`
+//! the messages it must publish, in order (`tag`, `keys` and `body`, a
+//! pattern, are optional). Either list, when present, must match exactly.
 
 use regex::Regex;
 use serde::Deserialize;
@@ -21,8 +38,52 @@ use crate::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
 #[derive(Debug, Clone)]
 pub enum Expect {
     Ok,
-    /// `err`, with a reason matching the pattern when one is given.
-    Err(Option<Regex>),
+    /// `err` of this kind, with a reason matching the pattern when one is
+    /// given.
+    Err {
+        kind: ErrKind,
+        reason: Option<Regex>,
+    },
+}
+
+/// Which `err` a fixture expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrKind {
+    /// Any of them (`"err"`).
+    Any,
+    Retry,
+    RetryAfter,
+    DeadLetter,
+}
+
+/// An answer the kit gives a request, in place of the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    /// Any method when absent.
+    pub method: Option<String>,
+    pub url: String,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A request the handler must make.
+#[derive(Debug, Clone)]
+pub struct ExpectedRequest {
+    pub method: String,
+    pub url: String,
+    /// Headers it must carry (names compared without case), values exact.
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Regex>,
+}
+
+/// A message the handler must publish.
+#[derive(Debug, Clone)]
+pub struct ExpectedMessage {
+    pub topic: String,
+    pub tag: Option<String>,
+    pub keys: Option<Vec<String>>,
+    pub body: Option<Regex>,
 }
 
 /// One fixture, ready to run.
@@ -32,6 +93,19 @@ pub struct Fixture {
     pub event: TaskEvent,
     pub delivery: Delivery,
     pub expect: Expect,
+    pub http: Vec<HttpAnswer>,
+    /// Checked when given: exactly these requests, in order.
+    pub requests: Option<Vec<ExpectedRequest>>,
+    /// Checked when given: exactly these messages, in order.
+    pub published: Option<Vec<ExpectedMessage>>,
+}
+
+impl Fixture {
+    /// Whether the fixture answers or checks HTTP requests: then the kit
+    /// answers every request itself and none goes out.
+    pub fn virtualises_http(&self) -> bool {
+        !self.http.is_empty() || self.requests.is_some()
+    }
 }
 
 /// A line that is not a usable fixture; the kit reports it as a failed check.
@@ -50,13 +124,51 @@ struct Line {
     reason: Option<String>,
     #[serde(default)]
     delivery: DeliveryFields,
+    #[serde(default)]
+    http: Vec<AnswerLine>,
+    requests: Option<Vec<RequestLine>>,
+    published: Option<Vec<MessageLine>>,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 enum ExpectWord {
     Ok,
     Err,
+    Retry,
+    RetryAfter,
+    DeadLetter,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnswerLine {
+    method: Option<String>,
+    url: String,
+    status: u16,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    body: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestLine {
+    method: String,
+    url: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageLine {
+    topic: String,
+    tag: Option<String>,
+    keys: Option<Vec<String>>,
+    body: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -103,17 +215,79 @@ fn parse_line(number: usize, text: &str) -> Result<Fixture, FixtureError> {
     let body = serde_json::to_vec(&line.event).expect("a JSON value always serializes");
     let event = TaskEvent::decode(&body, DEFAULT_MAX_BODY_BYTES)
         .map_err(|err| fail(&name, format!("`event` is not a task event: {err}")))?;
-    let expect = match (line.expect, line.reason) {
-        (ExpectWord::Ok, None) => Expect::Ok,
-        (ExpectWord::Ok, Some(_)) => {
-            return Err(fail(&name, "`reason` goes with \"expect\": \"err\"".into()));
+    let pattern = |what: &str, text: Option<String>| {
+        text.map(|text| {
+            Regex::new(&text)
+                .map_err(|err| fail(&name, format!("`{what}` is not a valid pattern: {err}")))
+        })
+        .transpose()
+    };
+    let kind = match line.expect {
+        ExpectWord::Ok => None,
+        ExpectWord::Err => Some(ErrKind::Any),
+        ExpectWord::Retry => Some(ErrKind::Retry),
+        ExpectWord::RetryAfter => Some(ErrKind::RetryAfter),
+        ExpectWord::DeadLetter => Some(ErrKind::DeadLetter),
+    };
+    let expect = match (kind, line.reason) {
+        (None, None) => Expect::Ok,
+        (None, Some(_)) => {
+            return Err(fail(
+                &name,
+                "`reason` goes with an error, not \"ok\"".into(),
+            ));
         }
-        (ExpectWord::Err, None) => Expect::Err(None),
-        (ExpectWord::Err, Some(pattern)) => {
-            Expect::Err(Some(Regex::new(&pattern).map_err(|err| {
-                fail(&name, format!("`reason` is not a valid pattern: {err}"))
-            })?))
-        }
+        (Some(kind), reason) => Expect::Err {
+            kind,
+            reason: pattern("reason", reason)?,
+        },
+    };
+    let http = line
+        .http
+        .into_iter()
+        .map(|answer| HttpAnswer {
+            method: answer.method,
+            url: answer.url,
+            status: answer.status,
+            headers: answer.headers.into_iter().collect(),
+            body: match answer.body {
+                Value::Null => Vec::new(),
+                Value::String(text) => text.into_bytes(),
+                json => json.to_string().into_bytes(),
+            },
+        })
+        .collect();
+    let requests = match line.requests {
+        None => None,
+        Some(lines) => Some(
+            lines
+                .into_iter()
+                .map(|request| {
+                    Ok(ExpectedRequest {
+                        method: request.method,
+                        url: request.url,
+                        headers: request.headers.into_iter().collect(),
+                        body: pattern("requests[].body", request.body)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, FixtureError>>()?,
+        ),
+    };
+    let published = match line.published {
+        None => None,
+        Some(lines) => Some(
+            lines
+                .into_iter()
+                .map(|message| {
+                    Ok(ExpectedMessage {
+                        topic: message.topic,
+                        tag: message.tag,
+                        keys: message.keys,
+                        body: pattern("published[].body", message.body)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, FixtureError>>()?,
+        ),
     };
     let fields = line.delivery;
     let delivery = Delivery {
@@ -137,6 +311,9 @@ fn parse_line(number: usize, text: &str) -> Result<Fixture, FixtureError> {
         event,
         delivery,
         expect,
+        http,
+        requests,
+        published,
     })
 }
 
@@ -168,7 +345,10 @@ mod tests {
         assert_eq!(fixtures[1].name, "line 4");
         assert_eq!(fixtures[1].delivery.reconsume_times, 3);
         match &fixtures[1].expect {
-            Expect::Err(Some(pattern)) => assert!(pattern.is_match("count is bad")),
+            Expect::Err {
+                kind: ErrKind::Any,
+                reason: Some(pattern),
+            } => assert!(pattern.is_match("count is bad")),
             other => panic!("{other:?}"),
         }
     }
@@ -195,7 +375,7 @@ mod tests {
         assert!(errors[0].reason.starts_with("not a fixture"), "{errors:?}");
         assert!(errors[1].reason.contains("maybe"), "{errors:?}");
         assert!(
-            errors[2].reason.contains("`reason` goes with"),
+            errors[2].reason.contains("`reason` goes with an error"),
             "{errors:?}"
         );
         assert!(
@@ -204,5 +384,41 @@ mod tests {
         );
         assert!(errors[4].reason.contains("missing field"), "{errors:?}");
         assert!(errors[5].reason.contains("retries"), "{errors:?}");
+    }
+
+    #[test]
+    fn reads_http_answers_and_expected_requests_and_messages() {
+        let text = line(
+            r#""expect":"dead-letter","http":[{"url":"http://r.test/grants","status":201,"body":{"grant_id":"g-1"}}],"requests":[{"method":"POST","url":"http://r.test/grants","headers":{"Idempotency-Key":"fixture-1"},"body":"points"}],"published":[{"topic":"marketing.reward.granted","tag":"REWARD_GRANTED","body":"g-1"}]"#,
+        );
+        let fixture = parse(&text).remove(0).unwrap();
+        assert!(matches!(
+            fixture.expect,
+            Expect::Err {
+                kind: ErrKind::DeadLetter,
+                reason: None
+            }
+        ));
+        assert_eq!(fixture.http[0].method, None);
+        assert_eq!(fixture.http[0].body, br#"{"grant_id":"g-1"}"#);
+        let requests = fixture.requests.as_ref().unwrap();
+        assert_eq!(
+            requests[0].headers,
+            [("Idempotency-Key".to_string(), "fixture-1".to_string())]
+        );
+        assert!(
+            requests[0]
+                .body
+                .as_ref()
+                .unwrap()
+                .is_match(r#"{"points":10}"#)
+        );
+        let published = fixture.published.as_ref().unwrap();
+        assert_eq!(published[0].tag.as_deref(), Some("REWARD_GRANTED"));
+        assert!(fixture.virtualises_http());
+
+        let bad = line(r#""expect":"ok","requests":[{"method":"GET","url":"u","body":"("}]"#);
+        let error = parse(&bad).remove(0).unwrap_err();
+        assert!(error.reason.contains("requests[].body"), "{error:?}");
     }
 }

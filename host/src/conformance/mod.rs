@@ -22,8 +22,12 @@ use wasmtime::component::types::ComponentItem;
 use crate::delivery::Delivery;
 use crate::event::TaskEvent;
 use crate::outcome::{Disposition, HandlerOutcome};
+use crate::text::inert;
+use crate::wasm::{CannedResponse, OutgoingMessage, Responder, SentRequest};
 use crate::wasm::{Plugin, PluginSettings, WasmRuntime};
-use fixtures::{Expect, Fixture, FixtureError};
+use fixtures::{
+    ErrKind, Expect, ExpectedMessage, ExpectedRequest, Fixture, FixtureError, HttpAnswer,
+};
 pub use report::{Check, Group, Report, Status};
 
 /// The contract this host implements: `mqplug:plugin@0.2.x` and `@0.1.x`.
@@ -119,11 +123,21 @@ pub fn run(
     fixtures: &[Result<Fixture, FixtureError>],
 ) -> std::io::Result<Report> {
     let wasm = std::fs::read(path)?;
+    let http = fixtures
+        .iter()
+        .flatten()
+        .any(Fixture::virtualises_http)
+        .then(|| Arc::new(FixtureHttp::default()));
+    let mut settings = settings;
+    if let Some(http) = &http {
+        settings.outbound = Arc::new(settings.outbound.answered_by(http.clone()));
+    }
     let mut kit = Kit {
         report: Report {
             plugin: path.display().to_string(),
             ..Report::default()
         },
+        http,
     };
     match kit.contract(runtime, settings, &wasm) {
         Ok(plugin) => {
@@ -152,6 +166,8 @@ pub fn run(
 
 struct Kit {
     report: Report,
+    /// Set when fixtures answer or check HTTP: then no request goes out.
+    http: Option<Arc<FixtureHttp>>,
 }
 
 impl Kit {
@@ -356,11 +372,22 @@ impl Kit {
         event: &TaskEvent,
         delivery: &Delivery,
     ) -> (HandlerOutcome, Duration) {
+        let (outcome, _, elapsed) = self.call_with_outbox(plugin, event, delivery);
+        (outcome, elapsed)
+    }
+
+    /// One event, with the follow-up messages it would publish.
+    fn call_with_outbox(
+        &mut self,
+        plugin: &Plugin,
+        event: &TaskEvent,
+        delivery: &Delivery,
+    ) -> (HandlerOutcome, Vec<OutgoingMessage>, Duration) {
         let started = Instant::now();
-        let outcome = plugin.handle(event, delivery);
+        let (outcome, outbox) = plugin.handle_with_outbox(event, delivery);
         let elapsed = started.elapsed();
         self.report.event_times.push(elapsed);
-        (outcome, elapsed)
+        (outcome, outbox, elapsed)
     }
 
     fn suite_and_determinism(&mut self, plugin: &Plugin) {
@@ -448,6 +475,26 @@ impl Kit {
             ),
             Duration::ZERO,
         );
+        let refused = plugin.settings().publish.refused();
+        let status = if refused.is_empty() {
+            Status::Pass
+        } else {
+            Status::Fail(format!(
+                "published to topics its grants refuse: {}; grant the topic in the plugin's \
+                 allowed_topics (here: --allow-topic TOPIC)",
+                refused.join(", ")
+            ))
+        };
+        self.push(
+            Group::Contract,
+            "publishes only to the topics it is granted",
+            status,
+            format!(
+                "granted: {} topics",
+                plugin.settings().publish.topics().len()
+            ),
+            Duration::ZERO,
+        );
     }
 
     fn fixtures(&mut self, plugin: &Plugin, fixtures: &[Result<Fixture, FixtureError>]) {
@@ -465,25 +512,25 @@ impl Kit {
                     continue;
                 }
             };
-            let (outcome, elapsed) = self.call(plugin, &fixture.event, &fixture.delivery);
-            let status = match (&fixture.expect, &outcome) {
-                (Expect::Ok, HandlerOutcome::Accepted) => Status::Pass,
-                (Expect::Err(None), HandlerOutcome::Rejected { .. }) => Status::Pass,
-                (Expect::Err(Some(pattern)), HandlerOutcome::Rejected { reason, .. }) => {
-                    if pattern.is_match(reason) {
-                        Status::Pass
-                    } else {
-                        Status::Fail(format!(
-                            "expected err matching /{pattern}/, got err: {reason}"
-                        ))
-                    }
-                }
-                (Expect::Ok, other) => {
-                    Status::Fail(format!("expected ok, got {}", describe(other)))
-                }
-                (Expect::Err(_), other) => {
-                    Status::Fail(format!("expected err, got {}", describe(other)))
-                }
+            if let Some(http) = &self.http {
+                http.begin(&fixture.http);
+            }
+            let (outcome, outbox, elapsed) =
+                self.call_with_outbox(plugin, &fixture.event, &fixture.delivery);
+            let mut faults = Vec::new();
+            if let Some(fault) = outcome_fault(&fixture.expect, &outcome) {
+                faults.push(fault);
+            }
+            if let (Some(expected), Some(http)) = (&fixture.requests, &self.http) {
+                faults.extend(request_faults(expected, &http.take()));
+            }
+            if let Some(expected) = &fixture.published {
+                faults.extend(message_faults(expected, &outbox));
+            }
+            let status = if faults.is_empty() {
+                Status::Pass
+            } else {
+                Status::Fail(faults.join("; "))
             };
             self.push(
                 Group::Fixtures,
@@ -493,6 +540,199 @@ impl Kit {
                 elapsed,
             );
         }
+    }
+}
+
+/// Why an outcome is not the one a fixture expects, if it is not.
+fn outcome_fault(expect: &Expect, outcome: &HandlerOutcome) -> Option<String> {
+    let (kind, pattern) = match (expect, outcome) {
+        (Expect::Ok, HandlerOutcome::Accepted) => return None,
+        (Expect::Ok, other) => return Some(format!("expected ok, got {}", describe(other))),
+        (Expect::Err { kind, reason }, _) => (*kind, reason),
+    };
+    let HandlerOutcome::Rejected {
+        reason,
+        disposition,
+    } = outcome
+    else {
+        return Some(format!(
+            "expected {}, got {}",
+            kind_name(kind),
+            describe(outcome)
+        ));
+    };
+    let kind_matches = match kind {
+        ErrKind::Any => true,
+        ErrKind::Retry => *disposition == Disposition::Retry,
+        ErrKind::RetryAfter => matches!(disposition, Disposition::RetryAfter(_)),
+        ErrKind::DeadLetter => *disposition == Disposition::DeadLetter,
+    };
+    if !kind_matches {
+        return Some(format!(
+            "expected {}, got {}",
+            kind_name(kind),
+            describe(outcome)
+        ));
+    }
+    match pattern {
+        Some(pattern) if !pattern.is_match(reason) => Some(format!(
+            "expected {} matching /{pattern}/, got err: {reason}",
+            kind_name(kind)
+        )),
+        _ => None,
+    }
+}
+
+fn kind_name(kind: ErrKind) -> &'static str {
+    match kind {
+        ErrKind::Any => "err",
+        ErrKind::Retry => "err retry",
+        ErrKind::RetryAfter => "err retry-after",
+        ErrKind::DeadLetter => "err dead-letter",
+    }
+}
+
+/// How the requests a handler made differ from the expected ones.
+fn request_faults(expected: &[ExpectedRequest], sent: &[SentRequest]) -> Vec<String> {
+    let mut faults = Vec::new();
+    if expected.len() != sent.len() {
+        faults.push(format!(
+            "expected {} HTTP requests, it made {}: [{}]",
+            expected.len(),
+            sent.len(),
+            sent.iter()
+                .map(|r| format!("{} {}", r.method, inert(&r.url, 256)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for (index, (want, got)) in expected.iter().zip(sent).enumerate() {
+        if !want.method.eq_ignore_ascii_case(&got.method) || want.url != got.url {
+            faults.push(format!(
+                "request {}: expected {} {}, it sent {} {}",
+                index + 1,
+                want.method,
+                want.url,
+                got.method,
+                inert(&got.url, 256)
+            ));
+            continue;
+        }
+        for (name, value) in &want.headers {
+            let found = got
+                .headers
+                .iter()
+                .find(|(got_name, _)| got_name.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
+            if found != Some(value.as_str()) {
+                faults.push(format!(
+                    "request {}: expected header {name}: {value}, got {}",
+                    index + 1,
+                    found.map_or("none".to_string(), |v| inert(v, 256).to_string())
+                ));
+            }
+        }
+        if let Some(pattern) = &want.body {
+            let body = String::from_utf8_lossy(&got.body);
+            if !pattern.is_match(&body) {
+                faults.push(format!(
+                    "request {}: body does not match /{pattern}/: {}",
+                    index + 1,
+                    inert(&body, 256)
+                ));
+            }
+        }
+    }
+    faults
+}
+
+/// How the messages a handler published differ from the expected ones.
+fn message_faults(expected: &[ExpectedMessage], published: &[OutgoingMessage]) -> Vec<String> {
+    let mut faults = Vec::new();
+    if expected.len() != published.len() {
+        faults.push(format!(
+            "expected {} published messages, it published {}",
+            expected.len(),
+            published.len()
+        ));
+    }
+    for (index, (want, got)) in expected.iter().zip(published).enumerate() {
+        let n = index + 1;
+        if want.topic != got.topic.configured() && want.topic != got.topic.wire() {
+            faults.push(format!(
+                "message {n}: expected topic {}, got {}",
+                want.topic,
+                got.topic.configured()
+            ));
+        }
+        if want.tag.is_some() && want.tag != got.tag {
+            faults.push(format!(
+                "message {n}: expected tag {:?}, got {:?}",
+                want.tag, got.tag
+            ));
+        }
+        if let Some(keys) = &want.keys
+            && *keys != got.keys
+        {
+            faults.push(format!(
+                "message {n}: expected keys {keys:?}, got {:?}",
+                got.keys
+            ));
+        }
+        if let Some(pattern) = &want.body {
+            let body = String::from_utf8_lossy(&got.body);
+            if !pattern.is_match(&body) {
+                faults.push(format!(
+                    "message {n}: body does not match /{pattern}/: {}",
+                    inert(&body, 256)
+                ));
+            }
+        }
+    }
+    faults
+}
+
+/// The kit's HTTP in place of the network: each fixture's answers, and the
+/// requests the handler made.
+#[derive(Default)]
+struct FixtureHttp {
+    state: std::sync::Mutex<(Vec<HttpAnswer>, Vec<SentRequest>)>,
+}
+
+impl FixtureHttp {
+    /// Starts a fixture: its answers, no requests yet.
+    fn begin(&self, answers: &[HttpAnswer]) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (answers.to_vec(), Vec::new());
+    }
+
+    /// The requests made since [`FixtureHttp::begin`].
+    fn take(&self) -> Vec<SentRequest> {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).1)
+    }
+}
+
+impl Responder for FixtureHttp {
+    fn respond(&self, request: SentRequest) -> Result<CannedResponse, String> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let answer = state
+            .0
+            .iter()
+            .find(|answer| {
+                answer.url == request.url
+                    && answer
+                        .method
+                        .as_ref()
+                        .is_none_or(|method| method.eq_ignore_ascii_case(&request.method))
+            })
+            .cloned();
+        let what = format!("{} {}", request.method, inert(&request.url, 256));
+        state.1.push(request);
+        let answer = answer.ok_or_else(|| format!("the fixture has no answer for {what}"))?;
+        Ok(CannedResponse {
+            status: answer.status,
+            headers: answer.headers,
+            body: answer.body,
+        })
     }
 }
 

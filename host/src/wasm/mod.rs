@@ -17,7 +17,10 @@ pub use bindings::CONTRACT_VERSIONS;
 pub use cache::{CacheError, CompileCache, Compiled, DEFAULT_CACHE_MAX_BYTES, Version};
 pub use config_store::{ConfigValues, REDACTED};
 pub use engine::{EPOCH_TICK, PoolUsage, RuntimeSettings, WasmRuntime};
-pub use outbound::{Network, Origin, OutboundGrants, OutboundLimits, is_internal};
+pub use outbound::{
+    CannedResponse, Network, Origin, OutboundGrants, OutboundLimits, Responder, SentRequest,
+    is_internal,
+};
 pub use outbox::{
     MAX_OUTBOX_BODY_BYTES, MAX_OUTBOX_MESSAGES, OutgoingMessage, PublishGrants, follow_up_id,
     follow_up_key,

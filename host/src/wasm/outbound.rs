@@ -163,6 +163,36 @@ pub fn is_internal(ip: IpAddr) -> bool {
     }
 }
 
+/// One request as a plugin sent it (to a [`Responder`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentRequest {
+    pub method: String,
+    /// `http://host:port/path?query`, as the plugin wrote it.
+    pub url: String,
+    /// Names lower-cased; values as text (lossy).
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// An answer given in place of the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CannedResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Answers granted requests in place of the network: the conformance kit's
+/// fixtures. The grants are checked as always; then no name is resolved
+/// and nothing is connected. An `Err` is an error the guest sees
+/// (`internal-error` with the text).
+pub trait Responder: Send + Sync + 'static {
+    fn respond(&self, request: SentRequest) -> Result<CannedResponse, String>;
+}
+
+/// Largest request body a [`Responder`] is shown.
+const MAX_RESPONDER_REQUEST_BYTES: usize = 1024 * 1024;
+
 /// What one plugin's entry grants for outbound HTTP.
 pub struct OutboundGrants {
     plugin: Arc<str>,
@@ -174,6 +204,8 @@ pub struct OutboundGrants {
     /// Origins asked for and refused (at most 32), shared by every copy.
     refused: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     observers: Observers,
+    /// Answers in place of the network (the kit), if set.
+    responder: Option<Arc<dyn Responder>>,
 }
 
 /// Refused origins one plugin remembers.
@@ -235,6 +267,15 @@ impl OutboundGrants {
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
             refused: Arc::default(),
             observers,
+            responder: None,
+        }
+    }
+
+    /// A copy answered by `responder` instead of the network.
+    pub fn answered_by(&self, responder: Arc<dyn Responder>) -> Self {
+        OutboundGrants {
+            responder: Some(responder),
+            ..self.reporting_to(&self.plugin, self.observers.clone())
         }
     }
 
@@ -250,6 +291,7 @@ impl OutboundGrants {
             in_flight: self.in_flight.clone(),
             refused: self.refused.clone(),
             observers,
+            responder: self.responder.clone(),
         }
     }
 
@@ -376,6 +418,13 @@ impl OutboundGrants {
         };
         let end_tokio = tokio::time::Instant::from_std(end);
 
+        if let Some(responder) = &self.responder {
+            return self
+                .answer(responder.as_ref(), request, end_tokio, permit)
+                .await
+                .map_err(expired_if(at_deadline, cut));
+        }
+
         // An address granted literally needs no resolution (nor a trip to
         // the resolver's blocking thread).
         let addresses: Vec<SocketAddr> = match origin.literal {
@@ -439,6 +488,70 @@ impl OutboundGrants {
             Ok(())
         });
         Ok((http::Response::from_parts(parts, body.boxed_unsync()), io))
+    }
+}
+
+impl OutboundGrants {
+    /// A [`Responder`]'s answer to a granted request.
+    async fn answer(
+        &self,
+        responder: &dyn Responder,
+        request: http::Request<WasiBody>,
+        end: tokio::time::Instant,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
+        let (parts, body) = request.into_parts();
+        let body = tokio::time::timeout_at(
+            end,
+            http_body_util::Limited::new(body, MAX_RESPONDER_REQUEST_BYTES).collect(),
+        )
+        .await
+        .map_err(|_| Error::HttpResponseTimeout)?
+        .map_err(|_| Error::HttpRequestBodySize(None))?
+        .to_bytes();
+        let sent = SentRequest {
+            method: parts.method.to_string(),
+            url: parts.uri.to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.as_str().to_string(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.to_vec(),
+        };
+        let canned = responder
+            .respond(sent)
+            .map_err(|why| Error::InternalError(Some(why)))?;
+        if canned.body.len() as u64 > self.max_response_bytes {
+            return Err(Error::HttpResponseBodySize(Some(self.max_response_bytes)));
+        }
+        let mut response = http::Response::builder().status(canned.status);
+        for (name, value) in &canned.headers {
+            response = response.header(name, value);
+        }
+        let body = http_body_util::Full::new(Bytes::from(canned.body))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let response = response
+            .body(body)
+            .map_err(|err| Error::InternalError(Some(format!("fixture answer: {err}"))))?;
+        drop(permit);
+        Ok((response, Box::new(async { Ok(()) })))
+    }
+}
+
+/// Marks the event's wait as cut when an error ended a wait at its deadline.
+fn expired_if(at_deadline: bool, cut: Arc<AtomicBool>) -> impl FnOnce(Error) -> Error {
+    move |error| {
+        if at_deadline && matches!(error, Error::HttpResponseTimeout) {
+            cut.store(true, Ordering::Release);
+        }
+        error
     }
 }
 

@@ -23,10 +23,23 @@ pub struct OutgoingMessage {
 }
 
 /// The topics a plugin may publish to (none by default).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct PublishGrants {
     topics: Vec<TopicName>,
+    /// Topics asked for and refused (at most 32), shared by every copy.
+    refused: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
+
+/// Refused topics one plugin remembers.
+const MAX_REFUSED: usize = 32;
+
+impl PartialEq for PublishGrants {
+    fn eq(&self, other: &Self) -> bool {
+        self.topics == other.topics
+    }
+}
+
+impl Eq for PublishGrants {}
 
 /// Why a message was refused, as the guest sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +51,16 @@ pub enum Refusal {
 
 impl PublishGrants {
     pub fn new(topics: Vec<TopicName>) -> Self {
-        PublishGrants { topics }
+        PublishGrants {
+            topics,
+            refused: Default::default(),
+        }
+    }
+
+    /// Topics the plugin published to that its grants refused, so far.
+    pub fn refused(&self) -> Vec<String> {
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused.iter().cloned().collect()
     }
 
     pub fn topics(&self) -> &[TopicName] {
@@ -59,10 +81,12 @@ impl PublishGrants {
             .iter()
             .find(|granted| granted.configured() == topic || granted.wire() == topic)
         else {
-            return Err(Refusal::TopicNotAllowed(crate::text::inert_owned(
-                topic.to_string(),
-                MAX_KEY_BYTES,
-            )));
+            let topic = crate::text::inert_owned(topic.to_string(), MAX_KEY_BYTES);
+            let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+            if refused.len() < MAX_REFUSED {
+                refused.insert(topic.clone());
+            }
+            return Err(Refusal::TopicNotAllowed(topic));
         };
         if outbox.len() >= MAX_OUTBOX_MESSAGES as usize {
             return Err(Refusal::TooMany(MAX_OUTBOX_MESSAGES));
@@ -122,6 +146,7 @@ mod tests {
             PublishGrants::default().admit(&[], "marketing.reward.granted", None, vec![], vec![]),
             Err(Refusal::TopicNotAllowed(_))
         ));
+        assert_eq!(grants.refused(), ["marketing.task.completed"]);
     }
 
     #[test]
