@@ -507,7 +507,11 @@ mod tests {
             .to_bytes()
             .len();
         let (addr, _stop) = start(limits, view).await;
-        let mut reader = TcpStream::connect(addr).await.unwrap();
+        // A fixed, small receive buffer: the kernel's autotuning could
+        // otherwise grow it to hold the whole response.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        let mut reader = socket.connect(addr).await.unwrap();
         reader
             .write_all(b"GET /plugins HTTP/1.1\r\nhost: test\r\n\r\n")
             .await
