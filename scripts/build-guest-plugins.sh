@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Builds the Python and JavaScript example plugins into wasm components:
-#   plugins/python/reward_logger/app.py      -> OUT/reward_logger_py.wasm (componentize-py)
-#   plugins/js/reward-logger/reward-logger.js -> OUT/reward_logger_js.wasm (componentize-js)
-# OUT defaults to target/guest-plugins. A component newer than its sources and
-# the WIT is kept. Installs the tools on first use (scripts/install-guest-tools.sh).
+#   plugins/python/reward_logger/app.py          -> OUT/reward_logger_py.wasm  (componentize-py)
+#   plugins/js/reward-logger/reward-logger.js    -> OUT/reward_logger_js.wasm  (componentize-js)
+#   plugins/python/reward_granter/app.py         -> OUT/reward_granter_py.wasm (componentize-py)
+#   plugins/js/reward-granter/reward-granter.js  -> OUT/reward_granter_js.wasm (componentize-js)
+# and prints their paths, one a line, in this order. OUT defaults to
+# target/guest-plugins. A component newer than its sources and the WIT is
+# kept. Installs the tools on first use (scripts/install-guest-tools.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-target/guest-plugins}"
@@ -19,21 +22,45 @@ up_to_date() {
     [[ -z "$(find "$@" -newer "$output" -type f | head -1)" ]]
 }
 
-py_out="$OUT/reward_logger_py.wasm"
-if ! up_to_date "$py_out" plugins/python/reward_logger wit; then
-    echo "== componentize-py: $py_out" >&2
-    # --stub-wasi: the component imports no WASI at all, only mqplug's log.
-    "$componentize_py" -d wit -w plugin componentize --stub-wasi \
-        -p plugins/python/reward_logger app -o "$py_out.tmp" >&2
-    mv "$py_out.tmp" "$py_out"
-fi
+# python_plugin OUTPUT FOLDER [FLAG...]: componentize-py, the app module `app`.
+python_plugin() {
+    local output=$1 folder=$2
+    shift 2
+    if ! up_to_date "$output" "$folder" wit; then
+        echo "== componentize-py: $output" >&2
+        "$componentize_py" -d wit -w plugin componentize "$@" \
+            -p "$folder" app -o "$output.tmp" >&2
+        mv "$output.tmp" "$output"
+    fi
+}
 
-js_out="$OUT/reward_logger_js.wasm"
-if ! up_to_date "$js_out" plugins/js wit; then
-    echo "== componentize-js: $js_out" >&2
-    NODE_PATH="$node_modules" node plugins/js/componentize.mjs \
-        plugins/js/reward-logger/reward-logger.js "$js_out.tmp"
-    mv "$js_out.tmp" "$js_out"
-fi
-echo "$py_out"
-echo "$js_out"
+# js_plugin OUTPUT SOURCE [FEATURE,...]: componentize-js, every optional
+# feature disabled but the ones named (plugins/js/componentize.mjs).
+js_plugin() {
+    local output=$1 source=$2
+    shift 2
+    if ! up_to_date "$output" "$(dirname "$source")" plugins/js/componentize.mjs wit; then
+        echo "== componentize-js: $output" >&2
+        NODE_PATH="$node_modules" node plugins/js/componentize.mjs "$source" "$output.tmp" "$@"
+        mv "$output.tmp" "$output"
+    fi
+}
+
+# --stub-wasi: the component imports no WASI at all, only mqplug's log.
+python_plugin "$OUT/reward_logger_py.wasm" plugins/python/reward_logger --stub-wasi
+js_plugin "$OUT/reward_logger_js.wasm" plugins/js/reward-logger/reward-logger.js
+
+# No --stub-wasi here: it replaces *every* wasi:* import with a trapping stub,
+# the world's own wasi:config/store and wasi:http ones too (the first
+# store.get traps), and componentize-py has no flag to stub only some. So this
+# component also imports the WASI interfaces CPython's libc links (wasi:cli,
+# wasi:filesystem, wasi:sockets, wasi:random, wall clock), which mqplug links
+# granting nothing: no files, no environment, no sockets.
+python_plugin "$OUT/reward_granter_py.wasm" plugins/python/reward_granter
+# http: the standard fetch, over the world's wasi:http/outgoing-handler.
+js_plugin "$OUT/reward_granter_js.wasm" plugins/js/reward-granter/reward-granter.js http
+
+echo "$OUT/reward_logger_py.wasm"
+echo "$OUT/reward_logger_js.wasm"
+echo "$OUT/reward_granter_py.wasm"
+echo "$OUT/reward_granter_js.wasm"

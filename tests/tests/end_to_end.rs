@@ -876,8 +876,6 @@ async fn a_consumed_event_calls_a_granted_service_and_a_refused_one_is_retried()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_up_messages_go_out_after_ok_with_derived_ids_and_never_after_err() -> Result<()> {
-    use mqplug::mq::{ConsumeFrom, ConsumerSettings, MqRuntime, PluginConsumer};
-    use mqplug::topic::TopicName;
     use mqplug::wasm::{follow_up_id, follow_up_key};
     const FOLLOW_UPS: u64 = 2;
     const FOLLOW_UP_TOPIC: &str = "marketing.reward.granted";
@@ -894,32 +892,7 @@ async fn follow_up_messages_go_out_after_ok_with_derived_ids_and_never_after_err
     config.producer.create_topic_queues = Some(4);
     let host = Host::start(&config, recorder.observers()).await?;
     let publisher = host.publisher().context("the producer is enabled")?;
-    // The follow-up topic, and a consumer of it.
-    let mq = MqRuntime::new(1)?;
-    let follow_up_topic = TopicName::new(FOLLOW_UP_TOPIC)?;
-    let mut creator = mqplug::mq::Publisher::start(
-        &mq,
-        mqplug::mq::ProducerSettings::new(broker.name_server.clone(), follow_up_topic.clone()),
-    )
-    .await?;
-    creator.create_topic(4).await?;
-    creator.shutdown().await;
-    let seen = mqplug_tests::Collect::default();
-    let reader = PluginConsumer::start(
-        &mq,
-        &ConsumerSettings {
-            name_server: broker.name_server.clone(),
-            group: "follow-up-reader".into(),
-            topic: follow_up_topic,
-            tags: "*".into(),
-            concurrency: 1,
-            max_reconsume_times: 0,
-            consume_from: ConsumeFrom::First,
-            drain_timeout: Duration::from_secs(1),
-        },
-        Arc::new(seen.clone()),
-    )
-    .await?;
+    let (reader, seen) = TopicReader::start(&broker, FOLLOW_UP_TOPIC).await?;
 
     let publish_event = |user: u64, then: &str| {
         mqplug_tests::sample_event_with(
@@ -957,7 +930,7 @@ async fn follow_up_messages_go_out_after_ok_with_derived_ids_and_never_after_err
     });
     tokio::time::sleep(QUIET_PERIOD).await;
     let got = arrived(&seen);
-    reader.shutdown().await;
+    reader.stop().await;
     host.shutdown().await;
     ensure!(all, "follow-ups seen: {got:?}; expected {expected:?}");
     assert_eq!(
@@ -968,6 +941,162 @@ async fn follow_up_messages_go_out_after_ok_with_derived_ids_and_never_after_err
     assert!(
         !got.iter().any(|(_, key)| key.starts_with(&failing)),
         "a handler that returned err published nothing: {got:?}"
+    );
+    Ok(())
+}
+
+/// A consumer of its own reading a topic from its first message (the topic
+/// is created first, so it can subscribe before anything is published).
+struct TopicReader {
+    mq: mqplug::mq::MqRuntime,
+    consumer: mqplug::mq::PluginConsumer,
+}
+
+impl TopicReader {
+    async fn start(
+        broker: &LocalBroker,
+        topic: &str,
+    ) -> Result<(TopicReader, mqplug_tests::Collect)> {
+        use mqplug::mq::{ConsumeFrom, ConsumerSettings, MqRuntime, PluginConsumer};
+        use mqplug::topic::TopicName;
+        let mq = MqRuntime::new(1)?;
+        let topic = TopicName::new(topic)?;
+        let mut creator = mqplug::mq::Publisher::start(
+            &mq,
+            mqplug::mq::ProducerSettings::new(broker.name_server.clone(), topic.clone()),
+        )
+        .await?;
+        creator.create_topic(4).await?;
+        creator.shutdown().await;
+        let seen = mqplug_tests::Collect::default();
+        let consumer = PluginConsumer::start(
+            &mq,
+            &ConsumerSettings {
+                name_server: broker.name_server.clone(),
+                group: format!("reader-{}", topic.wire()),
+                topic,
+                tags: "*".into(),
+                concurrency: 1,
+                max_reconsume_times: 0,
+                consume_from: ConsumeFrom::First,
+                drain_timeout: Duration::from_secs(1),
+            },
+            Arc::new(seen.clone()),
+        )
+        .await?;
+        Ok((TopicReader { mq, consumer }, seen))
+    }
+
+    async fn stop(self) {
+        self.consumer.shutdown().await;
+        self.mq.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reward_granter_grants_once_per_event_through_the_rewards_service_and_announces_it()
+-> Result<()> {
+    use mqplug::config::SecretSource;
+    use mqplug_tests::rewards::RewardsService;
+    const GRANTED: &str = "marketing.reward.granted";
+    const N: u64 = 12;
+
+    let rewards = RewardsService::start("s3cret-token")?;
+    let secrets = tempfile::tempdir()?;
+    let token_file = secrets.path().join("rewards_token");
+    std::fs::write(&token_file, "s3cret-token\n")?;
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let granter = PluginConfig {
+        allowed_outbound_hosts: vec![rewards.url()],
+        allowed_topics: vec![GRANTED.into()],
+        config: [("rewards_url".to_string(), rewards.url())].into(),
+        secrets: [(
+            "rewards_token".to_string(),
+            SecretSource {
+                env: None,
+                file: Some(token_file),
+            },
+        )]
+        .into(),
+        ..PluginConfig::new("reward-granter", plugin_path("reward-granter")?)
+    };
+    let config = host_config(&broker, "marketing.task.completed", vec![granter]);
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let (reader, announced) = TopicReader::start(&broker, GRANTED).await?;
+
+    let mut events = HashMap::new();
+    for user in 0..N {
+        let event = sample_event_with(
+            "USER_REGISTER",
+            500 + user,
+            serde_json::json!({"count": user % 3 + 1}),
+        );
+        events.insert(publisher.publish(&event).await?.message_id, event);
+    }
+    let poison = publisher
+        .publish(&sample_event_with(
+            "USER_REGISTER",
+            9,
+            serde_json::json!({"count": "x"}),
+        ))
+        .await?
+        .message_id;
+
+    let all = recorder.wait_until(WAIT, |r| {
+        announced.deliveries().len() >= N as usize
+            && r.handled().iter().any(|h| h.message_id == poison)
+    });
+    tokio::time::sleep(QUIET_PERIOD).await;
+    let deliveries = announced.deliveries();
+    reader.stop().await;
+    host.shutdown().await;
+    ensure!(
+        all,
+        "announced {} of {N}:\n{}",
+        deliveries.len(),
+        broker.logs()
+    );
+
+    let grants = rewards.grants();
+    let stats = rewards.stats();
+    assert_eq!(stats.grants, N, "one grant per event: {stats:?}");
+    assert_eq!(stats.repeated_requests, 0, "{stats:?}");
+    for grant in &grants {
+        let event = events
+            .get(&grant.idempotency_key)
+            .unwrap_or_else(|| panic!("the idempotency key is a message id: {grant:?}"));
+        assert_eq!(grant.user_id, event.user_id);
+        assert_eq!(
+            grant.points,
+            10 * event.event_data["count"].as_u64().unwrap()
+        );
+    }
+    assert_eq!(deliveries.len(), N as usize, "each grant announced once");
+    for delivery in &deliveries {
+        assert_eq!(delivery.tags.as_deref(), Some("REWARD_GRANTED"));
+        let grant = grants
+            .iter()
+            .find(|g| delivery.keys.contains(&g.id))
+            .unwrap_or_else(|| panic!("announces a recorded grant: {delivery:?}"));
+        assert!(
+            delivery
+                .keys
+                .contains(&format!("{}:0", grant.idempotency_key)),
+            "keyed by the incoming message id: {delivery:?}"
+        );
+    }
+    let poisoned: Vec<_> = recorder
+        .handled()
+        .into_iter()
+        .filter(|h| h.message_id == poison)
+        .map(|h| h.outcome)
+        .collect();
+    assert_eq!(
+        poisoned,
+        [DeliveryOutcome::DeadLetter],
+        "a bad count is dead-lettered, not granted"
     );
     Ok(())
 }

@@ -1,0 +1,175 @@
+// Example plugin in JavaScript: grants the points a completed task earns by
+// calling the team's rewards service, then announces the grant on
+// `marketing.reward.granted`.
+//
+// Same behaviour as plugins/reward-granter (Rust; its header shows the
+// plugin's entry) and plugins/python/reward_granter:
+//
+// - Points: 10 per unit of `event_data.count` (default 1). A count that is
+//   not a non-negative integer will not become one on a retry: dead-letter.
+// - `POST <rewards_url>/grants` (config `rewards_url`, secret `rewards_token`,
+//   both through wasi:config/store) with the message id as `idempotency-key`.
+// - 201 or 200: publishes the grant with tag `REWARD_GRANTED`. 429 or 503:
+//   retry no sooner than the service's `retry-after` seconds (default 30 s).
+//   400: dead-letter. Any other status, or no answer: retry.
+//
+// HTTP is the standard `fetch` (componentize-js's `http` feature, enabled for
+// this build only: scripts/build-guest-plugins.sh). `fetch` only answers
+// through a promise, so `handle` is an async function: componentize-js 0.23
+// exports it as the WIT's synchronous `handle`, running the component's event
+// loop (which waits on wasi:io/poll, within the host's deadline) until the
+// promise settles; a rejection with a handler-error is the `err` of the result,
+// like a throw from a synchronous handler. The component imports no more than
+// the stock wasi:http bindings would (wasi:http, wasi:io, the monotonic clock).
+//
+// Build: bash scripts/build-guest-plugins.sh (componentize-js, about 15 s).
+// WIT names become camelCase; a u64 such as userId is a BigInt.
+
+import { get } from 'wasi:config/store@0.2.0-rc.1';
+import { log } from 'mqplug:plugin/log@0.2.0';
+import { send } from 'mqplug:plugin/publish@0.2.0';
+
+// Where the follow-up goes.
+const GRANTED_TOPIC = 'marketing.reward.granted';
+const U64_MAX = 2n ** 64n - 1n;
+const U32_MAX = 2 ** 32 - 1;
+// A JSON number that serde_json reads as a u64 (what the Rust version accepts).
+const U64_NUMBER = /^(0|[1-9][0-9]*)$/;
+// Rust's `str::trim` (Unicode White_Space) and `parse::<u64>` (an optional `+`, digits).
+const TRIM = /^[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+|[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+$/g;
+const U64_TEXT = /^\+?[0-9]+$/;
+
+const retry = (reason) => ({ tag: 'retry', val: reason });
+const deadLetter = (reason) => ({ tag: 'dead-letter', val: reason });
+
+// The value of `key`; undefined when the plugin's entry does not set it.
+function config(key) {
+  try {
+    return get(key) ?? undefined;
+  } catch {
+    // mqplug's store never fails; an error would mean no value either.
+    return undefined;
+  }
+}
+
+// The count of the event data (1 when absent), as a BigInt, or the
+// dead-letter error. The number's text decides, not its double: 1.0, -0 or
+// 2^53 + 1 are judged as serde_json judges them (JSON.parse's source text).
+function countOf(eventData) {
+  let data;
+  const sources = new Map();
+  try {
+    data = JSON.parse(eventData, function (key, value, context) {
+      if (key === 'count' && context?.source !== undefined) sources.set(this, context.source);
+      return value;
+    });
+  } catch (err) {
+    throw retry(`event-data is not valid JSON: ${err.message}`);
+  }
+  if (data === null || typeof data !== 'object' || Array.isArray(data) || !Object.hasOwn(data, 'count')) {
+    return 1n;
+  }
+  const value = data.count;
+  const text = typeof value === 'number' ? sources.get(data) : JSON.stringify(value);
+  if (typeof value === 'number' && U64_NUMBER.test(text) && BigInt(text) <= U64_MAX) {
+    return BigInt(text);
+  }
+  throw deadLetter(`event_data.count must be a non-negative integer, got ${text}`);
+}
+
+export const handler = {
+  async handle(event, delivery) {
+    const count = countOf(event.eventData);
+    const points = count * 10n > U64_MAX ? U64_MAX : count * 10n;
+    const url = config('rewards_url');
+    if (url === undefined) throw retry('config rewards_url is not set');
+    const token = config('rewards_token');
+    if (token === undefined) throw retry('secret rewards_token is not set');
+    const target = `${url.replace(/\/+$/, '')}/grants`;
+    // Only http:// URLs, like the Rust SDK's `http::request`.
+    if (!target.startsWith('http://')) throw retry(`rewards service: ${target}: only http:// URLs`);
+
+    // JSON.stringify cannot write a BigInt; serde_json's `json!` sorts keys:
+    // the same bytes as the Rust version.
+    const body =
+      `{"campaign_id":${JSON.stringify(event.campaignId)},"points":${points},` +
+      `"user_id":${event.userId}}`;
+    let response;
+    let answer;
+    try {
+      response = await fetch(target, {
+        method: 'POST',
+        headers: {
+          'content-type': 'application/json',
+          authorization: `Bearer ${token}`,
+          'idempotency-key': delivery.messageId,
+        },
+        body,
+        // A redirect is an answer like any other (Rust's SDK follows none).
+        redirect: 'manual',
+      });
+      answer = new Uint8Array(await response.arrayBuffer());
+    } catch (err) {
+      // Denied origin, refused connection, deadline, invalid header...
+      throw retry(`rewards service: ${err.message ?? err}`);
+    }
+
+    const status = response.status;
+    if (status === 429 || status === 503) {
+      let seconds = 30n;
+      const value = response.headers.get('retry-after')?.replace(TRIM, '');
+      if (value !== undefined && U64_TEXT.test(value) && BigInt(value) <= U64_MAX) {
+        seconds = BigInt(value);
+      }
+      const delayMs = seconds * 1000n > BigInt(U32_MAX) ? U32_MAX : Number(seconds * 1000n);
+      throw { tag: 'retry-after', val: { reason: `rewards service busy (${status})`, delayMs } };
+    }
+    if (status === 400) {
+      const text = new TextDecoder('utf-8', { ignoreBOM: true }).decode(answer);
+      throw deadLetter(`rewards service refused the grant: ${text}`);
+    }
+    if (status !== 200 && status !== 201) throw retry(`rewards service answered ${status}`);
+    let granted;
+    try {
+      granted = JSON.parse(new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(answer));
+    } catch (err) {
+      throw retry(`rewards service sent no JSON: ${err.message}`);
+    }
+    const grantId =
+      granted !== null && typeof granted === 'object' && typeof granted.grant_id === 'string'
+        ? granted.grant_id
+        : '';
+    const announcement =
+      `{"campaign_id":${JSON.stringify(event.campaignId)},"grant_id":${JSON.stringify(grantId)},` +
+      `"message_id":${JSON.stringify(delivery.messageId)},"points":${points},"user_id":${event.userId}}`;
+    try {
+      send({
+        topic: GRANTED_TOPIC,
+        tag: 'REWARD_GRANTED',
+        keys: [grantId],
+        body: new TextEncoder().encode(announcement),
+      });
+    } catch (err) {
+      throw retry(publishFailure(err.payload ?? err));
+    }
+    log(
+      'info',
+      `granted ${points} points to user ${event.userId} in campaign ${event.campaignId} ` +
+        `(grant ${grantId}${status === 200 ? ', already granted before' : ''})`,
+    );
+  },
+};
+
+// Why `send` refused, as the Rust SDK words it.
+function publishFailure(error) {
+  switch (error?.tag) {
+    case 'topic-not-allowed':
+      return `topic ${error.val} is not in this plugin's allowed_topics`;
+    case 'too-large':
+      return `message over ${error.val} bytes`;
+    case 'too-many':
+      return `more than ${error.val} messages for one event`;
+    default:
+      return `publish failed: ${error}`;
+  }
+}
