@@ -6,8 +6,10 @@
 //
 // Every optional feature of componentize-js is disabled unless the third
 // argument enables it (a comma-separated list of stdio, random, clocks, http,
-// fetch-event): `http` gives the plugin `fetch` over the world's
-// wasi:http/outgoing-handler import (plugins/js/reward-granter).
+// fetch-event), e.g. `http` for the standard `fetch` over the world's
+// wasi:http/outgoing-handler import. (plugins/js/reward-granter calls the
+// wasi:http imports itself instead, and needs no feature: in 0.23 `fetch`
+// traps when a request with a body fails, e.g. on a refused connection.)
 //
 // componentize-js is looked up in NODE_PATH if set (scripts/install-guest-tools.sh
 // prints the folder it installs into), else in ./node_modules.

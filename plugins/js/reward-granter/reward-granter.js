@@ -13,19 +13,23 @@
 //   retry no sooner than the service's `retry-after` seconds (default 30 s).
 //   400: dead-letter. Any other status, or no answer: retry.
 //
-// HTTP is the standard `fetch` (componentize-js's `http` feature, enabled for
-// this build only: scripts/build-guest-plugins.sh). `fetch` only answers
-// through a promise, so `handle` is an async function: componentize-js 0.23
-// exports it as the WIT's synchronous `handle`, running the component's event
-// loop (which waits on wasi:io/poll, within the host's deadline) until the
-// promise settles; a rejection with a handler-error is the `err` of the result,
-// like a throw from a synchronous handler. The component imports no more than
-// the stock wasi:http bindings would (wasi:http, wasi:io, the monotonic clock).
+// HTTP goes through the stock wasi:http imports, synchronously, as in the
+// Python version, not through `fetch`. `fetch` does work in componentize-js
+// 0.23 (its `http` feature, with `handle` an async function: the export runs
+// the event loop until the promise settles, and a rejection with a
+// handler-error is the result's `err`), but StarlingMonkey traps
+// (`unreachable`) when a request with a body fails before the body is
+// written: a refused connection or an origin the entry does not grant makes
+// the plugin trap instead of asking for a retry. So no `http` feature here;
+// the component imports wasi:http, wasi:io and the monotonic clock, which
+// the world's wasi:http needs anyway.
 //
 // Build: bash scripts/build-guest-plugins.sh (componentize-js, about 15 s).
 // WIT names become camelCase; a u64 such as userId is a BigInt.
 
 import { get } from 'wasi:config/store@0.2.0-rc.1';
+import { handle } from 'wasi:http/outgoing-handler@0.2.12';
+import { Fields, IncomingBody, OutgoingBody, OutgoingRequest } from 'wasi:http/types@0.2.12';
 import { log } from 'mqplug:plugin/log@0.2.0';
 import { send } from 'mqplug:plugin/publish@0.2.0';
 
@@ -78,46 +82,32 @@ function countOf(eventData) {
 }
 
 export const handler = {
-  async handle(event, delivery) {
+  handle(event, delivery) {
     const count = countOf(event.eventData);
     const points = count * 10n > U64_MAX ? U64_MAX : count * 10n;
     const url = config('rewards_url');
     if (url === undefined) throw retry('config rewards_url is not set');
     const token = config('rewards_token');
     if (token === undefined) throw retry('secret rewards_token is not set');
-    const target = `${url.replace(/\/+$/, '')}/grants`;
-    // Only http:// URLs, like the Rust SDK's `http::request`.
-    if (!target.startsWith('http://')) throw retry(`rewards service: ${target}: only http:// URLs`);
 
     // JSON.stringify cannot write a BigInt; serde_json's `json!` sorts keys:
     // the same bytes as the Rust version.
     const body =
       `{"campaign_id":${JSON.stringify(event.campaignId)},"points":${points},` +
       `"user_id":${event.userId}}`;
-    let response;
-    let answer;
-    try {
-      response = await fetch(target, {
-        method: 'POST',
-        headers: {
-          'content-type': 'application/json',
-          authorization: `Bearer ${token}`,
-          'idempotency-key': delivery.messageId,
-        },
-        body,
-        // A redirect is an answer like any other (Rust's SDK follows none).
-        redirect: 'manual',
-      });
-      answer = new Uint8Array(await response.arrayBuffer());
-    } catch (err) {
-      // Denied origin, refused connection, deadline, invalid header...
-      throw retry(`rewards service: ${err.message ?? err}`);
-    }
+    const { status, headers, answer } = post(
+      `${url.replace(/\/+$/, '')}/grants`,
+      [
+        ['content-type', 'application/json'],
+        ['authorization', `Bearer ${token}`],
+        ['idempotency-key', delivery.messageId],
+      ],
+      new TextEncoder().encode(body),
+    );
 
-    const status = response.status;
     if (status === 429 || status === 503) {
       let seconds = 30n;
-      const value = response.headers.get('retry-after')?.replace(TRIM, '');
+      const value = header(headers, 'retry-after')?.replace(TRIM, '');
       if (value !== undefined && U64_TEXT.test(value) && BigInt(value) <= U64_MAX) {
         seconds = BigInt(value);
       }
@@ -171,5 +161,132 @@ function publishFailure(error) {
       return `more than ${error.val} messages for one event`;
     default:
       return `publish failed: ${error}`;
+  }
+}
+
+// The first header called `name` (lower case) as text; undefined if absent or not UTF-8.
+function header(headers, name) {
+  const found = headers.find(([key]) => key.toLowerCase() === name);
+  if (found === undefined) return undefined;
+  try {
+    return new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(found[1]);
+  } catch {
+    return undefined;
+  }
+}
+
+// A wasi:http or wasi:io error case as Rust's Debug names it, roughly:
+// `HTTP-request-denied` becomes `HttpRequestDenied`.
+function errorName(error) {
+  const value = error?.payload ?? error;
+  if (typeof value?.tag !== 'string') return String(value);
+  const name = value.tag
+    .split('-')
+    .map((part) => part[0].toUpperCase() + part.slice(1).toLowerCase())
+    .join('');
+  return value.val === undefined ? name : `${name}(${JSON.stringify(value.val)})`;
+}
+
+// Sends a POST through wasi:http/outgoing-handler and reads the whole
+// response: { status, headers: [[name, bytes]], answer: bytes }. A failure is
+// the retry error naming it. Only http:// URLs, like the Rust SDK's
+// `http::request`. Resources are dropped explicitly ([Symbol.dispose]),
+// children before their parents: the garbage collector could drop a parent
+// first, which traps. The ones handed over (fields, the request, the
+// bodies) are not.
+function post(url, headerList, body) {
+  const fail = (why) => retry(`rewards service: ${why}`);
+  if (!url.startsWith('http://')) throw fail(`${url}: only http:// URLs`);
+  const rest = url.slice('http://'.length);
+  const at = rest.indexOf('/');
+  const [authority, path] = at < 0 ? [rest, '/'] : [rest.slice(0, at), rest.slice(at)];
+  let fields;
+  try {
+    fields = Fields.fromList(headerList.map(([name, value]) => [name, new TextEncoder().encode(value)]));
+  } catch (err) {
+    throw fail(`header: ${errorName(err)}`);
+  }
+  const request = new OutgoingRequest(fields);
+  for (const [what, set, value] of [
+    ['method', 'setMethod', { tag: 'post' }],
+    ['scheme', 'setScheme', { tag: 'HTTP' }],
+    ['authority', 'setAuthority', authority],
+    ['path', 'setPathWithQuery', path],
+  ]) {
+    try {
+      request[set](value);
+    } catch {
+      throw fail(`${url}: invalid ${what}`);
+    }
+  }
+  const outgoing = request.body();
+  let future;
+  try {
+    future = handle(request, undefined);
+  } catch (err) {
+    throw fail(errorName(err));
+  }
+  try {
+    const stream = outgoing.write();
+    try {
+      for (let start = 0; start < body.length; start += 4096) {
+        stream.blockingWriteAndFlush(body.subarray(start, start + 4096));
+      }
+    } catch (err) {
+      throw fail(`writing the request body: ${errorName(err)}`);
+    } finally {
+      stream[Symbol.dispose]();
+    }
+    try {
+      OutgoingBody.finish(outgoing, undefined);
+    } catch (err) {
+      throw fail(errorName(err));
+    }
+    const pollable = future.subscribe();
+    pollable.block();
+    pollable[Symbol.dispose]();
+    const answer = future.get();
+    if (answer === undefined) throw fail('no response');
+    if (answer.tag === 'err') throw fail('response taken');
+    if (answer.val.tag === 'err') throw fail(errorName(answer.val.val));
+    const response = answer.val.val;
+    try {
+      const status = response.status();
+      const fields = response.headers();
+      const headers = fields.entries();
+      fields[Symbol.dispose]();
+      const incoming = response.consume();
+      const chunks = [];
+      const input = incoming.stream();
+      try {
+        for (;;) {
+          chunks.push(input.blockingRead(64n * 1024n));
+        }
+      } catch (err) {
+        const why = err?.payload ?? err;
+        if (why?.tag !== 'closed') {
+          let detail = errorName(why);
+          if (why?.tag === 'last-operation-failed') {
+            detail = why.val.toDebugString();
+            why.val[Symbol.dispose]();
+          }
+          throw fail(`reading the response: ${detail}`);
+        }
+      } finally {
+        input[Symbol.dispose]();
+      }
+      IncomingBody.finish(incoming)[Symbol.dispose]();
+      const answer = new Uint8Array(chunks.reduce((length, chunk) => length + chunk.length, 0));
+      let offset = 0;
+      for (const chunk of chunks) {
+        answer.set(chunk, offset);
+        offset += chunk.length;
+      }
+      return { status, headers, answer };
+    } finally {
+      response[Symbol.dispose]();
+    }
+  } finally {
+    future[Symbol.dispose]();
   }
 }

@@ -59,9 +59,16 @@ def compact(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def parse_int(text: str):
-    # serde_json reads `-0` as a float (-0.0), which is no count.
-    return -0.0 if text == "-0" else int(text)
+class Float(float):
+    """A JSON number with a fraction or an exponent, and its text: the host
+    wrote the event data with serde_json, so the text is how the Rust version
+    spells the number (1e-7 and 0.00001, where Python's repr says 1e-07
+    and 1e-05)."""
+
+    def __new__(cls, text: str):
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
 
 
 class Handler(exports.Handler):
@@ -83,14 +90,15 @@ def config(key: str):
 
 def grant(event: TaskEvent, delivery: Delivery) -> None:
     try:
-        data = json.loads(event.event_data, parse_int=parse_int)
+        data = json.loads(event.event_data, parse_float=Float)
     except ValueError as err:
         raise Retry(f"event-data is not valid JSON: {err}")
     count = data.get("count", 1) if isinstance(data, dict) else 1
     # bool is an int in Python; JSON true is not a count. Nor is 2^64.
     if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= U64_MAX:
+        text = count.text if isinstance(count, Float) else compact(count)
         raise Err(HandlerError_DeadLetter(
-            f"event_data.count must be a non-negative integer, got {compact(count)}"
+            f"event_data.count must be a non-negative integer, got {text}"
         ))
     points = min(count * 10, U64_MAX)
     url = config("rewards_url")
