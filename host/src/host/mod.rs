@@ -163,6 +163,21 @@ impl Host {
                     wire_topic = self.shared.topic.wire(),
                     queues, "topic created"
                 );
+                // And the topics plugins publish follow-ups to, so their
+                // consumers can subscribe before the first one.
+                // (Checked when the config was validated.)
+                let follow_ups: std::collections::BTreeSet<&String> = config
+                    .plugins
+                    .iter()
+                    .flat_map(|plugin| &plugin.allowed_topics)
+                    .collect();
+                for topic in follow_ups
+                    .into_iter()
+                    .filter_map(|t| TopicName::new(t).ok())
+                {
+                    publisher.create(&topic, queues).await?;
+                    info!(wire_topic = topic.wire(), queues, "follow-up topic created");
+                }
             }
             info!(group = %config.producer.group, "producer started");
             let publisher = Arc::new(publisher);

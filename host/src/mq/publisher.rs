@@ -153,7 +153,14 @@ impl Publisher {
     /// exist. A consumer that subscribes before its topic exists waits for
     /// the client's 30 s route refresh before it sees anything.
     pub async fn create_topic(&mut self, queues: i32) -> Result<(), MqError> {
-        let wire = self.settings.topic.wire().to_string();
+        let topic = self.settings.topic.clone();
+        self.create(&topic, queues).await
+    }
+
+    /// Creates any topic, as [`Publisher::create_topic`] does its own (for
+    /// the topics plugins publish follow-ups to).
+    pub async fn create(&mut self, topic: &TopicName, queues: i32) -> Result<(), MqError> {
+        let wire = topic.wire().to_string();
         self.current
             .get_mut()
             .producer

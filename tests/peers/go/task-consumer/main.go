@@ -2,7 +2,8 @@
 // shows: a push consumer, clustering, json.Unmarshal into the struct and
 // ConsumeRetryLater when that fails. It prints one JSON line per delivery on
 // stdout ({"msg_id","tags","keys","reconsume_times","queue_id","event"} or
-// {"msg_id",...,"error"} when the body does not decode), {"ready":true} once
+// {"msg_id",...,"error"} when the body does not decode; with -raw, "body" as
+// text instead of "event", for other topics), {"ready":true} once
 // started, and shuts down cleanly on SIGTERM, SIGINT or end of stdin.
 //
 //	task-consumer -nameserver 127.0.0.1:9876 -group marketing-consumer-group
@@ -31,6 +32,7 @@ func main() {
 	topic := flag.String("topic", platform.Topic, "topic to subscribe to")
 	group := flag.String("group", "marketing-consumer-group", "consumer group")
 	fromFirst := flag.Bool("from-first", false, "a new group starts at the first offset, not the last")
+	raw := flag.Bool("raw", false, "print each body as text instead of decoding a TaskEventMessage (for other topics)")
 	flag.Parse()
 	platform.QuietClientLogs()
 
@@ -65,6 +67,11 @@ func main() {
 					"keys":            msg.GetKeys(),
 					"reconsume_times": msg.ReconsumeTimes,
 					"queue_id":        msg.Queue.QueueId,
+				}
+				if *raw {
+					line["body"] = string(msg.Body)
+					emit(line)
+					continue
 				}
 				var eventMessage platform.TaskEventMessage
 				if err := json.Unmarshal(msg.Body, &eventMessage); err != nil {
