@@ -97,8 +97,29 @@ pub fn guest_tools() -> Result<(PathBuf, PathBuf)> {
 /// `scripts/build-guest-plugins.sh` (which installs its tools on first use and
 /// skips components newer than their sources) and returns one's component.
 pub fn guest_plugin_path(guest: Guest) -> Result<PathBuf> {
-    static BUILT: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
-    let (python, javascript) = BUILT
+    let built = guest_builds()?;
+    Ok(match guest {
+        Guest::Python => built[0].clone(),
+        Guest::JavaScript => built[1].clone(),
+    })
+}
+
+/// The reward-granter example in `guest`'s language
+/// (`plugins/python/reward_granter`, `plugins/js/reward-granter`), built
+/// with the reward-loggers.
+pub fn guest_granter_path(guest: Guest) -> Result<PathBuf> {
+    let built = guest_builds()?;
+    Ok(match guest {
+        Guest::Python => built[2].clone(),
+        Guest::JavaScript => built[3].clone(),
+    })
+}
+
+/// Every guest build, once per test process: the reward-logger and the
+/// reward-granter, in Python and JavaScript.
+fn guest_builds() -> Result<[PathBuf; 4]> {
+    static BUILT: OnceLock<Result<[PathBuf; 4], String>> = OnceLock::new();
+    BUILT
         .get_or_init(|| {
             let out = target_dir().join("guest-plugins");
             let status = Command::new("bash")
@@ -111,15 +132,13 @@ pub fn guest_plugin_path(guest: Guest) -> Result<PathBuf> {
             if !status.success() {
                 return Err(format!("scripts/build-guest-plugins.sh failed: {status}"));
             }
-            Ok((
+            Ok([
                 out.join("reward_logger_py.wasm"),
                 out.join("reward_logger_js.wasm"),
-            ))
+                out.join("reward_granter_py.wasm"),
+                out.join("reward_granter_js.wasm"),
+            ])
         })
         .clone()
-        .map_err(anyhow::Error::msg)?;
-    Ok(match guest {
-        Guest::Python => python,
-        Guest::JavaScript => javascript,
-    })
+        .map_err(anyhow::Error::msg)
 }

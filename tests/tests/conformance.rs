@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use mqplug::conformance::{self, Group, Report, Status, fixtures};
 use mqplug::wasm::{PluginSettings, RuntimeSettings, WasmRuntime};
-use mqplug_tests::plugins::{Guest, guest_plugin_path, guest_tools, plugin_path};
+use mqplug_tests::plugins::{
+    Guest, guest_granter_path, guest_plugin_path, guest_tools, plugin_path,
+};
 use mqplug_tests::workspace_root;
 
 fn runtime() -> Arc<WasmRuntime> {
@@ -413,6 +415,55 @@ fn assert_granter_passes_its_fixtures(path: &Path) {
 #[test]
 fn the_reward_granter_passes_its_fixtures_with_http_and_publishing_virtualised() {
     assert_granter_passes_its_fixtures(&plugin_path("reward-granter").unwrap());
+}
+
+#[test]
+fn the_python_reward_granter_passes_the_same_fixtures() {
+    assert_granter_passes_its_fixtures(&guest_granter_path(Guest::Python).unwrap());
+}
+
+#[test]
+fn the_javascript_reward_granter_passes_the_same_fixtures() {
+    assert_granter_passes_its_fixtures(&guest_granter_path(Guest::JavaScript).unwrap());
+}
+
+#[test]
+fn a_refused_request_fails_the_same_way_every_time_in_every_language() {
+    // The origin is not granted: the host refuses every request. Writing the
+    // body then fails too, sometimes first; the SDKs report the response's
+    // error (the refusal) either way, so the kit's determinism checks pass.
+    let refused = || {
+        let settings = granter_settings(&["marketing.reward.granted"]);
+        PluginSettings {
+            outbound: Arc::new(mqplug::wasm::OutboundGrants::none("reward-granter")),
+            ..settings
+        }
+    };
+    for path in [
+        plugin_path("reward-granter").unwrap(),
+        guest_granter_path(Guest::Python).unwrap(),
+        guest_granter_path(Guest::JavaScript).unwrap(),
+    ] {
+        let report = kit(&path, refused(), "");
+        let determinism = checks(&report, Group::Determinism);
+        assert!(
+            determinism
+                .iter()
+                .all(|(_, status)| **status == Status::Pass),
+            "{}: {}",
+            path.display(),
+            report.table()
+        );
+        assert!(
+            checks(&report, Group::Suite)
+                .iter()
+                .all(|(_, status)| **status == Status::Pass),
+            "{}",
+            report.table()
+        );
+        let why = failure_of(&report, "reaches only the origins it is granted");
+        assert!(why.contains("http://rewards.test"), "{why}");
+    }
 }
 
 #[test]

@@ -227,20 +227,29 @@ function post(url, headerList, body) {
     throw fail(errorName(err));
   }
   try {
+    // A body that cannot be written is usually the request failing (a
+    // refused origin, a closed connection): the response's error says why,
+    // the same way every time, so it is reported first.
+    let writeError;
     const stream = outgoing.write();
     try {
       for (let start = 0; start < body.length; start += 4096) {
         stream.blockingWriteAndFlush(body.subarray(start, start + 4096));
       }
     } catch (err) {
-      throw fail(`writing the request body: ${errorName(err)}`);
+      writeError = `writing the request body: ${errorName(err)}`;
     } finally {
       stream[Symbol.dispose]();
     }
-    try {
-      OutgoingBody.finish(outgoing, undefined);
-    } catch (err) {
-      throw fail(errorName(err));
+    if (writeError === undefined) {
+      try {
+        OutgoingBody.finish(outgoing, undefined);
+      } catch (err) {
+        writeError = errorName(err);
+      }
+    } else {
+      // Unfinished: the request's body ends in an error.
+      outgoing[Symbol.dispose]();
     }
     const pollable = future.subscribe();
     pollable.block();
@@ -249,6 +258,7 @@ function post(url, headerList, body) {
     if (answer === undefined) throw fail('no response');
     if (answer.tag === 'err') throw fail('response taken');
     if (answer.val.tag === 'err') throw fail(errorName(answer.val.val));
+    if (writeError !== undefined) throw fail(writeError);
     const response = answer.val.val;
     try {
       const status = response.status();

@@ -231,16 +231,25 @@ def post(url: str, headers, body: bytes):
     except Err as err:
         raise Retry(error_name(err.value))
     with future:
+        # A body that cannot be written is usually the request failing (a
+        # refused origin, a closed connection): the response's error says
+        # why, the same way every time, so it is reported first.
+        write_error = None
         with outgoing.write() as stream:
             for start in range(0, len(body), 4096):
                 try:
                     stream.blocking_write_and_flush(body[start:start + 4096])
                 except Err as err:
-                    raise Retry(f"writing the request body: {error_name(err.value)}")
-        try:
-            OutgoingBody.finish(outgoing, None)
-        except Err as err:
-            raise Retry(error_name(err.value))
+                    write_error = f"writing the request body: {error_name(err.value)}"
+                    break
+        if write_error is None:
+            try:
+                OutgoingBody.finish(outgoing, None)
+            except Err as err:
+                write_error = error_name(err.value)
+        else:
+            # Unfinished: the request's body ends in an error.
+            outgoing.__exit__(None, None, None)
         with future.subscribe() as pollable:
             pollable.block()
         answer = future.get()
@@ -250,6 +259,8 @@ def post(url: str, headers, body: bytes):
             raise Retry("response taken")
         if isinstance(answer.value, Err):
             raise Retry(error_name(answer.value.value))
+        if write_error is not None:
+            raise Retry(write_error)
         with answer.value.value as response:
             status = response.status()
             with response.headers() as fields:

@@ -174,23 +174,38 @@ pub mod http {
             .body()
             .map_err(|()| "request body taken".to_string())?;
         let future = outgoing_handler::handle(request, None).map_err(|err| format!("{err:?}"))?;
+        // A body that cannot be written is usually the request failing (a
+        // refused origin, a closed connection): the response's error says
+        // why, the same way every time, so it is reported first.
+        let mut write_error = None;
         if let Some(body) = body {
             let stream = outgoing
                 .write()
                 .map_err(|()| "request body stream taken".to_string())?;
             for chunk in body.chunks(4096) {
-                stream
-                    .blocking_write_and_flush(chunk)
-                    .map_err(|err| format!("writing the request body: {err:?}"))?;
+                if let Err(err) = stream.blocking_write_and_flush(chunk) {
+                    write_error = Some(format!("writing the request body: {err:?}"));
+                    break;
+                }
             }
         }
-        OutgoingBody::finish(outgoing, None).map_err(|err| format!("{err:?}"))?;
+        if write_error.is_none() {
+            write_error = OutgoingBody::finish(outgoing, None)
+                .err()
+                .map(|err| format!("{err:?}"));
+        } else {
+            // Unfinished: the request's body ends in an error.
+            drop(outgoing);
+        }
         future.subscribe().block();
         let response = future
             .get()
             .ok_or("no response")?
             .map_err(|()| "response taken".to_string())?
             .map_err(|err| format!("{err:?}"))?;
+        if let Some(why) = write_error {
+            return Err(why);
+        }
         let status = response.status();
         let headers = response.headers().entries();
         let incoming = response
