@@ -71,6 +71,16 @@ impl EventHandler for Plugin {
     fn handle(&self, event: &TaskEvent, delivery: &Delivery) -> HandlerOutcome {
         Plugin::handle(self, event, delivery)
     }
+
+    // A plugin used directly (not through a slot) keeps its follow-ups too.
+    fn handle_full(&self, event: &TaskEvent, delivery: &Delivery) -> Handled {
+        let (outcome, outbox) = self.handle_with_outbox(event, delivery);
+        Handled {
+            outcome,
+            version: None,
+            outbox,
+        }
+    }
 }
 
 /// Hands one plugin's messages to its handler and decides their outcome.

@@ -488,3 +488,45 @@ fn follow_ups_are_held_until_ok_and_only_to_granted_topics() {
     );
     assert!(outbox.is_empty());
 }
+
+/// Keeps what it is asked to send.
+#[derive(Default)]
+struct Kept(std::sync::Mutex<Vec<(String, usize)>>);
+
+impl mqplug::dispatch::OutboxSender for Kept {
+    fn send(
+        &self,
+        delivery: &Delivery,
+        messages: &[mqplug::wasm::OutgoingMessage],
+    ) -> Result<(), String> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((delivery.message_id.clone(), messages.len()));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_dispatcher_over_a_plugin_itself_sends_its_follow_ups() {
+    let entry = PluginConfig {
+        allowed_topics: vec!["marketing.reward.granted".into()],
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    };
+    let plugin = chaos_with(entry, &Recorder::new()).unwrap();
+    let kept = Arc::new(Kept::default());
+    let dispatcher = mqplug::dispatch::Dispatcher::new(
+        "chaos",
+        Arc::new(plugin),
+        mqplug::outcome::UndecodablePolicy::Retry,
+        usize::MAX,
+        Default::default(),
+    )
+    .with_outbox(kept.clone());
+    let body = publish_event("marketing.reward.granted", "ok").encode();
+    assert_eq!(
+        dispatcher.dispatch(&delivery("d-1"), &body),
+        mqplug::DeliveryOutcome::ConsumeSuccess
+    );
+    assert_eq!(*kept.0.lock().unwrap(), [("d-1".to_string(), 3)]);
+}
