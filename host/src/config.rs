@@ -15,7 +15,7 @@ use crate::outcome::UndecodablePolicy;
 use crate::topic::{DEFAULT_TOPIC, TopicName, TopicNameError, check_resource_name};
 use crate::wasm::{
     ConfigValues, InstanceMode, Network, Origin, OutboundGrants, OutboundLimits, PluginSettings,
-    PublishGrants, RuntimeSettings,
+    PublishGrants, RuntimeSettings, read_ca_file,
 };
 
 pub const DEFAULT_NAME_SERVER: &str = "127.0.0.1:9876";
@@ -251,6 +251,11 @@ pub struct PluginConfig {
     /// (`connection-limit-reached`).
     #[serde(default = "default_http_max_in_flight")]
     pub http_max_in_flight: usize,
+    /// A PEM file of CA certificates the plugin's `https` origins may be
+    /// signed by, besides the system's roots (an internal CA); relative
+    /// paths are relative to the config file. Read at every load.
+    #[serde(default)]
+    pub http_ca_file: Option<PathBuf>,
     /// Topics the plugin may publish follow-up messages to (the `publish`
     /// import), as configured (`marketing.reward.granted`); needs the
     /// built-in producer (`[producer] enabled = true`). None by default.
@@ -492,6 +497,13 @@ impl HostConfig {
                     *file = base.join(&*file);
                 }
             }
+            if let Some(file) = plugin
+                .http_ca_file
+                .as_mut()
+                .filter(|file| file.is_relative())
+            {
+                *file = base.join(&*file);
+            }
         }
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -686,6 +698,7 @@ impl PluginConfig {
             http_timeout_ms: default_http_timeout_ms(),
             http_max_response_bytes: default_http_max_response_bytes(),
             http_max_in_flight: default_http_max_in_flight(),
+            http_ca_file: None,
             allowed_topics: Vec::new(),
         }
     }
@@ -725,6 +738,12 @@ impl PluginConfig {
             problem,
         };
         let (origins, networks) = self.outbound_grants().map_err(problem)?;
+        let ca = match &self.http_ca_file {
+            Some(path) => {
+                read_ca_file(path).map_err(|why| problem(format!("http_ca_file: {why}")))?
+            }
+            None => Vec::new(),
+        };
         let topics = self
             .allowed_topics
             .iter()
@@ -735,17 +754,20 @@ impl PluginConfig {
         Ok(PluginSettings {
             config: Arc::new(ConfigValues::new(&self.config, secrets)),
             publish: Arc::new(PublishGrants::new(topics)),
-            outbound: Arc::new(OutboundGrants::new(
-                &self.name,
-                origins,
-                networks,
-                OutboundLimits {
-                    timeout: Duration::from_millis(self.http_timeout_ms),
-                    max_response_bytes: self.http_max_response_bytes,
-                    max_in_flight: self.http_max_in_flight,
-                },
-                Observers::default(),
-            )),
+            outbound: Arc::new(
+                OutboundGrants::new(
+                    &self.name,
+                    origins,
+                    networks,
+                    OutboundLimits {
+                        timeout: Duration::from_millis(self.http_timeout_ms),
+                        max_response_bytes: self.http_max_response_bytes,
+                        max_in_flight: self.http_max_in_flight,
+                    },
+                    Observers::default(),
+                )
+                .trusting(ca),
+            ),
             name: self.name.clone(),
             deadline: Duration::from_millis(self.deadline_ms),
             memory_limit_bytes: self.memory_limit_mb.saturating_mul(MIB),

@@ -530,3 +530,96 @@ fn a_dispatcher_over_a_plugin_itself_sends_its_follow_ups() {
     );
     assert_eq!(*kept.0.lock().unwrap(), [("d-1".to_string(), 3)]);
 }
+
+/// The chaos plugin granted `origin`, trusting `ca_pem` (when given) for it.
+fn chaos_trusting(origin: &str, ca_pem: Option<&str>, dir: &Path) -> Plugin {
+    let http_ca_file = ca_pem.map(|pem| {
+        let file = dir.join("ca.pem");
+        std::fs::write(&file, pem).unwrap();
+        file
+    });
+    chaos_with(
+        PluginConfig {
+            allowed_outbound_hosts: vec![origin.to_string()],
+            http_ca_file,
+            ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+        },
+        &Recorder::new(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn an_https_origin_is_reached_over_tls_when_its_certificate_is_trusted() {
+    let (server, ca) = Server::start_tls(Answer::Ok("granted over tls"));
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("{}/grants", server.origin());
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+    let recorder = Recorder::new();
+    let plugin = chaos_with(
+        PluginConfig {
+            allowed_outbound_hosts: vec![server.origin()],
+            http_ca_file: Some({
+                let file = dir.path().join("ca.pem");
+                std::fs::write(&file, &ca).unwrap();
+                file
+            }),
+            ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+        },
+        &recorder,
+    )
+    .unwrap();
+    let outcome = plugin.handle(&http_event(&url, "POST", Some("{}")), &delivery("t-1"));
+    assert_eq!(outcome, HandlerOutcome::Accepted);
+    assert_eq!(logged(&recorder, "t-1"), ["http 200 granted over tls"]);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1);
+    assert!(requests[0].0.starts_with("POST /grants"), "{requests:?}");
+
+    // Not trusted (only the system's roots): the handshake fails, an error
+    // the handler sees; nothing reaches the server.
+    let untrusting = chaos_trusting(&server.origin(), None, dir.path());
+    let outcome = untrusting.handle(&http_event(&url, "GET", None), &delivery("t-2"));
+    assert!(
+        matches!(&outcome, HandlerOutcome::Rejected { reason, .. } if reason.contains("TlsCertificateError")),
+        "{outcome:?}"
+    );
+    // The grant is for https: the same host and port over plain http is not
+    // granted.
+    let plain = url.replacen("https://", "http://", 1);
+    let trusting = chaos_trusting(&server.origin(), Some(&ca), dir.path());
+    let outcome = trusting.handle(&http_event(&plain, "GET", None), &delivery("t-3"));
+    assert!(
+        matches!(&outcome, HandlerOutcome::Rejected { reason, .. } if reason.contains("HttpRequestDenied")),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        server.requests().len(),
+        1,
+        "nothing more reached the server"
+    );
+}
+
+#[test]
+fn an_http_ca_file_that_cannot_be_read_refuses_the_load_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    for (file, why) in [
+        (dir.path().join("missing.pem"), "missing.pem"),
+        (not_pem, "no PEM certificate"),
+    ] {
+        let err = chaos_with(
+            PluginConfig {
+                allowed_outbound_hosts: vec!["https://rewards.internal".into()],
+                http_ca_file: Some(file),
+                ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+            },
+            &Recorder::new(),
+        )
+        .err()
+        .expect("the load is refused");
+        assert!(err.contains("http_ca_file") && err.contains(why), "{err}");
+    }
+}

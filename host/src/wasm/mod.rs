@@ -19,7 +19,7 @@ pub use config_store::{ConfigValues, REDACTED};
 pub use engine::{EPOCH_TICK, PoolUsage, RuntimeSettings, WasmRuntime};
 pub use outbound::{
     CannedResponse, Network, Origin, OutboundGrants, OutboundLimits, Responder, SentRequest,
-    is_internal,
+    is_internal, read_ca_file,
 };
 pub use outbox::{
     MAX_OUTBOX_BODY_BYTES, MAX_OUTBOX_MESSAGES, OutgoingMessage, PublishGrants, follow_up_id,

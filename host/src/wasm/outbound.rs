@@ -17,19 +17,21 @@
 //! - A response body over `http_max_response_bytes` is an error; at most
 //!   `http_max_in_flight` requests per plugin at once.
 //!
-//! Plain `http://` only for now: an `https://` grant is refused when the
-//! config is validated.
+//! `https://` origins are reached over TLS (rustls), the server's
+//! certificate checked against the system's roots and the plugin's
+//! `http_ca_file`, for the grant's host name (or address), never a header's.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use rustls::pki_types::CertificateDer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
@@ -38,9 +40,12 @@ use super::engine::EPOCH_TICK;
 use crate::observe::{HostEvent, Observers, OutboundResult};
 use crate::text::inert;
 
-/// One origin a plugin may call: `http://host:port`.
+/// One origin a plugin may call: `http://host:port` or `https://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
+    /// `https`: the connection is TLS, the server's certificate checked
+    /// against the system's roots and the plugin's `http_ca_file`.
+    tls: bool,
     host: String,
     port: u16,
     /// The host, when the grant names an address rather than a name.
@@ -48,17 +53,17 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// Parses `http://host[:port]` (no path, query or user); the error says
-    /// what is wrong.
+    /// Parses `http://host[:port]` or `https://host[:port]` (no path, query
+    /// or user); the error says what is wrong.
     pub fn parse(text: &str) -> Result<Origin, String> {
-        let rest = if let Some(rest) = text.strip_prefix("http://") {
-            rest
-        } else if text.starts_with("https://") {
-            return Err(format!(
-                "{text:?}: https is not supported yet (plain http:// only in this release)"
-            ));
+        let (tls, rest) = if let Some(rest) = text.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = text.strip_prefix("https://") {
+            (true, rest)
         } else {
-            return Err(format!("{text:?}: give an origin like http://host:port"));
+            return Err(format!(
+                "{text:?}: give an origin like http://host:port or https://host:port"
+            ));
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
@@ -72,7 +77,7 @@ impl Origin {
                 port.parse::<u16>()
                     .map_err(|_| format!("{text:?}: {port:?} is not a port"))?,
             ),
-            _ => (authority, 80),
+            _ => (authority, if tls { 443 } else { 80 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
@@ -80,6 +85,7 @@ impl Origin {
         }
         let host = host.to_ascii_lowercase();
         Ok(Origin {
+            tls,
             literal: host.parse().ok(),
             host,
             port,
@@ -206,6 +212,11 @@ pub struct OutboundGrants {
     observers: Observers,
     /// Answers in place of the network (the kit), if set.
     responder: Option<Arc<dyn Responder>>,
+    /// Certificates trusted for `https` besides the system's roots (the
+    /// plugin's `http_ca_file`).
+    extra_roots: Vec<CertificateDer<'static>>,
+    /// The TLS client, built on the first `https` request.
+    tls: Arc<OnceLock<Result<Arc<rustls::ClientConfig>, String>>>,
 }
 
 /// Refused origins one plugin remembers.
@@ -268,7 +279,34 @@ impl OutboundGrants {
             refused: Arc::default(),
             observers,
             responder: None,
+            extra_roots: Vec::new(),
+            tls: Arc::default(),
         }
+    }
+
+    /// The same grants, trusting `roots` for `https` besides the system's.
+    pub fn trusting(mut self, roots: Vec<CertificateDer<'static>>) -> Self {
+        self.extra_roots = roots;
+        self.tls = Arc::default();
+        self
+    }
+
+    /// The TLS client for `https` origins: the system's roots and the
+    /// plugin's own.
+    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        self.tls
+            .get_or_init(|| {
+                let mut roots = system_roots().clone();
+                roots.add_parsable_certificates(self.extra_roots.iter().cloned());
+                let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|err| format!("TLS: {err}"))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Ok(Arc::new(config))
+            })
+            .clone()
     }
 
     /// A copy answered by `responder` instead of the network.
@@ -292,6 +330,8 @@ impl OutboundGrants {
             refused: self.refused.clone(),
             observers,
             responder: self.responder.clone(),
+            extra_roots: self.extra_roots.clone(),
+            tls: self.tls.clone(),
         }
     }
 
@@ -364,20 +404,22 @@ impl OutboundGrants {
         cut: Arc<AtomicBool>,
     ) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
         let uri = request.uri();
-        if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
-            return Err(Error::HttpRequestDenied);
-        }
+        let tls = match uri.scheme() {
+            Some(scheme) if *scheme == http::uri::Scheme::HTTP => false,
+            Some(scheme) if *scheme == http::uri::Scheme::HTTPS => true,
+            _ => return Err(Error::HttpRequestDenied),
+        };
         let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_ascii_lowercase();
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let origin = self
             .origins
             .iter()
-            .find(|origin| origin.host == host && origin.port == port)
+            .find(|origin| origin.tls == tls && origin.host == host && origin.port == port)
             .ok_or(Error::HttpRequestDenied)?
             .clone();
         let permit = self
@@ -450,15 +492,31 @@ impl OutboundGrants {
                 std::io::ErrorKind::ConnectionRefused => Error::ConnectionRefused,
                 _ => Error::Connect(err),
             })?;
-        let (mut sender, connection) = tokio::time::timeout_at(
-            end_tokio,
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)),
-        )
-        .await
-        .map_err(|_| expired(Error::ConnectionTimeout))?
-        .map_err(Error::from)?;
-        // The connection lives no longer than the request may.
-        let io = tokio::spawn(tokio::time::timeout_at(end_tokio, connection));
+        let (mut sender, io) = if origin.tls {
+            let config = self
+                .tls_config()
+                .map_err(|why| Error::InternalError(Some(why)))?;
+            // The name the certificate must carry is the grant's, never a header's.
+            let name = match origin.literal {
+                Some(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
+                None => rustls::pki_types::ServerName::try_from(origin.host.clone())
+                    .map_err(|_| Error::HttpRequestUriInvalid)?,
+            };
+            let stream = tokio::time::timeout_at(
+                end_tokio,
+                tokio_rustls::TlsConnector::from(config).connect(name, stream),
+            )
+            .await
+            .map_err(|_| expired(Error::ConnectionTimeout))?
+            .map_err(tls_error)?;
+            handshake(stream, end_tokio).await
+        } else {
+            handshake(stream, end_tokio).await
+        }
+        .map_err(|error| match error {
+            None => expired(Error::ConnectionTimeout),
+            Some(error) => error,
+        })?;
 
         // The origin-form target; the authority stays the granted one.
         let path = request
@@ -545,6 +603,76 @@ impl OutboundGrants {
     }
 }
 
+/// An HTTP/1 connection over `stream`, its driver spawned to live no longer
+/// than `end`; `None` when the handshake did not finish by then.
+async fn handshake<S>(
+    stream: S,
+    end: tokio::time::Instant,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<WasiBody>,
+        tokio::task::JoinHandle<Result<Result<(), hyper::Error>, tokio::time::error::Elapsed>>,
+    ),
+    Option<Error>,
+>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) = tokio::time::timeout_at(
+        end,
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)),
+    )
+    .await
+    .map_err(|_| None)?
+    .map_err(|err| Some(Error::from(err)))?;
+    Ok((
+        sender,
+        tokio::spawn(tokio::time::timeout_at(end, connection)),
+    ))
+}
+
+/// What a failed TLS handshake is to the guest.
+fn tls_error(error: std::io::Error) -> Error {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(_)) => Error::TlsCertificateError,
+        Some(rustls::Error::AlertReceived(alert)) => Error::TlsAlertReceived {
+            alert_id: Some(u8::from(*alert)),
+            alert_message: Some(format!("{alert:?}")),
+        },
+        Some(_) => Error::TlsProtocolError,
+        None => Error::Tls(error),
+    }
+}
+
+/// The system's trusted roots, read once (`rustls-native-certs`); none when
+/// the system has none.
+fn system_roots() -> &'static rustls::RootCertStore {
+    static ROOTS: OnceLock<rustls::RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(found.certs);
+        roots
+    })
+}
+
+/// The certificates of a PEM file (a CA a plugin's `https` origins are
+/// signed by); the error names the file.
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|err| format!("{}: {err}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| format!("{}: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
 /// Marks the event's wait as cut when an error ended a wait at its deadline.
 fn expired_if(at_deadline: bool, cut: Arc<AtomicBool>) -> impl FnOnce(Error) -> Error {
     move |error| {
@@ -620,7 +748,7 @@ pub(crate) struct HttpHooks {
 
 impl WasiHttpHooks for HttpHooks {
     fn is_supported_scheme(&mut self, scheme: &http::uri::Scheme) -> bool {
-        *scheme == http::uri::Scheme::HTTP
+        *scheme == http::uri::Scheme::HTTP || *scheme == http::uri::Scheme::HTTPS
     }
 
     fn default_scheme(&mut self) -> Option<http::uri::Scheme> {
@@ -658,8 +786,11 @@ mod tests {
             Origin::parse("http://[::1]:8080").unwrap().literal,
             Some("::1".parse().unwrap())
         );
+        let secure = Origin::parse("https://rewards.internal").unwrap();
+        assert_eq!((secure.tls, secure.port), (true, 443));
+        assert_eq!(Origin::parse("https://a:8443").unwrap().port, 8443);
+        assert!(!origin.tls);
         for (bad, why) in [
-            ("https://a:1", "https is not supported yet"),
             ("ftp://a", "origin like"),
             ("http://a/path", "no path"),
             ("http://user@a", "no path, query or user"),

@@ -189,15 +189,16 @@ function errorName(error) {
 
 // Sends a POST through wasi:http/outgoing-handler and reads the whole
 // response: { status, headers: [[name, bytes]], answer: bytes }. A failure is
-// the retry error naming it. Only http:// URLs, like the Rust SDK's
+// the retry error naming it. http:// and https:// URLs, like the Rust SDK's
 // `http::request`. Resources are dropped explicitly ([Symbol.dispose]),
 // children before their parents: the garbage collector could drop a parent
 // first, which traps. The ones handed over (fields, the request, the
 // bodies) are not.
 function post(url, headerList, body) {
   const fail = (why) => retry(`rewards service: ${why}`);
-  if (!url.startsWith('http://')) throw fail(`${url}: only http:// URLs`);
-  const rest = url.slice('http://'.length);
+  const secure = url.startsWith('https://');
+  if (!secure && !url.startsWith('http://')) throw fail(`${url}: only http:// and https:// URLs`);
+  const rest = url.slice(secure ? 'https://'.length : 'http://'.length);
   const at = rest.indexOf('/');
   const [authority, path] = at < 0 ? [rest, '/'] : [rest.slice(0, at), rest.slice(at)];
   let fields;
@@ -209,7 +210,7 @@ function post(url, headerList, body) {
   const request = new OutgoingRequest(fields);
   for (const [what, set, value] of [
     ['method', 'setMethod', { tag: 'post' }],
-    ['scheme', 'setScheme', { tag: 'HTTP' }],
+    ['scheme', 'setScheme', { tag: secure ? 'HTTPS' : 'HTTP' }],
     ['authority', 'setAuthority', authority],
     ['path', 'setPathWithQuery', path],
   ]) {

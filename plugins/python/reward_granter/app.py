@@ -38,6 +38,7 @@ from wit_world.imports.wasi_http_types import (
     OutgoingBody,
     OutgoingRequest,
     Scheme_Http,
+    Scheme_Https,
 )
 
 # Where the follow-up goes.
@@ -201,10 +202,13 @@ def error_name(err) -> str:
 def post(url: str, headers, body: bytes):
     """Sends a POST through wasi:http/outgoing-handler and reads the whole
     response: (status, [(name, value bytes)], body bytes). Raises Retry naming
-    what failed. Only http:// URLs, like the Rust SDK's `http::request`."""
-    if not url.startswith("http://"):
-        raise Retry(f"{url}: only http:// URLs")
-    rest = url[len("http://"):]
+    what failed. http:// and https:// URLs, like the Rust SDK's `http::request`."""
+    if url.startswith("http://"):
+        scheme, rest = Scheme_Http(), url[len("http://"):]
+    elif url.startswith("https://"):
+        scheme, rest = Scheme_Https(), url[len("https://"):]
+    else:
+        raise Retry(f"{url}: only http:// and https:// URLs")
     at = rest.find("/")
     authority, path = (rest, "/") if at < 0 else (rest[:at], rest[at:])
     try:
@@ -217,7 +221,7 @@ def post(url: str, headers, body: bytes):
     outgoing_request = OutgoingRequest(fields)
     for what, setter, value in (
         ("method", outgoing_request.set_method, Method_Post()),
-        ("scheme", outgoing_request.set_scheme, Scheme_Http()),
+        ("scheme", outgoing_request.set_scheme, scheme),
         ("authority", outgoing_request.set_authority, authority),
         ("path", outgoing_request.set_path_with_query, path),
     ):

@@ -124,7 +124,7 @@ pub mod http {
         request("GET", url, &[], None)
     }
 
-    /// Sends one request to `url` (`http://host:port/path?query`) and reads
+    /// Sends one request to `url` (`http://` or `https://host:port/path?query`) and reads
     /// the whole response. The error names what failed (`HttpRequestDenied`
     /// when the entry does not grant the origin).
     pub fn request(
@@ -133,9 +133,13 @@ pub mod http {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Result<Response, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("{url}: only http:// URLs"))?;
+        let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (Scheme::Http, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (Scheme::Https, rest)
+        } else {
+            return Err(format!("{url}: only http:// and https:// URLs"));
+        };
         let (authority, path) = match rest.find('/') {
             Some(at) => rest.split_at(at),
             None => (rest, "/"),
@@ -162,7 +166,7 @@ pub mod http {
             .set_method(&method)
             .map_err(|()| invalid("method"))?;
         request
-            .set_scheme(Some(&Scheme::Http))
+            .set_scheme(Some(&scheme))
             .map_err(|()| invalid("scheme"))?;
         request
             .set_authority(Some(authority))
