@@ -469,25 +469,30 @@ fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
 }
 
 fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
-    let fixtures = match &args.fixtures {
-        Some(path) => conformance::fixtures::parse(
-            &std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read fixtures {}", path.display()))?,
-        ),
-        None => Vec::new(),
+    let text = match &args.fixtures {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read fixtures {}", path.display()))?,
+        None => String::new(),
     };
+    let fixtures = conformance::fixtures::parse(&text);
+    // The fixture file's grants, then the flags on top.
+    let mut grants = conformance::fixtures::grants(&text)
+        .map_err(|err| anyhow::anyhow!("fixtures, {}: {}", err.name, err.reason))?
+        .unwrap_or_default();
+    grants.config.extend(args.config);
+    grants.secrets.extend(args.secrets);
+    grants.allowed_outbound_hosts.extend(args.allow_outbound);
+    grants.allowed_topics.extend(args.allow_topics);
     let runtime = WasmRuntime::new(RuntimeSettings::default())
         .map_err(|err| anyhow::anyhow!("cannot start the wasm engine: {err:#}"))?;
     let settings = PluginSettings {
         deadline: Duration::from_millis(args.deadline_ms),
         memory_limit_bytes: args.memory_limit_mib.saturating_mul(1024 * 1024),
-        config: Arc::new(ConfigValues::new(
-            &args.config.into_iter().collect(),
-            args.secrets.into_iter().collect(),
-        )),
+        config: Arc::new(ConfigValues::new(&grants.config, grants.secrets)),
         outbound: Arc::new(OutboundGrants::new(
             &plugin_name(&args.plugin),
-            args.allow_outbound
+            grants
+                .allowed_outbound_hosts
                 .iter()
                 .map(|origin| Origin::parse(origin).map_err(anyhow::Error::msg))
                 .collect::<Result<_>>()?,
@@ -496,7 +501,8 @@ fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
             Observers::default(),
         )),
         publish: Arc::new(PublishGrants::new(
-            args.allow_topics
+            grants
+                .allowed_topics
                 .iter()
                 .map(|topic| TopicName::new(topic).map_err(anyhow::Error::msg))
                 .collect::<Result<_>>()?,

@@ -477,6 +477,44 @@ fn mqplug_test_exits_0_on_a_passing_plugin_and_writes_junit() -> Result<()> {
 }
 
 #[test]
+fn mqplug_test_takes_the_grants_from_the_fixture_file_and_flags_add_to_them() -> Result<()> {
+    let fixtures = workspace_root().join("plugins/reward-granter/fixtures.jsonl");
+    let text = std::fs::read_to_string(&fixtures)?;
+    let run = |extra: &[&str]| -> Result<(Option<i32>, String)> {
+        let output = mqplug_command()
+            .arg("test")
+            .arg(plugin_path("reward-granter")?)
+            .arg("--fixtures")
+            .arg(&fixtures)
+            .args(extra)
+            .output()?;
+        Ok((
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
+    };
+    let (code, out) = run(&[])?;
+    assert_eq!(code, Some(0), "{out}");
+    let checks = CONTRACT_CHECKS
+        + 2 * mqplug::conformance::suite::cases().len()
+        + mqplug::conformance::fixtures::parse(&text).len();
+    assert!(
+        out.contains(&format!("PASS: {checks} checks, {checks} passed")),
+        "{out}"
+    );
+    assert!(out.contains("granted: 1 config, 1 secrets"), "{out}");
+    // A flag wins over the file for the same key: another token is sent,
+    // and the fixture expecting the file's token fails, naming the header.
+    let (code, out) = run(&["--secret", "rewards_token=other-token"])?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("expected header authorization: Bearer test-token, got Bearer [secret]"),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[test]
 fn mqplug_test_exits_1_on_a_failing_plugin_and_2_when_it_cannot_run() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let junit = dir.path().join("junit.xml");

@@ -187,16 +187,73 @@ struct DeliveryFields {
     born_timestamp: Option<i64>,
 }
 
-/// Parses fixture text; blank lines and lines starting with `#` are skipped.
-/// Every other line gives a fixture or an error naming its line.
+/// What the plugin's config entry would grant, given in the fixture file
+/// itself so that `mqplug test plugin.wasm --fixtures f.jsonl` needs no
+/// flags: one line `{"grants": {...}}` anywhere in the file. The kit's
+/// `--config`, `--secret`, `--allow-outbound` and `--allow-topic` add to it
+/// (and win for the same key).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureGrants {
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, String>,
+    /// Test values of the secrets (never real ones: a fixture file is
+    /// checked in).
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
+    #[serde(default)]
+    pub allowed_topics: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantsLine {
+    grants: FixtureGrants,
+}
+
+/// Whether a line is the grants line (an object whose key is `grants`).
+fn is_grants_line(line: &str) -> bool {
+    line.trim_start().starts_with('{')
+        && serde_json::from_str::<serde_json::Map<String, Value>>(line)
+            .is_ok_and(|object| object.contains_key("grants"))
+}
+
+/// The lines that hold fixtures or grants: neither blank nor a comment,
+/// with their line numbers.
+fn lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines().enumerate().filter_map(|(index, line)| {
+        let trimmed = line.trim();
+        (!trimmed.is_empty() && !trimmed.starts_with('#')).then_some((index + 1, line))
+    })
+}
+
+/// The file's grants line, if it has one; the error names the line.
+pub fn grants(text: &str) -> Result<Option<FixtureGrants>, FixtureError> {
+    let mut found = None;
+    for (number, line) in lines(text).filter(|(_, line)| is_grants_line(line)) {
+        let fail = |reason: String| FixtureError {
+            name: format!("line {number}"),
+            reason,
+        };
+        if found.is_some() {
+            return Err(fail("a second grants line; give one".into()));
+        }
+        let line: GrantsLine =
+            serde_json::from_str(line).map_err(|err| fail(format!("not a grants line: {err}")))?;
+        found = Some(line.grants);
+    }
+    Ok(found)
+}
+
+/// Parses fixture text; blank lines, lines starting with `#` and the
+/// grants line ([`grants`]) are skipped. Every other line gives a fixture
+/// or an error naming its line.
 pub fn parse(text: &str) -> Vec<Result<Fixture, FixtureError>> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| {
-            let line = line.trim();
-            !line.is_empty() && !line.starts_with('#')
-        })
-        .map(|(index, line)| parse_line(index + 1, line))
+    lines(text)
+        .filter(|(_, line)| !is_grants_line(line))
+        .map(|(number, line)| parse_line(number, line))
         .collect()
 }
 
@@ -384,6 +441,37 @@ mod tests {
         );
         assert!(errors[4].reason.contains("missing field"), "{errors:?}");
         assert!(errors[5].reason.contains("retries"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_grants_line_is_read_apart_from_the_fixtures() {
+        let text = [
+            r#"{"grants": {"config": {"rewards_url": "http://r.test"}, "secrets": {"token": "t"}, "allowed_outbound_hosts": ["http://r.test"], "allowed_topics": ["marketing.reward.granted"]}}"#,
+            &line(r#""expect":"ok""#),
+        ]
+        .join("\n");
+        let given = grants_of(&text).unwrap();
+        assert_eq!(given.config["rewards_url"], "http://r.test");
+        assert_eq!(given.secrets["token"], "t");
+        assert_eq!(given.allowed_topics, ["marketing.reward.granted"]);
+        let fixtures = parse(&text);
+        assert_eq!(fixtures.len(), 1);
+        assert_eq!(fixtures[0].as_ref().unwrap().name, "line 2");
+        assert_eq!(grants_of(""), None);
+
+        let twice = format!("{}\n{}", r#"{"grants": {}}"#, r#"{"grants": {}}"#);
+        assert!(grants(&twice).unwrap_err().reason.contains("second"));
+        let unknown = r#"{"grants": {"allowed_everything": true}}"#;
+        assert!(
+            grants(unknown)
+                .unwrap_err()
+                .reason
+                .contains("allowed_everything")
+        );
+    }
+
+    fn grants_of(text: &str) -> Option<FixtureGrants> {
+        grants(text).unwrap()
     }
 
     #[test]
