@@ -72,6 +72,7 @@ fn assert_passes_with_example_fixtures(path: &Path) {
             "imports only what the host provides",
             "is a wasm component",
             "links and instantiates within its limits",
+            "publishes only to the topics it is granted",
             "reaches only the origins it is granted",
             "uses only the config keys it is granted",
         ]
@@ -471,7 +472,7 @@ fn a_wrong_request_a_wrong_message_and_a_missing_topic_grant_are_named() {
     let granter = plugin_path("reward-granter").unwrap();
     let first = granter_fixtures()
         .lines()
-        .find(|line| line.starts_with('{'))
+        .find(|line| line.starts_with("{\"name\""))
         .unwrap()
         .to_string();
 
