@@ -266,6 +266,9 @@ fn java_command(lib: &Path, root: &Path, heap: &str, main_class: &str) -> Comman
         .arg(format!("-XX:MaxDirectMemorySize={heap}"))
         .arg(format!("-Duser.home={}", root.display()))
         .arg(format!("-Drocketmq.home.dir={}", root.display()))
+        // RocksDB extracts its 13 MB JNI library to the temp folder on every
+        // start and never removes it: inside `root`, it goes with the broker.
+        .arg(format!("-Djava.io.tmpdir={}", root.display()))
         .arg("-cp")
         .arg(lib.join("*"))
         .arg(main_class);
