@@ -23,6 +23,7 @@ pub mod observe;
 pub mod outcome;
 pub mod plan;
 pub mod replay;
+pub mod scaffold;
 pub mod shutdown;
 pub mod slot;
 pub mod text;

@@ -62,6 +62,9 @@ enum Command {
     /// determinism, your fixtures). Exit code 0 when every check passes, 1
     /// when one fails, 2 when the kit cannot run.
     Test(TestArgs),
+    /// Write a new plugin project (Rust, Python or JavaScript) that builds
+    /// with one command and passes `mqplug test` as written.
+    New(NewArgs),
 }
 
 /// Settings shared by `run` and `publish`; flags beat environment variables,
@@ -179,6 +182,22 @@ struct ReplayArgs {
 }
 
 #[derive(Args)]
+struct NewArgs {
+    /// The plugin's name: lower-case letters, digits and '-'.
+    name: String,
+    /// rust, python or js.
+    #[arg(long, default_value = "rust")]
+    lang: mqplug::scaffold::Lang,
+    /// The folder to write [default: ./NAME].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// mqplug's Rust SDK (plugins/sdk in a checkout of mqplug) [default: the
+    /// checkout this mqplug was built from].
+    #[arg(long)]
+    sdk: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct TestArgs {
     /// The plugin component (.wasm).
     plugin: PathBuf,
@@ -259,6 +278,7 @@ fn main() -> std::process::ExitCode {
         Command::Publish(args) => in_runtime(publish(*args)),
         Command::Replay(args) => replay(args),
         Command::Test(args) => conformance_test(args),
+        Command::New(args) => new_plugin(args),
     };
     match result {
         Ok(code) => code,
@@ -465,6 +485,21 @@ fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
         );
     }
     println!("{acked} acknowledged, {retried} to retry, {dead} to the dead-letter queue");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn new_plugin(args: NewArgs) -> Result<std::process::ExitCode> {
+    let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
+    let sdk = args.sdk.or_else(mqplug::scaffold::default_sdk);
+    let (files, commands) = mqplug::scaffold::write(&dir, &args.name, args.lang, sdk.as_deref())?;
+    println!("wrote {} files in {}:", files.len(), dir.display());
+    for file in files {
+        println!("  {}", file.display());
+    }
+    println!("build and test it:\n  cd {}", dir.display());
+    for command in commands {
+        println!("  {command}");
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -193,7 +193,7 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
 
     let handled = |seen: &[String]| {
         seen.iter()
-            .filter(|l| l.contains("granting") || l.contains("handler returned an error"))
+            .filter(|l| l.contains("granting") || l.contains("handler error: "))
             .count()
     };
     let all = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |s| {
@@ -206,7 +206,7 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
         "four good events"
     );
     assert!(
-        seen.iter().any(|l| l.contains("handler returned an error")
+        seen.iter().any(|l| l.contains("handler error: ")
             && l.contains("event_data.count must be a non-negative integer")
             && l.contains("ConsumeRetryLater")),
         "the bad count is rejected for retry:\n{}",
@@ -1052,4 +1052,110 @@ fn mqplug_publish_feeds_the_platforms_go_consumer() -> Result<()> {
     }
     assert_eq!(deliveries.len(), expected.len(), "each event once");
     Ok(())
+}
+
+/// `mqplug new NAME --lang LANG` in `dir`, then the project's own build
+/// (the command its README gives, with this checkout's tools), then
+/// `mqplug test` with its fixtures: the kit must pass as generated.
+fn new_project_builds_and_passes_the_kit(lang: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let name = format!("first-{lang}-plugin");
+    let project = dir.path().join(&name);
+    let output = mqplug_command()
+        .args(["new", &name, "--lang", lang, "--dir"])
+        .arg(&project)
+        .output()?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let wasm_name = format!("{}.wasm", name.replace('-', "_"));
+    assert!(out.contains("mqplug test"), "{out}");
+    let component = match lang {
+        "rust" => {
+            // The checkout's lock file and target folder: the same crates,
+            // already built.
+            std::fs::copy(
+                workspace_root().join("plugins/Cargo.lock"),
+                project.join("Cargo.lock"),
+            )?;
+            run(Command::new("cargo")
+                .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
+                .env("CARGO_TARGET_DIR", mqplug_tests::plugins::target_dir())
+                .current_dir(&project))?;
+            mqplug_tests::plugins::target_dir()
+                .join("wasm32-wasip2/release")
+                .join(&wasm_name)
+        }
+        "python" => {
+            let (componentize_py, _) = mqplug_tests::plugins::guest_tools()?;
+            run(Command::new(componentize_py)
+                .args([
+                    "-d",
+                    "wit",
+                    "-w",
+                    "plugin",
+                    "componentize",
+                    "--stub-wasi",
+                    "app",
+                    "-o",
+                ])
+                .arg(&wasm_name)
+                .current_dir(&project))?;
+            project.join(&wasm_name)
+        }
+        _ => {
+            // What `npm run build` runs, with the componentize-js this
+            // checkout installed (instead of `npm install`).
+            let (_, node_modules) = mqplug_tests::plugins::guest_tools()?;
+            run(Command::new("node")
+                .args(["componentize.mjs", &format!("{name}.js"), &wasm_name])
+                .env("NODE_PATH", node_modules)
+                .current_dir(&project))?;
+            project.join(&wasm_name)
+        }
+    };
+    let output = mqplug_command()
+        .arg("test")
+        .arg(&component)
+        .arg("--fixtures")
+        .arg(project.join("fixtures.jsonl"))
+        .output()?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{lang}: {out}");
+    assert!(
+        out.contains("line 4: the platform's example event"),
+        "{out}"
+    );
+    assert!(out.contains("err, dead letter: no tenant"), "{out}");
+    Ok(())
+}
+
+/// Runs a build command; its output in the error when it fails.
+fn run(command: &mut Command) -> Result<()> {
+    let output = command.output()?;
+    ensure!(
+        output.status.success(),
+        "{command:?}: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn mqplug_new_writes_a_rust_plugin_that_builds_and_passes_the_kit() -> Result<()> {
+    new_project_builds_and_passes_the_kit("rust")
+}
+
+#[test]
+fn mqplug_new_writes_a_python_plugin_that_builds_and_passes_the_kit() -> Result<()> {
+    new_project_builds_and_passes_the_kit("python")
+}
+
+#[test]
+fn mqplug_new_writes_a_javascript_plugin_that_builds_and_passes_the_kit() -> Result<()> {
+    new_project_builds_and_passes_the_kit("js")
 }
