@@ -15,6 +15,7 @@ pub mod config;
 pub mod conformance;
 pub mod delivery;
 pub mod dispatch;
+pub mod dlq;
 pub mod event;
 pub mod host;
 pub mod metrics;

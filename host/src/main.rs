@@ -65,6 +65,42 @@ enum Command {
     /// Write a new plugin project (Rust, Python or JavaScript) that builds
     /// with one command and passes `mqplug test` as written.
     New(NewArgs),
+    /// A plugin's dead-letter queue (`%DLQ%<group>`): list it, or send its
+    /// messages back through the plugin's current build.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Every message in the plugin's dead-letter queue: message id, how
+    /// many times it was delivered (the broker counts the dead-lettering
+    /// send-back as one), when it was born, the event.
+    List(DlqArgs),
+    /// Sends the plugin's dead letters (all, or those given with --id)
+    /// through the plugin's current build (the file its config entry names
+    /// now), with their message ids, and prints each outcome. Exit code 0
+    /// when every one was acknowledged, 1 when one was not, 2 when it
+    /// cannot run.
+    Redrive(DlqRedriveArgs),
+}
+
+#[derive(Args)]
+struct DlqArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The plugin, by its name in the config file.
+    #[arg(long)]
+    plugin: String,
+}
+
+#[derive(Args)]
+struct DlqRedriveArgs {
+    #[command(flatten)]
+    dlq: DlqArgs,
+    /// Only this message id (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<String>,
 }
 
 /// Settings shared by `run` and `publish`; flags beat environment variables,
@@ -267,7 +303,9 @@ fn main() -> std::process::ExitCode {
             .init(),
     }
     let error_code = match cli.command {
-        Command::Test(_) => std::process::ExitCode::from(TEST_CANNOT_RUN),
+        Command::Test(_) | Command::Dlq(DlqCommand::Redrive(_)) => {
+            std::process::ExitCode::from(TEST_CANNOT_RUN)
+        }
         _ => std::process::ExitCode::FAILURE,
     };
     // `replay` and `test` call plugins on this thread, outside any async
@@ -279,6 +317,8 @@ fn main() -> std::process::ExitCode {
         Command::Replay(args) => replay(args),
         Command::Test(args) => conformance_test(args),
         Command::New(args) => new_plugin(args),
+        Command::Dlq(DlqCommand::List(args)) => in_runtime(dlq_list(args)),
+        Command::Dlq(DlqCommand::Redrive(args)) => in_runtime(dlq_redrive(args)),
     };
     match result {
         Ok(code) => code,
@@ -486,6 +526,157 @@ fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
     }
     println!("{acked} acknowledged, {retried} to retry, {dead} to the dead-letter queue");
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The config and the entry of `--plugin`, and the plugin's dead letters
+/// (`None`: the plugin's group never dead-lettered anything).
+async fn dead_letters(
+    args: &DlqArgs,
+    mq: &MqRuntime,
+) -> Result<(
+    HostConfig,
+    PluginConfig,
+    Option<Vec<mqplug::dlq::DeadLetter>>,
+)> {
+    let config = args.connection.load()?;
+    let entry = config
+        .plugins
+        .iter()
+        .find(|plugin| plugin.name == args.plugin)
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no plugin {:?} in the config (it has: {})",
+                args.plugin,
+                config
+                    .plugins
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+    let letters = mqplug::dlq::read(mq, &config.name_server, &entry.group()).await?;
+    Ok((config, entry, letters))
+}
+
+async fn dlq_list(args: DlqArgs) -> Result<std::process::ExitCode> {
+    let mq = MqRuntime::new(1)?;
+    let result = dead_letters(&args, &mq).await;
+    mq.shutdown().await;
+    let (_, entry, letters) = result?;
+    let letters = letters.unwrap_or_default();
+    println!(
+        "{} dead letter(s) in %DLQ%{} (plugin {}):",
+        letters.len(),
+        entry.group(),
+        entry.name
+    );
+    for letter in &letters {
+        let born = chrono::DateTime::from_timestamp_millis(letter.delivery.born_timestamp)
+            .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        println!(
+            "  {}  delivered {}x  born {born}  {}",
+            mqplug::text::inert(&letter.delivery.message_id, 128),
+            letter.delivery.reconsume_times,
+            letter.summary()
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn dlq_redrive(args: DlqRedriveArgs) -> Result<std::process::ExitCode> {
+    let mq = MqRuntime::new(1)?;
+    let result = redrive(&args, &mq).await;
+    mq.shutdown().await;
+    result
+}
+
+async fn redrive(args: &DlqRedriveArgs, mq: &MqRuntime) -> Result<std::process::ExitCode> {
+    let (config, entry, letters) = dead_letters(&args.dlq, mq).await?;
+    let mut letters = letters.unwrap_or_default();
+    if !args.ids.is_empty() {
+        letters.retain(|letter| args.ids.contains(&letter.delivery.message_id));
+        for id in &args.ids {
+            if !letters
+                .iter()
+                .any(|letter| &letter.delivery.message_id == id)
+            {
+                bail!("no dead letter {id:?} in %DLQ%{}", entry.group());
+            }
+        }
+    }
+    // The plugin as the host would load it now: the file its entry names,
+    // its grants, the engine's settings.
+    let runtime = WasmRuntime::new(config.runtime_settings())
+        .map_err(|err| anyhow::anyhow!("cannot start the wasm engine: {err:#}"))?;
+    let plugin = Arc::new(mqplug::slot::load_plugin(
+        &runtime,
+        &entry,
+        &Observers::default(),
+    )?);
+    println!(
+        "redriving {} dead letter(s) of plugin {} through build {}",
+        letters.len(),
+        entry.name,
+        &plugin.version().to_string()[..12]
+    );
+    let publisher = if config.producer.enabled {
+        Some(Arc::new(
+            Publisher::start(mq, config.producer_settings()?).await?,
+        ))
+    } else {
+        None
+    };
+    let mut replayer = Replayer::new(
+        plugin,
+        config.topic()?,
+        config.on_undecodable,
+        config.max_body_bytes,
+    );
+    if let Some(publisher) = &publisher {
+        replayer = replayer.with_outbox(Arc::new(mqplug::mq::PublisherOutbox::new(
+            publisher.clone(),
+            tokio::runtime::Handle::current(),
+        )));
+    }
+    // Handlers block: off the async threads, one after another.
+    let results = tokio::task::spawn_blocking(move || {
+        letters
+            .iter()
+            .map(|letter| replayer.replay_delivery(&letter.delivery, &letter.body))
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    if let Some(publisher) = publisher.and_then(|p| Arc::try_unwrap(p).ok()) {
+        publisher.shutdown().await;
+    }
+    let mut failed = 0;
+    for result in &results {
+        if result.outcome != DeliveryOutcome::ConsumeSuccess {
+            failed += 1;
+        }
+        println!(
+            "  {}: {:?}{}",
+            mqplug::text::inert(&result.message_id, 128),
+            result.outcome,
+            result
+                .cause
+                .as_ref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "{} acknowledged, {failed} not; the dead-letter queue keeps every message (RocketMQ never deletes one)",
+        results.len() - failed
+    );
+    Ok(if failed == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
 }
 
 fn new_plugin(args: NewArgs) -> Result<std::process::ExitCode> {

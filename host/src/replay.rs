@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::delivery::Delivery;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, OutboxSender};
 use crate::observe::{HostEvent, Observer, Observers};
 use crate::outcome::{DeliveryOutcome, UndecodablePolicy};
 use crate::topic::TopicName;
@@ -53,6 +53,13 @@ impl Replayer {
         }
     }
 
+    /// Sends accepted events' follow-up messages through `sender` (else an
+    /// event with follow-ups is retried, as on a host without a producer).
+    pub fn with_outbox(mut self, sender: Arc<dyn OutboxSender>) -> Self {
+        self.dispatcher = self.dispatcher.with_outbox(sender);
+        self
+    }
+
     /// Replays one body as the `sequence`-th message, on its
     /// `reconsume_times`-th redelivery.
     pub fn replay(&self, sequence: usize, body: &[u8], reconsume_times: u32) -> ReplayResult {
@@ -63,6 +70,16 @@ impl Replayer {
             queue_offset: i64::try_from(sequence).unwrap_or(i64::MAX),
             born_timestamp: chrono::Utc::now().timestamp_millis(),
             ..Delivery::default()
+        };
+        self.replay_delivery(&delivery, body)
+    }
+
+    /// Replays one message as delivered: its id, tag, keys and counts kept
+    /// (a dead letter sent back through the plugin).
+    pub fn replay_delivery(&self, delivery: &Delivery, body: &[u8]) -> ReplayResult {
+        let delivery = Delivery {
+            topic: self.topic.wire().to_string(),
+            ..delivery.clone()
         };
         let outcome = self.dispatcher.dispatch(&delivery, body);
         let cause = match self.last.lock().unwrap_or_else(|e| e.into_inner()).take() {

@@ -1159,3 +1159,113 @@ fn mqplug_new_writes_a_python_plugin_that_builds_and_passes_the_kit() -> Result<
 fn mqplug_new_writes_a_javascript_plugin_that_builds_and_passes_the_kit() -> Result<()> {
     new_project_builds_and_passes_the_kit("js")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_of_a_bad_build_is_listed_and_redriven_through_the_fixed_build() -> Result<()>
+{
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let plugin_file = dir.path().join("rewards.wasm");
+    // The bad build: the chaos plugin dead-letters a DEAD_LETTER event.
+    std::fs::copy(plugin_path("chaos")?, &plugin_file)?;
+    let config_file = dir.path().join("mqplug.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "name_server = \"{}\"\n\
+             [runtime]\ncache_dir = \"{}\"\n\
+             [reload]\nwatch = false\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [producer]\nenabled = true\ncreate_topic_queues = 4\n\
+             [[plugin]]\nname = \"rewards\"\npath = \"rewards.wasm\"\nconsume_from = \"first\"\n",
+            broker.name_server,
+            mqplug_tests::test_cache_dir().display()
+        ),
+    )?;
+    let config = mqplug::HostConfig::from_file(&config_file)?;
+    let recorder = mqplug_tests::Recorder::new();
+    let host = mqplug::Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let poison = publisher
+        .publish(&mqplug_tests::sample_event("DEAD_LETTER", 1))
+        .await?
+        .message_id;
+    let handled = recorder.wait_until(Duration::from_secs(90), |r| {
+        r.handled().iter().any(|h| h.message_id == poison)
+    });
+    host.shutdown().await;
+    ensure!(
+        handled,
+        "the poison event was not handled:\n{}",
+        broker.logs()
+    );
+
+    // The fixed build replaces the file; the host is not running.
+    std::fs::copy(plugin_path("reward-logger")?, &plugin_file)?;
+    let dlq = |args: &[&str]| {
+        let mut command = mqplug_command();
+        command
+            .arg("dlq")
+            .args(args)
+            .arg("--config")
+            .arg(&config_file)
+            .args(["--plugin", "rewards"]);
+        command
+    };
+    // A dead-letter topic the broker just created is listed once the name
+    // server has its route (the broker's next registration).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let list = loop {
+        let list = tokio::task::spawn_blocking({
+            let mut command = dlq(&["list"]);
+            move || command.output()
+        })
+        .await??;
+        if String::from_utf8_lossy(&list.stdout).contains(&poison) || Instant::now() > deadline {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let out = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(
+        list.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert!(
+        out.contains("1 dead letter(s) in %DLQ%mqplug-rewards"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{poison}  delivered 1x"))
+            && out.contains("DEAD_LETTER by user 1 in campaign-1"),
+        "{out}"
+    );
+
+    let redrive = tokio::task::spawn_blocking({
+        let mut command = dlq(&["redrive"]);
+        move || command.output()
+    })
+    .await??;
+    let out = String::from_utf8_lossy(&redrive.stdout);
+    let err = String::from_utf8_lossy(&redrive.stderr);
+    assert_eq!(redrive.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains(&format!("{poison}: ConsumeSuccess")), "{out}");
+    assert!(out.contains("1 acknowledged, 0 not"), "{out}");
+    // The fixed build saw the message with its id.
+    assert!(
+        err.contains(&format!("message_id={poison}")) && err.contains("granting 10 points"),
+        "{err}"
+    );
+
+    let missing = tokio::task::spawn_blocking({
+        let mut command = dlq(&["redrive", "--id", "no-such-id"]);
+        move || command.output()
+    })
+    .await??;
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(2), "{err}");
+    assert!(err.contains("no dead letter \"no-such-id\""), "{err}");
+    Ok(())
+}

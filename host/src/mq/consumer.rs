@@ -229,7 +229,7 @@ impl MessageListenerConcurrently for Listener {
 /// The producer's id survives redeliveries; the broker's offset id does not.
 const UNIQ_KEY: &str = "UNIQ_KEY";
 
-fn delivery_of(msg: &MessageExt) -> Delivery {
+pub(super) fn delivery_of(msg: &MessageExt) -> Delivery {
     let message_id = msg
         .properties()
         .get(UNIQ_KEY)

@@ -7,6 +7,7 @@ mod client;
 mod consumer;
 mod error;
 mod publisher;
+mod reader;
 
 pub use client::MqRuntime;
 pub use consumer::{ConsumeFrom, ConsumerSettings, MessageHandler, PluginConsumer};
@@ -14,5 +15,6 @@ pub use error::{MqError, error_chain};
 pub use publisher::{
     Backoff, DEFAULT_PRODUCER_GROUP, ProducerSettings, PublishReceipt, Publisher, PublisherOutbox,
 };
+pub use reader::read_topic;
 
 pub use crate::outcome::DeliveryOutcome;
