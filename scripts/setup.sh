@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mqplug's build, tests and demo need, skipping what is there:
 # the wasm32-wasip2 Rust target, the RocketMQ name server and broker (Apache
-# RocketMQ from Maven Central unless MQPLUG_BROKER=rust), the Go peers.
+# RocketMQ from Maven Central unless MQPLUG_BROKER=rust), the Go peers,
+# Chromium for the browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,8 @@ if ! rustup component list --installed | grep -q '^clippy'; then
 fi
 bin=$(bash scripts/install-rocketmq.sh)
 echo "RocketMQ (${MQPLUG_BROKER:-java}): $bin" >&2
+# Debian's Chromium and ChromeDriver, for the status page's browser test.
+bash scripts/install-browser.sh
 # componentize-py and componentize-js, for the Python and JavaScript plugins.
 bash scripts/install-guest-tools.sh >/dev/null
 # The platform's Go clients, test peers: their modules from the Go module

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use crate::metrics::{Metrics, render_gauges};
+use crate::metrics::{Metrics, RECENT_WINDOW, render_gauges};
 use crate::slot::{PluginSlot, SlotState};
 use crate::wasm::PoolUsage;
 
@@ -291,6 +291,11 @@ pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, Str
                 (503, "text/plain", "not ready\n".into())
             }
         }
+        "/" => (
+            200,
+            "text/html; charset=utf-8",
+            crate::page::STATUS_PAGE.to_string(),
+        ),
         "/plugins" => (200, "application/json", plugins_json(view)),
         "/metrics" => {
             let versions: Vec<(String, String)> = view
@@ -313,6 +318,7 @@ fn plugins_json(view: &dyn AdminView) -> String {
         .iter()
         .map(|slot| {
             let status = slot.status();
+            let latency = metrics.recent_latency(&status.name);
             let (state, error, failed_version) = match &status.state {
                 SlotState::Serving => ("serving", None, None),
                 SlotState::ReloadFailed { version, error } => {
@@ -336,7 +342,23 @@ fn plugins_json(view: &dyn AdminView) -> String {
                 "messages": {
                     "success": metrics.messages(&status.name, "success"),
                     "retry_later": metrics.messages(&status.name, "retry_later"),
+                    "retry_after": metrics.messages(&status.name, "retry_after"),
+                    "dead_letter": metrics.messages(&status.name, "dead_letter"),
                 },
+                "failures": metrics.failures(&status.name),
+                "latency_ms": {
+                    "window_s": RECENT_WINDOW.as_secs(),
+                    "events": latency.events,
+                    "p50": latency.p50.as_secs_f64() * 1000.0,
+                    "p99": latency.p99.as_secs_f64() * 1000.0,
+                },
+                "reloads": metrics.reloads(&status.name).iter().map(|load| json!({
+                    "at": chrono::DateTime::<chrono::Utc>::from(load.at).to_rfc3339(),
+                    "version": load.version,
+                    "from_cache": load.from_cache,
+                    "result": if load.result.is_ok() { "ok" } else { "failed" },
+                    "error": load.result.as_ref().err(),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();

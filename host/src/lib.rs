@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod mq;
 pub mod observe;
 pub mod outcome;
+pub mod page;
 pub mod plan;
 pub mod replay;
 pub mod scaffold;

@@ -1,9 +1,10 @@
 //! Counters and histograms fed by [`HostEvent`]s, written in the Prometheus
 //! text format for `/metrics`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::observe::{HostEvent, Observer, OutboundResult};
 use crate::wasm::PoolUsage;
@@ -31,6 +32,37 @@ struct PluginCounters {
     outbound: BTreeMap<&'static str, u64>,
     /// Seconds until the response head, summed, of those answered.
     outbound_seconds: f64,
+    /// Handler durations of the last [`RECENT_WINDOW`], for the status page's
+    /// percentiles (at most [`MAX_RECENT`]).
+    recent: VecDeque<(Instant, Duration)>,
+    /// The last [`MAX_RELOADS`] loads and reloads, newest last.
+    reloads: VecDeque<LoadRecord>,
+}
+
+/// How far back the status page's latency percentiles look.
+pub const RECENT_WINDOW: Duration = Duration::from_secs(60);
+/// Most handler durations kept for them per plugin.
+const MAX_RECENT: usize = 20_000;
+/// Loads and reloads kept per plugin.
+const MAX_RELOADS: usize = 5;
+
+/// One load or reload of a plugin, for the status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadRecord {
+    pub at: SystemTime,
+    /// The build's digest (its first 12 hex digits).
+    pub version: String,
+    /// `Err` with why the build was refused (its predecessor kept serving).
+    pub result: Result<(), String>,
+    pub from_cache: bool,
+}
+
+/// Handler latency over the last [`RECENT_WINDOW`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecentLatency {
+    pub events: usize,
+    pub p50: Duration,
+    pub p99: Duration,
 }
 
 /// Every plugin's counters. Cheap to update from any thread.
@@ -77,15 +109,35 @@ impl Metrics {
                 }
                 counters.count += 1;
                 counters.sum_seconds += seconds;
+                let now = Instant::now();
+                counters.recent.push_back((now, *duration));
+                while counters.recent.len() > MAX_RECENT
+                    || counters
+                        .recent
+                        .front()
+                        .is_some_and(|(at, _)| now.duration_since(*at) > RECENT_WINDOW)
+                {
+                    counters.recent.pop_front();
+                }
             }
             HostEvent::Loaded {
                 plugin,
+                version,
                 result,
                 from_cache,
                 ..
             } => {
                 let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
                 let counters = plugins.entry(plugin.clone()).or_default();
+                counters.reloads.push_back(LoadRecord {
+                    at: SystemTime::now(),
+                    version: version.chars().take(12).collect(),
+                    result: result.clone(),
+                    from_cache: *from_cache,
+                });
+                if counters.reloads.len() > MAX_RELOADS {
+                    counters.reloads.pop_front();
+                }
                 let result = if result.is_ok() { "ok" } else { "failed" };
                 let source = if *from_cache { "cache" } else { "compiled" };
                 *counters.loads.entry((result, source)).or_default() += 1;
@@ -114,6 +166,56 @@ impl Metrics {
             HostEvent::PluginLog { .. }
             | HostEvent::Draining { .. }
             | HostEvent::Stopped { .. } => {}
+        }
+    }
+
+    /// Failures of a plugin by kind (`rejected`, `trap`, `deadline`, ...).
+    pub fn failures(&self, plugin: &str) -> BTreeMap<&'static str, u64> {
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        plugins
+            .get(plugin)
+            .map(|counters| counters.failures.clone())
+            .unwrap_or_default()
+    }
+
+    /// The plugin's last loads and reloads, oldest first.
+    pub fn reloads(&self, plugin: &str) -> Vec<LoadRecord> {
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        plugins
+            .get(plugin)
+            .map(|counters| counters.reloads.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Handler latency percentiles over the last [`RECENT_WINDOW`].
+    pub fn recent_latency(&self, plugin: &str) -> RecentLatency {
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let mut durations: Vec<Duration> = plugins
+            .get(plugin)
+            .map(|counters| {
+                counters
+                    .recent
+                    .iter()
+                    .filter(|(at, _)| now.duration_since(*at) <= RECENT_WINDOW)
+                    .map(|(_, took)| *took)
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(plugins);
+        durations.sort_unstable();
+        let at = |q: f64| -> Duration {
+            if durations.is_empty() {
+                return Duration::ZERO;
+            }
+            // Nearest rank.
+            let rank = (q * durations.len() as f64).ceil() as usize;
+            durations[rank.clamp(1, durations.len()) - 1]
+        };
+        RecentLatency {
+            events: durations.len(),
+            p50: at(0.50),
+            p99: at(0.99),
         }
     }
 
@@ -343,8 +445,6 @@ fn label(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::observe::FailureKind;
     use crate::outcome::DeliveryOutcome;
@@ -360,6 +460,38 @@ mod tests {
             failure,
             duration: Duration::from_millis(ms),
         }
+    }
+
+    #[test]
+    fn the_status_page_gets_recent_percentiles_and_the_last_reloads() {
+        let metrics = Metrics::new();
+        let observe = metrics.observer();
+        assert_eq!(metrics.recent_latency("p\"1").events, 0);
+        // 1..=100 ms: the median is 50 ms, the 99th percentile 99 ms.
+        for ms in (1..=100).rev() {
+            observe(&handled(DeliveryOutcome::ConsumeSuccess, None, ms));
+        }
+        let recent = metrics.recent_latency("p\"1");
+        assert_eq!(recent.events, 100);
+        assert_eq!(recent.p50, Duration::from_millis(50));
+        assert_eq!(recent.p99, Duration::from_millis(99));
+        for i in 0..7 {
+            observe(&HostEvent::Loaded {
+                plugin: Arc::from("p\"1"),
+                version: Arc::from(format!("{i}123456789abcdef").as_str()),
+                result: if i == 6 {
+                    Err("not a component".into())
+                } else {
+                    Ok(())
+                },
+                from_cache: i % 2 == 0,
+                took: Duration::from_millis(3),
+            });
+        }
+        let reloads = metrics.reloads("p\"1");
+        assert_eq!(reloads.len(), 5, "the last five");
+        assert_eq!(reloads[0].version, "2123456789ab");
+        assert_eq!(reloads[4].result, Err("not a component".to_string()));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! the host did.
 
 pub mod broker;
+pub mod browser;
 pub mod http_server;
 pub mod peers;
 pub mod plugins;
