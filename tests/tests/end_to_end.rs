@@ -296,49 +296,35 @@ async fn a_poison_message_ends_in_the_plugin_groups_dead_letter_queue() -> Resul
     Ok(())
 }
 
-/// Reads `%DLQ%<group>` with a consumer of its own until every message id in
-/// `wanted` is there or [`WAIT`] passes; every delivery read.
+/// Reads `%DLQ%<group>` as `mqplug dlq list` does (a pull consumer that
+/// moves no offset) until every message id in `wanted` is there or [`WAIT`]
+/// passes (a dead-letter topic is routed after the broker's next
+/// registration); every dead letter read.
 async fn dead_letters(
     broker: &LocalBroker,
     group: &str,
     wanted: &[&str],
 ) -> Result<Vec<mqplug::Delivery>> {
-    use mqplug::mq::{ConsumeFrom, ConsumerSettings, MqRuntime, PluginConsumer};
-    use mqplug::topic::TopicName;
-
-    let dead = mqplug_tests::Collect::default();
-    let mq = MqRuntime::new(1)?;
-    let settings = ConsumerSettings {
-        name_server: broker.name_server.clone(),
-        group: format!("dlq-reader-{group}"),
-        topic: TopicName::new(&format!("%DLQ%{group}"))?,
-        tags: "*".into(),
-        concurrency: 1,
-        max_reconsume_times: 0,
-        consume_from: ConsumeFrom::First,
-        drain_timeout: Duration::from_secs(1),
-    };
+    let mq = mqplug::mq::MqRuntime::new(1)?;
     let deadline = std::time::Instant::now() + WAIT;
-    let mut reader = None;
-    while reader.is_none() && std::time::Instant::now() < deadline {
-        // The DLQ topic appears once the broker dead-letters a message.
-        match PluginConsumer::start(&mq, &settings, Arc::new(dead.clone())).await {
-            Ok(consumer) => reader = Some(consumer),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-    if let Some(reader) = reader {
-        while std::time::Instant::now() < deadline
-            && !wanted
-                .iter()
-                .all(|id| dead.deliveries().iter().any(|d| d.message_id == *id))
+    let mut found = Vec::new();
+    while std::time::Instant::now() < deadline {
+        found = mqplug::dlq::read(&mq, &broker.name_server, group)
+            .await?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|letter| letter.delivery)
+            .collect();
+        if wanted
+            .iter()
+            .all(|id| found.iter().any(|d| d.message_id == *id))
         {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            break;
         }
-        reader.shutdown().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     mq.shutdown().await;
-    Ok(dead.deliveries())
+    Ok(found)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use rocketmq_client_rust::{DefaultMQPullConsumer, PullStatus};
 
 use super::client::MqRuntime;
 use super::consumer::delivery_of;
-use super::error::MqError;
+use super::error::{MqError, error_chain};
 use crate::delivery::Delivery;
 use crate::topic::TopicName;
 
@@ -44,9 +44,12 @@ pub async fn read_topic(
             // topic the broker just created is routed after its next
             // registration with the name server.
             Err(err)
-                if ["not exist", "no route data"]
-                    .iter()
-                    .any(|what| format!("{err}").to_ascii_lowercase().contains(what)) =>
+                if {
+                    let text = format!("{err} {}", error_chain(&err)).to_ascii_lowercase();
+                    ["not exist", "no route data"]
+                        .iter()
+                        .any(|what| text.contains(what))
+                } =>
             {
                 return Ok(None);
             }
