@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand};
 use mqplug::config::{HostConfig, Overrides, PluginConfig};
 use mqplug::conformance;
@@ -566,6 +566,12 @@ async fn dlq_list(args: DlqArgs) -> Result<std::process::ExitCode> {
     mq.shutdown().await;
     let (_, entry, letters) = result?;
     let letters = letters.unwrap_or_default();
+    if letters.len() >= mqplug::dlq::MAX_DEAD_LETTERS {
+        println!(
+            "(only the first {} are read)",
+            mqplug::dlq::MAX_DEAD_LETTERS
+        );
+    }
     println!(
         "{} dead letter(s) in %DLQ%{} (plugin {}):",
         letters.len(),
@@ -681,7 +687,21 @@ async fn redrive(args: &DlqRedriveArgs, mq: &MqRuntime) -> Result<std::process::
 
 fn new_plugin(args: NewArgs) -> Result<std::process::ExitCode> {
     let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
-    let sdk = args.sdk.or_else(mqplug::scaffold::default_sdk);
+    let sdk = match args.sdk {
+        // Written into the project's Cargo.toml, which Cargo reads from the
+        // project's folder: absolute, and checked now.
+        Some(sdk) => {
+            let sdk =
+                std::path::absolute(&sdk).with_context(|| format!("--sdk {}", sdk.display()))?;
+            ensure!(
+                sdk.join("Cargo.toml").is_file(),
+                "--sdk {}: no Cargo.toml there (give mqplug's plugins/sdk)",
+                sdk.display()
+            );
+            Some(sdk)
+        }
+        None => mqplug::scaffold::default_sdk(),
+    };
     let (files, commands) = mqplug::scaffold::write(&dir, &args.name, args.lang, sdk.as_deref())?;
     println!("wrote {} files in {}:", files.len(), dir.display());
     for file in files {
@@ -705,6 +725,10 @@ fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
     let mut grants = conformance::fixtures::grants(&text)
         .map_err(|err| anyhow::anyhow!("fixtures, {}: {}", err.name, err.reason))?
         .unwrap_or_default();
+    // Origins a fixture file grants are answered by its fixtures, never
+    // reached: a file cannot open the network (or an internal address) to
+    // the plugin it tests. Only --allow-outbound does.
+    let virtual_http = !grants.allowed_outbound_hosts.is_empty();
     grants.config.extend(args.config);
     grants.secrets.extend(args.secrets);
     grants.allowed_outbound_hosts.extend(args.allow_outbound);
@@ -735,7 +759,7 @@ fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
         )),
         ..PluginSettings::new(plugin_name(&args.plugin))
     };
-    let report = conformance::run(&runtime, settings, &args.plugin, &fixtures)
+    let report = conformance::run_with(&runtime, settings, &args.plugin, &fixtures, virtual_http)
         .with_context(|| format!("cannot read {}", args.plugin.display()))?;
     print!("{}", report.table());
     if let Some(path) = &args.junit {

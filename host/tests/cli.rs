@@ -1273,3 +1273,40 @@ async fn a_dead_letter_of_a_bad_build_is_listed_and_redriven_through_the_fixed_b
     assert!(err.contains("no dead letter \"no-such-id\""), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_fixture_file_cannot_open_the_network_to_its_plugin() -> Result<()> {
+    use mqplug_tests::http_server::{Answer, Server};
+    let server = Server::start(Answer::Ok("reached"));
+    let dir = tempfile::tempdir()?;
+    let fixtures = dir.path().join("fixtures.jsonl");
+    let event = serde_json::json!({
+        "event_type": "HTTP", "user_id": 1, "tenant_id": "t", "app_id": "a",
+        "campaign_id": "c", "campaign_name": "n",
+        "event_data": {"url": format!("{}/metadata", server.origin())},
+        "timestamp": "2026-11-25T14:19:15+08:00",
+    });
+    std::fs::write(
+        &fixtures,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"grants": {"allowed_outbound_hosts": [server.origin()]}}),
+            serde_json::json!({"name": "calls out", "event": event, "expect": "err",
+                "reason": "the fixture has no answer"}),
+        ),
+    )?;
+    let output = mqplug_command()
+        .arg("test")
+        .arg(plugin_path("chaos")?)
+        .arg("--fixtures")
+        .arg(&fixtures)
+        .output()?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{out}");
+    assert!(
+        server.requests().is_empty(),
+        "a granted origin from the file was reached: {:?}",
+        server.requests()
+    );
+    Ok(())
+}

@@ -99,6 +99,8 @@ impl RewardsService {
             };
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors, say: pause rather than spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 };
                 let (ledger, expected) = (shared.clone(), expected.clone());

@@ -531,3 +531,31 @@ fn a_wrong_request_a_wrong_message_and_a_missing_topic_grant_are_named() {
         "{why}"
     );
 }
+
+#[test]
+fn a_long_secret_is_redacted_whole_from_the_kits_failures() {
+    // Longer than the 256 bytes a failure text keeps of a value: redacted
+    // before it is cut, or a cut copy would no longer match.
+    let token = "tok".repeat(120);
+    let settings = granter_settings(&["marketing.reward.granted"]);
+    let settings = PluginSettings {
+        config: Arc::new(mqplug::wasm::ConfigValues::new(
+            &[("rewards_url".to_string(), "http://rewards.test".to_string())]
+                .into_iter()
+                .collect(),
+            [("rewards_token".to_string(), token.clone())]
+                .into_iter()
+                .collect(),
+        )),
+        ..settings
+    };
+    let first = granter_fixtures()
+        .lines()
+        .find(|line| line.starts_with("{\"name\""))
+        .unwrap()
+        .to_string();
+    let report = kit(&plugin_path("reward-granter").unwrap(), settings, &first);
+    let why = failure_of(&report, "line 1: grants 10 points and announces the grant");
+    assert!(why.contains("expected header authorization"), "{why}");
+    assert!(!why.contains(&token[..30]), "{why}");
+}

@@ -1086,3 +1086,48 @@ async fn the_reward_granter_grants_once_per_event_through_the_rewards_service_an
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_decided_while_the_host_shuts_down_still_reaches_the_queue() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let config = host_config(
+        &broker,
+        "shutdown_disposition_topic",
+        vec![PluginConfig::new("chaos", plugin_path("chaos")?)],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    // Busy for 1.5 s, then asks for the dead-letter queue.
+    let poison = publisher
+        .publish(&sample_event_with(
+            "DEAD_LETTER",
+            1,
+            serde_json::json!({"ms": 1500}),
+        ))
+        .await?
+        .message_id;
+    let started = recorder.wait_until(WAIT, |r| {
+        r.plugin_logs("chaos")
+            .iter()
+            .any(|(id, line)| *id == poison && line.starts_with("dead letter"))
+    });
+    ensure!(started, "the handler did not start:\n{}", broker.logs());
+    // Shutdown while the handler runs: it drains, and the message is sent
+    // back through the consumer before the consumer goes.
+    host.shutdown().await;
+    let outcomes: Vec<_> = recorder
+        .handled()
+        .into_iter()
+        .filter(|h| h.message_id == poison)
+        .map(|h| h.outcome)
+        .collect();
+    assert_eq!(outcomes, [DeliveryOutcome::DeadLetter]);
+    let dead = dead_letters(&broker, "mqplug-chaos", &[poison.as_str()]).await?;
+    assert!(
+        dead.iter().any(|d| d.message_id == poison),
+        "not in %DLQ%mqplug-chaos: {dead:?}\n{}",
+        broker.logs()
+    );
+    Ok(())
+}

@@ -122,11 +122,22 @@ pub fn run(
     path: &Path,
     fixtures: &[Result<Fixture, FixtureError>],
 ) -> std::io::Result<Report> {
+    run_with(runtime, settings, path, fixtures, false)
+}
+
+/// [`run`], answering every HTTP request from the fixtures when
+/// `virtual_http` (as it does anyway when a fixture answers or expects
+/// requests): the kit's CLI sets it when the fixture file itself grants
+/// origins, so a file can never open the network to its plugin.
+pub fn run_with(
+    runtime: &Arc<WasmRuntime>,
+    settings: PluginSettings,
+    path: &Path,
+    fixtures: &[Result<Fixture, FixtureError>],
+    virtual_http: bool,
+) -> std::io::Result<Report> {
     let wasm = std::fs::read(path)?;
-    let http = fixtures
-        .iter()
-        .flatten()
-        .any(Fixture::virtualises_http)
+    let http = (virtual_http || fixtures.iter().flatten().any(Fixture::virtualises_http))
         .then(|| Arc::new(FixtureHttp::default()));
     let mut settings = settings;
     if let Some(http) = &http {
@@ -521,11 +532,14 @@ impl Kit {
             if let Some(fault) = outcome_fault(&fixture.expect, &outcome) {
                 faults.push(fault);
             }
+            // What the plugin sent may carry its secrets: compared as sent,
+            // shown redacted whole, before any of it is cut or escaped.
+            let redact = |text: &str| plugin.settings().config.redact(text.to_string());
             if let (Some(expected), Some(http)) = (&fixture.requests, &self.http) {
-                faults.extend(request_faults(expected, &http.take()));
+                faults.extend(request_faults(expected, &http.take(), &redact));
             }
             if let Some(expected) = &fixture.published {
-                faults.extend(message_faults(expected, &outbox));
+                faults.extend(message_faults(expected, &outbox, &redact));
             }
             // What the plugin sent may carry its secrets: not in the report.
             let status = if faults.is_empty() {
@@ -594,7 +608,12 @@ fn kind_name(kind: ErrKind) -> &'static str {
 }
 
 /// How the requests a handler made differ from the expected ones.
-fn request_faults(expected: &[ExpectedRequest], sent: &[SentRequest]) -> Vec<String> {
+fn request_faults(
+    expected: &[ExpectedRequest],
+    sent: &[SentRequest],
+    redact: &dyn Fn(&str) -> String,
+) -> Vec<String> {
+    let shown = |text: &str| inert(&redact(text), 256).into_owned();
     let mut faults = Vec::new();
     if expected.len() != sent.len() {
         faults.push(format!(
@@ -602,7 +621,7 @@ fn request_faults(expected: &[ExpectedRequest], sent: &[SentRequest]) -> Vec<Str
             expected.len(),
             sent.len(),
             sent.iter()
-                .map(|r| format!("{} {}", r.method, inert(&r.url, 256)))
+                .map(|r| format!("{} {}", r.method, shown(&r.url)))
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
@@ -615,7 +634,7 @@ fn request_faults(expected: &[ExpectedRequest], sent: &[SentRequest]) -> Vec<Str
                 want.method,
                 want.url,
                 got.method,
-                inert(&got.url, 256)
+                shown(&got.url)
             ));
             continue;
         }
@@ -629,7 +648,7 @@ fn request_faults(expected: &[ExpectedRequest], sent: &[SentRequest]) -> Vec<Str
                 faults.push(format!(
                     "request {}: expected header {name}: {value}, got {}",
                     index + 1,
-                    found.map_or("none".to_string(), |v| inert(v, 256).to_string())
+                    found.map_or("none".to_string(), shown)
                 ));
             }
         }
@@ -639,7 +658,7 @@ fn request_faults(expected: &[ExpectedRequest], sent: &[SentRequest]) -> Vec<Str
                 faults.push(format!(
                     "request {}: body does not match /{pattern}/: {}",
                     index + 1,
-                    inert(&body, 256)
+                    shown(&body)
                 ));
             }
         }
@@ -648,7 +667,12 @@ fn request_faults(expected: &[ExpectedRequest], sent: &[SentRequest]) -> Vec<Str
 }
 
 /// How the messages a handler published differ from the expected ones.
-fn message_faults(expected: &[ExpectedMessage], published: &[OutgoingMessage]) -> Vec<String> {
+fn message_faults(
+    expected: &[ExpectedMessage],
+    published: &[OutgoingMessage],
+    redact: &dyn Fn(&str) -> String,
+) -> Vec<String> {
+    let shown = |text: &str| inert(&redact(text), 256).into_owned();
     let mut faults = Vec::new();
     if expected.len() != published.len() {
         faults.push(format!(
@@ -668,16 +692,21 @@ fn message_faults(expected: &[ExpectedMessage], published: &[OutgoingMessage]) -
         }
         if want.tag.is_some() && want.tag != got.tag {
             faults.push(format!(
-                "message {n}: expected tag {:?}, got {:?}",
-                want.tag, got.tag
+                "message {n}: expected tag {:?}, got {}",
+                want.tag,
+                got.tag.as_deref().map_or("none".to_string(), shown)
             ));
         }
         if let Some(keys) = &want.keys
             && *keys != got.keys
         {
             faults.push(format!(
-                "message {n}: expected keys {keys:?}, got {:?}",
+                "message {n}: expected keys {keys:?}, got [{}]",
                 got.keys
+                    .iter()
+                    .map(|key| shown(key))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         if let Some(pattern) = &want.body {
@@ -685,7 +714,7 @@ fn message_faults(expected: &[ExpectedMessage], published: &[OutgoingMessage]) -
             if !pattern.is_match(&body) {
                 faults.push(format!(
                     "message {n}: body does not match /{pattern}/: {}",
-                    inert(&body, 256)
+                    shown(&body)
                 ));
             }
         }

@@ -1,7 +1,8 @@
 //! One RocketMQ push consumer per plugin, in the plugin's own group.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use rocketmq_client_rust::{
     ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQPushConsumer,
@@ -58,6 +59,9 @@ pub struct ConsumerSettings {
 pub struct PluginConsumer {
     consumer: SharedConsumer,
     group: String,
+    /// Listener calls running now.
+    in_flight: Arc<AtomicUsize>,
+    drain_timeout: Duration,
 }
 
 /// The consumer, shared with its listener, which sends messages back to the
@@ -110,19 +114,32 @@ impl PluginConsumer {
                     &err,
                 )
             })?;
+        let in_flight = Arc::new(AtomicUsize::new(0));
         consumer.register_message_listener_concurrently(Listener {
             handler,
+            in_flight: in_flight.clone(),
             consumer: shared.clone(),
             runtime: tokio::runtime::Handle::current(),
             group: settings.group.clone(),
         });
-        consumer.start().await.map_err(|err| {
-            MqError::new(format!("start consumer group {}", settings.group), &err)
-        })?;
+        if let Err(err) = consumer.start().await {
+            // The listener holds the consumer's mutex, which holds the
+            // consumer, which holds the listener: break the cycle, or the
+            // half-started consumer and its handler are never freed.
+            if let Some(mut consumer) = guard.take() {
+                consumer.shutdown().await;
+            }
+            return Err(MqError::new(
+                format!("start consumer group {}", settings.group),
+                &err,
+            ));
+        }
         drop(guard);
         Ok(PluginConsumer {
             consumer: shared,
             group: settings.group.clone(),
+            in_flight,
+            drain_timeout: settings.drain_timeout,
         })
     }
 
@@ -133,6 +150,27 @@ impl PluginConsumer {
     /// Stops pulling, waits for in-flight handlers (up to the drain timeout)
     /// so their outcomes reach the broker, and leaves the group.
     pub async fn shutdown(self) {
+        // Stop pulling first and let the handlers still running finish with
+        // the consumer in place, so one that asks for a retry-after or the
+        // dead-letter queue can still send its message back; only then is
+        // the consumer taken out and shut down (which drains what is left).
+        if let Some(consumer) = self.consumer.lock().await.as_ref() {
+            consumer.suspend().await;
+        }
+        let until = Instant::now() + self.drain_timeout;
+        let mut idle_since: Option<Instant> = None;
+        while Instant::now() < until {
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                // Quiet for a moment: messages already pulled may still be
+                // handed over after a pause.
+                if idle_since.get_or_insert_with(Instant::now).elapsed() >= DRAIN_QUIET {
+                    break;
+                }
+            } else {
+                idle_since = None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let consumer = self.consumer.lock().await.take();
         if let Some(mut consumer) = consumer {
             consumer.shutdown().await;
@@ -156,8 +194,12 @@ fn normalize_tags(expression: &str) -> String {
     }
 }
 
+/// How long no listener must run before shutdown takes the consumer away.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
 struct Listener {
     handler: Arc<dyn MessageHandler>,
+    in_flight: Arc<AtomicUsize>,
     consumer: SharedConsumer,
     /// The runtime the consumer was started on; a listener thread is a
     /// blocking one and may wait on it.
@@ -205,6 +247,8 @@ impl MessageListenerConcurrently for Listener {
         msgs: &[&MessageExt],
         _context: &ConsumeConcurrentlyContext,
     ) -> ClientResult<ConsumeConcurrentlyStatus> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _running = Running(&self.in_flight);
         // The batch size is 1; should the client ever pass more, every
         // message is still handled and one failure retries the batch.
         let mut status = ConsumeConcurrentlyStatus::ConsumeSuccess;
@@ -223,6 +267,15 @@ impl MessageListenerConcurrently for Listener {
             }
         }
         Ok(status)
+    }
+}
+
+/// Counts a listener call down when it ends, however it ends.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

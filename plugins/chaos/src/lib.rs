@@ -19,7 +19,7 @@
 //! | `LEAK`      | logs `leak <value>` of config key `event_data.key`, then returns an error carrying it too (for redaction tests) |
 //! | `HTTP`      | sends `event_data.method` (default GET) to `event_data.url` with `event_data.body`; logs `http <status> <body>` and is ok, or returns the error `http: <why>` |
 //! | `PUBLISH`   | publishes `event_data.count` messages `{"for": <message id>, "i": i}` to `event_data.topic` (tag `FOLLOW_UP`); then ok, or with `event_data.then` = `"err"` an error, or with `"err_first"` an error on first delivery only; a refused message is an error |
-//! | `DEAD_LETTER` | logs `dead letter <reconsume times>`, then asks for the dead-letter queue (`Failure::dead_letter`) |
+//! | `DEAD_LETTER` | logs `dead letter <reconsume times>`, is busy for `event_data.ms` (default 0), then asks for the dead-letter queue (`Failure::dead_letter`) |
 //! | `RETRY_AFTER` | on first delivery, logs `retry after <ms>` and asks for a retry no sooner than `event_data.ms` (default 1000); ok on redelivery |
 //! | anything else | ok                                                       |
 //!
@@ -39,6 +39,12 @@ impl Handler for Chaos {
             // A poison event: to the dead-letter queue without retries.
             "DEAD_LETTER" => {
                 log::info(&format!("dead letter {}", delivery.reconsume_times));
+                // Busy for event_data.ms first (for shutdown tests).
+                let ms = event.event_data["ms"].as_u64().unwrap_or(0);
+                let started = std::time::Instant::now();
+                while started.elapsed() < Duration::from_millis(ms) {
+                    std::hint::spin_loop();
+                }
                 Err(Failure::dead_letter("chaos: no retry can help"))
             }
             // Retry no sooner than event_data.ms, on the first delivery.
