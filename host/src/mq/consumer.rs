@@ -1,7 +1,7 @@
 //! One RocketMQ push consumer per plugin, in the plugin's own group.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rocketmq_client_rust::{
@@ -60,7 +60,7 @@ pub struct PluginConsumer {
     consumer: SharedConsumer,
     group: String,
     /// Listener calls running now.
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Arc<InFlight>,
     drain_timeout: Duration,
 }
 
@@ -114,7 +114,7 @@ impl PluginConsumer {
                     &err,
                 )
             })?;
-        let in_flight = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(InFlight::default());
         consumer.register_message_listener_concurrently(Listener {
             handler,
             in_flight: in_flight.clone(),
@@ -150,25 +150,18 @@ impl PluginConsumer {
     /// Stops pulling, waits for in-flight handlers (up to the drain timeout)
     /// so their outcomes reach the broker, and leaves the group.
     pub async fn shutdown(self) {
-        // Stop pulling first and let the handlers still running finish with
-        // the consumer in place, so one that asks for a retry-after or the
-        // dead-letter queue can still send its message back; only then is
-        // the consumer taken out and shut down (which drains what is left).
+        // Stop pulling first and let the handlers running at this moment
+        // finish with the consumer in place, so one that asks for a
+        // retry-after or the dead-letter queue can still send its message
+        // back; only then is the consumer taken out and shut down (which
+        // drains what started since; messages pulled but not started are
+        // redelivered later, as before).
         if let Some(consumer) = self.consumer.lock().await.as_ref() {
             consumer.suspend().await;
         }
+        let running = self.in_flight.running();
         let until = Instant::now() + self.drain_timeout;
-        let mut idle_since: Option<Instant> = None;
-        while Instant::now() < until {
-            if self.in_flight.load(Ordering::Acquire) == 0 {
-                // Quiet for a moment: messages already pulled may still be
-                // handed over after a pause.
-                if idle_since.get_or_insert_with(Instant::now).elapsed() >= DRAIN_QUIET {
-                    break;
-                }
-            } else {
-                idle_since = None;
-            }
+        while Instant::now() < until && self.in_flight.any_of(&running) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let consumer = self.consumer.lock().await.take();
@@ -194,12 +187,39 @@ fn normalize_tags(expression: &str) -> String {
     }
 }
 
-/// How long no listener must run before shutdown takes the consumer away.
-const DRAIN_QUIET: Duration = Duration::from_millis(100);
+/// The listener calls running, by a number each gets as it starts.
+#[derive(Default)]
+struct InFlight {
+    next: AtomicU64,
+    running: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+impl InFlight {
+    fn begin(&self) -> Running<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id);
+        Running { calls: self, id }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The calls running now.
+    fn running(&self) -> Vec<u64> {
+        self.lock().iter().copied().collect()
+    }
+
+    /// Whether any of `calls` still runs.
+    fn any_of(&self, calls: &[u64]) -> bool {
+        let running = self.lock();
+        calls.iter().any(|id| running.contains(id))
+    }
+}
 
 struct Listener {
     handler: Arc<dyn MessageHandler>,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Arc<InFlight>,
     consumer: SharedConsumer,
     /// The runtime the consumer was started on; a listener thread is a
     /// blocking one and may wait on it.
@@ -247,8 +267,7 @@ impl MessageListenerConcurrently for Listener {
         msgs: &[&MessageExt],
         _context: &ConsumeConcurrentlyContext,
     ) -> ClientResult<ConsumeConcurrentlyStatus> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _running = Running(&self.in_flight);
+        let _running = self.in_flight.begin();
         // The batch size is 1; should the client ever pass more, every
         // message is still handled and one failure retries the batch.
         let mut status = ConsumeConcurrentlyStatus::ConsumeSuccess;
@@ -270,12 +289,15 @@ impl MessageListenerConcurrently for Listener {
     }
 }
 
-/// Counts a listener call down when it ends, however it ends.
-struct Running<'a>(&'a AtomicUsize);
+/// Marks a listener call ended when it ends, however it ends.
+struct Running<'a> {
+    calls: &'a InFlight,
+    id: u64,
+}
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.calls.lock().remove(&self.id);
     }
 }
 
