@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use regex::Regex;
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 
@@ -652,18 +653,28 @@ fn request_faults(
                 ));
             }
         }
-        if let Some(pattern) = &want.body {
-            let body = String::from_utf8_lossy(&got.body);
-            if !pattern.is_match(&body) {
-                faults.push(format!(
-                    "request {}: body does not match /{pattern}/: {}",
-                    index + 1,
-                    shown(&body)
-                ));
-            }
-        }
+        faults.extend(body_fault(
+            &format!("request {}", index + 1),
+            want.body.as_ref(),
+            &got.body,
+            &shown,
+        ));
     }
     faults
+}
+
+/// Why `body` does not match the fixture's `pattern`, if one is given and
+/// it does not; the body as `shown` (redacted, escaped, cut).
+fn body_fault(
+    what: &str,
+    pattern: Option<&Regex>,
+    body: &[u8],
+    shown: &dyn Fn(&str) -> String,
+) -> Option<String> {
+    let pattern = pattern?;
+    let body = String::from_utf8_lossy(body);
+    (!pattern.is_match(&body))
+        .then(|| format!("{what}: body does not match /{pattern}/: {}", shown(&body)))
 }
 
 /// How the messages a handler published differ from the expected ones.
@@ -709,15 +720,12 @@ fn message_faults(
                     .join(", ")
             ));
         }
-        if let Some(pattern) = &want.body {
-            let body = String::from_utf8_lossy(&got.body);
-            if !pattern.is_match(&body) {
-                faults.push(format!(
-                    "message {n}: body does not match /{pattern}/: {}",
-                    shown(&body)
-                ));
-            }
-        }
+        faults.extend(body_fault(
+            &format!("message {n}"),
+            want.body.as_ref(),
+            &got.body,
+            &shown,
+        ));
     }
     faults
 }
