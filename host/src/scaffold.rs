@@ -176,7 +176,10 @@ pub fn write(
         }
     };
     let test = format!("mqplug test {built} --fixtures fixtures.jsonl");
-    files.push(("README.md".into(), readme(name, lang, &build, &test)));
+    files.push((
+        "README.md".into(),
+        readme(name, lang, &build, &test, &built),
+    ));
     let mut written = Vec::new();
     for (relative, text) in files {
         let path = dir.join(&relative);
@@ -209,7 +212,7 @@ fn wit_files() -> impl Iterator<Item = (String, String)> {
         .map(|(path, text)| (format!("wit/{path}"), text.to_string()))
 }
 
-fn readme(name: &str, lang: Lang, build: &str, test: &str) -> String {
+fn readme(name: &str, lang: Lang, build: &str, test: &str, wasm: &str) -> String {
     let (language, tools) = match lang {
         Lang::Rust => (
             "Rust",
@@ -230,8 +233,7 @@ fn readme(name: &str, lang: Lang, build: &str, test: &str) -> String {
          Build:\n\n```sh\n{build}\n```\n\nTest (no broker needed):\n\n```sh\n{test}\n```\n\n\
          Run it against a broker:\n\n```sh\nmqplug run --plugin {name}={wasm} &\nmqplug publish\n```\n\n\
          `fixtures.jsonl` holds the events the kit runs and the outcome each must\n\
-         get; add yours.\n",
-        wasm = test.split_whitespace().nth(2).unwrap_or_default()
+         get; add yours.\n"
     )
 }
 
