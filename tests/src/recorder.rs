@@ -206,3 +206,33 @@ impl mqplug::mq::MessageHandler for Collect {
         DeliveryOutcome::ConsumeSuccess
     }
 }
+
+impl Collect {
+    /// A consumer of its own in `group` reading `topic` from its first
+    /// message, keeping every delivery (for reading a topic back).
+    pub async fn from_first(
+        mq: &mqplug::mq::MqRuntime,
+        name_server: &str,
+        topic: mqplug::topic::TopicName,
+        group: &str,
+    ) -> anyhow::Result<(mqplug::mq::PluginConsumer, Collect)> {
+        use mqplug::mq::{ConsumeFrom, ConsumerSettings, PluginConsumer};
+        let seen = Collect::default();
+        let consumer = PluginConsumer::start(
+            mq,
+            &ConsumerSettings {
+                name_server: name_server.to_string(),
+                group: group.to_string(),
+                topic,
+                tags: "*".into(),
+                concurrency: 1,
+                max_reconsume_times: 0,
+                consume_from: ConsumeFrom::First,
+                drain_timeout: Duration::from_secs(1),
+            },
+            Arc::new(seen.clone()),
+        )
+        .await?;
+        Ok((consumer, seen))
+    }
+}

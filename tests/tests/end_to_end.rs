@@ -2,7 +2,6 @@
 //! built-in producer -> broker -> push consumer -> wasm plugin -> ack or retry.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -943,9 +942,8 @@ impl TopicReader {
         broker: &LocalBroker,
         topic: &str,
     ) -> Result<(TopicReader, mqplug_tests::Collect)> {
-        use mqplug::mq::{ConsumeFrom, ConsumerSettings, MqRuntime, PluginConsumer};
         use mqplug::topic::TopicName;
-        let mq = MqRuntime::new(1)?;
+        let mq = mqplug::mq::MqRuntime::new(1)?;
         let topic = TopicName::new(topic)?;
         let mut creator = mqplug::mq::Publisher::start(
             &mq,
@@ -954,22 +952,9 @@ impl TopicReader {
         .await?;
         creator.create_topic(4).await?;
         creator.shutdown().await;
-        let seen = mqplug_tests::Collect::default();
-        let consumer = PluginConsumer::start(
-            &mq,
-            &ConsumerSettings {
-                name_server: broker.name_server.clone(),
-                group: format!("reader-{}", topic.wire()),
-                topic,
-                tags: "*".into(),
-                concurrency: 1,
-                max_reconsume_times: 0,
-                consume_from: ConsumeFrom::First,
-                drain_timeout: Duration::from_secs(1),
-            },
-            Arc::new(seen.clone()),
-        )
-        .await?;
+        let group = format!("reader-{}", topic.wire());
+        let (consumer, seen) =
+            mqplug_tests::Collect::from_first(&mq, &broker.name_server, topic, &group).await?;
         Ok((TopicReader { mq, consumer }, seen))
     }
 

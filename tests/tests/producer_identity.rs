@@ -4,13 +4,10 @@
 //! deduplicate on the message id see one event.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use mqplug::mq::{
-    Backoff, ConsumeFrom, ConsumerSettings, MqRuntime, PluginConsumer, ProducerSettings, Publisher,
-};
+use mqplug::mq::{Backoff, MqRuntime, ProducerSettings, Publisher};
 use mqplug::topic::TopicName;
 use mqplug_tests::broker::BrokerKind;
 use mqplug_tests::proxy::DropSendReplies;
@@ -57,22 +54,8 @@ async fn a_send_whose_answer_is_lost_is_retried_with_the_same_message_id() -> Re
         "the lost answer made the producer send again: {receipt:?}"
     );
 
-    let collect = Collect::default();
-    let consumer = PluginConsumer::start(
-        &mq,
-        &ConsumerSettings {
-            name_server: broker.name_server.clone(),
-            group: "identity-reader".into(),
-            topic,
-            tags: "*".into(),
-            concurrency: 1,
-            max_reconsume_times: 0,
-            consume_from: ConsumeFrom::First,
-            drain_timeout: Duration::from_secs(1),
-        },
-        Arc::new(collect.clone()),
-    )
-    .await?;
+    let (consumer, collect) =
+        Collect::from_first(&mq, &broker.name_server, topic, "identity-reader").await?;
     // Every attempt that reached the broker was stored.
     let stored = receipt.attempts as usize;
     let deadline = Instant::now() + Duration::from_secs(90);
