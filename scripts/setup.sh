@@ -2,7 +2,7 @@
 # Installs what mqplug's build, tests and demo need, skipping what is there:
 # the wasm32-wasip2 Rust target, the RocketMQ name server and broker (Apache
 # RocketMQ from Maven Central unless MQPLUG_BROKER=rust), the Go peers,
-# Chromium for the browser test.
+# Chromium for the browser test, Redis for the tests that need one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +15,9 @@ if ! rustup component list --installed | grep -q '^clippy'; then
 fi
 bin=$(bash scripts/install-rocketmq.sh)
 echo "RocketMQ (${MQPLUG_BROKER:-java}): $bin" >&2
-# Debian's Chromium and ChromeDriver, for the status page's browser test.
-bash scripts/install-browser.sh
+# Debian's Chromium and ChromeDriver, for the status page's browser test,
+# and Redis, for the tests that run a real one.
+bash scripts/install-debian-packages.sh
 # componentize-py and componentize-js, for the Python and JavaScript plugins.
 bash scripts/install-guest-tools.sh >/dev/null
 # The platform's Go clients, test peers: their modules from the Go module

@@ -28,6 +28,7 @@ pub mod replay;
 pub mod scaffold;
 pub mod shutdown;
 pub mod slot;
+pub mod store;
 pub mod text;
 pub mod topic;
 pub mod wasm;

@@ -126,7 +126,7 @@ pub fn rocketmq_install_dir(kind: BrokerKind) -> Result<PathBuf> {
 /// Makes a child die with the test process, even on SIGKILL of the test.
 /// The signal comes when the *thread* that spawned the child exits, so start
 /// and restart servers from a thread that lives as long as they should.
-fn die_with_parent(command: &mut Command) {
+pub(crate) fn die_with_parent(command: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
     unsafe {
         command.pre_exec(|| {

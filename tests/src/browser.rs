@@ -1,6 +1,6 @@
 //! Headless Chromium driven over WebDriver: Debian's `chromium` and
-//! `chromedriver` (scripts/install-browser.sh), on a free loopback port, with
-//! a profile in a temporary folder. Stopped on drop.
+//! `chromedriver` (scripts/install-debian-packages.sh), on a free loopback
+//! port, with a profile in a temporary folder. Stopped on drop.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -29,7 +29,9 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("start /usr/bin/chromedriver (scripts/install-browser.sh installs it)")?;
+            .context(
+                "start /usr/bin/chromedriver (scripts/install-debian-packages.sh installs it)",
+            )?;
         let profile = tempfile::tempdir()?;
         let started = Instant::now();
         loop {

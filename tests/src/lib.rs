@@ -1,6 +1,6 @@
-//! Test support: a real RocketMQ name server and broker on 127.0.0.1, the
-//! example and test plugins built for wasm32-wasip2, and a recorder of what
-//! the host did.
+//! Test support: a real RocketMQ name server and broker on 127.0.0.1, a
+//! real Redis, the example and test plugins built for wasm32-wasip2, and a
+//! recorder of what the host did.
 
 pub mod broker;
 pub mod browser;
@@ -9,10 +9,12 @@ pub mod peers;
 pub mod plugins;
 pub mod proxy;
 pub mod recorder;
+pub mod redis;
 pub mod rewards;
 
 pub use broker::LocalBroker;
 pub use recorder::{Collect, Recorder};
+pub use redis::LocalRedis;
 
 use std::path::PathBuf;
 

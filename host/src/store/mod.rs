@@ -1,0 +1,370 @@
+//! Plugins' durable key-value state, behind one contract with two backends:
+//! an embedded database (the default: one file, nothing to start) and Redis
+//! (for hosts on several machines that share a consumer group, so the host
+//! that takes over a queue after a rebalance sees the same keys).
+//!
+//! The `wasi:keyvalue` capability (`wasm/keyvalue.rs`) depends on
+//! [`Backend`], never on a backend. Keys live in a [`Namespace`]: a plugin
+//! and one of its buckets, so one plugin never reads another's. Every
+//! backend keeps, per plugin, the bytes its keys and values take (expired
+//! keys included until they are swept) and refuses a write that would take
+//! it past the plugin's quota.
+
+use std::time::Duration;
+
+pub mod embedded;
+pub mod redis;
+
+pub use embedded::Embedded;
+pub use redis::RedisStore;
+
+/// Keys listed per `list-keys` page.
+pub const LIST_PAGE: usize = 100;
+
+/// A plugin's bucket: where a key lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Namespace {
+    pub plugin: String,
+    pub bucket: String,
+}
+
+impl Namespace {
+    pub fn new(plugin: impl Into<String>, bucket: impl Into<String>) -> Self {
+        Namespace {
+            plugin: plugin.into(),
+            bucket: bucket.into(),
+        }
+    }
+}
+
+/// How a write is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// Set the key, replacing any value.
+    Set,
+    /// Set the key only if nobody holds it (absent or expired).
+    Claim,
+}
+
+/// The result of a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// The value was stored.
+    Stored,
+    /// A claim found the key held; its value, unchanged.
+    Held(Vec<u8>),
+}
+
+/// Why a store operation failed. The guest sees the text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "quota: the plugin's keys and values would take {would_be} bytes, over its limit of {limit} bytes"
+    )]
+    Quota { limit: u64, would_be: u64 },
+    #[error("the value is not a counter (increment needs a decimal integer)")]
+    NotACounter,
+    #[error("the counter would overflow")]
+    Overflow,
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the store failed: {0}")]
+    Failed(String),
+}
+
+/// What every backend does. Calls block (plugins call them from the
+/// handler's thread) and are bounded by the backend's own timeouts.
+pub trait Backend: Send + Sync + 'static {
+    /// `embedded`, `memory` or `redis`, for logs and metrics.
+    fn kind(&self) -> &'static str;
+
+    fn get(&self, ns: &Namespace, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores `value` under `key` (for [`Write::Claim`], only if nobody
+    /// holds it), expiring after `ttl` if given, unless the plugin's keys
+    /// and values would then take more than `quota` bytes.
+    fn write(
+        &self,
+        ns: &Namespace,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        how: Write,
+        quota: u64,
+    ) -> Result<Written, StoreError>;
+
+    fn delete(&self, ns: &Namespace, key: &str) -> Result<(), StoreError>;
+
+    fn exists(&self, ns: &Namespace, key: &str) -> Result<bool, StoreError> {
+        self.get(ns, key).map(|value| value.is_some())
+    }
+
+    /// A page of the bucket's keys from `cursor` (`None`: the first), and
+    /// the cursor of the next page if there is one.
+    fn list_keys(
+        &self,
+        ns: &Namespace,
+        cursor: Option<u64>,
+    ) -> Result<(Vec<String>, Option<u64>), StoreError>;
+
+    /// Adds `delta` to the decimal counter under `key` (absent is 0), and
+    /// returns the new value. An expiring key keeps its expiry.
+    fn increment(
+        &self,
+        ns: &Namespace,
+        key: &str,
+        delta: u64,
+        quota: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// Bytes the plugin's keys and values take now.
+    fn usage(&self, plugin: &str) -> Result<u64, StoreError>;
+}
+
+/// The bytes one entry counts against its plugin's quota.
+pub fn entry_size(key: &str, value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+/// The counter's value after adding `delta`, from the stored text.
+pub(crate) fn incremented(current: Option<&[u8]>, delta: u64) -> Result<u64, StoreError> {
+    let current = match current {
+        None => 0,
+        Some(text) => std::str::from_utf8(text)
+            .ok()
+            .and_then(|text| text.parse::<u64>().ok())
+            .ok_or(StoreError::NotACounter)?,
+    };
+    current.checked_add(delta).ok_or(StoreError::Overflow)
+}
+
+/// A bucket name: 1 to 64 of `a-z A-Z 0-9 . _ -`.
+pub fn check_bucket_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("a bucket name has 1 to 64 characters".into());
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{bad:?} is not allowed in a bucket name (letters, digits, '.', '_', '-')"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! One set of checks every backend passes (`embedded` and `memory` in
+    //! their unit tests; Redis in the tests crate against a real server).
+    use super::*;
+
+    /// Runs every check against `store`, whose plugin names start empty.
+    pub fn check_all(store: &dyn Backend, sleep: &dyn Fn(Duration)) {
+        let a = Namespace::new("plugin-a", "rewards");
+        let other_bucket = Namespace::new("plugin-a", "audit");
+        let other_plugin = Namespace::new("plugin-b", "rewards");
+        let q = 1 << 20;
+
+        // Set, get, isolation.
+        assert_eq!(store.get(&a, "k").unwrap(), None);
+        store.write(&a, "k", b"v1", None, Write::Set, q).unwrap();
+        assert_eq!(store.get(&a, "k").unwrap(), Some(b"v1".to_vec()));
+        assert_eq!(store.get(&other_bucket, "k").unwrap(), None);
+        assert_eq!(store.get(&other_plugin, "k").unwrap(), None);
+        assert!(store.exists(&a, "k").unwrap());
+        assert_eq!(store.usage("plugin-a").unwrap(), 3);
+        store.write(&a, "k", b"v22", None, Write::Set, q).unwrap();
+        assert_eq!(store.usage("plugin-a").unwrap(), 4);
+        assert_eq!(store.usage("plugin-b").unwrap(), 0);
+
+        // Quota: a write past it is refused and changes nothing.
+        let err = store
+            .write(&a, "big", &[7; 100], None, Write::Set, 50)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Quota {
+                    limit: 50,
+                    would_be: 107
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(store.get(&a, "big").unwrap(), None);
+        assert_eq!(store.usage("plugin-a").unwrap(), 4);
+        // Shrinking is always allowed, even over the quota.
+        store.write(&a, "k", b"v", None, Write::Set, 1).unwrap();
+        assert_eq!(store.usage("plugin-a").unwrap(), 2);
+
+        // Delete.
+        store.delete(&a, "k").unwrap();
+        store.delete(&a, "never").unwrap();
+        assert_eq!(store.get(&a, "k").unwrap(), None);
+        assert_eq!(store.usage("plugin-a").unwrap(), 0);
+
+        // Claim: once, then held, with the holder's value.
+        assert_eq!(
+            store
+                .write(
+                    &a,
+                    "m1",
+                    b"pending",
+                    Some(Duration::from_secs(60)),
+                    Write::Claim,
+                    q
+                )
+                .unwrap(),
+            Written::Stored
+        );
+        assert_eq!(
+            store
+                .write(
+                    &a,
+                    "m1",
+                    b"other",
+                    Some(Duration::from_secs(60)),
+                    Write::Claim,
+                    q
+                )
+                .unwrap(),
+            Written::Held(b"pending".to_vec())
+        );
+        assert_eq!(store.usage("plugin-a").unwrap(), 9);
+        // Overwritten with a longer expiry, then deleted.
+        store
+            .write(
+                &a,
+                "m1",
+                b"done",
+                Some(Duration::from_secs(3600)),
+                Write::Set,
+                q,
+            )
+            .unwrap();
+        assert_eq!(store.get(&a, "m1").unwrap(), Some(b"done".to_vec()));
+        assert_eq!(store.usage("plugin-a").unwrap(), 6);
+        store.delete(&a, "m1").unwrap();
+        assert_eq!(store.usage("plugin-a").unwrap(), 0);
+
+        // Expiry: a claim that expired can be claimed again, and its bytes
+        // are given back.
+        store
+            .write(
+                &a,
+                "short",
+                b"x",
+                Some(Duration::from_millis(30)),
+                Write::Claim,
+                q,
+            )
+            .unwrap();
+        assert!(store.exists(&a, "short").unwrap());
+        sleep(Duration::from_millis(120));
+        assert_eq!(store.get(&a, "short").unwrap(), None);
+        assert!(!store.exists(&a, "short").unwrap());
+        assert_eq!(
+            store
+                .write(
+                    &a,
+                    "short",
+                    b"yy",
+                    Some(Duration::from_secs(60)),
+                    Write::Claim,
+                    q
+                )
+                .unwrap(),
+            Written::Stored
+        );
+        assert_eq!(store.usage("plugin-a").unwrap(), 7);
+        // Expired keys nobody touches again are swept by later writes.
+        for i in 0..5 {
+            let key = format!("gone-{i}");
+            store
+                .write(
+                    &a,
+                    &key,
+                    b"x",
+                    Some(Duration::from_millis(20)),
+                    Write::Set,
+                    q,
+                )
+                .unwrap();
+        }
+        sleep(Duration::from_millis(120));
+        store.write(&a, "after", b"1", None, Write::Set, q).unwrap();
+        assert_eq!(store.usage("plugin-a").unwrap(), 7 + 6);
+        store.delete(&a, "short").unwrap();
+        store.delete(&a, "after").unwrap();
+        assert_eq!(store.usage("plugin-a").unwrap(), 0);
+
+        // Counters.
+        assert_eq!(store.increment(&a, "n", 5, q).unwrap(), 5);
+        assert_eq!(store.increment(&a, "n", 2, q).unwrap(), 7);
+        assert_eq!(store.get(&a, "n").unwrap(), Some(b"7".to_vec()));
+        store
+            .write(&a, "text", b"abc", None, Write::Set, q)
+            .unwrap();
+        assert_eq!(
+            store.increment(&a, "text", 1, q).unwrap_err(),
+            StoreError::NotACounter
+        );
+        store
+            .write(
+                &a,
+                "max",
+                u64::MAX.to_string().as_bytes(),
+                None,
+                Write::Set,
+                q,
+            )
+            .unwrap();
+        assert!(store.increment(&a, "max", 1, q).is_err());
+        assert_eq!(
+            store.get(&a, "max").unwrap(),
+            Some(u64::MAX.to_string().into_bytes())
+        );
+        assert!(matches!(
+            store.increment(&a, "n2", 1, 1).unwrap_err(),
+            StoreError::Quota { .. }
+        ));
+        for key in ["n", "text", "max"] {
+            store.delete(&a, key).unwrap();
+        }
+
+        // Keys with any characters, listed page by page, this bucket only.
+        store
+            .write(&other_bucket, "x", b"", None, Write::Set, q)
+            .unwrap();
+        let mut expected = Vec::new();
+        for i in 0..(LIST_PAGE + 30) {
+            let key = format!("key:{i}/\u{1F600}\0end");
+            store.write(&a, &key, b"1", None, Write::Set, q).unwrap();
+            expected.push(key);
+        }
+        let mut listed = Vec::new();
+        let mut cursor = None;
+        let mut pages = 0;
+        loop {
+            let (keys, next) = store.list_keys(&a, cursor).unwrap();
+            listed.extend(keys);
+            pages += 1;
+            assert!(pages < 1000, "list-keys does not end");
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        listed.sort();
+        listed.dedup();
+        expected.sort();
+        assert_eq!(listed, expected);
+        for key in &expected {
+            store.delete(&a, key).unwrap();
+        }
+        store.delete(&other_bucket, "x").unwrap();
+        assert_eq!(store.usage("plugin-a").unwrap(), 0);
+    }
+}
