@@ -12,10 +12,11 @@ use crate::event::DEFAULT_MAX_BODY_BYTES;
 use crate::mq::{Backoff, ConsumeFrom, ConsumerSettings, DEFAULT_PRODUCER_GROUP, ProducerSettings};
 use crate::observe::Observers;
 use crate::outcome::UndecodablePolicy;
+use crate::store::check_bucket_name;
 use crate::topic::{DEFAULT_TOPIC, TopicName, TopicNameError, check_resource_name};
 use crate::wasm::{
-    ConfigValues, InstanceMode, Network, Origin, OutboundGrants, OutboundLimits, PluginSettings,
-    PublishGrants, RuntimeSettings, read_ca_file,
+    ConfigValues, InstanceMode, KeyValueGrants, KeyValueLimits, Network, Origin, OutboundGrants,
+    OutboundLimits, PluginSettings, PublishGrants, RuntimeSettings, StoreSettings, read_ca_file,
 };
 
 pub const DEFAULT_NAME_SERVER: &str = "127.0.0.1:9876";
@@ -71,6 +72,9 @@ pub struct HostConfig {
     pub admin: AdminConfig,
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// Where plugins' `wasi:keyvalue` buckets live.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// The file this config was read from, if any; hot reload watches it.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -136,6 +140,181 @@ impl Default for ReloadConfig {
             poll_ms: 250,
             settle_ms: 500,
         }
+    }
+}
+
+/// Where plugins' `wasi:keyvalue` buckets live (`[store]`). Opened when
+/// the first plugin with a `key_value` table loads; a change needs a
+/// restart.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// `embedded`: the database file (relative paths are relative to the
+    /// config file). Default `$MQPLUG_DATA_DIR/state.redb`, else
+    /// `$XDG_DATA_HOME/mqplug/state.redb`, else
+    /// `~/.local/share/mqplug/state.redb`. One host process at a time.
+    pub path: Option<PathBuf>,
+    /// `redis`: the server, `redis://host:port/db` (`rediss://` is not
+    /// built in).
+    pub url: Option<String>,
+    /// `redis`: what every key starts with; hosts that share state share it.
+    pub prefix: String,
+    /// `redis`: the time limit of connecting and of each command.
+    pub timeout_ms: u64,
+}
+
+/// The store's kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreBackend {
+    /// One redb file on this machine: durable, nothing to start.
+    #[default]
+    Embedded,
+    /// A Redis that hosts on several machines share.
+    Redis,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Embedded,
+            path: None,
+            url: None,
+            prefix: "mqplug".into(),
+            timeout_ms: 1000,
+        }
+    }
+}
+
+/// The longest `[store] timeout_ms`.
+pub const MAX_STORE_TIMEOUT_MS: u64 = 30_000;
+
+impl StoreConfig {
+    /// The settings the wasm runtime opens the store with.
+    pub fn settings(&self) -> Result<StoreSettings, String> {
+        match self.backend {
+            StoreBackend::Embedded => {
+                let path = self.path.clone().or_else(default_state_path).ok_or(
+                    "store.path is not set and there is no $MQPLUG_DATA_DIR, $XDG_DATA_HOME or $HOME to put it in",
+                )?;
+                Ok(StoreSettings::Embedded { path })
+            }
+            StoreBackend::Redis => {
+                let url = self
+                    .url
+                    .clone()
+                    .ok_or("store.backend = \"redis\" needs store.url (redis://host:port/db)")?;
+                if !url.starts_with("redis://") {
+                    return Err(format!(
+                        "store.url must start with redis:// (got {:?})",
+                        crate::text::inert_owned(url, 128)
+                    ));
+                }
+                check_bucket_name(&self.prefix).map_err(|why| format!("store.prefix: {why}"))?;
+                if !(1..=MAX_STORE_TIMEOUT_MS).contains(&self.timeout_ms) {
+                    return Err(format!(
+                        "store.timeout_ms = {} must be between 1 and {MAX_STORE_TIMEOUT_MS}",
+                        self.timeout_ms
+                    ));
+                }
+                Ok(StoreSettings::Redis {
+                    url,
+                    prefix: self.prefix.clone(),
+                    timeout: Duration::from_millis(self.timeout_ms),
+                })
+            }
+        }
+    }
+}
+
+fn default_state_path() -> Option<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+    if let Some(dir) = var("MQPLUG_DATA_DIR") {
+        return Some(PathBuf::from(dir).join("state.redb"));
+    }
+    let data = var("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".local/share")))?;
+    Some(data.join("mqplug").join("state.redb"))
+}
+
+/// A plugin's `wasi:keyvalue` grant (`[plugin.key_value]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyValueConfig {
+    /// The buckets it may open, e.g. `["seen"]`; its own, whatever other
+    /// plugins call theirs.
+    pub buckets: Vec<String>,
+    #[serde(default = "default_max_key_bytes")]
+    pub max_key_bytes: usize,
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: usize,
+    /// Keys and values over all its buckets, in MiB.
+    #[serde(default = "default_max_total_mb")]
+    pub max_total_mb: u64,
+}
+
+fn default_max_key_bytes() -> usize {
+    KeyValueLimits::default().max_key_bytes
+}
+fn default_max_value_bytes() -> usize {
+    KeyValueLimits::default().max_value_bytes
+}
+fn default_max_total_mb() -> u64 {
+    KeyValueLimits::default().max_total_bytes / MIB as u64
+}
+
+/// The largest `max_key_bytes`, `max_value_bytes` and `max_total_mb`.
+pub const MAX_KV_KEY_BYTES: usize = 4096;
+pub const MAX_KV_VALUE_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_KV_TOTAL_MB: u64 = 64 * 1024;
+
+impl KeyValueConfig {
+    fn check(&self, plugin: &str) -> Result<(), String> {
+        if self.buckets.is_empty() {
+            return Err("key_value.buckets names no bucket".into());
+        }
+        for bucket in &self.buckets {
+            check_bucket_name(bucket).map_err(|why| format!("key_value.buckets: {why}"))?;
+        }
+        // The plugin's name is part of every key (`<plugin>:<bucket>:` in
+        // Redis): it must not be able to reach into another's.
+        check_bucket_name(plugin).map_err(|why| {
+            format!("a plugin with key_value needs a name a store can keep apart: {why}")
+        })?;
+        let bounds = [
+            (
+                "max_key_bytes",
+                self.max_key_bytes as u64,
+                MAX_KV_KEY_BYTES as u64,
+            ),
+            (
+                "max_value_bytes",
+                self.max_value_bytes as u64,
+                MAX_KV_VALUE_BYTES as u64,
+            ),
+            ("max_total_mb", self.max_total_mb, MAX_KV_TOTAL_MB),
+        ];
+        for (name, value, max) in bounds {
+            if !(1..=max).contains(&value) {
+                return Err(format!(
+                    "key_value.{name} = {value} must be between 1 and {max}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn grants(&self) -> KeyValueGrants {
+        KeyValueGrants::new(
+            self.buckets.iter().cloned(),
+            KeyValueLimits {
+                max_key_bytes: self.max_key_bytes,
+                max_value_bytes: self.max_value_bytes,
+                max_total_bytes: self.max_total_mb.saturating_mul(MIB as u64),
+            },
+        )
     }
 }
 
@@ -261,6 +440,10 @@ pub struct PluginConfig {
     /// built-in producer (`[producer] enabled = true`). None by default.
     #[serde(default)]
     pub allowed_topics: Vec<String>,
+    /// `wasi:keyvalue` buckets (`[plugin.key_value]`, e.g.
+    /// `buckets = ["seen"]`) in the host's store. None by default.
+    #[serde(default)]
+    pub key_value: Option<KeyValueConfig>,
 }
 
 fn default_http_timeout_ms() -> u64 {
@@ -505,6 +688,9 @@ impl HostConfig {
                 *file = base.join(&*file);
             }
         }
+        if let Some(file) = config.store.path.as_mut().filter(|file| file.is_relative()) {
+            *file = base.join(&*file);
+        }
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
@@ -524,6 +710,11 @@ impl HostConfig {
                 .then(|| self.runtime.cache_dir.clone().or_else(default_cache_dir))
                 .flatten(),
             cache_max_bytes: self.runtime.cache_max_mb.saturating_mul(MIB as u64),
+            // Checked by `validate`; a config that was not is refused at the
+            // first plugin with a bucket.
+            store: self.store.settings().unwrap_or(StoreSettings::Embedded {
+                path: PathBuf::new(),
+            }),
         }
     }
 
@@ -585,6 +776,9 @@ impl HostConfig {
     /// Checks everything that can be checked before connecting anywhere.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.topic()?;
+        if self.plugins.iter().any(|plugin| plugin.key_value.is_some()) {
+            self.store.settings().map_err(ConfigError::Runtime)?;
+        }
         if !(1..=MAX_ADMIN_CONNECTIONS).contains(&self.admin.max_connections) {
             return Err(ConfigError::Runtime(format!(
                 "admin.max_connections = {} must be between 1 and {MAX_ADMIN_CONNECTIONS}",
@@ -611,6 +805,9 @@ impl HostConfig {
                     "consumer group {group:?} is also plugin {other:?}'s (names map to groups \
                      with characters RocketMQ rejects replaced by '-'); set `group` on one of them"
                 )));
+            }
+            if let Some(key_value) = &plugin.key_value {
+                key_value.check(&plugin.name).map_err(problem)?;
             }
             if plugin.deadline_ms == 0 || plugin.deadline_ms > MAX_DEADLINE_MS {
                 return Err(problem(format!(
@@ -700,6 +897,7 @@ impl PluginConfig {
             http_max_in_flight: default_http_max_in_flight(),
             http_ca_file: None,
             allowed_topics: Vec::new(),
+            key_value: None,
         }
     }
 
@@ -752,6 +950,11 @@ impl PluginConfig {
             })
             .collect::<Result<_, _>>()?;
         Ok(PluginSettings {
+            key_value: Arc::new(
+                self.key_value
+                    .as_ref()
+                    .map_or_else(KeyValueGrants::none, KeyValueConfig::grants),
+            ),
             config: Arc::new(ConfigValues::new(&self.config, secrets)),
             publish: Arc::new(PublishGrants::new(topics)),
             outbound: Arc::new(

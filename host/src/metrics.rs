@@ -32,6 +32,8 @@ struct PluginCounters {
     outbound: BTreeMap<&'static str, u64>,
     /// Seconds until the response head, summed, of those answered.
     outbound_seconds: f64,
+    /// Key-value calls by result: `ok`, `refused`, `failed`.
+    key_value: BTreeMap<&'static str, u64>,
     /// Handler durations of the last [`RECENT_WINDOW`], for the status page's
     /// percentiles (at most [`MAX_RECENT`]).
     recent: VecDeque<(Instant, Duration)>,
@@ -163,10 +165,24 @@ impl Metrics {
                 };
                 *counters.outbound.entry(result).or_default() += 1;
             }
+            HostEvent::KeyValue { plugin, result } => {
+                let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+                let counters = plugins.entry(plugin.clone()).or_default();
+                *counters.key_value.entry(result.as_str()).or_default() += 1;
+            }
             HostEvent::PluginLog { .. }
             | HostEvent::Draining { .. }
             | HostEvent::Stopped { .. } => {}
         }
+    }
+
+    /// Key-value calls of a plugin by result (`ok`, `refused`, `failed`).
+    pub fn key_value(&self, plugin: &str) -> BTreeMap<&'static str, u64> {
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        plugins
+            .get(plugin)
+            .map(|counters| counters.key_value.clone())
+            .unwrap_or_default()
     }
 
     /// Failures of a plugin by kind (`rejected`, `trap`, `deadline`, ...).
@@ -320,6 +336,21 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "mqplug_outbound_requests_total{{plugin=\"{}\",result=\"{result}\"}} {n}",
+                    label(plugin)
+                );
+            }
+        }
+        family(
+            &mut out,
+            "mqplug_key_value_calls_total",
+            "counter",
+            "Plugins' key-value calls, by result (ok, refused: a limit, the deadline or a bucket not granted, failed: the store).",
+        );
+        for (plugin, counters) in plugins.iter() {
+            for (result, n) in &counters.key_value {
+                let _ = writeln!(
+                    out,
+                    "mqplug_key_value_calls_total{{plugin=\"{}\",result=\"{result}\"}} {n}",
                     label(plugin)
                 );
             }

@@ -62,6 +62,31 @@ pub enum HostEvent {
         /// Until the response head (or the refusal or failure).
         took: Duration,
     },
+    /// A plugin's key-value call (`wasi:keyvalue`, `dedupe`) ended.
+    KeyValue {
+        plugin: Arc<str>,
+        result: KeyValueResult,
+    },
+}
+
+/// How a key-value call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyValueResult {
+    Ok,
+    /// Over a limit, past the deadline, or a bucket not granted.
+    Refused,
+    /// The store failed or did not answer.
+    Failed,
+}
+
+impl KeyValueResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyValueResult::Ok => "ok",
+            KeyValueResult::Refused => "refused",
+            KeyValueResult::Failed => "failed",
+        }
+    }
 }
 
 /// How an outbound request ended.

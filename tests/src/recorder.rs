@@ -148,6 +148,20 @@ impl Recorder {
             .collect()
     }
 
+    /// How each key-value call of `plugin` ended, in order.
+    pub fn key_value(&self, plugin: &str) -> Vec<mqplug::observe::KeyValueResult> {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, event)| match event {
+                HostEvent::KeyValue { plugin: p, result } if &**p == plugin => Some(*result),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Every load and reload: (plugin, version, result).
     pub fn loads(&self) -> Vec<(String, String, Result<(), String>)> {
         self.inner

@@ -168,6 +168,7 @@ impl Watcher {
                 || current.topic != new.topic
                 || current.producer.enabled != new.producer.enabled
                 || current.admin.listen != new.admin.listen
+                || current.store != new.store
             {
                 warn!(
                     "only the plugin list changes at run time; restart mqplug to apply the other changed settings"

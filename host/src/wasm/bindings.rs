@@ -25,6 +25,7 @@ pub mod v0_2 {
             "wasi:http": wasmtime_wasi_http::p2::bindings::sync::http,
             "wasi:io": wasmtime_wasi::p2::bindings::sync::io,
             "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+            "wasi:keyvalue/store.bucket": crate::wasm::keyvalue::Bucket,
         },
     });
 }

@@ -12,6 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings;
 use super::cache::{CompileCache, DEFAULT_CACHE_MAX_BYTES};
 use super::clocks;
+use super::keyvalue::{StoreOpener, StoreSettings};
 use super::log_budget::LogBudget;
 use super::state::HostState;
 
@@ -33,6 +34,10 @@ pub struct RuntimeSettings {
     /// Count fuel (instructions) so plugins can have a deterministic
     /// per-event budget. Costs every plugin 15-36 % per event; off by default.
     pub fuel: bool,
+    /// Where plugins' `wasi:keyvalue` buckets live; opened when the first
+    /// plugin with a bucket loads. The library's default keeps them in
+    /// memory; a host's config defaults to the embedded file.
+    pub store: StoreSettings,
 }
 
 impl Default for RuntimeSettings {
@@ -43,6 +48,7 @@ impl Default for RuntimeSettings {
             cache_dir: None,
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             fuel: false,
+            store: StoreSettings::Memory,
         }
     }
 }
@@ -53,6 +59,8 @@ pub struct WasmRuntime {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<HostState>,
     pub(crate) cache: CompileCache,
+    /// Plugins' key-value store.
+    pub(crate) store: StoreOpener,
     settings: RuntimeSettings,
     /// Every plugin's log budget, flushed by the ticker each second.
     log_budgets: LogBudgets,
@@ -111,6 +119,19 @@ impl WasmRuntime {
             &mut linker,
             |state| state,
         )?;
+        // The plugin's own buckets (keyvalue.rs), and keys that expire.
+        bindings::v0_2::wasi::keyvalue::store::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        bindings::v0_2::wasi::keyvalue::atomics::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        bindings::v0_2::mqplug::plugin::dedupe::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )?;
 
         let log_budgets = LogBudgets::default();
         let ticker = EpochTicker::start(engine.clone(), log_budgets.clone());
@@ -120,6 +141,7 @@ impl WasmRuntime {
             linker,
             cache: CompileCache::new(settings.cache_dir.clone())
                 .with_max_bytes(settings.cache_max_bytes),
+            store: StoreOpener::new(settings.store.clone()),
             settings,
             _ticker: ticker,
         }))

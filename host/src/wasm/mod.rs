@@ -7,6 +7,7 @@ mod cache;
 mod clocks;
 mod config_store;
 mod engine;
+mod keyvalue;
 mod log_budget;
 mod outbound;
 mod outbox;
@@ -17,6 +18,7 @@ pub use bindings::CONTRACT_VERSIONS;
 pub use cache::{CacheError, CompileCache, Compiled, DEFAULT_CACHE_MAX_BYTES, Version};
 pub use config_store::{ConfigValues, REDACTED};
 pub use engine::{EPOCH_TICK, PoolUsage, RuntimeSettings, WasmRuntime};
+pub use keyvalue::{KeyValueGrants, KeyValueLimits, MAX_TTL, StoreOpener, StoreSettings};
 pub use outbound::{
     CannedResponse, Network, Origin, OutboundGrants, OutboundLimits, Responder, SentRequest,
     is_internal, read_ca_file,

@@ -12,6 +12,7 @@ use super::bindings::{self, PluginPre};
 use super::cache::{Compiled, Version};
 use super::config_store::ConfigValues;
 use super::engine::{EPOCH_TICK, WasmRuntime};
+use super::keyvalue::KeyValueGrants;
 use super::log_budget::LogBudget;
 use super::outbound::OutboundGrants;
 use super::outbox::{OutgoingMessage, PublishGrants};
@@ -65,6 +66,10 @@ pub struct PluginSettings {
     pub outbound: Arc<OutboundGrants>,
     /// The topics `publish` may send to (none by default).
     pub publish: Arc<PublishGrants>,
+    /// The `wasi:keyvalue` buckets it may use, and its limits (none by
+    /// default). The store behind them is the runtime's, unless these
+    /// grants carry their own.
+    pub key_value: Arc<KeyValueGrants>,
 }
 
 impl PluginSettings {
@@ -81,6 +86,7 @@ impl PluginSettings {
             config: Arc::default(),
             outbound: Arc::new(OutboundGrants::none("")),
             publish: Arc::default(),
+            key_value: Arc::default(),
         }
     }
 }
@@ -115,6 +121,13 @@ pub enum PluginLoadError {
     },
     #[error("plugin {name}: failed to instantiate: {cause}")]
     Instantiate { name: String, cause: HandlerFailure },
+    #[error(
+        "plugin {name}: its key_value buckets need the state store, which cannot be opened: {cause}"
+    )]
+    Store {
+        name: String,
+        cause: crate::store::StoreError,
+    },
     #[error(
         "plugin {name}: fuel_per_event is set but the runtime does not count fuel (set runtime.fuel = true)"
     )]
@@ -209,11 +222,21 @@ impl Plugin {
     /// Links and instantiates a compiled component (see [`Plugin::load`]).
     pub fn from_component(
         runtime: &Arc<WasmRuntime>,
-        settings: PluginSettings,
+        mut settings: PluginSettings,
         component: &Component,
         observers: Observers,
     ) -> Result<Plugin, PluginLoadError> {
         let name = settings.name.clone();
+        if !settings.key_value.buckets().is_empty() && settings.key_value.store().is_none() {
+            let store = runtime
+                .store
+                .open()
+                .map_err(|cause| PluginLoadError::Store {
+                    name: name.clone(),
+                    cause,
+                })?;
+            settings.key_value = Arc::new(settings.key_value.backed_by(store));
+        }
         let instance_pre =
             runtime
                 .linker
@@ -410,6 +433,7 @@ impl Plugin {
                 config: self.settings.config.clone(),
                 outbound: self.outbound.clone(),
                 publish: self.settings.publish.clone(),
+                key_value: self.settings.key_value.clone(),
             },
             self.observers.clone(),
             self.log_budget.clone(),

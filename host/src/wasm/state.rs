@@ -9,6 +9,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use super::bindings::{v0_1, v0_2};
 use super::clocks::WaitLimit;
 use super::config_store::ConfigValues;
+use super::keyvalue::{self, Bucket, KeyValue, KeyValueGrants, KvError};
 use super::log_budget::LogBudget;
 use super::outbound::{HttpHooks, OutboundGrants};
 use super::outbox::{OutgoingMessage, PublishGrants, Refusal};
@@ -27,6 +28,7 @@ pub(crate) struct Grants {
     pub config: Arc<ConfigValues>,
     pub outbound: Arc<OutboundGrants>,
     pub publish: Arc<PublishGrants>,
+    pub key_value: Arc<KeyValueGrants>,
 }
 
 pub struct HostState {
@@ -51,6 +53,8 @@ pub struct HostState {
     publish: Arc<PublishGrants>,
     /// The current event's follow-up messages, sent after `ok`.
     pub(crate) outbox: Vec<OutgoingMessage>,
+    /// The plugin's buckets.
+    key_value: KeyValue,
 }
 
 impl HostState {
@@ -77,8 +81,10 @@ impl HostState {
             config,
             outbound,
             publish,
+            key_value,
         } = grants;
         HostState {
+            key_value: KeyValue::new(plugin.clone(), key_value, observers.clone()),
             plugin,
             message_id: String::new(),
             wasi,
@@ -212,6 +218,146 @@ impl v0_2::wasi::config::store::Host for HostState {
 
     fn get_all(&mut self) -> Result<Vec<(String, String)>, v0_2::wasi::config::store::Error> {
         Ok(self.config.all())
+    }
+}
+
+mod kv {
+    //! `wasi:keyvalue/store`, `wasi:keyvalue/atomics` and `dedupe`.
+    use super::*;
+    use crate::store::{Write, Written};
+    use v0_2::wasi::keyvalue::store::{Error, KeyResponse};
+    use wasmtime::component::Resource;
+
+    fn error(err: KvError) -> Error {
+        match err {
+            KvError::NotGranted => Error::AccessDenied,
+            KvError::Other(why) => Error::Other(why),
+        }
+    }
+
+    impl HostState {
+        fn bucket(&self, bucket: &Resource<Bucket>) -> Result<&Bucket, Error> {
+            self.table
+                .get(bucket)
+                .map_err(|err| Error::Other(format!("bucket: {err}")))
+        }
+
+        /// One call on `bucket`, with the checks `KeyValue::call` makes.
+        fn kv<T>(
+            &self,
+            bucket: &Resource<Bucket>,
+            key: &str,
+            value_len: Option<usize>,
+            op: impl FnOnce(
+                &dyn crate::store::Backend,
+                &crate::store::Namespace,
+                u64,
+            ) -> Result<T, crate::store::StoreError>,
+        ) -> Result<T, Error> {
+            let bucket = self.bucket(bucket)?;
+            self.key_value
+                .call(bucket, key, value_len, self.wait_limit.deadline(), op)
+                .map_err(error)
+        }
+    }
+
+    impl v0_2::wasi::keyvalue::store::Host for HostState {
+        fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, Error> {
+            let bucket = self.key_value.open(&identifier).map_err(error)?;
+            self.table
+                .push(bucket)
+                .map_err(|err| Error::Other(format!("bucket: {err}")))
+        }
+    }
+
+    impl v0_2::wasi::keyvalue::store::HostBucket for HostState {
+        fn get(&mut self, bucket: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, Error> {
+            self.kv(&bucket, &key, None, |store, ns, _| store.get(ns, &key))
+        }
+
+        fn set(
+            &mut self,
+            bucket: Resource<Bucket>,
+            key: String,
+            value: Vec<u8>,
+        ) -> Result<(), Error> {
+            self.kv(&bucket, &key, Some(value.len()), |store, ns, quota| {
+                store
+                    .write(ns, &key, &value, None, Write::Set, quota)
+                    .map(drop)
+            })
+        }
+
+        fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), Error> {
+            self.kv(&bucket, &key, None, |store, ns, _| store.delete(ns, &key))
+        }
+
+        fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, Error> {
+            self.kv(&bucket, &key, None, |store, ns, _| store.exists(ns, &key))
+        }
+
+        fn list_keys(
+            &mut self,
+            bucket: Resource<Bucket>,
+            cursor: Option<u64>,
+        ) -> Result<KeyResponse, Error> {
+            self.kv(&bucket, "", None, |store, ns, _| {
+                store.list_keys(ns, cursor)
+            })
+            .map(|(keys, cursor)| KeyResponse { keys, cursor })
+        }
+
+        fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+            self.table.delete(bucket)?;
+            Ok(())
+        }
+    }
+
+    impl v0_2::wasi::keyvalue::atomics::Host for HostState {
+        fn increment(
+            &mut self,
+            bucket: Resource<Bucket>,
+            key: String,
+            delta: u64,
+        ) -> Result<u64, Error> {
+            self.kv(&bucket, &key, None, |store, ns, quota| {
+                store.increment(ns, &key, delta, quota)
+            })
+        }
+    }
+
+    impl v0_2::mqplug::plugin::dedupe::Host for HostState {
+        fn claim(
+            &mut self,
+            bucket: Resource<Bucket>,
+            key: String,
+            value: Vec<u8>,
+            ttl_ms: u64,
+        ) -> Result<Option<Vec<u8>>, Error> {
+            let ttl = keyvalue::ttl(ttl_ms).map_err(error)?;
+            self.kv(&bucket, &key, Some(value.len()), |store, ns, quota| {
+                store.write(ns, &key, &value, Some(ttl), Write::Claim, quota)
+            })
+            .map(|written| match written {
+                Written::Stored => None,
+                Written::Held(value) => Some(value),
+            })
+        }
+
+        fn set_expiring(
+            &mut self,
+            bucket: Resource<Bucket>,
+            key: String,
+            value: Vec<u8>,
+            ttl_ms: u64,
+        ) -> Result<(), Error> {
+            let ttl = keyvalue::ttl(ttl_ms).map_err(error)?;
+            self.kv(&bucket, &key, Some(value.len()), |store, ns, quota| {
+                store
+                    .write(ns, &key, &value, Some(ttl), Write::Set, quota)
+                    .map(drop)
+            })
+        }
     }
 }
 

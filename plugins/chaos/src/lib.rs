@@ -21,6 +21,7 @@
 //! | `PUBLISH`   | publishes `event_data.count` messages `{"for": <message id>, "i": i}` to `event_data.topic` (tag `FOLLOW_UP`); then ok, or with `event_data.then` = `"err"` an error, or with `"err_first"` an error on first delivery only; a refused message is an error |
 //! | `DEAD_LETTER` | logs `dead letter <reconsume times>`, is busy for `event_data.ms` (default 0), then asks for the dead-letter queue (`Failure::dead_letter`) |
 //! | `RETRY_AFTER` | on first delivery, logs `retry after <ms>` and asks for a retry no sooner than `event_data.ms` (default 1000); ok on redelivery |
+//! | `KV`        | one key-value call: `event_data.op` (`get`, `set`, `delete`, `exists`, `keys`, `increment`, `claim`) on bucket `event_data.bucket`, key `event_data.key`, value `event_data.value` (or `event_data.value_len` bytes of `x`), `event_data.delta`, `event_data.ttl_ms`; logs `kv <op> <result>` and is ok, or returns the error `kv: <why>` |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
@@ -172,6 +173,42 @@ impl Chaos {
                     }
                     Err(why) => Err(format!("http: {why}")),
                 }
+            }
+            "KV" => {
+                let data = &event.event_data;
+                let field =
+                    |name: &str| data.get(name).and_then(|v| v.as_str()).unwrap_or_default();
+                let key = field("key");
+                let value = match data.get("value_len").and_then(|n| n.as_u64()) {
+                    Some(len) => vec![b'x'; len as usize],
+                    None => field("value").as_bytes().to_vec(),
+                };
+                let text = |value: Option<Vec<u8>>| match value {
+                    Some(value) => String::from_utf8_lossy(&value).into_owned(),
+                    None => "<none>".to_string(),
+                };
+                let bucket =
+                    mqplug_plugin::kv::open(field("bucket")).map_err(|why| format!("kv: {why}"))?;
+                let ttl = Duration::from_millis(
+                    data.get("ttl_ms")
+                        .and_then(|n| n.as_u64())
+                        .unwrap_or(60_000),
+                );
+                let result = match field("op") {
+                    "get" => bucket.get(key).map(text),
+                    "set" => bucket.set(key, &value).map(|()| "ok".to_string()),
+                    "delete" => bucket.delete(key).map(|()| "ok".to_string()),
+                    "exists" => bucket.exists(key).map(|found| found.to_string()),
+                    "keys" => bucket.keys().map(|keys| keys.len().to_string()),
+                    "increment" => bucket
+                        .increment(key, data.get("delta").and_then(|n| n.as_u64()).unwrap_or(1))
+                        .map(|n| n.to_string()),
+                    "claim" => bucket.claim(key, &value, ttl).map(text),
+                    other => Err(format!("unknown op {other:?}")),
+                };
+                let result = result.map_err(|why| format!("kv: {why}"))?;
+                log::info(&format!("kv {} {result}", field("op")));
+                Ok(())
             }
             "PUBLISH" => {
                 let topic = event

@@ -32,10 +32,15 @@
 //!   (default 30 s). Any other 5xx, or no answer: retry on the broker's
 //!   schedule. 400: the request will not get better, dead-letter. 401 or
 //!   403: retry, since fixing the token in the config mends it.
+//! - With config `dedupe_bucket` (a bucket its `key_value` entry grants),
+//!   the grant is done once per message id ([`mqplug_plugin::Once`]): a
+//!   redelivery of a granted event does not call the service again; it
+//!   announces the grant it recorded. The idempotency key still closes the
+//!   window `Once` leaves (a crash between the grant and its record).
 
 use std::time::Duration;
 
-use mqplug_plugin::{Delivery, Event, Failure, Handler, config, http, log, publish};
+use mqplug_plugin::{Delivery, Event, Failure, Handler, Once, config, http, log, publish};
 use serde_json::{Value, json};
 
 /// Where the follow-up goes.
@@ -57,47 +62,21 @@ impl Handler for RewardGranter {
         let url = config::get("rewards_url").ok_or("config rewards_url is not set")?;
         let token = config::get("rewards_token").ok_or("secret rewards_token is not set")?;
 
-        let body = json!({
-            "user_id": event.user_id,
-            "points": points,
-            "campaign_id": event.campaign_id,
-        })
-        .to_string();
-        let authorization = format!("Bearer {token}");
-        let response = http::request(
-            "POST",
-            &format!("{}/grants", url.trim_end_matches('/')),
-            &[
-                ("content-type", "application/json"),
-                ("authorization", &authorization),
-                ("idempotency-key", &delivery.message_id),
-            ],
-            Some(body.as_bytes()),
-        )
-        .map_err(|why| format!("rewards service: {why}"))?;
-
-        match response.status {
-            200 | 201 => {}
-            429 | 503 => {
-                let seconds = header(&response, "retry-after")
-                    .and_then(|value| value.trim().parse::<u64>().ok())
-                    .unwrap_or(30);
-                return Err(Failure::retry_after(
-                    Duration::from_secs(seconds),
-                    format!("rewards service busy ({})", response.status),
-                ));
+        let grant = || request_grant(&url, &token, &event, points, &delivery.message_id);
+        let (body, how) = match config::get("dedupe_bucket") {
+            Some(bucket) => {
+                let done = Once::new(&bucket)
+                    .run(&delivery.message_id, || grant().map(|(body, _)| body))?;
+                let how = if done.ran_now {
+                    ""
+                } else {
+                    ", recorded before"
+                };
+                (done.value, how)
             }
-            400 => {
-                return Err(Failure::dead_letter(format!(
-                    "rewards service refused the grant: {}",
-                    String::from_utf8_lossy(&response.body)
-                )));
-            }
-            status => {
-                return Err(format!("rewards service answered {status}").into());
-            }
-        }
-        let grant: Value = serde_json::from_slice(&response.body)
+            None => grant()?,
+        };
+        let grant: Value = serde_json::from_slice(&body)
             .map_err(|err| format!("rewards service sent no JSON: {err}"))?;
         let grant_id = grant["grant_id"].as_str().unwrap_or_default();
         let announcement = json!({
@@ -115,16 +94,57 @@ impl Handler for RewardGranter {
             announcement.as_bytes(),
         )?;
         log::info(&format!(
-            "granted {points} points to user {} in campaign {} (grant {grant_id}{})",
-            event.user_id,
-            event.campaign_id,
-            if response.status == 200 {
-                ", already granted before"
-            } else {
-                ""
-            }
+            "granted {points} points to user {} in campaign {} (grant {grant_id}{how})",
+            event.user_id, event.campaign_id,
         ));
         Ok(())
+    }
+}
+
+/// Asks the rewards service for the grant; the grant's JSON, and how it
+/// was answered for the log.
+fn request_grant(
+    url: &str,
+    token: &str,
+    event: &Event,
+    points: u64,
+    message_id: &str,
+) -> Result<(Vec<u8>, &'static str), Failure> {
+    let body = json!({
+        "user_id": event.user_id,
+        "points": points,
+        "campaign_id": event.campaign_id,
+    })
+    .to_string();
+    let authorization = format!("Bearer {token}");
+    let response = http::request(
+        "POST",
+        &format!("{}/grants", url.trim_end_matches('/')),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &authorization),
+            ("idempotency-key", message_id),
+        ],
+        Some(body.as_bytes()),
+    )
+    .map_err(|why| format!("rewards service: {why}"))?;
+    match response.status {
+        201 => Ok((response.body, "")),
+        200 => Ok((response.body, ", already granted before")),
+        429 | 503 => {
+            let seconds = header(&response, "retry-after")
+                .and_then(|value| value.trim().parse::<u64>().ok())
+                .unwrap_or(30);
+            Err(Failure::retry_after(
+                Duration::from_secs(seconds),
+                format!("rewards service busy ({})", response.status),
+            ))
+        }
+        400 => Err(Failure::dead_letter(format!(
+            "rewards service refused the grant: {}",
+            String::from_utf8_lossy(&response.body)
+        ))),
+        status => Err(format!("rewards service answered {status}").into()),
     }
 }
 

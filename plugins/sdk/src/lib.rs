@@ -90,6 +90,241 @@ pub mod publish {
     }
 }
 
+/// State in the buckets the plugin's entry grants (`[plugin.key_value]
+/// buckets = [...]`), through the standard `wasi:keyvalue` interfaces.
+/// Durable: the host's embedded database, or a Redis several hosts share.
+/// A bucket the entry does not name cannot be opened; a key or value over
+/// the entry's limits is an error, never a trap.
+///
+/// ```ignore
+/// let seen = mqplug_plugin::kv::open("seen")?;
+/// let n = seen.increment(&format!("user:{}", event.user_id), 1)?;
+/// ```
+pub mod kv {
+    use std::time::Duration;
+
+    use crate::bindings::mqplug::plugin::dedupe;
+    use crate::bindings::wasi::keyvalue::{atomics, store};
+
+    /// An open bucket.
+    pub struct Bucket(store::Bucket);
+
+    /// Opens a bucket the entry grants.
+    pub fn open(name: &str) -> Result<Bucket, String> {
+        store::open(name).map(Bucket).map_err(|err| match err {
+            store::Error::AccessDenied => {
+                format!("bucket {name:?} is not granted (add it to the plugin's key_value.buckets)")
+            }
+            other => text(other),
+        })
+    }
+
+    fn text(err: store::Error) -> String {
+        match err {
+            store::Error::NoSuchStore => "no such store".into(),
+            store::Error::AccessDenied => "access denied".into(),
+            store::Error::Other(why) => why,
+        }
+    }
+
+    fn ms(duration: Duration) -> u64 {
+        u64::try_from(duration.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    impl Bucket {
+        pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+            self.0.get(key).map_err(text)
+        }
+
+        pub fn set(&self, key: &str, value: &[u8]) -> Result<(), String> {
+            self.0.set(key, value).map_err(text)
+        }
+
+        pub fn delete(&self, key: &str) -> Result<(), String> {
+            self.0.delete(key).map_err(text)
+        }
+
+        pub fn exists(&self, key: &str) -> Result<bool, String> {
+            self.0.exists(key).map_err(text)
+        }
+
+        /// Every key of the bucket, page by page.
+        pub fn keys(&self) -> Result<Vec<String>, String> {
+            let mut keys = Vec::new();
+            let mut cursor = None;
+            loop {
+                let page = self.0.list_keys(cursor).map_err(text)?;
+                keys.extend(page.keys);
+                match page.cursor {
+                    Some(next) => cursor = Some(next),
+                    None => return Ok(keys),
+                }
+            }
+        }
+
+        /// Adds `delta` to the decimal counter under `key` (absent is 0).
+        pub fn increment(&self, key: &str, delta: u64) -> Result<u64, String> {
+            atomics::increment(&self.0, key, delta).map_err(text)
+        }
+
+        /// Sets `key` to `value` for `ttl` if nobody holds it: `None`.
+        /// Otherwise the value that holds it, unchanged.
+        pub fn claim(
+            &self,
+            key: &str,
+            value: &[u8],
+            ttl: Duration,
+        ) -> Result<Option<Vec<u8>>, String> {
+            dedupe::claim(&self.0, key, value, ms(ttl)).map_err(text)
+        }
+
+        /// Sets `key` to `value` for `ttl`, held or not.
+        pub fn set_expiring(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), String> {
+            dedupe::set_expiring(&self.0, key, value, ms(ttl)).map_err(text)
+        }
+    }
+}
+
+/// An effect done once per key (a message id), although RocketMQ may
+/// deliver a message twice and several hosts share its queues.
+///
+/// ```ignore
+/// let grant = Once::new("granted").run(&delivery.message_id, || {
+///     let grant = call_the_rewards_service()?;
+///     Ok(grant.id.into_bytes())
+/// })?;
+/// if !grant.ran_now { /* done by an earlier delivery: grant.value is its result */ }
+/// ```
+///
+/// How: a claim `pending` for the lease (set-if-absent with expiry, atomic
+/// across hosts), the effect, then `done` and the effect's result for the
+/// ttl. A delivery that finds `done` skips the effect and gets the result;
+/// one that finds `pending` is retried after the lease (another host is
+/// doing it now, or died doing it); an effect that fails gives its claim
+/// back, so the retry does it.
+///
+/// The windows that remain, and what closes them:
+/// - the host dies after the effect and before `done` is recorded (or the
+///   store fails right then): once the lease ends, a redelivery does the
+///   effect again. Pass the effect's own idempotency key (the message id)
+///   to the service it calls, as the reward granter does, and the service
+///   answers the repeat with the first result.
+/// - the effect took effect but reported a failure (a response lost on
+///   the way back): the claim is given back and the retry repeats it;
+///   again the service's idempotency key closes it.
+/// - the effect runs longer than the lease: another delivery may start it
+///   too. Keep the lease above the plugin's deadline (the default, 60 s,
+///   is above the largest deadline a host allows).
+/// - `done` expires after the ttl: a delivery later than that does the
+///   effect again. RocketMQ's retries end within about 5 hours; the default
+///   ttl is 7 days.
+pub mod once {
+    use std::time::Duration;
+
+    use crate::Failure;
+
+    const PENDING: &[u8] = b"pending";
+    const DONE: &[u8] = b"done:";
+
+    /// A bucket used for effects done once.
+    #[derive(Debug, Clone)]
+    pub struct Once {
+        bucket: String,
+        lease: Duration,
+        ttl: Duration,
+    }
+
+    /// What [`Once::run`] found or did.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Done {
+        /// The effect's result: from this call, or recorded by the delivery
+        /// that did it.
+        pub value: Vec<u8>,
+        /// Whether this call ran the effect.
+        pub ran_now: bool,
+    }
+
+    impl Once {
+        /// Effects recorded in `bucket` (granted in `key_value.buckets`).
+        pub fn new(bucket: &str) -> Self {
+            Once {
+                bucket: bucket.to_string(),
+                lease: Duration::from_secs(60),
+                ttl: Duration::from_secs(7 * 24 * 3600),
+            }
+        }
+
+        /// How long a claim holds while its effect runs (default 60 s).
+        pub fn lease(mut self, lease: Duration) -> Self {
+            self.lease = lease;
+            self
+        }
+
+        /// How long a done effect is remembered (default 7 days).
+        pub fn ttl(mut self, ttl: Duration) -> Self {
+            self.ttl = ttl;
+            self
+        }
+
+        /// Runs `effect` unless an earlier delivery did it for `key`.
+        pub fn run(
+            &self,
+            key: &str,
+            effect: impl FnOnce() -> Result<Vec<u8>, Failure>,
+        ) -> Result<Done, Failure> {
+            let bucket = crate::kv::open(&self.bucket).map_err(Failure::retry)?;
+            match bucket
+                .claim(key, PENDING, self.lease)
+                .map_err(|why| Failure::retry(format!("dedupe: {why}")))?
+            {
+                None => {}
+                Some(held) => {
+                    if let Some(value) = held.strip_prefix(DONE) {
+                        return Ok(Done {
+                            value: value.to_vec(),
+                            ran_now: false,
+                        });
+                    }
+                    return Err(Failure::retry_after(
+                        self.lease,
+                        format!(
+                            "dedupe: {key} is being handled by another delivery (or its host died doing it)"
+                        ),
+                    ));
+                }
+            }
+            match effect() {
+                Ok(value) => {
+                    let mut done = DONE.to_vec();
+                    done.extend_from_slice(&value);
+                    if let Err(why) = bucket.set_expiring(key, &done, self.ttl) {
+                        // Done, but not remembered: a redelivery after the
+                        // lease repeats the effect (see the module's docs).
+                        crate::log::warn(&format!("dedupe: {key} done but not recorded: {why}"));
+                    }
+                    Ok(Done {
+                        value,
+                        ran_now: true,
+                    })
+                }
+                Err(failure) => {
+                    // Give the claim back so the retry does the effect.
+                    if let Err(why) = bucket.delete(key) {
+                        crate::log::warn(&format!(
+                            "dedupe: {key} claim not given back (it ends with its lease): {why}"
+                        ));
+                    }
+                    Err(failure)
+                }
+            }
+        }
+    }
+}
+
+pub use once::Once;
+
 /// Outbound HTTP through the standard `wasi:http/outgoing-handler`, to the
 /// origins the plugin's entry grants (`allowed_outbound_hosts`); any other
 /// request fails with `HttpRequestDenied`, an error to handle like any
