@@ -16,8 +16,8 @@ use mqplug::outcome::{DeliveryOutcome, UndecodablePolicy};
 use mqplug::replay::Replayer;
 use mqplug::topic::TopicName;
 use mqplug::wasm::{
-    ConfigValues, Origin, OutboundGrants, OutboundLimits, Plugin, PluginSettings, PublishGrants,
-    RuntimeSettings, WasmRuntime,
+    ConfigValues, KeyValueGrants, KeyValueLimits, Origin, OutboundGrants, OutboundLimits, Plugin,
+    PluginSettings, PublishGrants, RuntimeSettings, WasmRuntime,
 };
 use mqplug::{Host, shutdown};
 use tracing_subscriber::EnvFilter;
@@ -268,6 +268,12 @@ struct TestArgs {
     /// messages (`published`).
     #[arg(long = "allow-topic", value_name = "TOPIC")]
     allow_topics: Vec<String>,
+    /// A bucket the plugin may open through wasi:keyvalue, as in its
+    /// `key_value.buckets`; repeatable. The kit keeps it in memory, empty
+    /// before every event; fixtures preset and check keys (`kv`,
+    /// `expect_kv`).
+    #[arg(long = "bucket", value_name = "NAME")]
+    buckets: Vec<String>,
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {
@@ -733,6 +739,12 @@ fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
     grants.secrets.extend(args.secrets);
     grants.allowed_outbound_hosts.extend(args.allow_outbound);
     grants.allowed_topics.extend(args.allow_topics);
+    let mut buckets = grants.key_value.take().unwrap_or_default().buckets;
+    buckets.extend(args.buckets);
+    for bucket in &buckets {
+        mqplug::store::check_bucket_name(bucket)
+            .map_err(|why| anyhow::anyhow!("bucket {bucket:?}: {why}"))?;
+    }
     let runtime = WasmRuntime::new(RuntimeSettings::default())
         .map_err(|err| anyhow::anyhow!("cannot start the wasm engine: {err:#}"))?;
     let settings = PluginSettings {
@@ -757,6 +769,7 @@ fn conformance_test(args: TestArgs) -> Result<std::process::ExitCode> {
                 .map(|topic| TopicName::new(topic).map_err(anyhow::Error::msg))
                 .collect::<Result<_>>()?,
         )),
+        key_value: Arc::new(KeyValueGrants::new(buckets, KeyValueLimits::default())),
         ..PluginSettings::new(plugin_name(&args.plugin))
     };
     let report = conformance::run_with(&runtime, settings, &args.plugin, &fixtures, virtual_http)

@@ -8,6 +8,7 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -439,7 +440,7 @@ fn examples_in_rust_python_and_javascript_handle_the_same_published_events() -> 
 }
 
 /// The kit's contract checks (tests/tests/conformance.rs lists them by name).
-const CONTRACT_CHECKS: usize = 7;
+const CONTRACT_CHECKS: usize = 8;
 
 #[test]
 fn mqplug_test_exits_0_on_a_passing_plugin_and_writes_junit() -> Result<()> {
@@ -502,13 +503,64 @@ fn mqplug_test_takes_the_grants_from_the_fixture_file_and_flags_add_to_them() ->
         out.contains(&format!("PASS: {checks} checks, {checks} passed")),
         "{out}"
     );
-    assert!(out.contains("granted: 1 config, 1 secrets"), "{out}");
+    assert!(out.contains("granted: 2 config, 1 secrets"), "{out}");
     // A flag wins over the file for the same key: another token is sent,
     // and the fixture expecting the file's token fails, naming the header.
     let (code, out) = run(&["--secret", "rewards_token=other-token"])?;
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("expected header authorization: Bearer test-token, got Bearer [secret]"),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn mqplug_test_keeps_buckets_in_memory_from_the_grants_line_and_checks_them() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fixtures = workspace_root().join("plugins/reward-granter/dedupe.jsonl");
+    let text = std::fs::read_to_string(&fixtures)?;
+    let run = |fixtures: &Path| -> Result<(Option<i32>, String)> {
+        let output = mqplug_command()
+            .arg("test")
+            .arg(plugin_path("reward-granter")?)
+            .arg("--fixtures")
+            .arg(fixtures)
+            .output()?;
+        Ok((
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
+    };
+    let (code, out) = run(&fixtures)?;
+    assert_eq!(code, Some(0), "{out}");
+    let checks = CONTRACT_CHECKS
+        + 2 * mqplug::conformance::suite::cases().len()
+        + mqplug::conformance::fixtures::parse(&text).len();
+    assert!(
+        out.contains(&format!("PASS: {checks} checks, {checks} passed")),
+        "{out}"
+    );
+    assert!(out.contains("granted: 1 buckets"), "{out}");
+    // The same file expecting the failed grant's claim kept, and with a key
+    // preset in a bucket it does not grant: each is named.
+    let changed = text
+        .replace(r#""m-3": null"#, r#""m-3": "^pending$""#)
+        .replace(
+            r#""kv": {"granted": {"m-2": "pending"}}"#,
+            r#""kv": {"elsewhere": {"m-2": "pending"}}"#,
+        );
+    assert_ne!(changed, text);
+    let file = dir.path().join("changed.jsonl");
+    std::fs::write(&file, changed)?;
+    let (code, out) = run(&file)?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("kv granted/m-3: expected a value matching /^pending$/, it is absent"),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"kv: bucket "elsewhere" is not granted"#),
         "{out}"
     );
     Ok(())

@@ -72,6 +72,7 @@ fn assert_passes_with_example_fixtures(path: &Path) {
             "imports only what the host provides",
             "is a wasm component",
             "links and instantiates within its limits",
+            "opens only the buckets it is granted",
             "publishes only to the topics it is granted",
             "reaches only the origins it is granted",
             "uses only the config keys it is granted",
@@ -376,9 +377,13 @@ fn granter_settings(topics: &[&str]) -> PluginSettings {
     use mqplug::wasm::{ConfigValues, Origin, OutboundGrants, PublishGrants};
     PluginSettings {
         config: Arc::new(ConfigValues::new(
-            &[("rewards_url".to_string(), "http://rewards.test".to_string())]
-                .into_iter()
-                .collect(),
+            &[
+                ("rewards_url".to_string(), "http://rewards.test".to_string()),
+                // Dedupe off: the Python and JavaScript granters have none.
+                ("dedupe_bucket".to_string(), String::new()),
+            ]
+            .into_iter()
+            .collect(),
             [("rewards_token".to_string(), "test-token".to_string())]
                 .into_iter()
                 .collect(),
@@ -540,9 +545,13 @@ fn a_long_secret_is_redacted_whole_from_the_kits_failures() {
     let settings = granter_settings(&["marketing.reward.granted"]);
     let settings = PluginSettings {
         config: Arc::new(mqplug::wasm::ConfigValues::new(
-            &[("rewards_url".to_string(), "http://rewards.test".to_string())]
-                .into_iter()
-                .collect(),
+            &[
+                ("rewards_url".to_string(), "http://rewards.test".to_string()),
+                // Dedupe off: the Python and JavaScript granters have none.
+                ("dedupe_bucket".to_string(), String::new()),
+            ]
+            .into_iter()
+            .collect(),
             [("rewards_token".to_string(), token.clone())]
                 .into_iter()
                 .collect(),

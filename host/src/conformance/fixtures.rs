@@ -26,6 +26,20 @@
 //! make, in order (`headers` it must carry, `body` a pattern), `published`
 //! the messages it must publish, in order (`tag`, `keys` and `body`, a
 //! pattern, are optional). Either list, when present, must match exactly.
+//!
+//! State, in the kit's own in-memory store, emptied before every event:
+//!
+//! ```json
+//! {"event": {...}, "expect": "ok",
+//!  "kv": {"granted": {"other-message": "done:{}"}},
+//!  "expect_kv": {"granted": {"fixture-1": "^done:", "other-message": "^done:", "gone": null}}}
+//! ```
+//!
+//! `kv` presets keys (bucket, key, value as text) before the event;
+//! `expect_kv` checks keys after it: a value matching a pattern, or `null`
+//! for absent. The buckets must be granted (the grants line's `key_value`).
+
+use std::collections::BTreeMap;
 
 use regex::Regex;
 use serde::Deserialize;
@@ -98,6 +112,11 @@ pub struct Fixture {
     pub requests: Option<Vec<ExpectedRequest>>,
     /// Checked when given: exactly these messages, in order.
     pub published: Option<Vec<ExpectedMessage>>,
+    /// Keys set before the event: (bucket, key, value).
+    pub kv: Vec<(String, String, Vec<u8>)>,
+    /// Keys checked after it: (bucket, key, a pattern its value matches, or
+    /// `None` for absent).
+    pub expect_kv: Vec<(String, String, Option<Regex>)>,
 }
 
 impl Fixture {
@@ -128,6 +147,10 @@ struct Line {
     http: Vec<AnswerLine>,
     requests: Option<Vec<RequestLine>>,
     published: Option<Vec<MessageLine>>,
+    #[serde(default)]
+    kv: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    expect_kv: BTreeMap<String, BTreeMap<String, Option<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +228,16 @@ pub struct FixtureGrants {
     pub allowed_outbound_hosts: Vec<String>,
     #[serde(default)]
     pub allowed_topics: Vec<String>,
+    /// Buckets the plugin may open, as in its `key_value.buckets`.
+    #[serde(default)]
+    pub key_value: Option<FixtureBuckets>,
+}
+
+/// The grants line's `key_value`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureBuckets {
+    pub buckets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -346,6 +379,21 @@ fn parse_line(number: usize, text: &str) -> Result<Fixture, FixtureError> {
                 .collect::<Result<Vec<_>, FixtureError>>()?,
         ),
     };
+    let kv = line
+        .kv
+        .into_iter()
+        .flat_map(|(bucket, keys)| {
+            keys.into_iter()
+                .map(move |(key, value)| (bucket.clone(), key, value.into_bytes()))
+        })
+        .collect();
+    let mut expect_kv = Vec::new();
+    for (bucket, keys) in line.expect_kv {
+        for (key, value) in keys {
+            let value = pattern("expect_kv value", value)?;
+            expect_kv.push((bucket.clone(), key, value));
+        }
+    }
     let fields = line.delivery;
     let delivery = Delivery {
         message_id: fields
@@ -371,6 +419,8 @@ fn parse_line(number: usize, text: &str) -> Result<Fixture, FixtureError> {
         http,
         requests,
         published,
+        kv,
+        expect_kv,
     })
 }
 

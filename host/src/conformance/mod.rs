@@ -23,6 +23,7 @@ use wasmtime::component::types::ComponentItem;
 use crate::delivery::Delivery;
 use crate::event::TaskEvent;
 use crate::outcome::{Disposition, HandlerOutcome};
+use crate::store::{Backend, Embedded, Namespace, StoreError, Write};
 use crate::text::inert;
 use crate::wasm::{CannedResponse, OutgoingMessage, Responder, SentRequest};
 use crate::wasm::{Plugin, PluginSettings, WasmRuntime};
@@ -70,7 +71,7 @@ pub fn classify_import(name: &str) -> ImportKind {
         }
         return match interface {
             "log" | "types" => ImportKind::Contract,
-            "publish" if major_minor == Some((0, 2)) => ImportKind::Contract,
+            "publish" | "dedupe" if major_minor == Some((0, 2)) => ImportKind::Contract,
             _ => ImportKind::Denied(format!(
                 "the contract has no interface `{interface}` to import"
             )),
@@ -78,6 +79,9 @@ pub fn classify_import(name: &str) -> ImportKind {
     }
     if let Some((_, what)) = CAPABILITIES.iter().find(|(linked, _)| *linked == name) {
         return ImportKind::Capability(what);
+    }
+    if matches!(path, "wasi:keyvalue/store" | "wasi:keyvalue/atomics") && version == "0.2.0-draft" {
+        return ImportKind::Capability("the buckets its entry grants (key_value)");
     }
     if matches!(path, "wasi:http/outgoing-handler" | "wasi:http/types")
         && major_minor == Some((0, 2))
@@ -99,8 +103,9 @@ pub fn classify_import(name: &str) -> ImportKind {
             );
         }
         return ImportKind::Denied(format!(
-            "the host provides WASI 0.2 cli, io, clocks, random, filesystem and sockets, and \
-             {}, not `{path}` at {version}",
+            "the host provides WASI 0.2 cli, io, clocks, random, filesystem and sockets, \
+             {}, wasi:http 0.2 and wasi:keyvalue/store and atomics 0.2.0-draft, not `{path}` \
+             at {version}",
             CAPABILITIES.map(|(name, _)| name).join(", ")
         ));
     }
@@ -144,12 +149,24 @@ pub fn run_with(
     if let Some(http) = &http {
         settings.outbound = Arc::new(settings.outbound.answered_by(http.clone()));
     }
+    // The plugin's buckets live in the kit's own memory, emptied before
+    // every event; nothing reaches the host's store.
+    let state = (!settings.key_value.buckets().is_empty()).then(|| {
+        let store: Arc<dyn Backend> = Arc::new(Embedded::in_memory());
+        settings.key_value = Arc::new(settings.key_value.backed_by(store.clone()));
+        KitState {
+            store,
+            plugin: settings.name.clone(),
+            buckets: settings.key_value.buckets().iter().cloned().collect(),
+        }
+    });
     let mut kit = Kit {
         report: Report {
             plugin: path.display().to_string(),
             ..Report::default()
         },
         http,
+        state,
     };
     match kit.contract(runtime, settings, &wasm) {
         Ok(plugin) => {
@@ -180,6 +197,107 @@ struct Kit {
     report: Report,
     /// Set when fixtures answer or check HTTP: then no request goes out.
     http: Option<Arc<FixtureHttp>>,
+    /// The plugin's buckets, when its grants name some.
+    state: Option<KitState>,
+}
+
+/// The kit's in-memory store and the plugin's buckets in it.
+struct KitState {
+    store: Arc<dyn Backend>,
+    plugin: String,
+    buckets: Vec<String>,
+}
+
+impl KitState {
+    fn namespace(&self, bucket: &str) -> Namespace {
+        Namespace::new(self.plugin.as_str(), bucket)
+    }
+
+    /// Empties every bucket, so each event starts from the same state.
+    fn clear(&self) -> Result<(), StoreError> {
+        for bucket in &self.buckets {
+            let ns = self.namespace(bucket);
+            loop {
+                let (keys, _) = self.store.list_keys(&ns, None)?;
+                if keys.is_empty() {
+                    break;
+                }
+                for key in keys {
+                    self.store.delete(&ns, &key)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets a fixture's `kv` keys; the error names what could not be set.
+    fn preset(&self, keys: &[(String, String, Vec<u8>)]) -> Result<(), String> {
+        for (bucket, key, value) in keys {
+            if !self.buckets.contains(bucket) {
+                return Err(not_granted(bucket));
+            }
+            self.store
+                .write(
+                    &self.namespace(bucket),
+                    key,
+                    value,
+                    None,
+                    Write::Set,
+                    u64::MAX,
+                )
+                .map_err(|err| format!("kv: cannot set {bucket}/{key}: {err}"))?;
+        }
+        Ok(())
+    }
+
+    /// How the keys differ from a fixture's `expect_kv`.
+    fn faults(
+        &self,
+        expected: &[(String, String, Option<Regex>)],
+        shown: &dyn Fn(&str) -> String,
+    ) -> Vec<String> {
+        let mut faults = Vec::new();
+        for (bucket, key, want) in expected {
+            if !self.buckets.contains(bucket) {
+                faults.push(not_granted(bucket));
+                continue;
+            }
+            let got = match self.store.get(&self.namespace(bucket), key) {
+                Ok(got) => got.map(|value| String::from_utf8_lossy(&value).into_owned()),
+                Err(err) => {
+                    faults.push(format!("kv {bucket}/{key}: {err}"));
+                    continue;
+                }
+            };
+            match (want, got) {
+                (None, None) => {}
+                (None, Some(got)) => faults.push(format!(
+                    "kv {bucket}/{key}: expected absent, it holds {}",
+                    shown(&got)
+                )),
+                (Some(want), None) => faults.push(format!(
+                    "kv {bucket}/{key}: expected a value matching /{want}/, it is absent"
+                )),
+                (Some(want), Some(got)) if !want.is_match(&got) => faults.push(format!(
+                    "kv {bucket}/{key}: expected a value matching /{want}/, it holds {}",
+                    shown(&got)
+                )),
+                _ => {}
+            }
+        }
+        faults
+    }
+}
+
+/// A fixture uses buckets, and the plugin is granted none.
+const NO_BUCKETS: &str = "kv: the plugin is granted no bucket; grant them in the grants line's \
+                          key_value.buckets (here: --bucket NAME)";
+
+fn not_granted(bucket: &str) -> String {
+    format!(
+        "kv: bucket {bucket:?} is not granted; grant it in the grants line's key_value.buckets \
+         (here: --bucket {bucket})"
+    )
 }
 
 impl Kit {
@@ -388,8 +506,34 @@ impl Kit {
         (outcome, elapsed)
     }
 
-    /// One event, with the follow-up messages it would publish.
+    /// One event, with the follow-up messages it would publish; the
+    /// plugin's buckets are emptied first (a fixture's `kv` is set after).
     fn call_with_outbox(
+        &mut self,
+        plugin: &Plugin,
+        event: &TaskEvent,
+        delivery: &Delivery,
+    ) -> (HandlerOutcome, Vec<OutgoingMessage>, Duration) {
+        self.prepare(&[])
+            .expect("an in-memory store with nothing preset always empties");
+        self.run_event(plugin, event, delivery)
+    }
+
+    /// Empties the plugin's buckets and sets `keys`.
+    fn prepare(&self, keys: &[(String, String, Vec<u8>)]) -> Result<(), String> {
+        match &self.state {
+            Some(state) => {
+                state
+                    .clear()
+                    .map_err(|err| format!("kv: cannot empty the buckets: {err}"))?;
+                state.preset(keys)
+            }
+            None if keys.is_empty() => Ok(()),
+            None => Err(NO_BUCKETS.into()),
+        }
+    }
+
+    fn run_event(
         &mut self,
         plugin: &Plugin,
         event: &TaskEvent,
@@ -487,6 +631,26 @@ impl Kit {
             ),
             Duration::ZERO,
         );
+        let refused = plugin.settings().key_value.refused();
+        let status = if refused.is_empty() {
+            Status::Pass
+        } else {
+            Status::Fail(format!(
+                "opened buckets it is not granted: {}; grant them in the plugin's \
+                 key_value.buckets (here: --bucket NAME)",
+                refused.join(", ")
+            ))
+        };
+        self.push(
+            Group::Contract,
+            "opens only the buckets it is granted",
+            status,
+            format!(
+                "granted: {} buckets",
+                plugin.settings().key_value.buckets().len()
+            ),
+            Duration::ZERO,
+        );
         let refused = plugin.settings().publish.refused();
         let status = if refused.is_empty() {
             Status::Pass
@@ -527,8 +691,18 @@ impl Kit {
             if let Some(http) = &self.http {
                 http.begin(&fixture.http);
             }
+            if let Err(why) = self.prepare(&fixture.kv) {
+                self.push(
+                    Group::Fixtures,
+                    &fixture.name,
+                    Status::Fail(why),
+                    "",
+                    Duration::ZERO,
+                );
+                continue;
+            }
             let (outcome, outbox, elapsed) =
-                self.call_with_outbox(plugin, &fixture.event, &fixture.delivery);
+                self.run_event(plugin, &fixture.event, &fixture.delivery);
             let mut faults = Vec::new();
             if let Some(fault) = outcome_fault(&fixture.expect, &outcome) {
                 faults.push(fault);
@@ -541,6 +715,13 @@ impl Kit {
             }
             if let Some(expected) = &fixture.published {
                 faults.extend(message_faults(expected, &outbox, &redact));
+            }
+            if !fixture.expect_kv.is_empty() {
+                let shown = |text: &str| inert(&redact(text), 256).into_owned();
+                match &self.state {
+                    Some(state) => faults.extend(state.faults(&fixture.expect_kv, &shown)),
+                    None => faults.push(NO_BUCKETS.into()),
+                }
             }
             // What the plugin sent may carry its secrets: not in the report.
             let status = if faults.is_empty() {

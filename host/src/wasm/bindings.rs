@@ -19,7 +19,8 @@ pub mod v0_1 {
 pub mod v0_2 {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "plugin",
+        // `plugin` and the state it may keep: the host serves both worlds.
+        world: "plugin-with-state",
         // wasi:http and what it uses are wasmtime's own implementations.
         with: {
             "wasi:http": wasmtime_wasi_http::p2::bindings::sync::http,
@@ -74,20 +75,20 @@ conversions!(v0_1, v0_2);
 #[derive(Clone)]
 pub enum PluginPre<T: 'static> {
     V0_1(v0_1::PluginPre<T>),
-    V0_2(v0_2::PluginPre<T>),
+    V0_2(v0_2::PluginWithStatePre<T>),
 }
 
 /// An instance's handler export, of either contract version.
 pub enum Plugin {
     V0_1(v0_1::Plugin),
-    V0_2(v0_2::Plugin),
+    V0_2(v0_2::PluginWithState),
 }
 
 impl<T: Send + 'static> PluginPre<T> {
     /// The newest contract version whose handler the component exports;
     /// the error says what it exports instead.
     pub fn new(pre: wasmtime::component::InstancePre<T>) -> wasmtime::Result<Self> {
-        match v0_2::PluginPre::new(pre.clone()) {
+        match v0_2::PluginWithStatePre::new(pre.clone()) {
             Ok(pre) => Ok(PluginPre::V0_2(pre)),
             Err(newest) => v0_1::PluginPre::new(pre)
                 .map(PluginPre::V0_1)

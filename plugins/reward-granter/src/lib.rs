@@ -32,7 +32,8 @@
 //!   (default 30 s). Any other 5xx, or no answer: retry on the broker's
 //!   schedule. 400: the request will not get better, dead-letter. 401 or
 //!   403: retry, since fixing the token in the config mends it.
-//! - With config `dedupe_bucket` (a bucket its `key_value` entry grants),
+//! - With config `dedupe_bucket` (a bucket its `key_value` entry grants;
+//!   empty or unset: off),
 //!   the grant is done once per message id ([`mqplug_plugin::Once`]): a
 //!   redelivery of a granted event does not call the service again; it
 //!   announces the grant it recorded. The idempotency key still closes the
@@ -63,7 +64,8 @@ impl Handler for RewardGranter {
         let token = config::get("rewards_token").ok_or("secret rewards_token is not set")?;
 
         let grant = || request_grant(&url, &token, &event, points, &delivery.message_id);
-        let (body, how) = match config::get("dedupe_bucket") {
+        let bucket = config::get("dedupe_bucket").filter(|bucket| !bucket.is_empty());
+        let (body, how) = match bucket {
             Some(bucket) => {
                 let done = Once::new(&bucket)
                     .run(&delivery.message_id, || grant().map(|(body, _)| body))?;

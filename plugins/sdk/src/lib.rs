@@ -28,7 +28,9 @@
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "plugin",
+        // `plugin` plus state (wasi:keyvalue, dedupe): a plugin that never
+        // calls `kv` or `Once` imports none of it.
+        world: "plugin-with-state",
         pub_export_macro: true,
         default_bindings_module: "mqplug_plugin::bindings",
         export_macro_name: "export_raw",
