@@ -1248,6 +1248,68 @@ mod tests {
         assert!(err.contains("allowed_topics"), "{err}");
     }
 
+    #[test]
+    fn key_value_grants_and_the_store_are_checked_naming_what_is_wrong() {
+        let check = |store: &str, plugin: &str| {
+            let text = format!(
+                "{store}\n[[plugin]]\nname = {plugin}\npath = 'p.wasm'\n\
+                 [plugin.key_value]\nbuckets = ['seen']\n"
+            );
+            let config = parse(&text).map_err(|err| err.to_string())?;
+            config.validate().map_err(|err| err.to_string())?;
+            Ok::<_, String>(config)
+        };
+        let config = check("", "'granter'").unwrap();
+        assert!(matches!(
+            config.store.settings(),
+            Ok(StoreSettings::Embedded { .. })
+        ));
+        let err = check("", "'a:b'").unwrap_err();
+        assert!(err.contains("a name a store can keep apart"), "{err}");
+        let err = check("[store]\nbackend = 'redis'", "'g'").unwrap_err();
+        assert!(err.contains("needs store.url"), "{err}");
+        let err = check("[store]\nbackend = 'redis'\nurl = 'http://x'", "'g'").unwrap_err();
+        assert!(err.contains("redis://"), "{err}");
+        let err = check(
+            "[store]\nbackend = 'redis'\nurl = 'redis://x'\ntimeout_ms = 0",
+            "'g'",
+        )
+        .unwrap_err();
+        assert!(err.contains("timeout_ms = 0"), "{err}");
+        let bad_bucket = parse(
+            "[[plugin]]\nname = 'g'\npath = 'p.wasm'\n[plugin.key_value]\nbuckets = ['a b']\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad_bucket.contains("not allowed in a bucket name"),
+            "{bad_bucket}"
+        );
+        let too_big = parse(
+            "[[plugin]]\nname = 'g'\npath = 'p.wasm'\n[plugin.key_value]\nbuckets = ['a']\n\
+             max_value_bytes = 99999999\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(too_big.contains("key_value.max_value_bytes"), "{too_big}");
+        // A relative store path is relative to the config file.
+        let config = HostConfig::from_text(
+            "[store]\npath = 'state/s.redb'\n",
+            Path::new("/etc/mqplug/mqplug.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.store.settings(),
+            Ok(StoreSettings::Embedded {
+                path: PathBuf::from("/etc/mqplug/state/s.redb")
+            })
+        );
+    }
+
     mod fuzz {
         use proptest::prelude::*;
 
@@ -1260,10 +1322,13 @@ mod tests {
             fuel = true\ncache_max_mb = 64\n[admin]\nlisten = \"127.0.0.1:0\"\n\
             max_connections = 8\n[reload]\npoll_ms = 50\nsettle_ms = 300\n\
             [producer]\nenabled = true\nretries = 2\nsend_timeout_ms = 3000\n\
+            [store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\nprefix = \"mq\"\n\
+            timeout_ms = 500\n\
             [[plugin]]\nname = \"rewards\"\npath = \"rewards.wasm\"\n\
             tags = \"USER_REGISTER || INVITE_FRIEND\"\nconcurrency = 4\n\
             max_reconsume_times = 3\ninstance_mode = \"fresh-per-event\"\ndeadline_ms = 2000\n\
             memory_limit_mb = 32\nlog_lines_per_second = 10\nfuel_per_event = 1000000\n\
+            [plugin.key_value]\nbuckets = [\"seen\"]\nmax_value_bytes = 1024\nmax_total_mb = 8\n\
             [[plugin]]\nname = \"a.b\"\npath = \"/abs/a.wasm\"\ngroup = \"g-1\"\n";
 
         #[test]
@@ -1295,6 +1360,16 @@ mod tests {
                 // What validation promises.
                 assert!((1..=MAX_DEADLINE_MS).contains(&plugin.deadline_ms));
                 assert!(check_resource_name(&plugin.group()).is_ok());
+                if let Some(key_value) = &plugin.key_value {
+                    assert!(
+                        key_value
+                            .buckets
+                            .iter()
+                            .all(|b| check_bucket_name(b).is_ok())
+                    );
+                    assert!(check_bucket_name(&plugin.name).is_ok());
+                    assert!(config.store.settings().is_ok());
+                }
             }
         }
 
@@ -1333,6 +1408,8 @@ mod tests {
             "inherit_stdio",
         ];
 
+        const KV_KEYS: &[&str] = &["max_key_bytes", "max_value_bytes", "max_total_mb"];
+
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
 
@@ -1357,6 +1434,25 @@ mod tests {
                 for (key, value) in values {
                     if KEYS[key] != "name" && KEYS[key] != "path" && seen.insert(key) {
                         text.push_str(&format!("{} = {value}\n", KEYS[key]));
+                    }
+                }
+                exercise(&text);
+            }
+
+            #[test]
+            fn any_key_value_grant_is_validated_without_panicking(
+                bucket in "[ -~]{0,70}",
+                name in "[ -~]{1,20}",
+                values in proptest::collection::vec((0..KV_KEYS.len(), arb_value()), 0..4),
+            ) {
+                let mut text = format!(
+                    "[store]\npath = \"s.redb\"\n[[plugin]]\nname = {name:?}\npath = \"p.wasm\"\n\
+                     [plugin.key_value]\nbuckets = [{bucket:?}]\n"
+                );
+                let mut seen = std::collections::HashSet::new();
+                for (key, value) in values {
+                    if seen.insert(key) {
+                        text.push_str(&format!("{} = {value}\n", KV_KEYS[key]));
                     }
                 }
                 exercise(&text);

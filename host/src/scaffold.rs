@@ -66,6 +66,18 @@ const WIT: &[(&str, &str)] = &[
     ),
     ("deps/http.wit", include_str!("../../wit/deps/http.wit")),
     ("deps/io.wit", include_str!("../../wit/deps/io.wit")),
+    (
+        "deps/keyvalue/atomic.wit",
+        include_str!("../../wit/deps/keyvalue/atomic.wit"),
+    ),
+    (
+        "deps/keyvalue/store.wit",
+        include_str!("../../wit/deps/keyvalue/store.wit"),
+    ),
+    (
+        "deps/keyvalue/world.wit",
+        include_str!("../../wit/deps/keyvalue/world.wit"),
+    ),
     ("deps/random.wit", include_str!("../../wit/deps/random.wit")),
     (
         "deps/sockets.wit",

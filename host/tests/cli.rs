@@ -1362,3 +1362,306 @@ fn a_fixture_file_cannot_open_the_network_to_its_plugin() -> Result<()> {
     );
     Ok(())
 }
+
+/// Where the reward-granter's dedupe claims live in [`exactly_once`].
+enum DedupeStore<'a> {
+    /// Shared by two hosts in one group.
+    Redis(&'a mqplug_tests::LocalRedis),
+    /// One host's own file.
+    Embedded,
+}
+
+/// What [`exactly_once`] measured.
+struct ExactlyOnce {
+    /// Events the producer reported sent.
+    published: u64,
+    /// Sends that failed after every retry (the broker may still have
+    /// stored some: their grants are not required, and still counted).
+    not_sent: u64,
+    stats: mqplug_tests::rewards::Stats,
+    /// Users granted more than once (duplicate grants) and never (lost).
+    granted_twice: usize,
+    never_granted: usize,
+    /// Messages the plugin accepted more than once: deliveries RocketMQ
+    /// made again after a success (each found its grant recorded).
+    accepted_again: usize,
+    /// Deliveries that found the grant recorded and asked the service
+    /// nothing.
+    recorded_before: usize,
+    /// Deliveries that found another delivery's claim and were retried.
+    claim_held: usize,
+    /// Messages whose grant reached the service again (`already granted
+    /// before` in the plugin's log).
+    repeated: Vec<String>,
+}
+
+/// Handlers the killed host runs at once (the plugin's default
+/// concurrency): the most grants a kill can catch between the service's
+/// answer and the record.
+const KILLED_HOST_CONCURRENCY: u64 = 4;
+
+/// The reward-granter with its dedupe on, N events at a steady pace, one
+/// host killed with SIGKILL mid-stream and restarted, then the broker
+/// stopped and restarted mid-stream; the rewards service on loopback counts
+/// every request and grant.
+fn exactly_once(store: DedupeStore) -> Result<ExactlyOnce> {
+    use mqplug_tests::rewards::RewardsService;
+    const N: u64 = 1000;
+    const KILL_AT: u64 = 300;
+    const BROKER_RESTART_AT: u64 = 650;
+    let mut broker = LocalBroker::start()?;
+    let rewards = RewardsService::start("exactly-once-token")?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("token"), "exactly-once-token")?;
+    let (store_config, hosts) = match &store {
+        DedupeStore::Redis(redis) => (
+            format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url()),
+            2,
+        ),
+        DedupeStore::Embedded => ("[store]\npath = \"state.redb\"\n".to_string(), 1),
+    };
+    let config = dir.path().join("mqplug.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name_server = "{name_server}"
+[producer]
+enabled = true
+create_topic_queues = 4
+{store_config}
+[[plugin]]
+name = "reward-granter"
+path = "{wasm}"
+consume_from = "first"
+deadline_ms = 3000
+allowed_outbound_hosts = ["{url}"]
+allowed_topics = ["marketing.reward.granted"]
+[plugin.key_value]
+buckets = ["granted"]
+[plugin.config]
+rewards_url = "{url}"
+dedupe_bucket = "granted"
+# Above the deadline; a claim orphaned by the kill holds this long.
+dedupe_lease_ms = "5000"
+[plugin.secrets]
+rewards_token = {{ file = "token" }}
+"#,
+            name_server = broker.name_server,
+            wasm = plugin_path("reward-granter")?.display(),
+            url = rewards.url(),
+        ),
+    )?;
+    let start_host = |which: &str| -> Result<(Running, mpsc::Receiver<String>, Vec<String>)> {
+        let (running, lines) = spawn_run_logging(&config, "info")?;
+        let mut seen = Vec::new();
+        ensure!(
+            wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
+                seen.iter().any(|l| l.contains("consumer started"))
+            }),
+            "the {which} host did not start:\n{}",
+            seen.join("\n")
+        );
+        Ok((running, lines, seen))
+    };
+    // Every line of every host process, in the end.
+    let mut all_lines: Vec<String> = Vec::new();
+    let (mut killed, killed_lines, mut seen_killed) = start_host("first")?;
+    let mut others = Vec::new();
+    for _ in 1..hosts {
+        others.push(start_host("second")?);
+    }
+
+    // 40 events a second: the kill and the broker restart land mid-stream.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let publishing = publish_riding_outages(
+        &broker.name_server,
+        N,
+        Duration::from_millis(25),
+        stop.clone(),
+        sent.clone(),
+    );
+    let stop_publishing = StopOnDrop(stop.clone());
+    let wait_sent = |n: u64| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while sent.load(Ordering::SeqCst) < n {
+            ensure!(
+                Instant::now() < deadline && !publishing.is_finished(),
+                "publishing stalled at {}",
+                sent.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    wait_sent(KILL_AT)?;
+    let mut child = killed.0.take().context("running")?;
+    child.kill()?; // SIGKILL mid-stream
+    child.wait()?;
+    read_to_exit(&killed_lines, &mut seen_killed);
+    all_lines.append(&mut seen_killed);
+    std::thread::sleep(Duration::from_secs(1));
+    let (_restarted, restarted_lines, mut seen_restarted) = start_host("restarted")?;
+
+    wait_sent(BROKER_RESTART_AT)?;
+    broker.stop_broker();
+    std::thread::sleep(Duration::from_secs(5));
+    broker.start_broker()?;
+    let (sent_users, not_sent) = publishing
+        .join()
+        .map_err(|_| anyhow::anyhow!("the publishing thread panicked"))??;
+    drop(stop_publishing);
+    let published = sent_users.len() as u64;
+
+    // Until every event is granted, then a quiet period for late duplicates.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while rewards.stats().grants < published + not_sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(mqplug_tests::QUIET_PERIOD * 3);
+    read_to_exit_now(&restarted_lines, &mut seen_restarted);
+    all_lines.append(&mut seen_restarted);
+    for (_, lines, seen) in &mut others {
+        read_to_exit_now(lines, seen);
+        all_lines.append(seen);
+    }
+
+    let mut per_user: std::collections::HashMap<u64, usize> = Default::default();
+    for grant in rewards.grants() {
+        *per_user.entry(grant.user_id).or_default() += 1;
+    }
+    let mut accepted: std::collections::HashMap<&str, usize> = Default::default();
+    for line in all_lines
+        .iter()
+        .filter(|l| l.contains("mqplug::plugin") && l.contains("granted "))
+    {
+        if let Some(id) = message_id_of(line) {
+            *accepted.entry(id).or_default() += 1;
+        }
+    }
+    let count = |needle: &str| all_lines.iter().filter(|l| l.contains(needle)).count();
+    Ok(ExactlyOnce {
+        published,
+        stats: rewards.stats(),
+        granted_twice: per_user.values().filter(|n| **n > 1).count(),
+        never_granted: sent_users
+            .iter()
+            .filter(|user| !per_user.contains_key(user))
+            .count(),
+        not_sent,
+        accepted_again: accepted.values().filter(|n| **n > 1).count(),
+        recorded_before: count(", recorded before)"),
+        claim_held: count("is being handled by another delivery"),
+        repeated: all_lines
+            .iter()
+            .filter(|l| l.contains(", already granted before)"))
+            .filter_map(|l| message_id_of(l).map(str::to_string))
+            .collect(),
+    })
+}
+
+/// Publishes `n` granter events (user ids 0..n) every `every`, each with
+/// patient retries so a broker restart is ridden out; returns the users
+/// sent and the count of sends that failed after every retry.
+fn publish_riding_outages(
+    name_server: &str,
+    n: u64,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<Result<(Vec<u64>, u64)>> {
+    let name_server = name_server.to_string();
+    std::thread::spawn(move || {
+        use mqplug::mq::{Backoff, MqRuntime, ProducerSettings, Publisher};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let mq = MqRuntime::new(1)?;
+            let topic = mqplug::topic::TopicName::new("marketing.task.completed")?;
+            let mut settings = ProducerSettings::new(name_server, topic);
+            settings.backoff = Backoff {
+                attempts: 20,
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(2),
+            };
+            let publisher = Publisher::start(&mq, settings).await?;
+            let (mut users, mut failed) = (Vec::new(), 0);
+            for user in 0..n {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let event = mqplug::TaskEvent::decode(busy_body(user, 0).as_bytes(), usize::MAX)?;
+                match publisher.publish(&event).await {
+                    Ok(_) => users.push(user),
+                    Err(_) => failed += 1,
+                }
+                sent.store(user + 1, Ordering::SeqCst);
+                tokio::time::sleep(every).await;
+            }
+            publisher.shutdown().await;
+            mq.shutdown().await;
+            Ok((users, failed))
+        })
+    })
+}
+
+/// The lines a running process has written so far.
+fn read_to_exit_now(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) {
+    seen.extend(lines.try_iter());
+}
+
+fn report_exactly_once(label: &str, run: &ExactlyOnce) -> Result<()> {
+    println!(
+        "exactly once, {label}: published {} (not sent {}); grants {} (users granted twice {}, \
+         never {}); requests {}, repeated {} (first ids {:?}); RocketMQ delivered {} accepted events again, \
+         {} deliveries found the grant recorded and asked nothing, {} found another delivery's \
+         claim and were retried",
+        run.published,
+        run.not_sent,
+        run.stats.grants,
+        run.granted_twice,
+        run.never_granted,
+        run.stats.requests,
+        run.stats.repeated_requests,
+        run.repeated.iter().take(5).collect::<Vec<_>>(),
+        run.accepted_again,
+        run.recorded_before,
+        run.claim_held,
+    );
+    ensure!(
+        run.never_granted == 0,
+        "{} events never granted",
+        run.never_granted
+    );
+    ensure!(
+        run.granted_twice == 0,
+        "{} users granted twice",
+        run.granted_twice
+    );
+    ensure!(run.stats.grants >= run.published);
+    // The dedupe stops every repeat but the grants the kill caught between
+    // the service's answer and the record: their claims end with the lease
+    // and the redelivery asks again (answered with the first grant).
+    ensure!(
+        run.stats.repeated_requests <= KILLED_HOST_CONCURRENCY,
+        "{} repeated requests, more than the {KILLED_HOST_CONCURRENCY} grants a kill can catch",
+        run.stats.repeated_requests,
+    );
+    Ok(())
+}
+
+#[test]
+fn two_hosts_sharing_redis_grant_every_event_once_through_a_sigkill_and_a_broker_restart()
+-> Result<()> {
+    let redis = mqplug_tests::LocalRedis::start()?;
+    let run = exactly_once(DedupeStore::Redis(&redis))?;
+    report_exactly_once("two hosts, Redis", &run)
+}
+
+#[test]
+fn one_host_with_its_embedded_store_grants_every_event_once_through_a_sigkill_and_a_broker_restart()
+-> Result<()> {
+    let run = exactly_once(DedupeStore::Embedded)?;
+    report_exactly_once("one host, embedded store", &run)
+}

@@ -21,7 +21,7 @@
 //! | `PUBLISH`   | publishes `event_data.count` messages `{"for": <message id>, "i": i}` to `event_data.topic` (tag `FOLLOW_UP`); then ok, or with `event_data.then` = `"err"` an error, or with `"err_first"` an error on first delivery only; a refused message is an error |
 //! | `DEAD_LETTER` | logs `dead letter <reconsume times>`, is busy for `event_data.ms` (default 0), then asks for the dead-letter queue (`Failure::dead_letter`) |
 //! | `RETRY_AFTER` | on first delivery, logs `retry after <ms>` and asks for a retry no sooner than `event_data.ms` (default 1000); ok on redelivery |
-//! | `KV`        | one key-value call: `event_data.op` (`get`, `set`, `delete`, `exists`, `keys`, `increment`, `claim`) on bucket `event_data.bucket`, key `event_data.key`, value `event_data.value` (or `event_data.value_len` bytes of `x`), `event_data.delta`, `event_data.ttl_ms`; logs `kv <op> <result>` and is ok, or returns the error `kv: <why>` |
+//! | `KV`        | one key-value call: `event_data.op` (`get`, `set`, `delete`, `exists`, `keys`, `increment`, `claim`) on bucket `event_data.bucket`, key `event_data.key`, value `event_data.value` (or `event_data.value_len` bytes of `x`), `event_data.delta`, `event_data.ttl_ms`; logs `kv <op> <result>` and is ok, or returns the error `kv: <why>`. With `event_data.repeat` = n, does it n times on keys `<key>0` to `<key><n-1>` (`get`: on `<key>`), logging the last result (for benchmarks) |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
@@ -194,7 +194,7 @@ impl Chaos {
                         .and_then(|n| n.as_u64())
                         .unwrap_or(60_000),
                 );
-                let result = match field("op") {
+                let op = |key: &str| match field("op") {
                     "get" => bucket.get(key).map(text),
                     "set" => bucket.set(key, &value).map(|()| "ok".to_string()),
                     "delete" => bucket.delete(key).map(|()| "ok".to_string()),
@@ -205,6 +205,23 @@ impl Chaos {
                         .map(|n| n.to_string()),
                     "claim" => bucket.claim(key, &value, ttl).map(text),
                     other => Err(format!("unknown op {other:?}")),
+                };
+                let result = match data.get("repeat").and_then(|n| n.as_u64()) {
+                    None => op(key),
+                    Some(times) => {
+                        let mut last = Ok(String::new());
+                        for i in 0..times {
+                            last = if field("op") == "get" {
+                                op(key)
+                            } else {
+                                op(&format!("{key}{i}"))
+                            };
+                            if last.is_err() {
+                                break;
+                            }
+                        }
+                        last
+                    }
                 };
                 let result = result.map_err(|why| format!("kv: {why}"))?;
                 log::info(&format!("kv {} {result}", field("op")));

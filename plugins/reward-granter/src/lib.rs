@@ -38,6 +38,8 @@
 //!   redelivery of a granted event does not call the service again; it
 //!   announces the grant it recorded. The idempotency key still closes the
 //!   window `Once` leaves (a crash between the grant and its record).
+//!   `dedupe_lease_ms` (default 60000) is how long a delivery's claim holds
+//!   while it grants; keep it above the plugin's `deadline_ms`.
 
 use std::time::Duration;
 
@@ -67,7 +69,13 @@ impl Handler for RewardGranter {
         let bucket = config::get("dedupe_bucket").filter(|bucket| !bucket.is_empty());
         let (body, how) = match bucket {
             Some(bucket) => {
+                // How long a claim holds while the grant runs (default
+                // 60 s); above the plugin's deadline.
+                let lease = config::get("dedupe_lease_ms")
+                    .and_then(|ms| ms.parse().ok())
+                    .map_or(Duration::from_secs(60), Duration::from_millis);
                 let done = Once::new(&bucket)
+                    .lease(lease)
                     .run(&delivery.message_id, || grant().map(|(body, _)| body))?;
                 let how = if done.ran_now {
                     ""
