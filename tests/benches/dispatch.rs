@@ -63,8 +63,31 @@ mod direct {
         }
     }
 
-    pub fn instantiate(wasm: &[u8]) -> (Store<State>, Plugin) {
-        let engine = Engine::default();
+    /// The component pre-linked on wasmtime's default engine.
+    pub fn pre(wasm: &[u8]) -> PluginPre<State> {
+        pre_on(&Engine::default(), wasm)
+    }
+
+    /// An engine with the pool mqplug configures (slots reset in place and
+    /// kept resident), and nothing else of mqplug's: no epoch deadline, no
+    /// limiter, no grants.
+    pub fn pooled_engine() -> Engine {
+        let mut pooling = wasmtime::PoolingAllocationConfig::default();
+        pooling
+            .total_component_instances(16)
+            .total_core_instances(128)
+            .total_memories(32)
+            .total_tables(64)
+            .linear_memory_keep_resident(1024 * 1024)
+            .table_keep_resident(64 * 1024)
+            .pagemap_scan(wasmtime::Enabled::Auto);
+        let mut config = wasmtime::Config::new();
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
+        Engine::new(&config).unwrap()
+    }
+
+    pub fn pre_on(engine: &Engine, wasm: &[u8]) -> PluginPre<State> {
+        let engine = engine.clone();
         let component = Component::new(&engine, wasm).unwrap();
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
@@ -73,15 +96,24 @@ mod direct {
             .unwrap();
         self::mqplug::plugin::log::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
             .unwrap();
+        PluginPre::new(linker.instantiate_pre(&component).unwrap()).unwrap()
+    }
+
+    /// A store and an instance, as a hand-written host makes them.
+    pub fn instantiate_pre(pre: &PluginPre<State>) -> (Store<State>, Plugin) {
         let mut store = Store::new(
-            &engine,
+            pre.engine(),
             State {
                 wasi: WasiCtx::builder().build(),
                 table: ResourceTable::new(),
             },
         );
-        let plugin = Plugin::instantiate(&mut store, &component, &linker).unwrap();
+        let plugin = pre.instantiate(&mut store).unwrap();
         (store, plugin)
+    }
+
+    pub fn instantiate(wasm: &[u8]) -> (Store<State>, Plugin) {
+        instantiate_pre(&pre(wasm))
     }
 }
 
@@ -101,6 +133,48 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("per_event");
     group.measurement_time(Duration::from_secs(5));
 
+    let wit_event = || direct::TaskEvent {
+        event_type: event.event_type.clone(),
+        user_id: event.user_id,
+        tenant_id: event.tenant_id.clone(),
+        app_id: event.app_id.clone(),
+        campaign_id: event.campaign_id.clone(),
+        campaign_name: event.campaign_name.clone(),
+        event_data: event.event_data_json(),
+        timestamp: event.timestamp.clone(),
+    };
+    let wit_delivery = || direct::Delivery {
+        message_id: delivery.message_id.clone(),
+        topic: delivery.topic.clone(),
+        tags: delivery.tags.clone(),
+        keys: delivery.keys.clone(),
+        reconsume_times: 0,
+        queue_id: 0,
+        queue_offset: 0,
+        born_timestamp: 0,
+    };
+    // The baseline of a fresh instance: wasmtime's `instantiate_pre` on its
+    // default engine, then the call, then the store dropped.
+    let default_pre = direct::pre(&wasm);
+    let pooled_pre = direct::pre_on(&direct::pooled_engine(), &wasm);
+    for (name, pre) in [
+        ("direct_wasmtime_instantiate_pre_and_call", &default_pre),
+        (
+            "direct_wasmtime_pooled_instantiate_pre_and_call",
+            &pooled_pre,
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let (mut store, plugin) = direct::instantiate_pre(pre);
+                plugin
+                    .mqplug_plugin_handler()
+                    .call_handle(&mut store, &wit_event(), &wit_delivery())
+                    .unwrap()
+                    .unwrap()
+            })
+        });
+    }
     let (mut store, plugin) = direct::instantiate(&wasm);
     group.bench_function("direct_wasmtime_call", |b| {
         b.iter(|| {
