@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests need, unless they are there:
 # Chromium and ChromeDriver (packages chromium and chromium-driver) for the
-# status page's browser test, and Redis (package redis-server) for the tests
-# that run a real Redis. Only the missing packages, in one apt-get call.
+# status page's browser test, Redis (package redis-server) for the tests
+# that run a real Redis, and DejaVu Sans (fonts-dejavu-core) for the
+# benchmarks' charts. Only the missing packages, in one apt-get call.
 # Needs root (or sudo) and Debian's package registry.
 set -euo pipefail
 # Each package, with the file that shows it is installed.
@@ -10,10 +11,11 @@ packages=(
     chromium:/usr/bin/chromium
     chromium-driver:/usr/bin/chromedriver
     redis-server:/usr/bin/redis-server
+    fonts-dejavu-core:/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 )
 missing=()
 for entry in "${packages[@]}"; do
-    if [[ ! -x ${entry#*:} ]]; then
+    if [[ ! -e ${entry#*:} ]]; then
         missing+=("${entry%%:*}")
     fi
 done

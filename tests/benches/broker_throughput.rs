@@ -4,7 +4,12 @@
 //!   consumer with the same no-op handler (decode, then nothing) compiled in.
 //!
 //!   cargo bench -p mqplug-tests --bench broker_throughput
-//!   MQPLUG_BENCH_MESSAGES=100000 cargo bench -p mqplug-tests --bench broker_throughput
+//!   MQPLUG_BENCH_MESSAGES=400000 MQPLUG_BENCH_ROUNDS=7 cargo bench -p mqplug-tests --bench broker_throughput
+//!
+//! The drain runs `MQPLUG_BENCH_ROUNDS` (default 5) rounds of each, in
+//! fresh groups, alternating which goes first (ABBA); it reports each
+//! round, the median and the spread, and writes the rounds to
+//! `target/bench-results/drain-rounds.csv` (`bench-charts` draws them).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -53,7 +58,12 @@ async fn main() -> Result<()> {
     let backlog: usize = std::env::var("MQPLUG_BENCH_MESSAGES")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(40_000);
+        .unwrap_or(200_000);
+    let rounds: usize = std::env::var("MQPLUG_BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5)
+        .max(1);
     let broker = LocalBroker::start()?;
     let topic = TopicName::new(TOPIC)?;
     let mq = MqRuntime::new(0)?;
@@ -129,16 +139,30 @@ async fn main() -> Result<()> {
     let total = (2 * PUBLISH_SAMPLE).max(backlog);
     eprintln!("backlog of {total} messages published");
 
-    // Drain the same backlog in fresh groups, alternating which goes first.
+    // Drain the same backlog in fresh groups, alternating which goes first
+    // (ABBA), so neither always meets the warmer broker.
     let (mut native, mut hosted) = (Vec::new(), Vec::new());
-    for round in 0..3 {
-        native.push(drain_native(&mq, &broker, &topic, round, total).await?);
-        hosted.push(drain_mqplug(&broker, round, total).await?);
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            native.push(drain_native(&mq, &broker, &topic, round, total).await?);
+            hosted.push(drain_mqplug(&broker, round, total).await?);
+        } else {
+            hosted.push(drain_mqplug(&broker, round, total).await?);
+            native.push(drain_native(&mq, &broker, &topic, round, total).await?);
+        }
+        eprintln!(
+            "drain round {round}: mqplug {:.0} msg/s, native {:.0} msg/s, ratio {:.3}",
+            hosted[round],
+            native[round],
+            hosted[round] / native[round]
+        );
     }
     mq.shutdown().await;
+    write_rounds(&hosted, &native)?;
 
-    let native_rate = native.iter().sum::<f64>() / native.len() as f64;
-    let hosted_rate = hosted.iter().sum::<f64>() / hosted.len() as f64;
+    let native_rate = median(&native);
+    let hosted_rate = median(&hosted);
+    let ratios: Vec<f64> = hosted.iter().zip(&native).map(|(h, n)| h / n).collect();
     println!("| measurement | mqplug | raw client | ratio |");
     println!("|---|---|---|---|");
     println!(
@@ -146,10 +170,51 @@ async fn main() -> Result<()> {
         mqplug_rate / raw_rate
     );
     println!(
-        "| drain {total} msgs, concurrency {CONCURRENCY} (msg/s) | {hosted_rate:.0} | {native_rate:.0} | {:.2} |",
+        "| drain {total} msgs, concurrency {CONCURRENCY}, median of {rounds} rounds (msg/s) | {hosted_rate:.0} | {native_rate:.0} | {:.3} |",
         hosted_rate / native_rate
     );
+    println!(
+        "drain spread: mqplug {:.0}-{:.0}, native {:.0}-{:.0}; per-round ratio median {:.3}, {:.3}-{:.3}",
+        min(&hosted),
+        max(&hosted),
+        min(&native),
+        max(&native),
+        median(&ratios),
+        min(&ratios),
+        max(&ratios)
+    );
     println!("rounds: mqplug {hosted:.0?}, native {native:.0?}");
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+fn min(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// `target/bench-results/drain-rounds.csv`: round, mqplug, native.
+fn write_rounds(hosted: &[f64], native: &[f64]) -> Result<()> {
+    let dir = mqplug_tests::workspace_root().join("target/bench-results");
+    std::fs::create_dir_all(&dir)?;
+    let mut csv = String::from("round,mqplug,native\n");
+    for (round, (h, n)) in hosted.iter().zip(native).enumerate() {
+        csv.push_str(&format!("{},{h:.0},{n:.0}\n", round + 1));
+    }
+    std::fs::write(dir.join("drain-rounds.csv"), csv)?;
     Ok(())
 }
 
