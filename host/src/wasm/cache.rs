@@ -7,10 +7,12 @@
 //! An entry whose MAC does not hold (swapped, truncated, changed) is never
 //! run: it is compiled afresh and overwritten.
 
+use std::collections::VecDeque;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -81,6 +83,47 @@ const MAC_LEN: usize = 32;
 pub struct CompileCache {
     dir: Option<PathBuf>,
     max_bytes: u64,
+    /// Components loaded in this process: plugins with the same build (the
+    /// same digest) share one compiled copy, its code mapped once.
+    loaded: Arc<Loaded>,
+}
+
+/// Components most recently loaded, at most [`MAX_LOADED`], by digest.
+#[derive(Default)]
+struct Loaded(Mutex<VecDeque<(Version, Engine, Component)>>);
+
+/// Builds kept loaded for sharing; older ones go when their plugins do.
+const MAX_LOADED: usize = 64;
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let loaded = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_list()
+            .entries(loaded.iter().map(|(version, _, _)| version.short()))
+            .finish()
+    }
+}
+
+impl Loaded {
+    fn get(&self, version: &Version, engine: &Engine) -> Option<Component> {
+        let mut loaded = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let at = loaded
+            .iter()
+            .position(|(v, e, _)| v == version && Engine::same(e, engine))?;
+        let entry = loaded.remove(at)?;
+        let component = entry.2.clone();
+        loaded.push_back(entry);
+        Some(component)
+    }
+
+    fn put(&self, version: &Version, engine: &Engine, component: &Component) {
+        let mut loaded = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        loaded.retain(|(v, e, _)| !(v == version && Engine::same(e, engine)));
+        loaded.push_back((version.clone(), engine.clone(), component.clone()));
+        while loaded.len() > MAX_LOADED {
+            loaded.pop_front();
+        }
+    }
 }
 
 /// Why the cache folder cannot be used.
@@ -105,6 +148,7 @@ impl CompileCache {
         CompileCache {
             dir,
             max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            loaded: Arc::default(),
         }
     }
 
@@ -122,10 +166,32 @@ impl CompileCache {
         self.dir.as_deref()
     }
 
-    /// Compiles `wasm`, or loads its compiled form from the cache.
+    /// Compiles `wasm`, or takes it already loaded (another plugin with the
+    /// same build), or loads its compiled form from the cache.
     pub fn compile(&self, engine: &Engine, wasm: &[u8]) -> wasmtime::Result<CompiledComponent> {
         let started = Instant::now();
         let version = Version::of(wasm);
+        if let Some(component) = self.loaded.get(&version, engine) {
+            return Ok(CompiledComponent {
+                component,
+                version,
+                how: Compiled::FromCache,
+                took: started.elapsed(),
+            });
+        }
+        let compiled = self.compile_unshared(engine, wasm, started, version)?;
+        self.loaded
+            .put(&compiled.version, engine, &compiled.component);
+        Ok(compiled)
+    }
+
+    fn compile_unshared(
+        &self,
+        engine: &Engine,
+        wasm: &[u8],
+        started: Instant,
+        version: Version,
+    ) -> wasmtime::Result<CompiledComponent> {
         let fresh = |version: Version| -> wasmtime::Result<CompiledComponent> {
             Ok(CompiledComponent {
                 component: Component::new(engine, wasm)?,
@@ -386,6 +452,27 @@ fn engine_key(engine: &Engine) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plugins_of_one_build_share_its_compiled_code_and_other_builds_do_not() {
+        let engine = Engine::default();
+        let cache = CompileCache::disabled();
+        let noop = std::fs::read(mqplug_tests::plugins::plugin_path("noop").unwrap()).unwrap();
+        let chaos = std::fs::read(mqplug_tests::plugins::plugin_path("chaos").unwrap()).unwrap();
+        let first = cache.compile(&engine, &noop).unwrap();
+        let second = cache.compile(&engine, &noop).unwrap();
+        let other = cache.compile(&engine, &chaos).unwrap();
+        assert_eq!(first.how, Compiled::Fresh);
+        assert_eq!(second.how, Compiled::FromCache);
+        assert_eq!(first.component.image_range(), second.component.image_range());
+        assert_ne!(first.component.image_range(), other.component.image_range());
+        // Another engine (another configuration) gets its own.
+        let mut config = wasmtime::Config::new();
+        config.consume_fuel(true);
+        let fueled = Engine::new(&config).unwrap();
+        let own = cache.compile(&fueled, &noop).unwrap();
+        assert_eq!(own.how, Compiled::Fresh);
+    }
 
     #[test]
     fn versions_are_sha256_hex() {
