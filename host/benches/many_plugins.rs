@@ -138,7 +138,7 @@ fn handled(admin: &str) -> Result<u64> {
     Ok(response
         .lines()
         .filter(|line| {
-            line.starts_with("mqplug_messages_total{") && line.contains("ConsumeSuccess")
+            line.starts_with("mqplug_messages_total{") && line.contains("outcome=\"success\"")
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .sum())
