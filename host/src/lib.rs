@@ -24,6 +24,7 @@ pub mod observe;
 pub mod outcome;
 pub mod page;
 pub mod plan;
+pub mod publish;
 pub mod replay;
 pub mod scaffold;
 pub mod shutdown;

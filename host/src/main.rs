@@ -1,9 +1,9 @@
 //! `mqplug`: the command line over the mqplug library.
 
-use std::io::BufRead;
-use std::path::PathBuf;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand};
@@ -13,6 +13,7 @@ use mqplug::event::{DEFAULT_MAX_BODY_BYTES, TaskEvent};
 use mqplug::mq::{MqRuntime, Publisher};
 use mqplug::observe::Observers;
 use mqplug::outcome::{DeliveryOutcome, UndecodablePolicy};
+use mqplug::publish::{Pipeline, Published};
 use mqplug::replay::Replayer;
 use mqplug::topic::TopicName;
 use mqplug::wasm::{
@@ -169,6 +170,21 @@ struct PublishArgs {
     /// Create the topic with this many queues first (local brokers only).
     #[arg(long, value_name = "QUEUES")]
     create_topic: Option<i32>,
+    /// Synchronous sends in flight at once, each with its own retries; 1
+    /// sends one event after the other.
+    #[arg(long, default_value_t = mqplug::publish::DEFAULT_CONCURRENCY,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    concurrency: usize,
+    /// Events in one send: 1 sends each event alone; more sends RocketMQ
+    /// batches of up to this many consecutive events (and 1 MiB), each stored
+    /// or refused, and retried, as a whole.
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    batch: usize,
+    /// Write every event's receipt (message id, queue, offset, attempts) or
+    /// failure here, one JSON object a line in the events' order.
+    #[arg(long, value_name = "FILE")]
+    receipts: Option<PathBuf>,
     #[command(flatten)]
     event: EventArgs,
 }
@@ -375,37 +391,66 @@ async fn publish(args: PublishArgs) -> Result<std::process::ExitCode> {
     let mq = MqRuntime::new(0)?;
     let result = async {
         let mut publisher = Publisher::start(&mq, settings).await?;
-        let summary = async {
-            if let Some(queues) = args.create_topic {
-                publisher.create_topic(queues).await?;
-            }
-            println!(
-                "publishing {} event(s) to {}",
-                events.len(),
-                publisher.topic()
-            );
-            Ok::<_, anyhow::Error>(send_all(&publisher, &events).await)
+        if let Some(queues) = args.create_topic
+            && let Err(err) = publisher.create_topic(queues).await
+        {
+            publisher.shutdown().await;
+            return Err(err.into());
         }
-        .await;
-        publisher.shutdown().await;
-        summary
+        println!(
+            "publishing {} event(s) to {}",
+            events.events.len(),
+            publisher.topic()
+        );
+        let publisher = Arc::new(publisher);
+        let pipeline = Pipeline {
+            concurrency: args.concurrency,
+            batch: args.batch,
+        };
+        let published = send_all(&publisher, &events, pipeline).await;
+        if let Some(publisher) = Arc::into_inner(publisher) {
+            publisher.shutdown().await;
+        }
+        if let Some(path) = &args.receipts {
+            write_receipts(path, &events, &published)?;
+        }
+        Ok::<_, anyhow::Error>(published.failed())
     }
     .await;
     mq.shutdown().await;
-    let summary = result?;
-    Ok(if summary.failed == 0 {
+    let failed = result?;
+    Ok(if failed == 0 {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE
     })
 }
 
-fn events_to_publish(args: &PublishArgs) -> Result<Vec<TaskEvent>> {
+/// The events to publish, and for events from a file the line each came from.
+struct ToPublish {
+    events: Arc<[TaskEvent]>,
+    /// The file's line number (from 1) of each event, empty unless --file.
+    lines: Vec<usize>,
+}
+
+impl ToPublish {
+    /// How a message names event `index` (from 0): its place among the
+    /// events, and for a file the line it came from.
+    fn describe(&self, index: usize) -> String {
+        match self.lines.get(index) {
+            Some(line) => format!("event {} (line {line})", index + 1),
+            None => format!("event {}", index + 1),
+        }
+    }
+}
+
+fn events_to_publish(args: &PublishArgs) -> Result<ToPublish> {
     let parse = |text: &str, origin: &str| {
         TaskEvent::decode(text.as_bytes(), DEFAULT_MAX_BODY_BYTES)
             .with_context(|| format!("{origin} is not a valid task event"))
     };
     let mut events = Vec::new();
+    let mut lines = Vec::new();
     if let Some(path) = &args.file {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -418,6 +463,7 @@ fn events_to_publish(args: &PublishArgs) -> Result<Vec<TaskEvent>> {
                 &line,
                 &format!("{} line {}", path.display(), index + 1),
             )?);
+            lines.push(index + 1);
         }
     } else if let Some(json) = &args.json {
         events.push(parse(json, "--json")?);
@@ -436,51 +482,121 @@ fn events_to_publish(args: &PublishArgs) -> Result<Vec<TaskEvent>> {
         events.push(parse(&body.to_string(), "the event given by flags")?);
     }
     let repeated = events.len() * usize::try_from(args.count).unwrap_or(usize::MAX);
-    Ok(events.into_iter().cycle().take(repeated).collect())
+    let lines = if lines.is_empty() {
+        lines
+    } else {
+        lines.into_iter().cycle().take(repeated).collect()
+    };
+    Ok(ToPublish {
+        events: events.into_iter().cycle().take(repeated).collect(),
+        lines,
+    })
 }
 
-struct Summary {
-    failed: u64,
-}
-
-async fn send_all(publisher: &Publisher, events: &[TaskEvent]) -> Summary {
-    let bar = indicatif::ProgressBar::new(events.len() as u64);
+/// Sends every event as `pipeline` says, a progress bar
+/// with the rate on a terminal, each failure printed as it comes, and a
+/// summary line last.
+async fn send_all(
+    publisher: &Arc<Publisher>,
+    to_publish: &ToPublish,
+    pipeline: Pipeline,
+) -> Published {
+    let events = &to_publish.events;
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = if terminal {
+        indicatif::ProgressBar::new(events.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
-            .expect("a valid progress template"),
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {rate} eta {eta} {msg}")
+            .expect("a valid progress template")
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.0} msg/s", state.per_sec());
+                },
+            ),
     );
-    let started = Instant::now();
-    let (mut sent, mut failed) = (0u64, 0u64);
-    for (index, event) in events.iter().enumerate() {
-        match publisher.publish(event).await {
-            Ok(receipt) => {
-                sent += 1;
-                if events.len() == 1 {
-                    bar.println(format!(
+    if terminal {
+        // Redraws (the rate, the eta) while sends wait on a slow broker.
+        bar.enable_steady_tick(Duration::from_millis(250));
+    }
+    let published = mqplug::publish::publish_all(
+        publisher,
+        Arc::clone(events),
+        pipeline,
+        |progress, result| {
+            match result {
+                Ok(receipt) if events.len() == 1 => bar.suspend(|| {
+                    println!(
                         "sent {} (message id {}, queue {:?}, offset {})",
-                        event.event_type,
+                        events[progress.index].event_type,
                         receipt.message_id,
                         receipt.queue_id,
                         receipt.queue_offset
-                    ));
+                    )
+                }),
+                Ok(_) => {}
+                Err(failure) => {
+                    bar.set_message(format!("failed {}", progress.failed));
+                    // `suspend` prints even when the bar is hidden.
+                    bar.suspend(|| {
+                        eprintln!(
+                            "{}: not sent: {}",
+                            to_publish.describe(failure.index),
+                            failure.error
+                        )
+                    });
                 }
             }
-            Err(err) => {
-                failed += 1;
-                // `suspend` prints even when the bar is hidden (not a terminal).
-                bar.suspend(|| eprintln!("event {}: not sent: {err}", index + 1));
-            }
-        }
-        bar.inc(1);
-    }
+            bar.inc(1);
+        },
+    )
+    .await;
     bar.finish_and_clear();
-    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    let batches = if published.pipeline.batch > 1 {
+        format!(
+            " in {} sends of up to {} events",
+            published.sends, published.pipeline.batch
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "sent {sent}, failed {failed} in {:.2} s ({:.0} msg/s)",
-        seconds,
-        sent as f64 / seconds
+        "sent {}, failed {} in {:.2} s ({:.0} msg/s, {} in flight at most{batches})",
+        published.sent(),
+        published.failed(),
+        published.elapsed.as_secs_f64(),
+        published.rate(),
+        published.max_in_flight
     );
-    Summary { failed }
+    published
+}
+
+/// `--receipts`: a JSON object a line for every event, in the events' order.
+fn write_receipts(path: &Path, to_publish: &ToPublish, published: &Published) -> Result<()> {
+    let write = || {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (index, result) in published.results.iter().enumerate() {
+            let mut line = serde_json::json!({ "event": index + 1 });
+            if let Some(number) = to_publish.lines.get(index) {
+                line["line"] = (*number).into();
+            }
+            match result {
+                Ok(receipt) => {
+                    line["message_id"] = receipt.message_id.clone().into();
+                    line["queue_id"] = receipt.queue_id.into();
+                    line["queue_offset"] = receipt.queue_offset.into();
+                    line["attempts"] = receipt.attempts.into();
+                }
+                Err(failure) => line["error"] = failure.error.to_string().into(),
+            }
+            writeln!(out, "{line}")?;
+        }
+        out.flush()
+    };
+    write().with_context(|| format!("cannot write the receipts to {}", path.display()))
 }
 
 /// Runs `future` on a multi-threaded Tokio runtime.

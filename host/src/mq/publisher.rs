@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rocketmq_client_rust::{ClientRuntime, DefaultMQProducer};
+use rocketmq_client_rust::{ClientRuntime, DefaultMQProducer, SendResult};
 use rocketmq_model::common::message::message_client_id_setter::MessageClientIDSetter;
 use rocketmq_model::common::message::message_property::MessagePropertyKey;
 use rocketmq_model::common::message::message_single::Message;
@@ -91,6 +91,13 @@ pub struct PublishReceipt {
 /// a per-client circuit breaker after 5 failed connections to a broker and
 /// then refuses that broker for 30 s, even once it is back, so after a broker
 /// restart the old client would keep failing while a new one sends at once.
+///
+/// Sends may run at once from many tasks (`&self`, see
+/// [`crate::publish::publish_all`]): each holds a read lock on the current
+/// client for its send, and the client multiplexes them on one connection
+/// per broker. A renewal takes the write lock, so it waits for the sends in
+/// flight on the old client and holds new ones until the fresh client runs;
+/// the sends that failed on the old client renew it once, not once each.
 pub struct Publisher {
     runtime: Arc<ClientRuntime>,
     current: tokio::sync::RwLock<Client>,
@@ -197,23 +204,72 @@ impl Publisher {
         keys: Vec<String>,
         id: Option<String>,
     ) -> Result<PublishReceipt, MqError> {
-        let wire = topic.wire();
-        let mut builder = Message::builder().topic(wire).keys(keys).body(body);
-        if let Some(tags) = tags {
-            builder = builder.tags(tags);
+        let message = build_message(topic.wire(), body, tags, keys, id)?;
+        let (result, attempts) = self
+            .send_with_retries(topic.wire(), Outgoing::One(message))
+            .await?;
+        Ok(PublishReceipt {
+            message_id: result.msg_id.map(|id| id.to_string()).unwrap_or_default(),
+            queue_id: result.message_queue.as_ref().map(|mq| mq.queue_id()),
+            queue_offset: result.queue_offset,
+            attempts,
+        })
+    }
+
+    /// Publishes `events` as one RocketMQ batch: one synchronous send that
+    /// the broker stores or refuses as a whole, in one queue, each event
+    /// still its own message with its own tag, key and id. Retried as
+    /// [`Publisher::publish`] is, the whole batch with the same ids. Returns
+    /// one receipt per event, in order.
+    ///
+    /// The broker takes at most 4 MiB in one send (`maxMessageSize`), the
+    /// whole batch counted: keep batches well below it.
+    pub async fn publish_batch(
+        &self,
+        events: &[TaskEvent],
+    ) -> Result<Vec<PublishReceipt>, MqError> {
+        let wire = self.settings.topic.wire();
+        let mut messages = Vec::with_capacity(events.len());
+        let mut ids = Vec::with_capacity(events.len());
+        for event in events {
+            let tags = (!event.event_type.is_empty()).then_some(event.event_type.as_str());
+            let message = build_message(wire, event.encode(), tags, vec![event.key()], None)?;
+            ids.push(
+                MessageClientIDSetter::get_uniq_id(&message)
+                    .map(|id| id.to_string())
+                    .unwrap_or_default(),
+            );
+            messages.push(message);
         }
-        if let Some(id) = id {
-            builder = builder.property(MessagePropertyKey::UniqueClientMsgId, id);
+        if messages.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut message = builder
-            .build()
-            .map_err(|err| MqError::new(format!("build a message for {wire}"), &err))?;
-        // The id (`UNIQ_KEY`) is fixed before the first attempt: the client
-        // only assigns one when the message has none, so every retry below,
-        // a clone sent on a fresh client, carries the same id. A send the
-        // broker stored but whose answer was lost then comes back as a
-        // duplicate with the same id, which is what consumers dedupe on.
-        MessageClientIDSetter::set_uniq_id(&mut message);
+        let (result, attempts) = self
+            .send_with_retries(wire, Outgoing::Batch(messages))
+            .await?;
+        let queue_id = result.message_queue.as_ref().map(|mq| mq.queue_id());
+        // The broker puts a batch's messages one after the other in its
+        // queue and answers with the first one's offset.
+        Ok(ids
+            .into_iter()
+            .zip(0..)
+            .map(|(message_id, n)| PublishReceipt {
+                message_id,
+                queue_id,
+                queue_offset: result.queue_offset + n,
+                attempts,
+            })
+            .collect())
+    }
+
+    /// Sends `outgoing` until it is stored: the client's own retries, then
+    /// the host's with backoff, each on a fresh client (see [`Publisher`]).
+    /// Returns the broker's answer and the sends it took.
+    async fn send_with_retries(
+        &self,
+        wire: &str,
+        outgoing: Outgoing,
+    ) -> Result<(SendResult, u32), MqError> {
         let mut attempt = 0;
         // The first failure usually says the most (later ones can be the
         // client's generic "connection failed"): report it with the last.
@@ -227,15 +283,12 @@ impl Publisher {
             let (result, generation) = {
                 let client = self.current.read().await;
                 let result = self
-                    .send_once(&client.producer, wire, message.clone())
+                    .send_once(&client.producer, wire, outgoing.clone())
                     .await;
                 (result, client.generation)
             };
             match result {
-                Ok(mut receipt) => {
-                    receipt.attempts = attempt;
-                    return Ok(receipt);
-                }
+                Ok(result) => return Ok((result, attempt)),
                 Err(err) if attempt > self.settings.backoff.attempts => {
                     let cause = match first_cause {
                         Some(first) if first != err.cause => {
@@ -267,23 +320,29 @@ impl Publisher {
         &self,
         producer: &DefaultMQProducer,
         wire: &str,
-        message: Message,
-    ) -> Result<PublishReceipt, MqError> {
+        outgoing: Outgoing,
+    ) -> Result<SendResult, MqError> {
         let timeout = u64::try_from(self.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
-        let result = producer
-            .send_with_timeout(message, timeout)
-            .await
-            .map_err(|err| MqError::new(format!("send to {wire}"), &err))?
-            .ok_or_else(|| MqError {
-                action: format!("send to {wire}"),
-                cause: "the client returned no send result".into(),
-            })?;
-        Ok(PublishReceipt {
-            message_id: result.msg_id.map(|id| id.to_string()).unwrap_or_default(),
-            queue_id: result.message_queue.as_ref().map(|mq| mq.queue_id()),
-            queue_offset: result.queue_offset,
-            attempts: 1,
-        })
+        match outgoing {
+            Outgoing::One(message) => {
+                let action = || format!("send to {wire}");
+                producer
+                    .send_with_timeout(message, timeout)
+                    .await
+                    .map_err(|err| MqError::new(action(), &err))?
+                    .ok_or_else(|| MqError {
+                        action: action(),
+                        cause: "the client returned no send result".into(),
+                    })
+            }
+            Outgoing::Batch(messages) => {
+                let action = format!("send a batch of {} to {wire}", messages.len());
+                producer
+                    .send_batch_with_timeout(messages, timeout)
+                    .await
+                    .map_err(|err| MqError::new(action, &err))
+            }
+        }
     }
 
     pub async fn shutdown(self) {
@@ -306,6 +365,41 @@ async fn start_client(
         .await
         .map_err(|err| MqError::new(format!("start producer group {}", settings.group), &err))?;
     Ok(producer)
+}
+
+/// What one send carries: a message, or a batch of messages for one topic.
+#[derive(Clone)]
+enum Outgoing {
+    One(Message),
+    Batch(Vec<Message>),
+}
+
+/// A message for `wire` with its id (`UNIQ_KEY`) fixed: `id`, or a new one.
+///
+/// The id is fixed before the first attempt: the client only assigns one
+/// when the message has none, so every retry, a clone sent on a fresh
+/// client, carries the same id. A send the broker stored but whose answer
+/// was lost then comes back as a duplicate with the same id, which is what
+/// consumers dedupe on.
+fn build_message(
+    wire: &str,
+    body: Vec<u8>,
+    tags: Option<&str>,
+    keys: Vec<String>,
+    id: Option<String>,
+) -> Result<Message, MqError> {
+    let mut builder = Message::builder().topic(wire).keys(keys).body(body);
+    if let Some(tags) = tags {
+        builder = builder.tags(tags);
+    }
+    if let Some(id) = id {
+        builder = builder.property(MessagePropertyKey::UniqueClientMsgId, id);
+    }
+    let mut message = builder
+        .build()
+        .map_err(|err| MqError::new(format!("build a message for {wire}"), &err))?;
+    MessageClientIDSetter::set_uniq_id(&mut message);
+    Ok(message)
 }
 
 /// Sends accepted events' follow-up messages through the built-in producer,
