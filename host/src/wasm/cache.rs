@@ -464,7 +464,10 @@ mod tests {
         let other = cache.compile(&engine, &chaos).unwrap();
         assert_eq!(first.how, Compiled::Fresh);
         assert_eq!(second.how, Compiled::FromCache);
-        assert_eq!(first.component.image_range(), second.component.image_range());
+        assert_eq!(
+            first.component.image_range(),
+            second.component.image_range()
+        );
         assert_ne!(first.component.image_range(), other.component.image_range());
         // Another engine (another configuration) gets its own.
         let mut config = wasmtime::Config::new();
