@@ -6,6 +6,10 @@
 //! binary under test itself (`CARGO_BIN_EXE_mqplug`) with the same features
 //! as the rest of the test build.
 
+// The publishing threads' futures (a `Publisher` send with its retries)
+// are deeper than the default limit lets the compiler lay out.
+#![recursion_limit = "256"]
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
