@@ -85,8 +85,14 @@ allowed_outbound_hosts = ["$rewards_url"]
 allowed_topics = ["marketing.reward.granted"]
 [plugin.config]
 rewards_url = "$rewards_url"
+dedupe_bucket = "granted"         # each grant once per message id (mqplug_plugin::Once)
 [plugin.secrets]
 rewards_token = { env = "REWARDS_TOKEN" }
+[plugin.key_value]
+buckets = ["granted"]
+
+[store]                           # the embedded store: one file, in the demo's folder
+path = "$work/state.redb"
 
 [producer]
 enabled = true
