@@ -178,26 +178,8 @@ fn bench(c: &mut Criterion) {
     let (mut store, plugin) = direct::instantiate(&wasm);
     group.bench_function("direct_wasmtime_call", |b| {
         b.iter(|| {
-            let wit_event = direct::TaskEvent {
-                event_type: event.event_type.clone(),
-                user_id: event.user_id,
-                tenant_id: event.tenant_id.clone(),
-                app_id: event.app_id.clone(),
-                campaign_id: event.campaign_id.clone(),
-                campaign_name: event.campaign_name.clone(),
-                event_data: event.event_data_json(),
-                timestamp: event.timestamp.clone(),
-            };
-            let wit_delivery = direct::Delivery {
-                message_id: delivery.message_id.clone(),
-                topic: delivery.topic.clone(),
-                tags: delivery.tags.clone(),
-                keys: delivery.keys.clone(),
-                reconsume_times: 0,
-                queue_id: 0,
-                queue_offset: 0,
-                born_timestamp: 0,
-            };
+            // Converted on every call, as mqplug converts them.
+            let (wit_event, wit_delivery) = (wit_event(), wit_delivery());
             plugin
                 .mqplug_plugin_handler()
                 .call_handle(&mut store, &wit_event, &wit_delivery)
