@@ -2,14 +2,10 @@
 //! `[plugin.config]` table and its secrets, and the redaction that keeps the
 //! secrets out of the host's log.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 
 /// Replaces a secret's value in a plugin's log line or `err` reason.
 pub const REDACTED: &str = "[secret]";
-
-/// Keys asked for but not granted that one build remembers (and warns of).
-const MAX_MISSING_KEYS: usize = 32;
 
 /// One plugin's config values and secrets. Its `Debug` shows key names
 /// only.
@@ -17,7 +13,7 @@ const MAX_MISSING_KEYS: usize = 32;
 pub struct ConfigValues {
     values: BTreeMap<String, String>,
     /// Keys the plugin asked for that its entry does not grant.
-    missing: Mutex<BTreeSet<String>>,
+    missing: super::noted::Noted,
     keys: Vec<String>,
     secret_keys: Vec<String>,
     /// Secret values, longest first, so a secret that contains another is
@@ -41,7 +37,7 @@ impl ConfigValues {
         values.dedup();
         ConfigValues {
             values: variables,
-            missing: Mutex::default(),
+            missing: Default::default(),
             keys: config.keys().cloned().collect(),
             secret_keys,
             secrets: values,
@@ -53,12 +49,10 @@ impl ConfigValues {
     pub fn get(&self, key: &str) -> Option<&str> {
         let value = self.values.get(key).map(String::as_str);
         if value.is_none() {
-            let mut missing = self.missing.lock().unwrap_or_else(|e| e.into_inner());
-            if missing.len() < MAX_MISSING_KEYS && !missing.contains(key) {
-                let key =
-                    crate::text::inert_owned(key.to_string(), crate::config::MAX_CONFIG_KEY_BYTES);
+            let key =
+                crate::text::inert_owned(key.to_string(), crate::config::MAX_CONFIG_KEY_BYTES);
+            if self.missing.note(&key) {
                 tracing::warn!(target: "mqplug::plugin", "asked for config key {key:?}, which its entry does not grant (neither [plugin.config] nor [plugin.secrets])");
-                missing.insert(key);
             }
         }
         value
@@ -74,12 +68,7 @@ impl ConfigValues {
 
     /// Keys the plugin asked for that are not granted (at most 32).
     pub fn missing(&self) -> Vec<String> {
-        self.missing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.missing.list()
     }
 
     /// `text` with every secret value replaced by [`REDACTED`].

@@ -113,7 +113,7 @@ pub struct KeyValueGrants {
     /// Set when the plugin loads, if it has buckets.
     store: Option<Arc<dyn Backend>>,
     /// Buckets the plugin tried to open and is not granted (at most 32).
-    refused: Mutex<BTreeSet<String>>,
+    refused: super::noted::Noted,
 }
 
 impl KeyValueGrants {
@@ -122,7 +122,7 @@ impl KeyValueGrants {
             buckets: buckets.into_iter().collect(),
             limits,
             store: None,
-            refused: Mutex::default(),
+            refused: Default::default(),
         }
     }
 
@@ -145,18 +145,13 @@ impl KeyValueGrants {
             buckets: self.buckets.clone(),
             limits: self.limits,
             store: Some(store),
-            refused: Mutex::default(),
+            refused: Default::default(),
         }
     }
 
     /// Buckets the plugin tried to open and is not granted (escaped, cut).
     pub fn refused(&self) -> Vec<String> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.refused.list()
     }
 
     pub fn store(&self) -> Option<&Arc<dyn Backend>> {
@@ -200,15 +195,9 @@ impl KeyValue {
     pub(crate) fn open(&self, bucket: &str) -> Result<Bucket, KvError> {
         if !self.grants.buckets.contains(bucket) {
             let bucket = inert_owned(bucket.to_string(), 128);
-            let mut refused = self
-                .grants
-                .refused
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if refused.len() < 32 && refused.insert(bucket.clone()) {
+            if self.grants.refused.note(&bucket) {
                 tracing::warn!(target: "mqplug::plugin", "opened bucket {bucket:?}, which its entry does not grant (key_value.buckets)");
             }
-            drop(refused);
             self.count(KeyValueResult::Refused);
             return Err(KvError::NotGranted);
         }

@@ -9,6 +9,7 @@ mod config_store;
 mod engine;
 mod keyvalue;
 mod log_budget;
+mod noted;
 mod outbound;
 mod outbox;
 mod plugin;

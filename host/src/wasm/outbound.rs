@@ -208,7 +208,7 @@ pub struct OutboundGrants {
     max_response_bytes: u64,
     in_flight: Arc<Semaphore>,
     /// Origins asked for and refused (at most 32), shared by every copy.
-    refused: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    refused: super::noted::Noted,
     observers: Observers,
     /// Answers in place of the network (the kit), if set.
     responder: Option<Arc<dyn Responder>>,
@@ -218,9 +218,6 @@ pub struct OutboundGrants {
     /// The TLS client, built on the first `https` request.
     tls: Arc<OnceLock<Result<Arc<rustls::ClientConfig>, String>>>,
 }
-
-/// Refused origins one plugin remembers.
-const MAX_REFUSED: usize = 32;
 
 /// The limits of [`OutboundGrants`] besides the origins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,7 +273,7 @@ impl OutboundGrants {
             timeout: limits.timeout,
             max_response_bytes: limits.max_response_bytes,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
-            refused: Arc::default(),
+            refused: Default::default(),
             observers,
             responder: None,
             extra_roots: Vec::new(),
@@ -341,12 +338,7 @@ impl OutboundGrants {
 
     /// Origins the plugin asked for that its grants refused, so far.
     pub fn refused(&self) -> Vec<String> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.refused.list()
     }
 
     fn address_allowed(&self, origin: &Origin, ip: IpAddr) -> bool {
@@ -377,10 +369,7 @@ impl OutboundGrants {
         let outcome = match &result {
             Ok((response, _)) => OutboundResult::Response(response.status().as_u16()),
             Err(Error::HttpRequestDenied | Error::DestinationIpProhibited) => {
-                let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-                if refused.len() < MAX_REFUSED {
-                    refused.insert(origin);
-                }
+                self.refused.note(&origin);
                 OutboundResult::Refused
             }
             Err(_) => OutboundResult::Failed,

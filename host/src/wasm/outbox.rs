@@ -27,11 +27,8 @@ pub struct OutgoingMessage {
 pub struct PublishGrants {
     topics: Vec<TopicName>,
     /// Topics asked for and refused (at most 32), shared by every copy.
-    refused: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    refused: super::noted::Noted,
 }
-
-/// Refused topics one plugin remembers.
-const MAX_REFUSED: usize = 32;
 
 impl PartialEq for PublishGrants {
     fn eq(&self, other: &Self) -> bool {
@@ -59,8 +56,7 @@ impl PublishGrants {
 
     /// Topics the plugin published to that its grants refused, so far.
     pub fn refused(&self) -> Vec<String> {
-        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-        refused.iter().cloned().collect()
+        self.refused.list()
     }
 
     pub fn topics(&self) -> &[TopicName] {
@@ -82,10 +78,7 @@ impl PublishGrants {
             .find(|granted| granted.configured() == topic || granted.wire() == topic)
         else {
             let topic = crate::text::inert_owned(topic.to_string(), MAX_KEY_BYTES);
-            let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-            if refused.len() < MAX_REFUSED {
-                refused.insert(topic.clone());
-            }
+            self.refused.note(&topic);
             return Err(Refusal::TopicNotAllowed(topic));
         };
         if outbox.len() >= MAX_OUTBOX_MESSAGES as usize {
