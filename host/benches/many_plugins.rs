@@ -144,7 +144,10 @@ fn handled(admin: &str) -> Result<u64> {
         .sum())
 }
 
+/// Creates `topic` (4 queues) and publishes `count` events to it, 16 sends
+/// in flight (`publish::publish_all`).
 async fn publish_backlog(name_server: &str, topic: &str, count: usize) -> Result<()> {
+    use mqplug::publish::{Pipeline, publish_all};
     let mq = MqRuntime::new(1)?;
     let mut publisher = Publisher::start(
         &mq,
@@ -153,39 +156,20 @@ async fn publish_backlog(name_server: &str, topic: &str, count: usize) -> Result
     .await?;
     publisher.create_topic(4).await?;
     let publisher = std::sync::Arc::new(publisher);
-    let mut tasks = Vec::new();
-    for task in 0..16 {
-        let publisher = publisher.clone();
-        let event = sample_event("USER_REGISTER", 123);
-        let n = count / 16 + usize::from(task < count % 16);
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..n {
-                publisher.publish(&event).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
+    let events = vec![sample_event("USER_REGISTER", 123); count];
+    let pipeline = Pipeline {
+        concurrency: 16,
+        batch: 1,
+    };
+    let published = publish_all(&publisher, events, pipeline, |_, _| {}).await;
     std::sync::Arc::into_inner(publisher)
         .context("publisher shared")?
         .shutdown()
         .await;
     mq.shutdown().await;
-    Ok(())
-}
-
-async fn create_empty(name_server: &str, topic: &str) -> Result<()> {
-    let mq = MqRuntime::new(1)?;
-    let mut publisher = Publisher::start(
-        &mq,
-        ProducerSettings::new(name_server.to_string(), TopicName::new(topic)?),
-    )
-    .await?;
-    publisher.create_topic(4).await?;
-    publisher.shutdown().await;
-    mq.shutdown().await;
+    if published.failed() > 0 {
+        bail!("{} of {count} events not sent", published.failed());
+    }
     Ok(())
 }
 
@@ -206,7 +190,7 @@ async fn main() -> Result<()> {
         .unwrap_or(50_000);
     let broker = LocalBroker::start()?;
     let dir = tempfile::tempdir()?;
-    create_empty(&broker.name_server, IDLE_TOPIC).await?;
+    publish_backlog(&broker.name_server, IDLE_TOPIC, 0).await?;
     publish_backlog(&broker.name_server, BACKLOG_TOPIC, backlog).await?;
     eprintln!("backlog of {backlog} published");
 

@@ -113,24 +113,26 @@ async fn main() -> Result<()> {
     let mqplug_rate = mqplug_rate.iter().sum::<f64>() / ROUNDS as f64;
     let raw_rate = raw_rate.iter().sum::<f64>() / ROUNDS as f64;
 
-    // The rest of the backlog, from 8 tasks.
+    // The rest of the backlog, 8 sends in flight.
     let publisher = Arc::new(publisher);
     // The warm-up and the measured sends are part of it.
     let remaining = backlog.saturating_sub(2 * PUBLISH_SAMPLE);
-    let mut tasks = Vec::new();
-    for task in 0..8 {
-        let publisher = publisher.clone();
-        let event = event.clone();
-        let count = remaining / 8 + usize::from(task < remaining % 8);
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..count {
-                publisher.publish(&event).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
+    let pipeline = mqplug::publish::Pipeline {
+        concurrency: 8,
+        batch: 1,
+    };
+    let published = mqplug::publish::publish_all(
+        &publisher,
+        vec![event.clone(); remaining],
+        pipeline,
+        |_, _| {},
+    )
+    .await;
+    if published.failed() > 0 {
+        bail!(
+            "{} of {remaining} backlog events not sent",
+            published.failed()
+        );
     }
     Arc::into_inner(publisher)
         .context("publisher still shared")?
