@@ -883,6 +883,25 @@ fn publish_paced(
     })
 }
 
+/// `mqplug run --config CONFIG` with `MQPLUG_LOG=log`, once its consumer
+/// has started: the process, its line channel and the lines so far.
+fn start_host_logging(
+    config: &std::path::Path,
+    log: &str,
+    which: &str,
+) -> Result<(Running, mpsc::Receiver<String>, Vec<String>)> {
+    let (running, lines) = spawn_run_logging(config, log)?;
+    let mut seen = Vec::new();
+    ensure!(
+        wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
+            seen.iter().any(|l| l.contains("consumer started"))
+        }),
+        "the {which} host did not start:\n{}",
+        seen.join("\n")
+    );
+    Ok((running, lines, seen))
+}
+
 /// Sets the flag when dropped, also when the test fails early.
 struct StopOnDrop(Arc<AtomicBool>);
 
@@ -951,20 +970,8 @@ fn two_hosts_share_the_queues_and_a_killed_one_hands_its_queues_to_the_other() -
             broker.name_server
         ),
     )?;
-    // A host, once its consumer has started: the process, its line channel
-    // and the lines so far.
-    let start_host = |which: &str| -> Result<(Running, mpsc::Receiver<String>, Vec<String>)> {
-        let (running, lines) = spawn_run_logging(&config, "info,mqplug::dispatch=debug")?;
-        let mut seen = Vec::new();
-        ensure!(
-            wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
-                seen.iter().any(|l| l.contains("consumer started"))
-            }),
-            "the {which} host did not start:\n{}",
-            seen.join("\n")
-        );
-        Ok((running, lines, seen))
-    };
+    let start_host =
+        |which: &str| start_host_logging(&config, "info,mqplug::dispatch=debug", which);
     let (mut first, first_lines, mut seen_first) = start_host("first")?;
     let (_second, second_lines, mut seen_second) = start_host("second")?;
 
@@ -1455,18 +1462,7 @@ rewards_token = {{ file = "token" }}
             url = rewards.url(),
         ),
     )?;
-    let start_host = |which: &str| -> Result<(Running, mpsc::Receiver<String>, Vec<String>)> {
-        let (running, lines) = spawn_run_logging(&config, "info")?;
-        let mut seen = Vec::new();
-        ensure!(
-            wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
-                seen.iter().any(|l| l.contains("consumer started"))
-            }),
-            "the {which} host did not start:\n{}",
-            seen.join("\n")
-        );
-        Ok((running, lines, seen))
-    };
+    let start_host = |which: &str| start_host_logging(&config, "info", which);
     // Every line of every host process, in the end.
     let mut all_lines: Vec<String> = Vec::new();
     let (mut killed, killed_lines, mut seen_killed) = start_host("first")?;
