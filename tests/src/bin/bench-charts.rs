@@ -16,12 +16,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const MQPLUG: RGBColor = RGBColor(33, 102, 172);
 const BASELINE: RGBColor = RGBColor(150, 150, 150);
+
+/// Draws one chart to the path given.
+type Draw<'a> = Box<dyn Fn(&Path) -> Result<()> + 'a>;
 
 fn main() -> Result<()> {
     let font = std::fs::read(FONT).with_context(|| {
@@ -40,7 +45,7 @@ fn main() -> Result<()> {
     let results = root.join("target/bench-results");
     let out = root.join("docs/charts");
     std::fs::create_dir_all(&out)?;
-    let charts: [(&str, Box<dyn Fn(&Path) -> Result<()>>); 3] = [
+    let charts: [(&str, Draw<'_>); 3] = [
         (
             "drain-rounds.png",
             Box::new(|path| drain_rounds(&results.join("drain-rounds.csv"), path)),
@@ -79,6 +84,41 @@ fn csv(path: &Path) -> Result<Vec<Vec<f64>>> {
         .collect()
 }
 
+/// A chart on a white `area`: `title`, a y axis from 0 to `top` (at least
+/// 1), and one slot on the x axis per label, named under its middle.
+fn frame<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    title: &str,
+    y_label: &str,
+    labels: &[String],
+    top: f64,
+    label_size: u32,
+) -> Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    area.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..labels.len() as f64, 0f64..top.max(1.0))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(labels.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let index = x.floor() as usize;
+            if (x - index as f64 - 0.5).abs() < 0.01 {
+                labels.get(index).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_label)
+        .label_style(("sans-serif", label_size))
+        .draw()?;
+    Ok(chart)
+}
+
 /// Grouped bars: for each label, one bar per series.
 fn grouped_bars(
     path: &Path,
@@ -93,29 +133,7 @@ fn grouped_bars(
         .fold(0.0f64, f64::max)
         * 1.15;
     let area = BitMapBackend::new(path, (900, 500)).into_drawing_area();
-    area.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&area)
-        .caption(title, ("sans-serif", 24))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0f64..labels.len() as f64, 0f64..top.max(1.0))?;
-    let names = labels.to_vec();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(labels.len() * 2 + 1)
-        .x_label_formatter(&|x| {
-            let index = x.floor() as usize;
-            if (x - index as f64 - 0.5).abs() < 0.01 {
-                names.get(index).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
-        .y_desc(y_label)
-        .label_style(("sans-serif", 15))
-        .draw()?;
+    let mut chart = frame(&area, title, y_label, labels, top, 15)?;
     let width = 0.8 / series.len() as f64;
     for (s, (name, color, values)) in series.iter().enumerate() {
         let color = *color;
@@ -146,29 +164,8 @@ fn bars(path: &Path, title: &str, y_label: &str, bars: &[(String, f64, RGBColor)
         .fold(0.0f64, f64::max)
         * 1.2;
     let area = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
-    area.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&area)
-        .caption(title, ("sans-serif", 24))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0f64..bars.len() as f64, 0f64..top.max(1.0))?;
     let names: Vec<String> = bars.iter().map(|(label, _, _)| label.clone()).collect();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(bars.len() * 2 + 1)
-        .x_label_formatter(&|x| {
-            let index = x.floor() as usize;
-            if (x - index as f64 - 0.5).abs() < 0.01 {
-                names.get(index).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
-        .y_desc(y_label)
-        .label_style(("sans-serif", 14))
-        .draw()?;
+    let mut chart = frame(&area, title, y_label, &names, top, 14)?;
     for (i, (_, value, color)) in bars.iter().enumerate() {
         let x0 = i as f64 + 0.2;
         chart.draw_series(std::iter::once(Rectangle::new(
