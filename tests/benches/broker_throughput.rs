@@ -34,6 +34,8 @@ use rocketmq_model::common::message::message_single::Message;
 const TOPIC: &str = "bench.throughput";
 const CONCURRENCY: u32 = 16;
 const PUBLISH_SAMPLE: usize = 2000;
+/// A drain that handles no message for this long has stalled.
+const STALL: Duration = Duration::from_secs(60);
 
 /// One synchronous send with the raw client, the message built as mqplug's
 /// `Publisher` builds it.
@@ -64,6 +66,19 @@ async fn main() -> Result<()> {
         .and_then(|n| n.parse().ok())
         .unwrap_or(5)
         .max(1);
+    // MQPLUG_BENCH_LOG=<file>: the host's and the client's logs (RUST_LOG,
+    // default info) go there.
+    if let Some(file) = std::env::var_os("MQPLUG_BENCH_LOG") {
+        let file = std::fs::File::create(&file).context("MQPLUG_BENCH_LOG")?;
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .init();
+    }
     let broker = LocalBroker::start()?;
     let topic = TopicName::new(TOPIC)?;
     let mq = MqRuntime::new(0)?;
@@ -144,21 +159,27 @@ async fn main() -> Result<()> {
     // Drain the same backlog in fresh groups, alternating which goes first
     // (ABBA), so neither always meets the warmer broker.
     let (mut native, mut hosted) = (Vec::new(), Vec::new());
-    for round in 0..rounds {
-        if round % 2 == 0 {
-            native.push(drain_native(&mq, &broker, &topic, round, total).await?);
-            hosted.push(drain_mqplug(&broker, round, total).await?);
-        } else {
-            hosted.push(drain_mqplug(&broker, round, total).await?);
-            native.push(drain_native(&mq, &broker, &topic, round, total).await?);
+    let drained: Result<()> = async {
+        for round in 0..rounds {
+            if round % 2 == 0 {
+                native.push(drain_native(&mq, &broker, &topic, round, total).await?);
+                hosted.push(drain_mqplug(&broker, round, total).await?);
+            } else {
+                hosted.push(drain_mqplug(&broker, round, total).await?);
+                native.push(drain_native(&mq, &broker, &topic, round, total).await?);
+            }
+            eprintln!(
+                "drain round {round}: mqplug {:.0} msg/s, native {:.0} msg/s, ratio {:.3}",
+                hosted[round],
+                native[round],
+                hosted[round] / native[round]
+            );
         }
-        eprintln!(
-            "drain round {round}: mqplug {:.0} msg/s, native {:.0} msg/s, ratio {:.3}",
-            hosted[round],
-            native[round],
-            hosted[round] / native[round]
-        );
+        Ok(())
     }
+    .await;
+    keep_broker_logs(&broker, drained.is_err());
+    drained?;
     mq.shutdown().await;
     write_rounds(&hosted, &native)?;
 
@@ -187,6 +208,27 @@ async fn main() -> Result<()> {
     );
     println!("rounds: mqplug {hosted:.0?}, native {native:.0?}");
     Ok(())
+}
+
+/// Keeps the broker's logs in `target/bench-results/broker-logs/` (its store
+/// log says whether it deleted files or refused writes); after a failed or
+/// stalled drain, also prints their tails.
+fn keep_broker_logs(broker: &LocalBroker, failed: bool) {
+    let to = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/bench-results/broker-logs");
+    let _ = std::fs::remove_dir_all(&to);
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(broker.data_dir().join("logs"))
+        .arg(&to)
+        .status();
+    match copied {
+        Ok(status) if status.success() => eprintln!("broker logs kept in {}", to.display()),
+        other => eprintln!("broker logs not kept in {}: {other:?}", to.display()),
+    }
+    if failed {
+        eprintln!("{}", broker.logs());
+    }
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -248,18 +290,20 @@ impl DrainClock {
     }
 
     /// Waits for every message; returns messages per second from the first
-    /// handled to the last.
+    /// handled to the last. Gives up when no message came for `STALL`.
     async fn rate(&self) -> Result<f64> {
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let (mut seen, mut moved) = (0, Instant::now());
         loop {
             if let (Some(first), Some(last)) = (self.first.get(), self.last.get()) {
                 let seconds = last.duration_since(*first).as_secs_f64().max(1e-9);
                 return Ok((self.total - 1) as f64 / seconds);
             }
-            if Instant::now() > deadline {
+            let count = self.count.load(Ordering::Relaxed);
+            if count != seen {
+                (seen, moved) = (count, Instant::now());
+            } else if moved.elapsed() > STALL {
                 bail!(
-                    "only {} of {} drained",
-                    self.count.load(Ordering::Relaxed),
+                    "stalled: only {count} of {} drained, none in the last {STALL:?}",
                     self.total
                 );
             }

@@ -344,6 +344,11 @@ defaultTopicQueueNums=4
 waitTimeMillsInSendQueue=3000
 osPageCacheBusyTimeOutMills=5000
 diskMaxUsedSpaceRatio=95
+# Past 85% disk use the broker deletes its oldest commit log files at once,
+# consumed or not: a test would see messages vanish (a drain that stops
+# short). Without it only files older than fileReservedTime (72 h) go, and
+# past 90% the broker refuses sends, which a test reports.
+cleanFileForciblyEnable=false
 ",
                         listen = ports.listen,
                         ha = ports.ha,
