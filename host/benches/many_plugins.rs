@@ -14,6 +14,7 @@
 //!
 //!   cargo bench -p mqplug --bench many_plugins
 //!   MQPLUG_BENCH_PLUGINS=1,10,50 MQPLUG_BENCH_BACKLOG=50000 cargo bench -p mqplug --bench many_plugins
+//!   MQPLUG_BENCH_PREFETCH=128 cargo bench -p mqplug --bench many_plugins   # each plugin's `prefetch`
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -59,9 +60,15 @@ fn start_host(
     let mut config = format!(
         "name_server = \"{name_server}\"\ntopic = \"{topic}\"\n[admin]\nlisten = \"{admin}\"\n"
     );
+    // MQPLUG_BENCH_PREFETCH=<n>: each plugin's `prefetch`.
+    let prefetch = std::env::var("MQPLUG_BENCH_PREFETCH")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .map(|n| format!("prefetch = {n}\n"))
+        .unwrap_or_default();
     for i in 0..plugins {
         config.push_str(&format!(
-            "[[plugin]]\nname = \"p{i}\"\npath = \"{}\"\ngroup = \"bench-{run}-p{i}\"\nconsume_from = \"first\"\n",
+            "[[plugin]]\nname = \"p{i}\"\npath = \"{}\"\ngroup = \"bench-{run}-p{i}\"\nconsume_from = \"first\"\n{prefetch}",
             noop.display()
         ));
     }
@@ -126,6 +133,38 @@ fn usage(pid: u32) -> Result<(u64, u64, usize)> {
     };
     let files = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
     Ok((field("VmRSS:")? * 1024, field("Threads:")?, files))
+}
+
+/// Resident bytes of a process by kind of mapping: anonymous (the heap,
+/// thread stacks), anonymous reservations of at least 1 GiB (the wasm
+/// pooling allocator's slots), and file-backed (code, mapped files).
+fn resident_split(pid: u32) -> Result<(u64, u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut anon, mut pool, mut file) = (0, 0, 0);
+    let mut current: Option<(u64, bool)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            // address perms offset dev inode [path]
+            let path = fields.nth(4);
+            let anonymous = path.is_none_or(|path| path.starts_with('['));
+            current = Some((end - start, anonymous));
+        } else if first == "Rss:"
+            && let Some((size, anonymous)) = current
+        {
+            let kib: u64 = fields.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            match (anonymous, size >= 1 << 30) {
+                (true, true) => pool += kib * 1024,
+                (true, false) => anon += kib * 1024,
+                (false, _) => file += kib * 1024,
+            }
+        }
+    }
+    Ok((anon, pool, file))
 }
 
 /// Messages the host has acknowledged, over all plugins.
@@ -206,7 +245,14 @@ async fn main() -> Result<()> {
         )?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (rss, threads, files) = usage(host.0.id())?;
+        let split = resident_split(host.0.id())?;
         drop(host);
+        eprintln!(
+            "{n} plugins idle: {:.1} MiB heap and other anonymous, {:.1} MiB in the wasm pool's reservation, {:.1} MiB file-backed",
+            split.0 as f64 / 1048576.0,
+            split.1 as f64 / 1048576.0,
+            split.2 as f64 / 1048576.0
+        );
 
         // Drain: every plugin the whole backlog.
         let (host, admin, _) = start_host(

@@ -374,6 +374,12 @@ pub struct PluginConfig {
     /// Redeliveries before the broker dead-letters a message.
     #[serde(default = "default_max_reconsume_times")]
     pub max_reconsume_times: i32,
+    /// Messages this plugin's consumer holds ahead of its handler, over all
+    /// its queues (RocketMQ's `pullThresholdForTopic`). Unset: the client's
+    /// default of 1,000 per queue. Each plugin's group prefetches its own
+    /// copy of a backlog, so a host with many plugins may lower it.
+    #[serde(default)]
+    pub prefetch: Option<u32>,
     #[serde(default)]
     pub instance_mode: InstanceMode,
     /// Per-event deadline; keep well under the client's 30 s listener timeout.
@@ -610,6 +616,10 @@ fn default_max_body_bytes() -> usize {
 fn default_tags() -> String {
     "*".to_string()
 }
+/// The largest `prefetch` the RocketMQ client accepts (its bound on
+/// `pullThresholdForTopic`).
+pub const MAX_PREFETCH: u32 = 6_553_500;
+
 fn default_concurrency() -> u32 {
     4
 }
@@ -849,6 +859,13 @@ impl HostConfig {
             if plugin.concurrency == 0 {
                 return Err(problem("concurrency must be at least 1".into()));
             }
+            if let Some(prefetch) = plugin.prefetch
+                && !(1..=MAX_PREFETCH).contains(&prefetch)
+            {
+                return Err(problem(format!(
+                    "prefetch = {prefetch} must be between 1 and {MAX_PREFETCH}"
+                )));
+            }
             if plugin.memory_limit_mb > self.runtime.max_memory_mb {
                 return Err(problem(format!(
                     "memory_limit_mb = {} is over runtime.max_memory_mb = {}",
@@ -880,6 +897,7 @@ impl PluginConfig {
             tags: default_tags(),
             concurrency: default_concurrency(),
             max_reconsume_times: default_max_reconsume_times(),
+            prefetch: None,
             instance_mode: InstanceMode::default(),
             deadline_ms: default_deadline_ms(),
             memory_limit_mb: default_memory_limit_mb(),
@@ -1009,6 +1027,7 @@ impl PluginConfig {
             tags: self.tags.clone(),
             concurrency: self.concurrency,
             max_reconsume_times: self.max_reconsume_times,
+            prefetch: self.prefetch,
             consume_from: self.consume_from,
             // In-flight handlers finish within their deadline; wait a little longer.
             drain_timeout: Duration::from_millis(self.deadline_ms + 2000),
@@ -1064,6 +1083,32 @@ mod tests {
         assert!(err.contains("unknown field `concurency`"), "{err}");
         let err = parse("[producer]\nenable = true").unwrap_err().to_string();
         assert!(err.contains("unknown field `enable`"), "{err}");
+    }
+
+    #[test]
+    fn prefetch_is_bounded_and_reaches_the_consumer() {
+        let with = |prefetch: &str| {
+            parse(&format!(
+                "[[plugin]]\nname = 'a'\npath = 'a.wasm'\nprefetch = {prefetch}\n"
+            ))
+            .unwrap()
+        };
+        let config = with("64");
+        config.validate().unwrap();
+        let topic = TopicName::new("t").unwrap();
+        assert_eq!(
+            config.plugins[0].consumer_settings("ns", &topic).prefetch,
+            Some(64)
+        );
+        for bad in ["0", &(MAX_PREFETCH + 1).to_string()] {
+            let err = with(bad).validate().unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("prefetch = {bad} must be between 1 and 6553500")),
+                "{err}"
+            );
+        }
+        let unset = PluginConfig::new("a", "a.wasm");
+        assert_eq!(unset.consumer_settings("ns", &topic).prefetch, None);
     }
 
     #[test]
@@ -1398,6 +1443,7 @@ mod tests {
             "tags",
             "concurrency",
             "max_reconsume_times",
+            "prefetch",
             "instance_mode",
             "deadline_ms",
             "memory_limit_mb",

@@ -174,17 +174,57 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
 
 /// RocketMQ's `GET_BROKER_CLUSTER_INFO` request code.
 const GET_BROKER_CLUSTER_INFO: i32 = 106;
+/// RocketMQ's `GET_CONSUMER_CONNECTION_LIST` request code.
+const GET_CONSUMER_CONNECTION_LIST: i32 = 203;
+/// The broker's answer when a group has no client connected.
+const CONSUMER_NOT_ONLINE: i64 = 206;
 
 /// Asks the name server at `name_server` for its cluster table over
-/// RocketMQ's remoting protocol (a length-prefixed frame with a JSON header)
-/// and returns the response body as text.
+/// RocketMQ's remoting protocol and returns the response body as text.
 pub fn cluster_info(name_server: &str) -> Result<String> {
-    let mut stream = TcpStream::connect(name_server)?;
+    remoting_call(name_server, GET_BROKER_CLUSTER_INFO, &[])?.body("cluster info")
+}
+
+/// The distinct client ids the broker at `broker` lists as connected in
+/// consumer group `group`, sorted (one per connection, so two clients
+/// under one id count once); none while the group has no client online.
+pub fn consumer_client_ids(broker: &str, group: &str) -> Result<Vec<String>> {
+    let answer = remoting_call(
+        broker,
+        GET_CONSUMER_CONNECTION_LIST,
+        &[("consumerGroup", group)],
+    )?;
+    if answer.code == CONSUMER_NOT_ONLINE {
+        return Ok(Vec::new());
+    }
+    let body = answer.body(&format!("consumer connections of {group}"))?;
+    let mut ids: Vec<String> = body
+        .split("\"clientId\":\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// One request over RocketMQ's remoting protocol (a length-prefixed frame
+/// with a JSON header) to the server at `addr`; returns the response body as
+/// text with the response's code.
+fn remoting_call(addr: &str, code: i32, fields: &[(&str, &str)]) -> Result<Answer> {
+    let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     stream.set_write_timeout(Some(Duration::from_secs(3)))?;
-    let header = format!(
-        r#"{{"code":{GET_BROKER_CLUSTER_INFO},"flag":0,"language":"JAVA","opaque":1,"serializeTypeCurrentRPC":"JSON","version":0,"extFields":{{}}}}"#
-    );
+    let fields: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|(key, value)| (key.to_string(), serde_json::Value::from(*value)))
+        .collect();
+    let header = serde_json::json!({
+        "code": code, "flag": 0, "language": "JAVA", "opaque": 1,
+        "serializeTypeCurrentRPC": "JSON", "version": 0, "extFields": fields,
+    })
+    .to_string();
     let header_len = u32::try_from(header.len())?;
     let mut frame = Vec::with_capacity(8 + header.len());
     frame.extend_from_slice(&(4 + header_len).to_be_bytes());
@@ -197,15 +237,38 @@ pub fn cluster_info(name_server: &str) -> Result<String> {
     stream.read_exact(&mut word)?;
     let total = u32::from_be_bytes(word) as usize;
     if !(4..=16 << 20).contains(&total) {
-        bail!("name server sent a frame of {total} bytes");
+        bail!("{addr} sent a frame of {total} bytes");
     }
     let mut rest = vec![0u8; total];
     stream.read_exact(&mut rest)?;
     let header_len = (u32::from_be_bytes(rest[..4].try_into()?) & 0x00ff_ffff) as usize;
-    let body = rest
-        .get(4 + header_len..)
-        .context("name server sent a header longer than its frame")?;
-    Ok(String::from_utf8_lossy(body).into_owned())
+    let header: serde_json::Value = rest
+        .get(4..4 + header_len)
+        .context("a header longer than its frame")
+        .and_then(|header| Ok(serde_json::from_slice(header)?))
+        .with_context(|| format!("{addr} answered request {code} with a bad header"))?;
+    let body = rest.get(4 + header_len..).unwrap_or_default();
+    Ok(Answer {
+        code: header["code"].as_i64().unwrap_or(-1),
+        remark: header["remark"].to_string(),
+        body: String::from_utf8_lossy(body).into_owned(),
+    })
+}
+
+/// A remoting response: its code (0 is success), remark and body.
+struct Answer {
+    code: i64,
+    remark: String,
+    body: String,
+}
+
+impl Answer {
+    fn body(self, what: &str) -> Result<String> {
+        if self.code != 0 {
+            bail!("{what}: code {}, {}", self.code, self.remark);
+        }
+        Ok(self.body)
+    }
 }
 
 /// RocketMQ 4.9.x reads its logging set-up from `$ROCKETMQ_HOME/conf`, which

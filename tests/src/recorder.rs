@@ -241,6 +241,7 @@ impl Collect {
                 tags: "*".into(),
                 concurrency: 1,
                 max_reconsume_times: 0,
+                prefetch: None,
                 consume_from: ConsumeFrom::First,
                 drain_timeout: Duration::from_secs(1),
             },

@@ -1116,3 +1116,89 @@ async fn a_dead_letter_decided_while_the_host_shuts_down_still_reaches_the_queue
     );
     Ok(())
 }
+
+/// A host's consumers share one RocketMQ client instance (one client id,
+/// its connections and route tables, not one of each per plugin), and two
+/// hosts, even in one process, have different ones: the broker tells the
+/// members of a group apart by client id, and two hosts under one id would
+/// each be handed every queue and handle every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_consumers_share_one_client_and_two_hosts_split_the_queues() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let config = host_config(
+        &broker,
+        "marketing.task.completed",
+        vec![
+            PluginConfig::new("first", plugin_path("chaos")?),
+            PluginConfig::new("second", plugin_path("chaos")?),
+        ],
+    );
+    let groups: Vec<String> = config.plugins.iter().map(|p| p.group()).collect();
+    let (one, two) = (Recorder::new(), Recorder::new());
+    let host_one = Host::start(&config, one.observers()).await?;
+    let host_two = Host::start(&config, two.observers()).await?;
+
+    // Both hosts in both groups, as the broker sees them.
+    let deadline = std::time::Instant::now() + WAIT;
+    let ids = loop {
+        let ids: Vec<Vec<String>> = groups
+            .iter()
+            .map(|group| mqplug_tests::broker::consumer_client_ids(&broker.broker_addr, group))
+            .collect::<Result<_>>()?;
+        if ids.iter().all(|ids| ids.len() >= 2) || std::time::Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Rebalancing follows the membership; give it a moment to settle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let publisher = host_one.publisher().context("the producer is enabled")?;
+    const N: usize = 40;
+    for i in 0..N {
+        publisher
+            .publish(&sample_event("USER_REGISTER", 5000 + i as u64))
+            .await?;
+    }
+    let handled = |plugin: &str| one.handled_by(plugin).len() + two.handled_by(plugin).len();
+    let all = one.wait_until(WAIT, |_| handled("first") >= N && handled("second") >= N);
+    tokio::time::sleep(QUIET_PERIOD).await;
+    host_one.shutdown().await;
+    host_two.shutdown().await;
+
+    assert_eq!(
+        ids[0].len(),
+        2,
+        "two clients in group {}: {ids:?}",
+        groups[0]
+    );
+    assert_eq!(
+        ids[0], ids[1],
+        "each host's plugins share its client id, so both groups list the same two"
+    );
+    ensure!(all, "not every event was handled:\n{}", broker.logs());
+    for plugin in ["first", "second"] {
+        let ids = |recorder: &Recorder| -> HashSet<String> {
+            recorder
+                .handled_by(plugin)
+                .into_iter()
+                .map(|h| h.message_id)
+                .collect()
+        };
+        let (by_one, by_two) = (ids(&one), ids(&two));
+        let both: Vec<&String> = by_one.intersection(&by_two).collect();
+        assert!(
+            both.is_empty(),
+            "{plugin}: {} events handled by both hosts: {both:?}",
+            both.len()
+        );
+        assert_eq!(by_one.len() + by_two.len(), N, "{plugin}: every event once");
+        assert!(
+            !by_one.is_empty() && !by_two.is_empty(),
+            "{plugin}: both hosts got queues ({} and {} events)",
+            by_one.len(),
+            by_two.len()
+        );
+    }
+    Ok(())
+}

@@ -460,6 +460,31 @@ fn out_of_fuel_is_a_deterministic_limit_and_the_plugin_recovers() {
 }
 
 #[test]
+fn a_loaded_plugin_holds_no_instance_until_its_first_event() {
+    // Loading instantiates once to prove the plugin can run, then lets the
+    // instance go: a host of many idle plugins holds none of their memory.
+    let runtime = pool_of(4);
+    let recorder = Recorder::new();
+    let plugins: Vec<Plugin> = (0..6)
+        .map(|i| {
+            chaos_on(
+                &runtime,
+                PluginSettings::new(format!("idle-{i}")),
+                &recorder,
+            )
+        })
+        .collect();
+    assert_eq!(runtime.pool_usage().component_instances, 0);
+    assert!(plugins.iter().all(|p| p.memory_at_instantiation() > 0));
+    assert_eq!(
+        plugins[0].handle(&event("OK"), &delivery("first", 0)),
+        HandlerOutcome::Accepted
+    );
+    // Reused from now on (the default instance mode).
+    assert_eq!(runtime.pool_usage().component_instances, 1);
+}
+
+#[test]
 fn a_plugin_that_fails_every_event_gives_back_its_pool_slots_and_starves_no_one() {
     // A small pool: a leak of one slot per failure would exhaust it within
     // the first few rounds, and instantiation would then fail.
@@ -479,7 +504,7 @@ fn a_plugin_that_fails_every_event_gives_back_its_pool_slots_and_starves_no_one(
         healthy.handle(&event("OK"), &delivery("warm", 0)),
         HandlerOutcome::Accepted
     );
-    // The failing plugin's first failure drops the instance its load made.
+    // The failing plugin's first failure drops the instance it made.
     assert!(matches!(
         failing.handle(&event("PANIC"), &delivery("first", 0)),
         HandlerOutcome::Failed(HandlerFailure::Trap { .. })

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rocketmq_client_rust::{
-    ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQPushConsumer,
-    MQPushConsumer, MessageListenerConcurrently,
+    ClientConfig, ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus,
+    DefaultMQPushConsumer, MQPushConsumer, MessageListenerConcurrently,
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
@@ -50,6 +50,9 @@ pub struct ConsumerSettings {
     /// Redeliveries before the broker dead-letters a message; -1 is
     /// RocketMQ's default (16).
     pub max_reconsume_times: i32,
+    /// Messages held ahead of the handler over all queues; `None` is the
+    /// client's default (1,000 per queue).
+    pub prefetch: Option<u32>,
     pub consume_from: ConsumeFrom,
     /// How long shutdown waits for in-flight handlers.
     pub drain_timeout: Duration,
@@ -85,7 +88,10 @@ impl PluginConsumer {
     ) -> Result<PluginConsumer, MqError> {
         let concurrency = settings.concurrency.max(1);
         let drain_millis = u64::try_from(settings.drain_timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut client = ClientConfig::default();
+        client.set_instance_name(runtime.instance_name().into());
         let consumer = DefaultMQPushConsumer::builder(runtime.client())
+            .client_config(client)
             .name_server_addr(settings.name_server.clone())
             .consumer_group(settings.group.clone())
             .message_model(MessageModel::Clustering)
@@ -97,8 +103,14 @@ impl PluginConsumer {
             .consume_thread_max(concurrency)
             .consume_message_batch_max_size(1)
             .max_reconsume_times(settings.max_reconsume_times)
-            .await_termination_millis_when_shutdown(drain_millis)
-            .build();
+            .await_termination_millis_when_shutdown(drain_millis);
+        let consumer = match settings.prefetch {
+            // The config bounds it far below i32::MAX.
+            Some(prefetch) => consumer
+                .pull_threshold_for_topic(i32::try_from(prefetch).unwrap_or(i32::MAX))
+                .build(),
+            None => consumer.build(),
+        };
         let shared: SharedConsumer = Arc::new(tokio::sync::Mutex::new(Some(consumer)));
         // Held until the consumer has started: a message that comes in
         // sooner and must be sent back waits for it.

@@ -274,11 +274,13 @@ impl Plugin {
             version: Version(String::new()),
             compiled: Compiled::Fresh,
         };
+        // Instantiated once to prove it can run, then dropped: an idle
+        // plugin holds no instance (nor a pool slot), and its first message
+        // instantiates again (microseconds).
         let first = plugin
             .instantiate()
             .map_err(|cause| PluginLoadError::Instantiate { name, cause })?;
         plugin.memory_at_instantiation = first.store.data().memory_bytes;
-        plugin.release(first);
         Ok(plugin)
     }
 
