@@ -616,6 +616,7 @@ fn default_max_body_bytes() -> usize {
 fn default_tags() -> String {
     "*".to_string()
 }
+
 /// The largest `prefetch` the RocketMQ client accepts (its bound on
 /// `pullThresholdForTopic`).
 pub const MAX_PREFETCH: u32 = 6_553_500;
