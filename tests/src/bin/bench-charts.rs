@@ -131,7 +131,7 @@ fn grouped_bars(
         .iter()
         .flat_map(|(_, _, values)| values.iter().copied())
         .fold(0.0f64, f64::max)
-        * 1.15;
+        * 1.35; // room for the legend above the tallest bar
     let area = BitMapBackend::new(path, (900, 500)).into_drawing_area();
     let mut chart = frame(&area, title, y_label, labels, top, 15)?;
     let width = 0.8 / series.len() as f64;
