@@ -809,3 +809,62 @@ fn past_its_size_cap_the_cache_drops_the_least_recently_used_entry() -> Result<(
     );
     Ok(())
 }
+
+/// Two plugins swap consumer groups in one config change. A host's
+/// consumers share one RocketMQ client instance, which holds a group only
+/// once: the plugin that restarts first waits until the other has left its
+/// new group, and then both serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_plugins_swapping_groups_in_one_change_both_restart_and_serve() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("mqplug.toml");
+    let write_config = |groups: [&str; 2]| -> Result<()> {
+        let mut text = watched_config_text(&broker.name_server);
+        for (name, group) in ["first", "second"].into_iter().zip(groups) {
+            text.push_str(&format!(
+                "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\ngroup = \"{group}\"\nconsume_from = \"first\"\n",
+                plugin_path("chaos")?.display()
+            ));
+        }
+        replace(&config_path, text.as_bytes())
+    };
+    write_config(["team-a", "team-b"])?;
+    let recorder = Recorder::new();
+    let host = Host::start(&HostConfig::from_file(&config_path)?, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+
+    write_config(["team-b", "team-a"])?;
+    let groups = || -> Vec<(String, String)> {
+        host.plugins()
+            .iter()
+            .map(|slot| (slot.name().to_string(), slot.status().group))
+            .collect()
+    };
+    let wanted = vec![
+        ("first".to_string(), "team-b".to_string()),
+        ("second".to_string(), "team-a".to_string()),
+    ];
+    let swapped = tokio::time::timeout(WAIT, async {
+        while groups() != wanted {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let receipt = publisher.publish(&sample_event("USER_REGISTER", 7)).await?;
+    let both = recorder.wait_until(WAIT, |r| {
+        ["first", "second"].iter().all(|p| {
+            r.handled_by(p)
+                .iter()
+                .any(|h| h.message_id == receipt.message_id)
+        })
+    });
+    let serving = groups();
+    host.shutdown().await;
+    ensure!(
+        swapped.is_ok(),
+        "both plugins serve in their new groups: {serving:?}"
+    );
+    ensure!(both, "both plugins handle a new message");
+    Ok(())
+}

@@ -148,6 +148,11 @@ impl Shared {
             .iter()
             .map(|p| (p.name.clone(), p.clone()))
             .collect();
+        // Restarts whose new group another plugin still held when they came
+        // up (two plugins swapping groups in one change): all of a host's
+        // consumers share one client instance, which cannot hold a group
+        // twice, so these start once every other step is done.
+        let mut deferred = Vec::new();
         for step in plan(&old, &wanted) {
             match step {
                 Step::Stop(name) => {
@@ -179,7 +184,11 @@ impl Shared {
                             self.report(report);
                             info!(plugin = %name, "changed in the config: the new entry loaded, restarting its consumer");
                             self.stop_consumer(&name).await;
-                            self.serve(config, plugin).await;
+                            if self.held_by_another(&name, &config.group()).await {
+                                deferred.push((config.clone(), plugin));
+                            } else {
+                                self.serve(config, plugin).await;
+                            }
                         }
                         Err(err) => {
                             // The refusal is in place before the load is reported.
@@ -194,6 +203,19 @@ impl Shared {
                 }
             }
         }
+        for (config, plugin) in deferred {
+            info!(plugin = %config.name, group = %config.group(), "its new group is free now: starting its consumer");
+            self.serve(&config, plugin).await;
+        }
+    }
+
+    /// Whether a running plugin other than `name` consumes in `group`.
+    async fn held_by_another(&self, name: &str, group: &str) -> bool {
+        self.running
+            .lock()
+            .await
+            .iter()
+            .any(|(other, running)| other != name && running.config.group() == group)
     }
 
     /// Loads a plugin entry off the async threads. Its load report comes
