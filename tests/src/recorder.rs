@@ -80,6 +80,13 @@ impl Recorder {
             .collect()
     }
 
+    /// Whether `plugin` handled the message `message_id`, with any outcome.
+    pub fn handled_message(&self, plugin: &str, message_id: &str) -> bool {
+        self.handled_by(plugin)
+            .iter()
+            .any(|h| h.message_id == message_id)
+    }
+
     /// The log lines a plugin wrote, with the message id of each.
     pub fn plugin_logs(&self, plugin: &str) -> Vec<(String, String)> {
         self.inner

@@ -209,11 +209,8 @@ async fn broken_builds_are_refused_and_the_old_build_keeps_serving() -> Result<(
 
         // The old build still handles new messages.
         let receipt = publisher.publish(&sample_event("USER_REGISTER", 7)).await?;
-        let handled = recorder.wait_until(WAIT, |r| {
-            r.handled_by("rewards")
-                .iter()
-                .any(|h| h.message_id == receipt.message_id)
-        });
+        let handled =
+            recorder.wait_until(WAIT, |r| r.handled_message("rewards", &receipt.message_id));
         ensure!(handled, "{what}: the old build stopped serving");
         let h = recorder
             .handled_by("rewards")
@@ -278,11 +275,9 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
     ensure!(started.is_ok(), "second plugin not started: {started:?}");
     let receipt = publisher.publish(&sample_event("USER_REGISTER", 1)).await?;
     let both = recorder.wait_until(WAIT, |r| {
-        ["first", "second"].iter().all(|p| {
-            r.handled_by(p)
-                .iter()
-                .any(|h| h.message_id == receipt.message_id)
-        })
+        ["first", "second"]
+            .iter()
+            .all(|p| r.handled_message(p, &receipt.message_id))
     });
     ensure!(both, "both plugins handle a new message");
 
@@ -290,20 +285,13 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
     let stopped = serving(&host, &["second"]).await;
     ensure!(stopped.is_ok(), "first plugin not stopped: {stopped:?}");
     let receipt = publisher.publish(&sample_event("USER_REGISTER", 2)).await?;
-    let second = recorder.wait_until(WAIT, |r| {
-        r.handled_by("second")
-            .iter()
-            .any(|h| h.message_id == receipt.message_id)
-    });
+    let second = recorder.wait_until(WAIT, |r| r.handled_message("second", &receipt.message_id));
     tokio::time::sleep(mqplug_tests::QUIET_PERIOD).await;
     let status = plugins_json(&host)?;
     host.shutdown().await;
     ensure!(second, "the remaining plugin handles a new message");
     assert!(
-        !recorder
-            .handled_by("first")
-            .iter()
-            .any(|h| h.message_id == receipt.message_id),
+        !recorder.handled_message("first", &receipt.message_id),
         "a removed plugin handles nothing more"
     );
     assert_eq!(
@@ -528,11 +516,9 @@ async fn command_line_plugins_and_settings_survive_an_edit_of_the_config_file() 
     let publisher = host.publisher().context("the producer is enabled")?;
     let receipt = publisher.publish(&sample_event("USER_REGISTER", 1)).await?;
     let all = recorder.wait_until(WAIT, |r| {
-        ["a-file", "b-file", "c-cli"].iter().all(|p| {
-            r.handled_by(p)
-                .iter()
-                .any(|h| h.message_id == receipt.message_id)
-        })
+        ["a-file", "b-file", "c-cli"]
+            .iter()
+            .all(|p| r.handled_message(p, &receipt.message_id))
     });
     host.shutdown().await;
     ensure!(
@@ -853,11 +839,9 @@ async fn two_plugins_swapping_groups_in_one_change_both_restart_and_serve() -> R
     .await;
     let receipt = publisher.publish(&sample_event("USER_REGISTER", 7)).await?;
     let both = recorder.wait_until(WAIT, |r| {
-        ["first", "second"].iter().all(|p| {
-            r.handled_by(p)
-                .iter()
-                .any(|h| h.message_id == receipt.message_id)
-        })
+        ["first", "second"]
+            .iter()
+            .all(|p| r.handled_message(p, &receipt.message_id))
     });
     let serving = groups();
     host.shutdown().await;
