@@ -207,12 +207,14 @@ async fn connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let answering = Arc::new(Notify::new());
+    // When the request head arrived: the response's last byte is due
+    // `write_timeout` later, however long building the response took.
+    let (answering, mut answer_due) = watch::channel(None::<tokio::time::Instant>);
     let service = {
-        let (conn, answering) = (conn.clone(), answering.clone());
+        let conn = conn.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
             conn.answering.store(true, Ordering::Release);
-            answering.notify_one();
+            answering.send_replace(Some(tokio::time::Instant::now() + limits.write_timeout));
             let response = respond(&request, view.as_ref());
             async move { Ok::<_, Infallible>(response) }
         })
@@ -227,19 +229,25 @@ async fn connection<S>(
         // gets its answer.
         .half_close(true)
         .serve_connection(TokioIo::new(stream), service);
+    // The deadline and the cap first: nothing more is written once either
+    // has closed the connection.
     tokio::select! {
-        served = serving => if let Err(err) = served {
-            debug!(%peer, "admin request failed: {err}");
-        },
-        _ = conn.evict.notified() => {
-            debug!(%peer, "admin connection closed before its request: the connection cap needed room");
-        }
+        biased;
         _ = async {
-            answering.notified().await;
-            tokio::time::sleep(limits.write_timeout).await;
+            match answer_due.wait_for(Option::is_some).await.ok().and_then(|due| *due) {
+                Some(due) => tokio::time::sleep_until(due).await,
+                // The service is gone with the connection: nothing to time.
+                None => std::future::pending().await,
+            }
         } => {
             debug!(%peer, "admin response not taken within {:?}: connection closed", limits.write_timeout);
         }
+        _ = conn.evict.notified() => {
+            debug!(%peer, "admin connection closed before its request: the connection cap needed room");
+        }
+        served = serving => if let Err(err) = served {
+            debug!(%peer, "admin request failed: {err}");
+        },
     }
     conns.remove(conn.id);
 }
@@ -463,9 +471,11 @@ mod tests {
             write_timeout: Duration::from_secs(3600),
         };
         let (addr, _stop) = start(limits, Stub::view(None)).await;
-        const IDLE: usize = 2000;
-        let mut idle = Vec::with_capacity(IDLE);
-        for _ in 0..IDLE {
+        // Far past the cap however few descriptors the machine allows.
+        let idle_connections = mqplug_tests::open_files_allowed(2000);
+        assert!(idle_connections > 4 * limits.max_connections);
+        let mut idle = Vec::with_capacity(idle_connections);
+        for _ in 0..idle_connections {
             idle.push(TcpStream::connect(addr).await.unwrap());
         }
         let (status, body) = tokio::time::timeout(HANG_GUARD, get(addr, "/healthz"))
@@ -513,41 +523,144 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// Hands the accept loop the server ends of in-memory connections, so a
+    /// test chooses the buffer between client and server: the kernel's
+    /// socket buffers (and their autotuning) differ from machine to machine.
+    struct InMemory(tokio::sync::mpsc::UnboundedReceiver<tokio::io::DuplexStream>);
+
+    impl Acceptor for InMemory {
+        type Stream = tokio::io::DuplexStream;
+        async fn accept(&mut self) -> std::io::Result<(Self::Stream, SocketAddr)> {
+            match self.0.recv().await {
+                Some(stream) => Ok((stream, SocketAddr::from(([127, 0, 0, 1], 1)))),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// What the client and server ends of one in-memory connection hold
+    /// between them.
+    const PIPE_BYTES: usize = 64 * 1024;
+
+    /// Serves in-memory connections; `connect()` opens one.
+    struct InMemoryServer {
+        connections: tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
+        _stop: watch::Sender<bool>,
+    }
+
+    impl InMemoryServer {
+        fn start(limits: Limits, view: Arc<dyn AdminView>) -> InMemoryServer {
+            let (connections, accepted) = tokio::sync::mpsc::unbounded_channel();
+            let (stop, stopped) = watch::channel(false);
+            tokio::spawn(accept_loop(InMemory(accepted), limits, view, stopped));
+            InMemoryServer {
+                connections,
+                _stop: stop,
+            }
+        }
+
+        async fn request(&self, path: &str) -> tokio::io::DuplexStream {
+            let (mut client, server) = tokio::io::duplex(PIPE_BYTES);
+            self.connections.send(server).unwrap();
+            client
+                .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            client
+        }
+    }
+
+    async fn read_all(mut client: tokio::io::DuplexStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        tokio::time::timeout(HANG_GUARD, client.read_to_end(&mut got))
+            .await
+            .expect("the server closed the connection")
+            .unwrap();
+        got
+    }
+
+    // Paused time: the client's wait and the server's timeout are the
+    // runtime's clock, not the machine's speed.
+    #[tokio::test(start_paused = true)]
     async fn a_client_that_does_not_read_its_response_is_cut_off_at_the_write_timeout() {
         let limits = Limits {
             max_connections: 16,
             read_timeout: Duration::from_secs(3600),
             write_timeout: Duration::from_millis(300),
         };
-        // Far more than the two sockets' buffers hold.
-        let view = Stub::view(Some("x".repeat(32 << 20)));
-        let full = respond(&Request::get("/plugins").body(()).unwrap(), view.as_ref());
-        let full_len = http_body_util::BodyExt::collect(full.into_body())
-            .await
-            .unwrap()
-            .to_bytes()
-            .len();
-        let (addr, _stop) = start(limits, view).await;
-        // A fixed, small receive buffer: the kernel's autotuning could
-        // otherwise grow it to hold the whole response.
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(64 * 1024).unwrap();
-        let mut reader = socket.connect(addr).await.unwrap();
-        reader
-            .write_all(b"GET /plugins HTTP/1.1\r\nhost: test\r\n\r\n")
-            .await
-            .unwrap();
-        // The slow client: it reads nothing for a while.
+        // A response far larger than the pipe holds.
+        let view = Stub::view(Some("x".repeat(16 * PIPE_BYTES)));
+        let server = InMemoryServer::start(limits, view);
+
+        // A client that reads at once gets the whole response: the pipe
+        // alone cuts nothing.
+        let whole = read_all(server.request("/plugins").await).await;
+        assert!(whole.starts_with(b"HTTP/1.1 200"));
+        assert!(whole.len() > 16 * PIPE_BYTES, "{} bytes", whole.len());
+
+        // The slow client: it reads nothing for four times the timeout.
+        let slow = server.request("/plugins").await;
         tokio::time::sleep(limits.write_timeout * 4).await;
-        assert_eq!(get(addr, "/healthz").await.0, 200, "others are answered");
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(HANG_GUARD, reader.read_to_end(&mut got))
-            .await
-            .expect("the server closed the connection");
+        let healthz = read_all(server.request("/healthz").await).await;
+        assert!(healthz.starts_with(b"HTTP/1.1 200"), "others are answered");
+        let got = read_all(slow).await;
+        assert!(got.starts_with(b"HTTP/1.1 200"));
         assert!(
-            got.len() < full_len,
-            "the response was cut off: {} of {full_len} bytes",
+            got.len() <= PIPE_BYTES,
+            "the response was cut off at the timeout: {} of {} bytes arrived, \
+             the pipe holds {PIPE_BYTES}",
+            got.len(),
+            whole.len()
+        );
+    }
+
+    /// A view that takes `build` to make `/plugins`, as a host with a huge
+    /// config error on a slow machine does.
+    struct SlowToBuild {
+        view: Arc<dyn AdminView>,
+        build: Duration,
+    }
+
+    impl AdminView for SlowToBuild {
+        fn ready(&self) -> bool {
+            true
+        }
+        fn slots(&self) -> Vec<Arc<PluginSlot>> {
+            Vec::new()
+        }
+        fn metrics(&self) -> &Metrics {
+            self.view.metrics()
+        }
+        fn pool_usage(&self) -> PoolUsage {
+            self.view.pool_usage()
+        }
+        fn config_error(&self) -> Option<String> {
+            std::thread::sleep(self.build);
+            self.view.config_error()
+        }
+    }
+
+    // One thread: the client reads only when the server waits, so what the
+    // server writes past its deadline is what the client gets, whatever
+    // the machine's speed.
+    #[tokio::test]
+    async fn the_write_timeout_counts_from_the_request_head_not_from_the_built_response() {
+        let limits = Limits {
+            max_connections: 16,
+            read_timeout: Duration::from_secs(3600),
+            write_timeout: Duration::from_millis(100),
+        };
+        let view = Arc::new(SlowToBuild {
+            view: Stub::view(Some("x".repeat(16 * PIPE_BYTES))),
+            build: limits.write_timeout * 3,
+        });
+        let server = InMemoryServer::start(limits, view);
+        // A client that reads at once: the deadline passed while the
+        // response was built, so no more than the pipe holds goes out.
+        let got = read_all(server.request("/plugins").await).await;
+        assert!(
+            got.len() <= PIPE_BYTES,
+            "{} bytes sent after the deadline, the pipe holds {PIPE_BYTES}",
             got.len()
         );
     }
