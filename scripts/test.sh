@@ -3,18 +3,31 @@
 # and the end-to-end tests against a real RocketMQ broker on 127.0.0.1.
 # Installs what is missing first (the wasm32-wasip2 target, and the RocketMQ
 # name server and broker, cached by version outside the checkout).
-set -euo pipefail
+#
+# Every step runs to the end, and every test binary too (--no-fail-fast), so
+# one failure cannot hide the rest; the script lists what failed and exits
+# non-zero when anything did.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
+bash scripts/setup.sh || exit 1
 
-echo "== cargo fmt" >&2
-cargo fmt --all --check
-(cd plugins && cargo fmt --all --check)
+failed=()
+step() {
+    local name=$1
+    shift
+    echo "== $name" >&2
+    "$@" || failed+=("$name")
+}
 
-echo "== cargo clippy" >&2
-cargo clippy --workspace --all-targets --quiet -- -D warnings
-(cd plugins && cargo clippy --target wasm32-wasip2 --release --target-dir ../target --quiet -- -D warnings)
+step "cargo fmt" cargo fmt --all --check
+step "cargo fmt (plugins)" bash -c 'cd plugins && cargo fmt --all --check'
+step "cargo clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
+step "cargo clippy (plugins)" bash -c 'cd plugins && cargo clippy --target wasm32-wasip2 --release --target-dir ../target --quiet -- -D warnings'
+step "cargo test" cargo test --workspace --no-fail-fast
 
-echo "== cargo test" >&2
-cargo test --workspace
+if ((${#failed[@]})); then
+    echo "== failed: ${failed[*]}" >&2
+    exit 1
+fi
+echo "== all passed" >&2
