@@ -762,10 +762,11 @@ fn interrupt_mid_stream(signal: libc::c_int) -> Result<Interrupted> {
         dir.path(),
         &format!("name_server = \"{}\"", broker.name_server),
     )?;
-    // Each event keeps the plugin busy for 25 ms: a few seconds of work at
-    // concurrency 4, so the signal lands mid-stream.
+    // Each event keeps the plugin busy for 100 ms: at concurrency 4, some
+    // 4 s of work are left when the test sees 40 completed, far more than
+    // a busy machine takes to notice and send the signal.
     let events = dir.path().join("events.jsonl");
-    let lines: Vec<String> = (0..N).map(|user| busy_body(user, 25)).collect();
+    let lines: Vec<String> = (0..N).map(|user| busy_body(user, 100)).collect();
     std::fs::write(&events, lines.join("\n"))?;
     publish_file(&broker.name_server, &events)?;
 

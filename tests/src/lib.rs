@@ -28,6 +28,35 @@ pub fn workspace_root() -> PathBuf {
 
 use mqplug::config::{HostConfig, PluginConfig};
 
+/// How many descriptors a test that opens thousands of connections may
+/// hold: the process's soft limit raised to its hard limit first (many
+/// systems start processes at a soft limit of 1024), then a quarter of that
+/// (the rest is for the broker client and the tests running beside it), at
+/// most `wanted`.
+pub fn open_files_allowed(wanted: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for both calls to read and write.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return wanted.min(256);
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    let quarter = usize::try_from(limit.rlim_cur / 4).unwrap_or(usize::MAX);
+    wanted.min(quarter)
+}
+
 /// How long a test watches for deliveries that should not happen (a
 /// duplicate, a redelivery, a filtered event) after everything expected has
 /// arrived. Absence cannot be awaited: a bug shows as an extra delivery in

@@ -30,6 +30,8 @@ pub struct DropSendReplies {
     /// Send replies still to drop, over all connections.
     to_drop: Arc<AtomicUsize>,
     dropped: Arc<AtomicUsize>,
+    /// Send requests passed on to the broker, over all connections.
+    forwarded: Arc<AtomicUsize>,
 }
 
 impl DropSendReplies {
@@ -44,19 +46,21 @@ impl DropSendReplies {
             stop: Arc::new(AtomicBool::new(false)),
             to_drop: Arc::new(AtomicUsize::new(count)),
             dropped: Arc::new(AtomicUsize::new(0)),
+            forwarded: Arc::new(AtomicUsize::new(0)),
         };
-        let (stop, to_drop, dropped) = (
-            proxy.stop.clone(),
-            proxy.to_drop.clone(),
-            proxy.dropped.clone(),
-        );
+        let counters = Counters {
+            to_drop: proxy.to_drop.clone(),
+            dropped: proxy.dropped.clone(),
+            forwarded: proxy.forwarded.clone(),
+        };
+        let stop = proxy.stop.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
                         if let Ok(broker) = TcpStream::connect(upstream) {
-                            relay(client, broker, to_drop.clone(), dropped.clone());
+                            relay(client, broker, counters.clone());
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -69,6 +73,12 @@ impl DropSendReplies {
     /// Replies dropped so far.
     pub fn dropped(&self) -> usize {
         self.dropped.load(Ordering::SeqCst)
+    }
+
+    /// Send requests passed on to the broker so far: each one a message the
+    /// broker stores, whether or not its answer came back in time.
+    pub fn forwarded(&self) -> usize {
+        self.forwarded.load(Ordering::SeqCst)
     }
 }
 
@@ -117,12 +127,20 @@ fn write_frame(stream: &mut TcpStream, frame: &[u8]) -> std::io::Result<()> {
     stream.write_all(frame)
 }
 
-fn relay(
-    client: TcpStream,
-    broker: TcpStream,
+/// The proxy's counters, shared by every connection's relay.
+#[derive(Clone)]
+struct Counters {
     to_drop: Arc<AtomicUsize>,
     dropped: Arc<AtomicUsize>,
-) {
+    forwarded: Arc<AtomicUsize>,
+}
+
+fn relay(client: TcpStream, broker: TcpStream, counters: Counters) {
+    let Counters {
+        to_drop,
+        dropped,
+        forwarded,
+    } = counters;
     // Opaque ids of this connection's sends whose replies are to be lost.
     let doomed = Arc::new(Mutex::new(HashSet::new()));
     let (Ok(mut client_in), Ok(mut broker_out)) = (client.try_clone(), broker.try_clone()) else {
@@ -131,13 +149,18 @@ fn relay(
     let requests_doomed = doomed.clone();
     std::thread::spawn(move || {
         while let Ok(frame) = read_frame(&mut client_in) {
-            if let Some((code, opaque)) = code_and_opaque(&frame)
-                && SEND_CODES.contains(&code)
+            let send = code_and_opaque(&frame).filter(|(code, _)| SEND_CODES.contains(code));
+            if let Some((_, opaque)) = send
                 && to_drop
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok()
             {
                 requests_doomed.lock().unwrap().insert(opaque);
+            }
+            // Counted before it is written, so the count is up to date
+            // before the broker can answer.
+            if send.is_some() {
+                forwarded.fetch_add(1, Ordering::SeqCst);
             }
             if write_frame(&mut broker_out, &frame).is_err() {
                 break;

@@ -55,9 +55,17 @@ fn chaos_on(runtime: &Arc<WasmRuntime>, settings: PluginSettings, recorder: &Rec
     Plugin::load_file(runtime, settings, &path, recorder.observers()).unwrap()
 }
 
+/// A deadline no slow or busy machine reaches on an event that does not
+/// loop or sleep: a test about traps or memory must not see "deadline".
+const ROOMY_DEADLINE: Duration = Duration::from_secs(5);
+
 fn chaos(mode: InstanceMode, recorder: &Recorder) -> Plugin {
+    chaos_with_deadline(mode, ROOMY_DEADLINE, recorder)
+}
+
+fn chaos_with_deadline(mode: InstanceMode, deadline: Duration, recorder: &Recorder) -> Plugin {
     let settings = PluginSettings {
-        deadline: Duration::from_millis(200),
+        deadline,
         memory_limit_bytes: 16 * 1024 * 1024,
         instance_mode: mode,
         ..PluginSettings::new("chaos")
@@ -134,12 +142,11 @@ fn a_panic_is_a_trap_and_the_next_event_gets_a_fresh_store() {
 
 #[test]
 fn an_endless_loop_is_stopped_by_the_deadline() {
-    let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
+    let limit = Duration::from_millis(200);
+    let plugin = chaos_with_deadline(InstanceMode::Reuse, limit, &Recorder::new());
     assert_eq!(
         plugin.handle(&event("LOOP"), &delivery("l", 0)),
-        HandlerOutcome::Failed(HandlerFailure::Deadline {
-            limit: Duration::from_millis(200)
-        })
+        HandlerOutcome::Failed(HandlerFailure::Deadline { limit })
     );
     assert_eq!(
         plugin.handle(&event("USER_REGISTER"), &delivery("ok", 0)),
@@ -544,8 +551,10 @@ fn an_instance_that_cannot_be_created_is_a_host_failure_and_the_next_event_recov
     let busy = std::thread::spawn({
         let plugin = plugin.clone();
         move || {
+            // Busy long enough for the test to see it started and send its
+            // second event on a slow machine, within the 5 s deadline.
             let mut event = event("BUSY");
-            event.event_data.insert("ms".into(), 1000.into());
+            event.event_data.insert("ms".into(), 3000.into());
             plugin.handle(&event, &delivery("busy", 0))
         }
     });

@@ -160,6 +160,10 @@ pub(crate) mod contract {
     //! their unit tests; Redis in the tests crate against a real server).
     use super::*;
 
+    /// The lifetime of the key whose expiry is checked: long enough that
+    /// the read right after its write sees it on a slow machine.
+    const SHORT: Duration = Duration::from_secs(1);
+
     /// Runs every check against `store`, whose plugin names start empty.
     pub fn check_all(store: &dyn Backend, sleep: &dyn Fn(Duration)) {
         let a = Namespace::new("plugin-a", "rewards");
@@ -252,17 +256,19 @@ pub(crate) mod contract {
         // Expiry: a claim that expired can be claimed again, and its bytes
         // are given back.
         store
-            .write(
-                &a,
-                "short",
-                b"x",
-                Some(Duration::from_millis(30)),
-                Write::Claim,
-                q,
-            )
+            .write(&a, "short", b"x", Some(SHORT), Write::Claim, q)
             .unwrap();
+        // Held until it expires, however slow the machine: a lifetime far
+        // longer than one write and one read take, then waited out.
         assert!(store.exists(&a, "short").unwrap());
-        sleep(Duration::from_millis(120));
+        let written = std::time::Instant::now();
+        while store.exists(&a, "short").unwrap() {
+            assert!(
+                written.elapsed() < SHORT * 30,
+                "a key written for {SHORT:?} is still there"
+            );
+            sleep(Duration::from_millis(50));
+        }
         assert_eq!(store.get(&a, "short").unwrap(), None);
         assert!(!store.exists(&a, "short").unwrap());
         assert_eq!(

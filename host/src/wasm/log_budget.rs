@@ -138,10 +138,16 @@ mod tests {
         LogBudget::new(Arc::from("p"), lines, bytes, Observers::default())
     }
 
+    /// When `budget`'s first window began: the tests' time zero, so a pause
+    /// between making the budget and reading the clock cannot move a window.
+    fn window_start(budget: &LogBudget) -> Instant {
+        budget.window.lock().unwrap().started
+    }
+
     #[test]
     fn lines_over_the_budget_are_dropped_and_counted_when_the_window_ends() {
         let budget = budget(2, u64::MAX);
-        let start = Instant::now();
+        let start = window_start(&budget);
         assert_eq!(budget.admit_at(start, 10), (true, None));
         assert_eq!(budget.admit_at(start, 10), (true, None));
         assert_eq!(budget.admit_at(start, 10), (false, None));
@@ -163,7 +169,7 @@ mod tests {
     #[test]
     fn bytes_over_the_budget_are_dropped_even_under_the_line_budget() {
         let budget = budget(1000, 100);
-        let start = Instant::now();
+        let start = window_start(&budget);
         assert_eq!(budget.admit_at(start, 60), (true, None));
         assert_eq!(budget.admit_at(start, 60), (false, None), "120 > 100 bytes");
         assert_eq!(budget.admit_at(start, 40), (true, None), "exactly 100");
@@ -173,7 +179,7 @@ mod tests {
     #[test]
     fn a_plugin_that_goes_quiet_still_gets_its_summary_from_the_flush() {
         let budget = budget(1, u64::MAX);
-        let start = Instant::now();
+        let start = window_start(&budget);
         budget.admit_at(start, 1);
         for _ in 0..320 {
             budget.admit_at(start, 1);
