@@ -6,9 +6,11 @@
 //!   `allowed_outbound_hosts` are reached; anything else is
 //!   `HTTP-request-denied`, an error the handler sees, never a trap.
 //! - The name is resolved by mqplug and the address checked before
-//!   connecting to that very address: loopback, private, link-local (cloud
-//!   metadata), shared, multicast and unspecified addresses are refused
-//!   unless the grant names that address literally or
+//!   connecting to that very address: every address of the IANA
+//!   special-purpose registries (loopback, private, link-local with cloud
+//!   metadata, shared, multicast, reserved, benchmarking, and the NAT64,
+//!   6to4, Teredo and IPv4-compatible prefixes that carry another address)
+//!   is refused unless the grant names that address literally or
 //!   `allowed_outbound_networks` contains it, so a name that resolves (or
 //!   rebinds) to an internal address gets nowhere.
 //! - Every wait ends at the request timeout (which the guest may shorten,
@@ -141,32 +143,70 @@ fn unmapped(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The IANA special-purpose address registries (IPv4 and IPv6, as of
+/// 2026), with multicast, the rest of class E and the deprecated IPv6
+/// site-local and IPv4-compatible ranges: every range whose addresses are
+/// not an ordinary host on the internet. A plugin reaches an address in one
+/// of them only when its grant names that address or network. Several of
+/// them carry another address inside (NAT64, 6to4, Teredo,
+/// IPv4-compatible), which is how a plugin would otherwise reach loopback
+/// or a private network through a translator.
+const SPECIAL_PURPOSE: &[(IpAddr, u8)] = &[
+    (v4(0, 0, 0, 0), 8),                           // "this network"
+    (v4(10, 0, 0, 0), 8),                          // private
+    (v4(100, 64, 0, 0), 10),                       // shared address space (carrier NAT)
+    (v4(127, 0, 0, 0), 8),                         // loopback
+    (v4(169, 254, 0, 0), 16),                      // link-local (cloud metadata)
+    (v4(172, 16, 0, 0), 12),                       // private
+    (v4(192, 0, 0, 0), 24),                        // IETF protocol assignments
+    (v4(192, 0, 2, 0), 24),                        // documentation (TEST-NET-1)
+    (v4(192, 31, 196, 0), 24),                     // AS112-v4
+    (v4(192, 52, 193, 0), 24),                     // AMT
+    (v4(192, 88, 99, 0), 24),                      // 6to4 relay anycast
+    (v4(192, 168, 0, 0), 16),                      // private
+    (v4(192, 175, 48, 0), 24),                     // direct delegation AS112
+    (v4(198, 18, 0, 0), 15),                       // benchmarking
+    (v4(198, 51, 100, 0), 24),                     // documentation (TEST-NET-2)
+    (v4(203, 0, 113, 0), 24),                      // documentation (TEST-NET-3)
+    (v4(224, 0, 0, 0), 4),                         // multicast
+    (v4(240, 0, 0, 0), 4),                         // reserved, and the broadcast address
+    (v6(0, 0, 0, 0, 0, 0, 0, 0), 96), // unspecified, loopback, IPv4-compatible (deprecated)
+    (v6(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), // NAT64, well-known prefix
+    (v6(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48), // NAT64, local use
+    (v6(0x100, 0, 0, 0, 0, 0, 0, 0), 64), // discard-only
+    (v6(0x100, 0, 0, 1, 0, 0, 0, 0), 64), // dummy IPv6 prefix
+    (v6(0x2001, 0, 0, 0, 0, 0, 0, 0), 23), // IETF protocol assignments (Teredo, ORCHID, benchmarking, ...)
+    (v6(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32), // documentation
+    (v6(0x2002, 0, 0, 0, 0, 0, 0, 0), 16), // 6to4
+    (v6(0x2620, 0x4f, 0x8000, 0, 0, 0, 0, 0), 48), // direct delegation AS112
+    (v6(0x3fff, 0, 0, 0, 0, 0, 0, 0), 20), // documentation
+    (v6(0x5f00, 0, 0, 0, 0, 0, 0, 0), 16), // segment routing (SRv6) SIDs
+    (v6(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),  // unique-local
+    (v6(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10), // link-local
+    (v6(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10), // site-local (deprecated)
+    (v6(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),  // multicast
+];
+
+const fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d))
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn v6(a: u16, b: u16, c: u16, d: u16, e: u16, f: u16, g: u16, h: u16) -> IpAddr {
+    IpAddr::V6(std::net::Ipv6Addr::new(a, b, c, d, e, f, g, h))
+}
+
 /// Whether `ip` is an address a plugin reaches only when named explicitly:
-/// loopback, private, link-local (cloud metadata at 169.254.169.254),
-/// shared, unique-local, multicast, broadcast, documentation, unspecified.
+/// any address of a special-purpose range ([`SPECIAL_PURPOSE`]: loopback,
+/// private, link-local with cloud metadata at 169.254.169.254, shared,
+/// unique-local, multicast, broadcast, documentation, benchmarking,
+/// unspecified, reserved, and the translation prefixes that carry another
+/// address). An IPv4-mapped address counts as the IPv4 address it is.
 pub fn is_internal(ip: IpAddr) -> bool {
-    match unmapped(ip) {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b))
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-        }
-    }
+    let ip = unmapped(ip);
+    SPECIAL_PURPOSE
+        .iter()
+        .any(|&(base, prefix)| Network { base, prefix }.contains(ip))
 }
 
 /// One request as a plugin sent it (to a [`Responder`]).
