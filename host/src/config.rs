@@ -208,7 +208,7 @@ impl StoreConfig {
                 if !url.starts_with("redis://") {
                     return Err(format!(
                         "store.url must start with redis:// (got {:?})",
-                        crate::text::inert_owned(url, 128)
+                        crate::text::inert(&crate::text::url_without_secrets(&url), 128)
                     ));
                 }
                 check_bucket_name(&self.prefix).map_err(|why| format!("store.prefix: {why}"))?;
@@ -968,13 +968,14 @@ impl PluginConfig {
                 TopicName::new(topic).map_err(|err| problem(format!("allowed_topics: {err}")))
             })
             .collect::<Result<_, _>>()?;
+        let config = Arc::new(ConfigValues::new(&self.config, secrets));
         Ok(PluginSettings {
             key_value: Arc::new(
                 self.key_value
                     .as_ref()
                     .map_or_else(KeyValueGrants::none, KeyValueConfig::grants),
             ),
-            config: Arc::new(ConfigValues::new(&self.config, secrets)),
+            config: config.clone(),
             publish: Arc::new(PublishGrants::new(topics)),
             outbound: Arc::new(
                 OutboundGrants::new(
@@ -988,7 +989,8 @@ impl PluginConfig {
                     },
                     Observers::default(),
                 )
-                .trusting(ca),
+                .trusting(ca)
+                .redacting(config),
             ),
             name: self.name.clone(),
             deadline: Duration::from_millis(self.deadline_ms),
@@ -1316,6 +1318,15 @@ mod tests {
         assert!(err.contains("needs store.url"), "{err}");
         let err = check("[store]\nbackend = 'redis'\nurl = 'http://x'", "'g'").unwrap_err();
         assert!(err.contains("redis://"), "{err}");
+        // The error is shown on /plugins and the status page: never the
+        // URL's password.
+        let err = check(
+            "[store]\nbackend = 'redis'\nurl = 'rediss://admin:pa55word@cache:6380/0'",
+            "'g'",
+        )
+        .unwrap_err();
+        assert!(err.contains("rediss://***@cache:6380/0"), "{err}");
+        assert!(!err.contains("pa55word"), "{err}");
         let err = check(
             "[store]\nbackend = 'redis'\nurl = 'redis://x'\ntimeout_ms = 0",
             "'g'",

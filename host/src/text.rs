@@ -57,6 +57,63 @@ fn escape_and_cut(text: &str, max_bytes: usize) -> String {
     out
 }
 
+/// What replaces a URL's password, user or query value in host-written text.
+pub const HIDDEN: &str = "***";
+
+/// `url` as the host may write it in a log line, an error or a page: the
+/// userinfo (`user:password@`) and every query value hidden, the fragment
+/// dropped; scheme, host, port, path and the query's parameter names kept,
+/// which is what finding a refused or failed request needs. Anything after
+/// the authority that is not a path (no `/`) is hidden whole. Not escaped or
+/// cut: pass the result through [`inert`].
+pub fn url_without_secrets(url: &str) -> Cow<'_, str> {
+    let rest_at = url.find("://").map_or(0, |at| at + 3);
+    let (scheme, rest) = url.split_at(rest_at);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (path_and_query, fragment) = match tail.split_once('#') {
+        Some((before, _)) => (before, true),
+        None => (tail, false),
+    };
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let userinfo = authority.rfind('@');
+    if userinfo.is_none() && query.is_none_or(str::is_empty) && !fragment {
+        return Cow::Borrowed(url);
+    }
+    let mut out = String::with_capacity(url.len());
+    out.push_str(scheme);
+    match userinfo {
+        Some(at) => {
+            out.push_str(HIDDEN);
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    out.push_str(path);
+    if let Some(query) = query.filter(|query| !query.is_empty()) {
+        out.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((name, _)) => {
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(HIDDEN);
+                }
+                // A bare token (`?s3cr3t`) may be the secret itself.
+                None if !pair.is_empty() => out.push_str(HIDDEN),
+                None => {}
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// Characters that reorder how the text around them is displayed.
 fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
@@ -97,6 +154,34 @@ mod tests {
         // Escapes count against the limit too.
         let escaped = inert_owned("\n".repeat(1000), 100);
         assert!(escaped.len() <= 100 + TRUNCATED.len(), "{}", escaped.len());
+    }
+
+    #[test]
+    fn a_url_keeps_where_it_goes_and_hides_credentials_and_query_values() {
+        assert_eq!(
+            url_without_secrets(
+                "https://bob:hunter2@rewards.example:8443/v1/grant?user=7&token=s3cr3t#frag"
+            ),
+            "https://***@rewards.example:8443/v1/grant?user=***&token=***"
+        );
+        assert_eq!(
+            url_without_secrets("redis://:p4ss@127.0.0.1:6379/0"),
+            "redis://***@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            url_without_secrets("http://x/a?s3cr3t&k=v"),
+            "http://x/a?***&k=***"
+        );
+        // An `@` in the path or query is not userinfo.
+        assert_eq!(
+            url_without_secrets("http://x/mail/a@b?to=c@d"),
+            "http://x/mail/a@b?to=***"
+        );
+        // Nothing to hide: borrowed as it is.
+        assert!(matches!(
+            url_without_secrets("http://127.0.0.1:8080/grant"),
+            Cow::Borrowed("http://127.0.0.1:8080/grant")
+        ));
     }
 
     #[test]

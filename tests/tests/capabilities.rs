@@ -623,3 +623,74 @@ fn an_http_ca_file_that_cannot_be_read_refuses_the_load_naming_it() {
         assert!(err.contains("http_ca_file") && err.contains(why), "{err}");
     }
 }
+
+/// Everything the host logs in this test binary, from every thread (one
+/// global subscriber, installed by the first test that asks).
+fn host_log() -> String {
+    use std::sync::{Mutex, OnceLock};
+    #[derive(Clone)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOG: OnceLock<Shared> = OnceLock::new();
+    let log = LOG.get_or_init(|| {
+        let log = Shared(Arc::default());
+        let writer = log.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("mqplug=warn")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        log
+    });
+    String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned()
+}
+
+#[test]
+fn the_hosts_line_about_a_refused_request_hides_credentials_query_values_and_secrets() {
+    host_log();
+    let dir = tempfile::tempdir().unwrap();
+    // Granted a secret, and no origin: every request is refused and logged.
+    let plugin = chaos_with(granted_entry(dir.path()), &Recorder::new()).unwrap();
+    let urls = [
+        format!("http://127.0.0.1:9/redaction-probe/{TOKEN}?api_key=k3y-77&user=7"),
+        "http://admin:hunter2@127.0.0.1:9/redaction-probe/userinfo".to_string(),
+    ];
+    for (i, url) in urls.iter().enumerate() {
+        let outcome = plugin.handle(&http_event(url, "GET", None), &delivery(&format!("r-{i}")));
+        assert!(
+            matches!(outcome, HandlerOutcome::Rejected { .. }),
+            "{url}: {outcome:?}"
+        );
+    }
+    let log = host_log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("redaction-probe"))
+        .collect();
+    assert!(
+        lines.iter().any(|line| line.contains(&format!(
+            "GET http://127.0.0.1:9/redaction-probe/{REDACTED}?api_key=***&user=***"
+        ))),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("GET http://***@127.0.0.1:9/redaction-probe/userinfo")),
+        "{lines:#?}"
+    );
+    for secret in [TOKEN, "k3y-77", "hunter2", "admin:"] {
+        assert!(
+            !lines.iter().any(|line| line.contains(secret)),
+            "{secret} reached the host's log: {lines:#?}"
+        );
+    }
+}

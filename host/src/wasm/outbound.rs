@@ -38,9 +38,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
+use super::config_store::ConfigValues;
 use super::engine::EPOCH_TICK;
 use crate::observe::{HostEvent, Observers, OutboundResult};
-use crate::text::inert;
+use crate::text::{inert, url_without_secrets};
 
 /// One origin a plugin may call: `http://host:port` or `https://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,6 +258,9 @@ pub struct OutboundGrants {
     extra_roots: Vec<CertificateDer<'static>>,
     /// The TLS client, built on the first `https` request.
     tls: Arc<OnceLock<Result<Arc<rustls::ClientConfig>, String>>>,
+    /// The plugin's secrets, hidden from the host's lines about its
+    /// requests.
+    secrets: Arc<ConfigValues>,
 }
 
 /// The limits of [`OutboundGrants`] besides the origins.
@@ -318,7 +322,15 @@ impl OutboundGrants {
             responder: None,
             extra_roots: Vec::new(),
             tls: Arc::default(),
+            secrets: Arc::default(),
         }
+    }
+
+    /// The same grants, hiding `secrets` wherever the host writes about
+    /// the plugin's requests.
+    pub fn redacting(mut self, secrets: Arc<ConfigValues>) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     /// The same grants, trusting `roots` for `https` besides the system's.
@@ -369,6 +381,7 @@ impl OutboundGrants {
             responder: self.responder.clone(),
             extra_roots: self.extra_roots.clone(),
             tls: self.tls.clone(),
+            secrets: self.secrets.clone(),
         }
     }
 
@@ -395,15 +408,27 @@ impl OutboundGrants {
         cut: Arc<AtomicBool>,
     ) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
         let started = Instant::now();
+        // What the host writes about the request: never its userinfo, its
+        // query values or the plugin's secrets.
+        let shown = |text: &str, max_bytes: usize| {
+            inert(&self.secrets.redact(text.to_string()), max_bytes).into_owned()
+        };
+        let uri = request.uri();
         let target = format!(
             "{} {}",
             request.method(),
-            inert(&request.uri().to_string(), 512)
+            shown(&url_without_secrets(&uri.to_string()), 512)
         );
         let origin = format!(
             "{}://{}",
-            request.uri().scheme_str().unwrap_or("?"),
-            inert(request.uri().authority().map_or("?", |a| a.as_str()), 256)
+            uri.scheme_str().unwrap_or("?"),
+            shown(
+                &uri.port_u16().map_or_else(
+                    || uri.host().unwrap_or("?").to_string(),
+                    |port| format!("{}:{port}", uri.host().unwrap_or("?"))
+                ),
+                256
+            )
         );
         let result = self.send_checked(request, options, deadline, cut).await;
         let outcome = match &result {
@@ -415,6 +440,7 @@ impl OutboundGrants {
             Err(_) => OutboundResult::Failed,
         };
         if let Err(err) = &result {
+            let err = shown(&err.to_string(), 1024);
             warn!(plugin = %self.plugin, "outbound {target}: {err}");
         }
         self.observers.emit(|| HostEvent::Outbound {
@@ -846,10 +872,38 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            // Translation prefixes carrying an internal IPv4 address.
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::a00:1",
+            "::127.0.0.1",
+            "2002:7f00:1::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            // The rest of the special-purpose registries.
+            "198.18.0.1",
+            "198.19.255.255",
+            "240.0.0.1",
+            "255.255.255.255",
+            "192.0.0.8",
+            "192.88.99.1",
+            "224.0.0.1",
+            "100::1",
+            "2001:db8::1",
+            "3fff::1",
+            "5f00::1",
+            "fec0::1",
+            "ff02::1",
         ] {
             assert!(is_internal(internal.parse().unwrap()), "{internal}");
         }
-        for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for public in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "198.20.0.1",
+            "223.255.255.255",
+            "2606:4700::1111",
+            "2001:200::1",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(!is_internal(public.parse().unwrap()), "{public}");
         }
     }
