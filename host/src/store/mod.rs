@@ -126,16 +126,32 @@ pub fn entry_size(key: &str, value: &[u8]) -> u64 {
     (key.len() + value.len()) as u64
 }
 
-/// The counter's value after adding `delta`, from the stored text.
+/// The counter's value after adding `delta`, from the stored text, with
+/// Redis's rules (`INCRBY`), so the embedded store and the kit answer as a
+/// shared Redis does: absent is 0; a counter is a decimal integer from 0 to
+/// `i64::MAX` written without sign, spaces or leading zeros (`007`, `+5`,
+/// `-1` and `9223372036854775808` are not counters); a sum past `i64::MAX`
+/// overflows.
 pub(crate) fn incremented(current: Option<&[u8]>, delta: u64) -> Result<u64, StoreError> {
     let current = match current {
         None => 0,
-        Some(text) => std::str::from_utf8(text)
-            .ok()
-            .and_then(|text| text.parse::<u64>().ok())
-            .ok_or(StoreError::NotACounter)?,
+        Some(text) => counter(text).ok_or(StoreError::NotACounter)?,
     };
-    current.checked_add(delta).ok_or(StoreError::Overflow)
+    let delta = i64::try_from(delta).map_err(|_| StoreError::Overflow)?;
+    current
+        .checked_add(delta)
+        .map(|sum| sum as u64)
+        .ok_or(StoreError::Overflow)
+}
+
+/// The counter `text` is, as Redis reads one (see [`incremented`]).
+fn counter(text: &[u8]) -> Option<i64> {
+    let canonical = text == b"0"
+        || (matches!(text.first(), Some(b'1'..=b'9')) && text.iter().all(u8::is_ascii_digit));
+    if !canonical {
+        return None;
+    }
+    std::str::from_utf8(text).ok()?.parse().ok()
 }
 
 /// A bucket name: 1 to 64 of `a-z A-Z 0-9 . _ -`.
@@ -332,6 +348,30 @@ pub(crate) mod contract {
             store.get(&a, "max").unwrap(),
             Some(u64::MAX.to_string().into_bytes())
         );
+        // What Redis's INCRBY refuses, every backend refuses.
+        for not_a_counter in ["007", "+5", "-1", " 5", "5 ", "", "9223372036854775808"] {
+            store
+                .write(&a, "odd", not_a_counter.as_bytes(), None, Write::Set, q)
+                .unwrap();
+            assert_eq!(
+                store.increment(&a, "odd", 1, q),
+                Err(StoreError::NotACounter),
+                "{not_a_counter:?}"
+            );
+        }
+        store
+            .write(&a, "odd", b"9223372036854775806", None, Write::Set, q)
+            .unwrap();
+        assert_eq!(store.increment(&a, "odd", 1, q), Ok(i64::MAX as u64));
+        assert_eq!(store.increment(&a, "odd", 1, q), Err(StoreError::Overflow));
+        assert_eq!(
+            store.increment(&a, "fresh", i64::MAX as u64 + 1, q),
+            Err(StoreError::Overflow)
+        );
+        assert_eq!(store.get(&a, "fresh").unwrap(), None);
+        store.write(&a, "odd", b"0", None, Write::Set, q).unwrap();
+        assert_eq!(store.increment(&a, "odd", 3, q), Ok(3));
+        store.delete(&a, "odd").unwrap();
         assert!(matches!(
             store.increment(&a, "n2", 1, 1).unwrap_err(),
             StoreError::Quota { .. }

@@ -92,7 +92,8 @@ return {0}
 /// ARGV: key length, delta, quota. Returns {0, value}, {2, would-be} over
 /// quota, {3} not a counter, {4} overflow.
 const INCREMENT: &str = r#"
-if live and not string.match(live, '^%d+$') then return {3} end
+if live and not (live == '0' or string.match(live, '^[1-9]%d*$')) then return {3} end
+if live and (string.len(live) > 19 or (string.len(live) == 19 and live > '9223372036854775807')) then return {3} end
 local ok = pcall(redis.call, 'INCRBY', k, ARGV[2])
 if not ok then return {4} end
 local new = tonumber(ARGV[1]) + redis.call('STRLEN', k)
