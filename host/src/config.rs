@@ -830,8 +830,21 @@ impl HostConfig {
             }
             check_config_table(plugin).map_err(problem)?;
             plugin.outbound_grants().map_err(problem)?;
+            let consumed = self.topic()?;
             for topic in &plugin.allowed_topics {
-                TopicName::new(topic).map_err(|err| problem(format!("allowed_topics: {err}")))?;
+                let topic = TopicName::new(topic)
+                    .map_err(|err| problem(format!("allowed_topics: {err}")))?;
+                if let Some(why) = topic.reserved() {
+                    return Err(problem(format!(
+                        "allowed_topics: {topic} is not a topic a plugin may publish to: {why}"
+                    )));
+                }
+                if topic.wire() == consumed.wire() {
+                    return Err(problem(format!(
+                        "allowed_topics: {topic} is the topic this host consumes: every plugin, \
+                         this one too, would handle its own follow-ups again, without end"
+                    )));
+                }
             }
             if !plugin.allowed_topics.is_empty() && !self.producer.enabled {
                 return Err(problem(
@@ -1294,6 +1307,18 @@ mod tests {
         assert!(err.contains("needs the built-in producer"), "{err}");
         let err = check(entry("'bad topic!'", true)).unwrap_err();
         assert!(err.contains("allowed_topics"), "{err}");
+        // RocketMQ's own topics and the one the host consumes.
+        for (topic, why) in [
+            ("'%DLQ%mqplug-rewards'", "dead-letter queue"),
+            ("'%RETRY%mqplug-rewards'", "retry topic"),
+            ("'SCHEDULE_TOPIC_XXXX'", "system topics"),
+            ("'rmq_sys_wheel_timer'", "system topics"),
+            ("'marketing_task_completed'", "the topic this host consumes"),
+            ("'marketing.task.completed'", "the topic this host consumes"),
+        ] {
+            let err = check(entry(topic, true)).unwrap_err();
+            assert!(err.contains(why), "{topic}: {err}");
+        }
     }
 
     #[test]

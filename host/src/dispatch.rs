@@ -60,11 +60,16 @@ pub struct Handled {
 /// Sends an accepted event's follow-up messages: the built-in producer, or
 /// a fake in tests.
 pub trait OutboxSender: Send + Sync + 'static {
-    /// Sends `messages` for the incoming message `delivery`, each keyed and
-    /// identified by [`crate::wasm::follow_up_key`] and
-    /// [`crate::wasm::follow_up_id`]; the first
-    /// failure, with what was sent before it.
-    fn send(&self, delivery: &Delivery, messages: &[OutgoingMessage]) -> Result<(), String>;
+    /// Sends the `messages` that `plugin` published for the incoming
+    /// message `delivery`, each keyed and identified by
+    /// [`crate::wasm::follow_up_key`] and [`crate::wasm::follow_up_id`];
+    /// the first failure, with what was sent before it.
+    fn send(
+        &self,
+        plugin: &str,
+        delivery: &Delivery,
+        messages: &[OutgoingMessage],
+    ) -> Result<(), String>;
 }
 
 impl EventHandler for Plugin {
@@ -248,7 +253,7 @@ impl Dispatcher {
         let Some(sender) = &self.outbox else {
             return Err("the built-in producer is off ([producer] enabled = false)".into());
         };
-        sender.send(delivery, outbox)
+        sender.send(&self.plugin, delivery, outbox)
     }
 }
 
@@ -465,7 +470,13 @@ mod tests {
     }
 
     impl OutboxSender for Sender {
-        fn send(&self, delivery: &Delivery, messages: &[OutgoingMessage]) -> Result<(), String> {
+        fn send(
+            &self,
+            plugin: &str,
+            delivery: &Delivery,
+            messages: &[OutgoingMessage],
+        ) -> Result<(), String> {
+            assert_eq!(plugin, "test-plugin", "the sender is told whose they are");
             self.sent
                 .lock()
                 .unwrap()

@@ -87,6 +87,38 @@ impl TopicName {
     pub fn wire(&self) -> &str {
         &self.wire
     }
+
+    /// Why RocketMQ keeps this topic for itself, if it does: a consumer
+    /// group's retry or dead-letter topic, a light message queue, or one of
+    /// the broker's system topics (Apache RocketMQ's `TopicValidator`).
+    /// Publishing there would redeliver, dead-letter or schedule messages
+    /// for other groups, or speak for the broker.
+    pub fn reserved(&self) -> Option<&'static str> {
+        const SYSTEM_TOPICS: [&str; 10] = [
+            "TBW102",
+            "SCHEDULE_TOPIC_XXXX",
+            "BenchmarkTest",
+            "RMQ_SYS_TRANS_HALF_TOPIC",
+            "RMQ_SYS_TRACE_TOPIC",
+            "RMQ_SYS_TRANS_OP_HALF_TOPIC",
+            "TRANS_CHECK_MAX_TIME_TOPIC",
+            "SELF_TEST_TOPIC",
+            "OFFSET_MOVED_EVENT",
+            "rmq_sys_offset_commit_event",
+        ];
+        let wire = self.wire.as_str();
+        if wire.starts_with("%RETRY%") {
+            Some("it is a consumer group's retry topic")
+        } else if wire.starts_with("%DLQ%") {
+            Some("it is a consumer group's dead-letter queue")
+        } else if wire.starts_with('%') {
+            Some("names starting with '%' are RocketMQ's own (%RETRY%, %DLQ%, %LMQ%, %SYS%)")
+        } else if wire.starts_with("rmq_sys_") || SYSTEM_TOPICS.contains(&wire) {
+            Some("it is one of the broker's system topics")
+        } else {
+            None
+        }
+    }
 }
 
 impl fmt::Display for TopicName {
@@ -112,6 +144,27 @@ mod tests {
             topic.to_string(),
             "marketing.task.completed (on the wire: marketing_task_completed)"
         );
+    }
+
+    #[test]
+    fn retry_dead_letter_and_system_topics_are_reserved() {
+        for reserved in [
+            "%RETRY%rewards",
+            "%DLQ%rewards",
+            "%LMQ%x",
+            "SCHEDULE_TOPIC_XXXX",
+            "RMQ_SYS_TRANS_HALF_TOPIC",
+            "rmq_sys_REVIVE_LOG_DefaultCluster",
+            "TBW102",
+        ] {
+            assert!(
+                TopicName::new(reserved).unwrap().reserved().is_some(),
+                "{reserved}"
+            );
+        }
+        for ordinary in ["marketing.reward.granted", "RETRY_rewards", "dlq"] {
+            assert_eq!(TopicName::new(ordinary).unwrap().reserved(), None);
+        }
     }
 
     #[test]

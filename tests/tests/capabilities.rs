@@ -496,6 +496,7 @@ struct Kept(std::sync::Mutex<Vec<(String, usize)>>);
 impl mqplug::dispatch::OutboxSender for Kept {
     fn send(
         &self,
+        _plugin: &str,
         delivery: &Delivery,
         messages: &[mqplug::wasm::OutgoingMessage],
     ) -> Result<(), String> {

@@ -896,10 +896,25 @@ async fn follow_up_messages_go_out_after_ok_with_derived_ids_and_never_after_err
         .publish(&publish_event(3, "err_first"))
         .await?
         .message_id;
+    // What chaos publishes for message `id`: its ids derive from the
+    // plugin, the incoming message, the index and the message itself.
+    let follow_up = |id: &str, i: usize| mqplug::wasm::OutgoingMessage {
+        topic: mqplug::topic::TopicName::new(FOLLOW_UP_TOPIC).unwrap(),
+        tag: Some("FOLLOW_UP".into()),
+        keys: Vec::new(),
+        body: serde_json::json!({"for": id, "i": i})
+            .to_string()
+            .into_bytes(),
+    };
     let expected: HashSet<(String, String)> = [&ok, &second_try]
         .into_iter()
         .flat_map(|id| {
-            (0..FOLLOW_UPS as usize).map(move |i| (follow_up_id(id, i), follow_up_key(id, i)))
+            (0..FOLLOW_UPS as usize).map(move |i| {
+                (
+                    follow_up_id("chaos", id, i, &follow_up(id, i)),
+                    follow_up_key(id, i),
+                )
+            })
         })
         .collect();
     let arrived = |seen: &mqplug_tests::Collect| -> Vec<(String, String)> {

@@ -422,6 +422,7 @@ impl PublisherOutbox {
 impl crate::dispatch::OutboxSender for PublisherOutbox {
     fn send(
         &self,
+        plugin: &str,
         delivery: &crate::delivery::Delivery,
         messages: &[crate::wasm::OutgoingMessage],
     ) -> Result<(), String> {
@@ -435,7 +436,12 @@ impl crate::dispatch::OutboxSender for PublisherOutbox {
                         message.body.clone(),
                         message.tag.as_deref(),
                         keys,
-                        Some(crate::wasm::follow_up_id(&delivery.message_id, index)),
+                        Some(crate::wasm::follow_up_id(
+                            plugin,
+                            &delivery.message_id,
+                            index,
+                            message,
+                        )),
                     )
                     .await
                     .map_err(|err| {

@@ -100,13 +100,47 @@ impl PublishGrants {
     }
 }
 
-/// The message id of follow-up message `index` of the incoming message
-/// `message_id`: 32 hex digits, like a client's, the same on every
-/// redelivery.
-pub fn follow_up_id(message_id: &str, index: usize) -> String {
+/// The message id of follow-up message `index` that `plugin` published for
+/// the incoming message `message_id`: 32 hex digits, like a client's.
+///
+/// Derived from all of it: the plugin, the incoming message, the index, and
+/// the message itself (topic, tag, keys, body). A redelivered event whose
+/// handler publishes the same message again gets the same id, so consumers
+/// downstream that drop duplicates by id see it once; two plugins handling
+/// one message, or a handler that publishes something else the second
+/// time, get distinct ids, so such a consumer never drops a message it has
+/// not seen.
+pub fn follow_up_id(
+    plugin: &str,
+    message_id: &str,
+    index: usize,
+    message: &OutgoingMessage,
+) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(format!("mqplug-outbox\n{message_id}\n{index}").as_bytes());
-    digest[..16].iter().map(|b| format!("{b:02X}")).collect()
+    let mut digest = Sha256::new();
+    // Every field length-prefixed: no two lists of fields hash alike.
+    let mut field = |bytes: &[u8]| {
+        digest.update((bytes.len() as u64).to_be_bytes());
+        digest.update(bytes);
+    };
+    field(b"mqplug-outbox-2");
+    field(plugin.as_bytes());
+    field(message_id.as_bytes());
+    field(&(index as u64).to_be_bytes());
+    field(message.topic.wire().as_bytes());
+    match &message.tag {
+        Some(tag) => field(format!("tag:{tag}").as_bytes()),
+        None => field(b"no tag"),
+    }
+    field(&(message.keys.len() as u64).to_be_bytes());
+    for key in &message.keys {
+        field(key.as_bytes());
+    }
+    field(&message.body);
+    digest.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect()
 }
 
 /// The key the host gives follow-up message `index` of `message_id`.
@@ -162,10 +196,49 @@ mod tests {
 
     #[test]
     fn follow_up_ids_are_stable_distinct_and_shaped_like_a_clients() {
-        let id = follow_up_id("C0A80001000000000000000000000001", 0);
-        assert_eq!(id, follow_up_id("C0A80001000000000000000000000001", 0));
-        assert_ne!(id, follow_up_id("C0A80001000000000000000000000001", 1));
-        assert_ne!(id, follow_up_id("C0A80001000000000000000000000002", 0));
+        let message = OutgoingMessage {
+            topic: TopicName::new("marketing.reward.granted").unwrap(),
+            tag: Some("GRANTED".into()),
+            keys: vec!["user-7".into()],
+            body: b"{}".to_vec(),
+        };
+        let incoming = "C0A80001000000000000000000000001";
+        let id = follow_up_id("rewards", incoming, 0, &message);
+        // The same message again (a redelivery): the same id.
+        assert_eq!(id, follow_up_id("rewards", incoming, 0, &message.clone()));
+        // Anything else: another id.
+        let mut others = vec![
+            follow_up_id("rewards", incoming, 1, &message),
+            follow_up_id("rewards", "C0A80001000000000000000000000002", 0, &message),
+            // Another team's plugin handling the same message.
+            follow_up_id("audit", incoming, 0, &message),
+        ];
+        let changed = [
+            OutgoingMessage {
+                topic: TopicName::new("marketing.reward.audited").unwrap(),
+                ..message.clone()
+            },
+            OutgoingMessage {
+                tag: None,
+                ..message.clone()
+            },
+            OutgoingMessage {
+                keys: vec!["user-8".into()],
+                ..message.clone()
+            },
+            OutgoingMessage {
+                body: b"{ }".to_vec(),
+                ..message.clone()
+            },
+        ];
+        others.extend(
+            changed
+                .iter()
+                .map(|other| follow_up_id("rewards", incoming, 0, other)),
+        );
+        others.push(id.clone());
+        let distinct: std::collections::HashSet<&String> = others.iter().collect();
+        assert_eq!(distinct.len(), others.len(), "{others:?}");
         assert_eq!(id.len(), 32);
         assert!(
             id.chars()

@@ -66,7 +66,8 @@ pub mod config {
 /// Follow-up messages to the topics the plugin's entry grants
 /// (`allowed_topics`), sent by the host after the handler returns `Ok` and
 /// never after `Err`. Each is keyed `<message-id>:<index>` with a message
-/// id derived from both, so a redelivered event republishes the same ids.
+/// id derived from the plugin, both of these and the message, so a redelivered
+/// event that publishes the same message republishes the same id.
 ///
 /// ```ignore
 /// mqplug_plugin::publish::send("marketing.reward.granted", Some("REWARD"), &[], body)?;
