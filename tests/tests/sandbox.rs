@@ -704,3 +704,73 @@ fn plugin_text_is_escaped_and_bounded_in_logs_and_error_reasons() {
         "done\\n2026-11-27T05:00:00.000000Z  INFO mqplug: FORGED admin login accepted\\u{1b}[0m"
     );
 }
+
+#[test]
+fn a_plugin_that_keeps_header_sets_is_stopped_at_its_share_of_host_resources() {
+    const LIMIT: usize = 16 * 1024 * 1024;
+    let settings = PluginSettings {
+        deadline: ROOMY_DEADLINE,
+        memory_limit_bytes: LIMIT,
+        instance_mode: InstanceMode::Reuse,
+        ..PluginSettings::new("chaos")
+    };
+    let plugin = load(settings, &Recorder::new());
+    let share = mqplug::wasm::max_host_resources(LIMIT);
+    assert_eq!(share, LIMIT / mqplug::wasm::MAX_HEADER_SET_BYTES);
+    let hoard = |count: usize| {
+        let mut hoard = event("HOARD");
+        hoard.event_data.insert("count".into(), count.into());
+        hoard.event_data.insert("bytes".into(), 1024.into());
+        hoard
+    };
+    // Far more header sets than its share: the call fails as a limit, not
+    // a host failure, and the host never holds more than the share.
+    match plugin.handle(&hoard(share * 8), &delivery("hoard", 0)) {
+        HandlerOutcome::Failed(failure @ HandlerFailure::MemoryLimit { .. }) => {
+            let text = failure.to_string();
+            assert!(text.contains("host resources"), "{text}");
+            assert!(text.contains(&share.to_string()), "{text}");
+        }
+        other => panic!("expected the resource limit, got {other:?}"),
+    }
+    // What it held went with its instance: the next event runs, and may
+    // keep half its share, twice over on one instance.
+    assert_eq!(
+        plugin.handle(&event("OK"), &delivery("next", 0)),
+        HandlerOutcome::Accepted
+    );
+    for round in 0..2 {
+        assert_eq!(
+            plugin.handle(&hoard(share / 2 - 64), &delivery("half", round)),
+            HandlerOutcome::Accepted,
+            "round {round}"
+        );
+    }
+    // A third half does not fit beside the two kept on this instance.
+    assert!(matches!(
+        plugin.handle(&hoard(share / 2), &delivery("half", 2)),
+        HandlerOutcome::Failed(HandlerFailure::MemoryLimit { .. })
+    ));
+}
+
+#[test]
+fn a_header_set_larger_than_its_limit_is_a_limit_the_host_names() {
+    let plugin = chaos(InstanceMode::Reuse, &Recorder::new());
+    let mut big = event("HOARD");
+    big.event_data.insert("count".into(), 1.into());
+    big.event_data.insert(
+        "bytes".into(),
+        (mqplug::wasm::MAX_HEADER_SET_BYTES * 2).into(),
+    );
+    match plugin.handle(&big, &delivery("big", 0)) {
+        HandlerOutcome::Failed(failure @ HandlerFailure::MemoryLimit { .. }) => {
+            let text = failure.to_string();
+            assert!(text.contains("header set past its limit"), "{text}");
+        }
+        other => panic!("expected the header set limit, got {other:?}"),
+    }
+    assert_eq!(
+        plugin.handle(&event("OK"), &delivery("next", 0)),
+        HandlerOutcome::Accepted
+    );
+}

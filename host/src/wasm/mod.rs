@@ -29,3 +29,4 @@ pub use outbox::{
     follow_up_key,
 };
 pub use plugin::{InstanceMode, Plugin, PluginLoadError, PluginSettings};
+pub use state::{MAX_HEADER_SET_BYTES, max_host_resources};

@@ -31,8 +31,9 @@ pub enum InstanceMode {
     /// may see state left by earlier events.
     #[default]
     Reuse,
-    /// A new instance for every event (about 8 us an event on Linux 6.7+, 25 us before): no state
-    /// survives between events.
+    /// A new instance for every event (about 25 us an event: its pool slot
+    /// is decommitted and zeroed for the next instance): no state survives
+    /// between events.
     FreshPerEvent,
 }
 
@@ -458,6 +459,37 @@ impl Plugin {
                 detail: format!(
                     "tried to grow memory to {desired} bytes, limit {} bytes",
                     self.settings.memory_limit_bytes
+                ),
+            };
+        }
+        if err.chain().any(|cause| {
+            matches!(
+                cause.downcast_ref(),
+                Some(wasmtime::component::ResourceTableError::Full)
+            )
+        }) {
+            return HandlerFailure::MemoryLimit {
+                detail: format!(
+                    "holds more host resources (header sets, requests, streams, buckets) than \
+                     the {} its memory limit of {} bytes allows",
+                    super::state::max_host_resources(self.settings.memory_limit_bytes),
+                    self.settings.memory_limit_bytes
+                ),
+            };
+        }
+        if err.chain().any(|cause| {
+            matches!(
+                cause.downcast_ref(),
+                Some(
+                    wasmtime_wasi_http::FieldMapError::TotalSizeTooBig
+                        | wasmtime_wasi_http::FieldMapError::TooManyFields
+                )
+            )
+        }) {
+            return HandlerFailure::MemoryLimit {
+                detail: format!(
+                    "a header set past its limit of {} bytes",
+                    super::state::MAX_HEADER_SET_BYTES
                 ),
             };
         }

@@ -23,6 +23,20 @@ pub const MAX_LOG_LINE_BYTES: usize = MAX_UNTRUSTED_BYTES;
 /// Most table elements a plugin may have; generous for any real plugin.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// The largest in-memory size of one `wasi:http` header set: twice the
+/// 8 KiB that HTTP proxies allow on the wire, room for hyper's own
+/// structures (wasmtime's default is 128 KiB).
+pub const MAX_HEADER_SET_BYTES: usize = 16 * 1024;
+
+/// The most host resources (header sets, requests, responses, bodies,
+/// streams, pollables, buckets) one instance may hold at once: as many
+/// header sets of [`MAX_HEADER_SET_BYTES`] as its memory limit holds, so
+/// what the host keeps for a plugin grows with its own limit, not without
+/// bound; at least 256, at most 65,536. wasmtime's default is a million.
+pub fn max_host_resources(memory_limit_bytes: usize) -> usize {
+    (memory_limit_bytes / MAX_HEADER_SET_BYTES).clamp(256, 65_536)
+}
+
 /// What a plugin's entry grants it, for each of its stores.
 pub(crate) struct Grants {
     pub config: Arc<ConfigValues>,
@@ -83,12 +97,16 @@ impl HostState {
             publish,
             key_value,
         } = grants;
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(max_host_resources(memory_limit_bytes));
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(MAX_HEADER_SET_BYTES);
         HostState {
             key_value: KeyValue::new(plugin.clone(), key_value, observers.clone()),
             plugin,
             message_id: String::new(),
             wasi,
-            table: ResourceTable::new(),
+            table,
             memory_limit_bytes,
             memory_denied: None,
             memory_bytes: 0,
@@ -101,7 +119,7 @@ impl HostState {
             },
             wait_limit,
             config,
-            http: WasiHttpCtx::new(),
+            http,
             publish,
             outbox: Vec::new(),
         }

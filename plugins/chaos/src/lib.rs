@@ -22,6 +22,7 @@
 //! | `DEAD_LETTER` | logs `dead letter <reconsume times>`, is busy for `event_data.ms` (default 0), then asks for the dead-letter queue (`Failure::dead_letter`) |
 //! | `RETRY_AFTER` | on first delivery, logs `retry after <ms>` and asks for a retry no sooner than `event_data.ms` (default 1000); ok on redelivery |
 //! | `KV`        | one key-value call: `event_data.op` (`get`, `set`, `delete`, `exists`, `keys`, `increment`, `claim`) on bucket `event_data.bucket`, key `event_data.key`, value `event_data.value` (or `event_data.value_len` bytes of `x`), `event_data.delta`, `event_data.ttl_ms`; logs `kv <op> <result>` and is ok, or returns the error `kv: <why>`. With `event_data.repeat` = n, does it n times on keys `<key>0` to `<key><n-1>` (`get`: on `<key>`), logging the last result (for benchmarks) |
+//! | `HOARD`     | creates `event_data.count` `wasi:http` header sets, each with one header of `event_data.bytes` bytes, and keeps every one (a hostile plugin taking host memory); logs `hoarded <count>` and is ok, or returns the error `hoard: <why>` |
 //! | anything else | ok                                                       |
 //!
 //! Every call first logs `seen <json>` with the whole event and delivery, so
@@ -249,6 +250,22 @@ impl Chaos {
                     }
                     _ => Ok(()),
                 }
+            }
+            "HOARD" => {
+                use mqplug_plugin::bindings::wasi::http::types::Fields;
+                let count = event.event_data["count"].as_u64().unwrap_or(1);
+                let bytes = event.event_data["bytes"].as_u64().unwrap_or(1024) as usize;
+                let value = vec![b'x'; bytes];
+                for i in 0..count {
+                    let fields = Fields::new();
+                    if let Err(why) = fields.append("x-hoard", &value) {
+                        return Err(format!("hoard: header set {i}: {why:?}"));
+                    }
+                    // Never dropped: the host keeps it until the instance goes.
+                    std::mem::forget(fields);
+                }
+                log::info(&format!("hoarded {count}"));
+                Ok(())
             }
             "PRINT" => {
                 println!("chaos stdout {}", delivery.message_id);
