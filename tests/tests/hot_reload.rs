@@ -774,6 +774,78 @@ fn a_cache_folder_others_can_write_is_not_used() -> Result<()> {
 }
 
 #[test]
+fn a_cache_folder_or_key_that_is_a_link_or_another_users_is_not_used() -> Result<()> {
+    use std::os::unix::fs::symlink;
+
+    let root = tempfile::tempdir()?;
+    let real = root.path().join("real");
+    assert_eq!(
+        load_cached(&real, None, "noop")?.compiled(),
+        Compiled::Fresh
+    );
+    assert_eq!(
+        load_cached(&real, None, "noop")?.compiled(),
+        Compiled::FromCache
+    );
+    // The same folder and key through links: not run from.
+    let link = root.path().join("link");
+    symlink(&real, &link)?;
+    symlink(root.path().join("real.key"), root.path().join("link.key"))?;
+    assert_eq!(
+        load_cached(&link, None, "noop")?.compiled(),
+        Compiled::Fresh,
+        "a linked folder is not used"
+    );
+    // A folder of its own whose key was swapped for a link to another key.
+    let other = root.path().join("other");
+    load_cached(&other, None, "noop")?;
+    std::fs::remove_file(root.path().join("other.key"))?;
+    symlink(root.path().join("real.key"), root.path().join("other.key"))?;
+    assert_eq!(
+        load_cached(&other, None, "noop")?.compiled(),
+        Compiled::Fresh,
+        "a linked key is not used"
+    );
+    // A folder another user owns (only root can make one here).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let theirs = root.path().join("theirs");
+        std::fs::create_dir(&theirs)?;
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534))?;
+        assert_eq!(
+            load_cached(&theirs, None, "noop")?.compiled(),
+            Compiled::Fresh
+        );
+        assert_eq!(
+            std::fs::read_dir(&theirs)?.count(),
+            0,
+            "nothing written into a folder another user owns"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_temporary_file_a_crashed_writer_left_is_removed_and_a_recent_one_kept() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let dir = root.path().join("cache");
+    load_cached(&dir, None, "noop")?;
+    let orphan = dir.join(".orphan.cwasm.1-0.tmp");
+    let recent = dir.join(".recent.cwasm.2-0.tmp");
+    std::fs::write(&orphan, b"half an entry")?;
+    std::fs::write(&recent, b"being written by another host")?;
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)?
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))?;
+    // The next entry written tidies the folder.
+    load_cached(&dir, None, "chaos")?;
+    assert!(!orphan.exists(), "the two-hour-old temporary file is gone");
+    assert!(recent.exists(), "a temporary file being written now stays");
+    Ok(())
+}
+
+#[test]
 fn past_its_size_cap_the_cache_drops_the_least_recently_used_entry() -> Result<()> {
     let root = tempfile::tempdir()?;
     let dir = root.path().join("cache");

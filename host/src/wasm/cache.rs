@@ -137,6 +137,10 @@ pub enum CacheError {
         who: &'static str,
         mode: u32,
     },
+    #[error(
+        "compile cache {path} {why}: refusing to run native code from it; use a folder of this user's, not a link"
+    )]
+    NotOurs { path: String, why: String },
     #[error("compile cache key {path}: {reason}")]
     Key { path: String, reason: String },
     #[error("compile cache folder {dir}: {source}")]
@@ -273,7 +277,9 @@ fn open_folder(dir: &Path) -> Result<[u8; MAC_LEN], CacheError> {
         .mode(0o700)
         .create(dir)
         .map_err(io)?;
-    let mode = std::fs::metadata(dir).map_err(io)?.mode() & 0o777;
+    let metadata = std::fs::symlink_metadata(dir).map_err(io)?;
+    ours(dir, &metadata)?;
+    let mode = metadata.mode() & 0o777;
     if mode & 0o022 != 0 {
         return Err(CacheError::Writable {
             dir: dir.display().to_string(),
@@ -306,7 +312,9 @@ fn open_folder(dir: &Path) -> Result<[u8; MAC_LEN], CacheError> {
             Ok(key)
         }
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-            let metadata = std::fs::metadata(&path).map_err(|e| key_error(e.to_string()))?;
+            let metadata =
+                std::fs::symlink_metadata(&path).map_err(|e| key_error(e.to_string()))?;
+            ours(&path, &metadata)?;
             if metadata.mode() & 0o077 != 0 {
                 return Err(key_error(format!(
                     "readable or writable by others (mode {:o})",
@@ -321,6 +329,34 @@ fn open_folder(dir: &Path) -> Result<[u8; MAC_LEN], CacheError> {
         Err(err) => Err(key_error(format!("cannot create: {err}"))),
     }
 }
+
+/// Refuses a cache folder or key that is a symbolic link (whoever made it
+/// chooses what it points at) or that another user owns (who could replace
+/// what is in it).
+fn ours(path: &Path, metadata: &std::fs::Metadata) -> Result<(), CacheError> {
+    use std::os::unix::fs::MetadataExt;
+
+    let not_ours = |why: String| CacheError::NotOurs {
+        path: path.display().to_string(),
+        why,
+    };
+    if metadata.file_type().is_symlink() {
+        return Err(not_ours("is a symbolic link".into()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if metadata.uid() != me {
+        return Err(not_ours(format!(
+            "is owned by user {}, not by this process's user {me}",
+            metadata.uid()
+        )));
+    }
+    Ok(())
+}
+
+/// How old a temporary file must be before [`evict`] takes it for one a
+/// crashed writer left (a host sharing the folder may be writing one now).
+const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// `<folder>.key`, beside the folder: whoever can write only the folder
 /// cannot replace it.
@@ -417,7 +453,8 @@ fn touch(entry: &Path) {
 
 /// Removes the least recently used entries (by modification time, which a
 /// hit renews) until the folder's entries fit in `max_bytes`; `keep` (the
-/// entry just written) stays.
+/// entry just written) stays. Temporary files older than [`ORPHAN_AGE`],
+/// left by a writer that died before renaming them, go too.
 fn evict(dir: &Path, keep: &Path, max_bytes: u64) -> wasmtime::Result<()> {
     let mut entries = Vec::new();
     for item in std::fs::read_dir(dir)? {
@@ -426,6 +463,11 @@ fn evict(dir: &Path, keep: &Path, max_bytes: u64) -> wasmtime::Result<()> {
         if path.extension().is_some_and(|ext| ext == "cwasm") {
             let metadata = item.metadata()?;
             entries.push((metadata.modified()?, metadata.len(), path));
+        } else if path.extension().is_some_and(|ext| ext == "tmp") {
+            let age = item.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if age >= ORPHAN_AGE && std::fs::remove_file(&path).is_ok() {
+                tracing::info!(file = %path.display(), "compile cache: removed a temporary file a writer left behind");
+            }
         }
     }
     let mut total: u64 = entries.iter().map(|(_, len, _)| len).sum();
