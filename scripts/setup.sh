@@ -6,6 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The toolchain rust-toolchain.toml names (with its components and the
+# wasm32-wasip2 target), in rustup's own cache, keyed by version.
+if ! rustup toolchain list | grep -q "^$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)-"; then
+    echo "== rustup toolchain install (rust-toolchain.toml)" >&2
+    rustup toolchain install
+fi
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     echo "== rustup target add wasm32-wasip2" >&2
     rustup target add wasm32-wasip2
