@@ -3,7 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info_span, warn};
 
@@ -64,12 +64,25 @@ pub trait OutboxSender: Send + Sync + 'static {
     /// message `delivery`, each keyed and identified by
     /// [`crate::wasm::follow_up_key`] and [`crate::wasm::follow_up_id`];
     /// the first failure, with what was sent before it.
+    /// All of it within `budget`: what is left of the client's listener
+    /// timeout once the handler returned (see [`outbox_budget`]).
     fn send(
         &self,
         plugin: &str,
         delivery: &Delivery,
         messages: &[OutgoingMessage],
+        budget: Duration,
     ) -> Result<(), String>;
+}
+
+/// How long an event's follow-ups may take to send when its handler
+/// returned `handled` after the listener began: what is left of the time
+/// the whole message may take ([`crate::config::MAX_DEADLINE_MS`], 2 s below
+/// the client's 30 s listener timeout, room for the answer or a send-back).
+/// Past it the client would count the message failed and run it again
+/// while its follow-ups were still going out.
+pub fn outbox_budget(handled: Duration) -> Duration {
+    Duration::from_millis(crate::config::MAX_DEADLINE_MS).saturating_sub(handled)
 }
 
 impl EventHandler for Plugin {
@@ -217,7 +230,10 @@ impl Dispatcher {
                 // with the same ids.
                 let unsent = (outcome == DeliveryOutcome::ConsumeSuccess
                     && !handled.outbox.is_empty())
-                .then(|| self.send_outbox(delivery, &handled.outbox).err())
+                .then(|| {
+                    self.send_outbox(delivery, &handled.outbox, started.elapsed())
+                        .err()
+                })
                 .flatten();
                 match unsent {
                     None => (outcome, cause),
@@ -249,11 +265,24 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    fn send_outbox(&self, delivery: &Delivery, outbox: &[OutgoingMessage]) -> Result<(), String> {
+    fn send_outbox(
+        &self,
+        delivery: &Delivery,
+        outbox: &[OutgoingMessage],
+        handled: Duration,
+    ) -> Result<(), String> {
         let Some(sender) = &self.outbox else {
             return Err("the built-in producer is off ([producer] enabled = false)".into());
         };
-        sender.send(&self.plugin, delivery, outbox)
+        let budget = outbox_budget(handled);
+        if budget.is_zero() {
+            return Err(format!(
+                "no time left to send them: the handler took {} ms of the {} ms a message may take",
+                handled.as_millis(),
+                crate::config::MAX_DEADLINE_MS
+            ));
+        }
+        sender.send(&self.plugin, delivery, outbox, budget)
     }
 }
 
@@ -475,8 +504,13 @@ mod tests {
             plugin: &str,
             delivery: &Delivery,
             messages: &[OutgoingMessage],
+            budget: Duration,
         ) -> Result<(), String> {
             assert_eq!(plugin, "test-plugin", "the sender is told whose they are");
+            assert!(
+                !budget.is_zero() && budget <= outbox_budget(Duration::ZERO),
+                "{budget:?}"
+            );
             self.sent
                 .lock()
                 .unwrap()
@@ -487,6 +521,18 @@ mod tests {
                 Ok(())
             }
         }
+    }
+
+    #[test]
+    fn follow_ups_get_what_is_left_of_the_listener_timeout_and_nothing_past_it() {
+        let whole = Duration::from_millis(crate::config::MAX_DEADLINE_MS);
+        assert_eq!(outbox_budget(Duration::ZERO), whole);
+        assert_eq!(
+            outbox_budget(whole - Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(outbox_budget(whole), Duration::ZERO);
+        assert_eq!(outbox_budget(whole * 2), Duration::ZERO);
     }
 
     #[test]

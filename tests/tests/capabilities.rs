@@ -499,6 +499,7 @@ impl mqplug::dispatch::OutboxSender for Kept {
         _plugin: &str,
         delivery: &Delivery,
         messages: &[mqplug::wasm::OutgoingMessage],
+        _budget: std::time::Duration,
     ) -> Result<(), String> {
         self.0
             .lock()

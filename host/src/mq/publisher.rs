@@ -409,8 +409,8 @@ pub struct PublisherOutbox {
     runtime: tokio::runtime::Handle,
 }
 
-/// Everything an event's follow-up messages may take: they are sent on the
-/// listener thread, within the client's 30 s listener timeout.
+/// The most an event's follow-up messages may take, however much of the
+/// listener timeout is left (the dispatcher's budget may be less).
 const OUTBOX_BUDGET: Duration = Duration::from_secs(10);
 
 impl PublisherOutbox {
@@ -425,7 +425,9 @@ impl crate::dispatch::OutboxSender for PublisherOutbox {
         plugin: &str,
         delivery: &crate::delivery::Delivery,
         messages: &[crate::wasm::OutgoingMessage],
+        budget: Duration,
     ) -> Result<(), String> {
+        let budget = budget.min(OUTBOX_BUDGET);
         let send_all = async {
             for (index, message) in messages.iter().enumerate() {
                 let mut keys = vec![crate::wasm::follow_up_key(&delivery.message_id, index)];
@@ -457,9 +459,9 @@ impl crate::dispatch::OutboxSender for PublisherOutbox {
         };
         // A listener thread is a blocking one: it may wait on the runtime.
         self.runtime.block_on(async {
-            tokio::time::timeout(OUTBOX_BUDGET, send_all)
+            tokio::time::timeout(budget, send_all)
                 .await
-                .unwrap_or_else(|_| Err(format!("not sent within {OUTBOX_BUDGET:?}")))
+                .unwrap_or_else(|_| Err(format!("not sent within {budget:?}")))
         })
     }
 }
