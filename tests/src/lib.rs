@@ -28,6 +28,37 @@ pub fn workspace_root() -> PathBuf {
 
 use mqplug::config::{HostConfig, PluginConfig};
 
+/// Everything the process logs through `tracing` at `filter`, from every
+/// thread, from the first call on: one global subscriber per test binary,
+/// installed by the first test that asks (later calls keep the first
+/// filter). Returns what was logged so far.
+pub fn host_log(filter: &str) -> String {
+    use std::sync::{Arc, Mutex, OnceLock};
+    #[derive(Clone)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOG: OnceLock<Shared> = OnceLock::new();
+    let log = LOG.get_or_init(|| {
+        let log = Shared(Arc::default());
+        let writer = log.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        log
+    });
+    String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned()
+}
+
 /// How many descriptors a test that opens thousands of connections may
 /// hold: the process's soft limit raised to its hard limit first (many
 /// systems start processes at a soft limit of 1024), then a quarter of that

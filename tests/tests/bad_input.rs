@@ -2,8 +2,6 @@
 //! (ConsumeRetryLater), a clear log line, and a host that keeps running.
 //! Alone in its file because it captures the process's log output.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -11,29 +9,10 @@ use mqplug::config::PluginConfig;
 use mqplug::{DeliveryOutcome, Host};
 use mqplug_tests::{LocalBroker, Recorder, host_config, plugins::plugin_path, sample_event};
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_body_is_retried_with_a_clear_log_line_and_the_host_keeps_running() -> Result<()>
 {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("mqplug=info")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    mqplug_tests::host_log("mqplug=info");
 
     let broker = LocalBroker::start()?;
     let recorder = Recorder::new();
@@ -77,7 +56,7 @@ async fn a_malformed_body_is_retried_with_a_clear_log_line_and_the_host_keeps_ru
     let ok = handled.iter().find(|h| h.message_id == good).unwrap();
     assert_eq!(ok.outcome, DeliveryOutcome::ConsumeSuccess);
 
-    let log = String::from_utf8(captured.0.lock().unwrap().clone())?;
+    let log = mqplug_tests::host_log("mqplug=info");
     let line = log
         .lines()
         .find(|line| line.contains("undecodable message"))

@@ -626,38 +626,12 @@ fn an_http_ca_file_that_cannot_be_read_refuses_the_load_naming_it() {
     }
 }
 
-/// Everything the host logs in this test binary, from every thread (one
-/// global subscriber, installed by the first test that asks).
-fn host_log() -> String {
-    use std::sync::{Mutex, OnceLock};
-    #[derive(Clone)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    static LOG: OnceLock<Shared> = OnceLock::new();
-    let log = LOG.get_or_init(|| {
-        let log = Shared(Arc::default());
-        let writer = log.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("mqplug=warn")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .init();
-        log
-    });
-    String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned()
-}
+/// What the host's log keeps in this test binary.
+const HOST_LOG: &str = "mqplug=warn";
 
 #[test]
 fn the_hosts_line_about_a_refused_request_hides_credentials_query_values_and_secrets() {
-    host_log();
+    mqplug_tests::host_log(HOST_LOG);
     let dir = tempfile::tempdir().unwrap();
     // Granted a secret, and no origin: every request is refused and logged.
     let plugin = chaos_with(granted_entry(dir.path()), &Recorder::new()).unwrap();
@@ -672,7 +646,7 @@ fn the_hosts_line_about_a_refused_request_hides_credentials_query_values_and_sec
             "{url}: {outcome:?}"
         );
     }
-    let log = host_log();
+    let log = mqplug_tests::host_log(HOST_LOG);
     let lines: Vec<&str> = log
         .lines()
         .filter(|line| line.contains("redaction-probe"))
