@@ -542,7 +542,7 @@ mod tests {
     /// between them.
     const PIPE_BYTES: usize = 64 * 1024;
 
-    /// Serves in-memory connections; `connect()` opens one.
+    /// Serves in-memory connections; `request()` opens one and sends a GET.
     struct InMemoryServer {
         connections: tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
         _stop: watch::Sender<bool>,
