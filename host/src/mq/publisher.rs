@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rocketmq_client_rust::{ClientRuntime, DefaultMQProducer, SendResult};
+use rocketmq_client_rust::{ClientError, ClientRuntime, DefaultMQProducer, SendResult};
 use rocketmq_model::common::message::message_client_id_setter::MessageClientIDSetter;
 use rocketmq_model::common::message::message_property::MessagePropertyKey;
 use rocketmq_model::common::message::message_single::Message;
@@ -289,7 +289,18 @@ impl Publisher {
             };
             match result {
                 Ok(result) => return Ok((result, attempt)),
-                Err(err) if attempt > self.settings.backoff.attempts => {
+                // A message no retry can mend is reported at once, and the
+                // client every other send shares is kept.
+                Err(SendFailure {
+                    error,
+                    permanent: true,
+                }) => {
+                    return Err(MqError {
+                        action: format!("{} (refused as it is: not retried)", error.action),
+                        cause: error.cause,
+                    });
+                }
+                Err(SendFailure { error: err, .. }) if attempt > self.settings.backoff.attempts => {
                     let cause = match first_cause {
                         Some(first) if first != err.cause => {
                             format!("{first} (first attempt); {} (last attempt)", err.cause)
@@ -301,7 +312,7 @@ impl Publisher {
                         cause,
                     });
                 }
-                Err(err) => {
+                Err(SendFailure { error: err, .. }) => {
                     let pause = self.settings.backoff.pause(attempt);
                     tracing::warn!(
                         attempt,
@@ -321,18 +332,25 @@ impl Publisher {
         producer: &DefaultMQProducer,
         wire: &str,
         outgoing: Outgoing,
-    ) -> Result<SendResult, MqError> {
+    ) -> Result<SendResult, SendFailure> {
         let timeout = u64::try_from(self.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
+        let failure = |action: String, err: ClientError| SendFailure {
+            permanent: permanent(&err),
+            error: MqError::new(action, &err),
+        };
         match outgoing {
             Outgoing::One(message) => {
                 let action = || format!("send to {wire}");
                 producer
                     .send_with_timeout(message, timeout)
                     .await
-                    .map_err(|err| MqError::new(action(), &err))?
-                    .ok_or_else(|| MqError {
-                        action: action(),
-                        cause: "the client returned no send result".into(),
+                    .map_err(|err| failure(action(), err))?
+                    .ok_or_else(|| SendFailure {
+                        error: MqError {
+                            action: action(),
+                            cause: "the client returned no send result".into(),
+                        },
+                        permanent: false,
                     })
             }
             Outgoing::Batch(messages) => {
@@ -340,7 +358,7 @@ impl Publisher {
                 producer
                     .send_batch_with_timeout(messages, timeout)
                     .await
-                    .map_err(|err| MqError::new(action, &err))
+                    .map_err(|err| failure(action, err))
             }
         }
     }
@@ -400,6 +418,30 @@ fn build_message(
         .map_err(|err| MqError::new(format!("build a message for {wire}"), &err))?;
     MessageClientIDSetter::set_uniq_id(&mut message);
     Ok(message)
+}
+
+/// A send that failed, and whether another attempt could succeed.
+struct SendFailure {
+    error: MqError,
+    permanent: bool,
+}
+
+/// RocketMQ's `MESSAGE_ILLEGAL` and `NO_PERMISSION` response codes.
+const MESSAGE_ILLEGAL: i32 = 13;
+const NO_PERMISSION: i32 = 16;
+
+/// Whether no retry can mend `err`: the client refused the message itself
+/// (an empty or oversized body, an illegal property), or the broker refused
+/// it as illegal or not permitted. Anything else (a timeout, a refused
+/// connection, a busy or restarting broker, a route not known yet) may
+/// pass on the next attempt.
+fn permanent(err: &ClientError) -> bool {
+    err.source_ref::<rocketmq_client_rust::MQClientException>()
+        .is_some_and(|refused| refused.response_code() == MESSAGE_ILLEGAL)
+        || matches!(
+            err.broker_response_code(),
+            Some(MESSAGE_ILLEGAL | NO_PERMISSION)
+        )
 }
 
 /// Sends accepted events' follow-up messages through the built-in producer,
