@@ -204,7 +204,7 @@ const fn v6(a: u16, b: u16, c: u16, d: u16, e: u16, f: u16, g: u16, h: u16) -> I
 /// unspecified, reserved, and the translation prefixes that carry another
 /// address). An IPv4-mapped address counts as the IPv4 address it is.
 pub fn is_internal(ip: IpAddr) -> bool {
-    let ip = unmapped(ip);
+    // `contains` reads an IPv4-mapped address as the IPv4 address it is.
     SPECIAL_PURPOSE
         .iter()
         .any(|&(base, prefix)| Network { base, prefix }.contains(ip))
@@ -408,40 +408,36 @@ impl OutboundGrants {
         cut: Arc<AtomicBool>,
     ) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
         let started = Instant::now();
-        // What the host writes about the request: never its userinfo, its
-        // query values or the plugin's secrets.
-        let shown = |text: &str, max_bytes: usize| {
-            inert(&self.secrets.redact(text.to_string()), max_bytes).into_owned()
-        };
-        let uri = request.uri();
-        let target = format!(
-            "{} {}",
-            request.method(),
-            shown(&url_without_secrets(&uri.to_string()), 512)
-        );
-        let origin = format!(
-            "{}://{}",
-            uri.scheme_str().unwrap_or("?"),
-            shown(
-                &uri.port_u16().map_or_else(
-                    || uri.host().unwrap_or("?").to_string(),
-                    |port| format!("{}:{port}", uri.host().unwrap_or("?"))
-                ),
-                256
-            )
-        );
+        // Kept to name the request if it fails (cheap clones: shared bytes).
+        let (method, uri) = (request.method().clone(), request.uri().clone());
         let result = self.send_checked(request, options, deadline, cut).await;
         let outcome = match &result {
             Ok((response, _)) => OutboundResult::Response(response.status().as_u16()),
             Err(Error::HttpRequestDenied | Error::DestinationIpProhibited) => {
-                self.refused.note(&origin);
                 OutboundResult::Refused
             }
             Err(_) => OutboundResult::Failed,
         };
         if let Err(err) = &result {
+            // What the host writes about the request: never its userinfo,
+            // its query values or the plugin's secrets.
+            let shown = |text: &str, max_bytes: usize| {
+                inert(&self.secrets.redact(text.to_string()), max_bytes).into_owned()
+            };
+            if outcome == OutboundResult::Refused {
+                let host = uri.host().unwrap_or("?");
+                let host_port = uri
+                    .port_u16()
+                    .map_or_else(|| host.to_string(), |port| format!("{host}:{port}"));
+                self.refused.note(&format!(
+                    "{}://{}",
+                    uri.scheme_str().unwrap_or("?"),
+                    shown(&host_port, 256)
+                ));
+            }
+            let target = shown(&url_without_secrets(&uri.to_string()), 512);
             let err = shown(&err.to_string(), 1024);
-            warn!(plugin = %self.plugin, "outbound {target}: {err}");
+            warn!(plugin = %self.plugin, "outbound {method} {target}: {err}");
         }
         self.observers.emit(|| HostEvent::Outbound {
             plugin: self.plugin.clone(),
