@@ -66,6 +66,11 @@ pub trait AdminView: Send + Sync + 'static {
     fn pool_usage(&self) -> PoolUsage;
     /// The last config reload error, if the last reload failed.
     fn config_error(&self) -> Option<String>;
+    /// The state store's kind and state as its last call found it, once
+    /// open.
+    fn store_health(&self) -> Option<(&'static str, Result<(), String>)> {
+        None
+    }
 }
 
 /// One open connection, as the cap sees it.
@@ -282,6 +287,15 @@ pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, Str
     match path {
         "/healthz" => (200, "text/plain", "ok\n".into()),
         "/readyz" => {
+            // Plugins' calls to a store that is down fail: not ready, and why.
+            if let Some((kind, Err(why))) = view.store_health() {
+                let why = crate::text::inert(&why, 1024);
+                return (
+                    503,
+                    "text/plain",
+                    format!("not ready\nstore {kind}: unavailable: {why}\n"),
+                );
+            }
             if view.ready() {
                 // Still ready (every plugin serves a build), but a refused
                 // reload is said here too, not only on /plugins.
@@ -373,6 +387,11 @@ fn plugins_json(view: &dyn AdminView) -> String {
     let mut text = serde_json::to_string_pretty(&json!({
         "ready": view.ready(),
         "config_error": view.config_error(),
+        "store": view.store_health().map(|(kind, health)| json!({
+            "kind": kind,
+            "available": health.is_ok(),
+            "error": health.err(),
+        })),
         "plugins": plugins,
     }))
     .expect("JSON values serialize");
@@ -395,6 +414,7 @@ mod tests {
     struct Stub {
         metrics: Arc<Metrics>,
         config_error: Option<String>,
+        store: Option<(&'static str, Result<(), String>)>,
     }
 
     impl Stub {
@@ -402,6 +422,7 @@ mod tests {
             Arc::new(Stub {
                 metrics: Metrics::new(),
                 config_error,
+                store: None,
             })
         }
     }
@@ -428,6 +449,30 @@ mod tests {
         fn config_error(&self) -> Option<String> {
             self.config_error.clone()
         }
+        fn store_health(&self) -> Option<(&'static str, Result<(), String>)> {
+            self.store.clone()
+        }
+    }
+
+    #[test]
+    fn readiness_and_plugins_say_when_the_state_store_is_down_and_why() {
+        let view = Stub {
+            metrics: Metrics::new(),
+            config_error: None,
+            store: Some(("redis", Err("Connection refused\n(os error 111)".into()))),
+        };
+        let (status, _, body) = route("/readyz", &view);
+        assert_eq!(status, 503);
+        assert_eq!(
+            body,
+            "not ready\nstore redis: unavailable: Connection refused\\n(os error 111)\n"
+        );
+        let (_, _, plugins) = route("/plugins", &view);
+        let plugins: serde_json::Value = serde_json::from_str(&plugins).unwrap();
+        assert_eq!(plugins["store"]["kind"], "redis");
+        assert_eq!(plugins["store"]["available"], false);
+        let (status, _, _) = route("/readyz", &*Stub::view(None));
+        assert_eq!(status, 200);
     }
 
     /// Ends a test that would otherwise hang on a bug; not a measurement.

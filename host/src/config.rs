@@ -471,7 +471,11 @@ pub const MAX_HTTP_IN_FLIGHT: usize = 256;
 
 /// Where the host reads one secret.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "where to read the secret: { env = \"VARIABLE\" } or { file = \"/path\" } \
+                 (a secret's value is never written in the config)"
+)]
 pub struct SecretSource {
     /// An environment variable of the host process.
     pub env: Option<String>,
@@ -489,6 +493,11 @@ impl SecretSource {
     /// The secret's value; the error names where it was looked for, never
     /// what was found.
     fn read(&self) -> Result<String, String> {
+        let whence = match (&self.env, &self.file) {
+            (Some(var), None) => format!("environment variable {var}"),
+            (None, Some(path)) => format!("file {}", path.display()),
+            _ => String::new(),
+        };
         let mut value = match (&self.env, &self.file) {
             (Some(var), None) => std::env::var(var)
                 .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
@@ -507,10 +516,10 @@ impl SecretSource {
             }
         }
         if value.is_empty() {
-            return Err("it is empty".into());
+            return Err(format!("{whence} is empty"));
         }
         if value.len() > MAX_CONFIG_VALUE_BYTES {
-            return Err(format!("it is over {MAX_CONFIG_VALUE_BYTES} bytes"));
+            return Err(format!("{whence} is over {MAX_CONFIG_VALUE_BYTES} bytes"));
         }
         Ok(value)
     }
@@ -627,6 +636,27 @@ fn default_concurrency() -> u32 {
 fn default_max_reconsume_times() -> i32 {
     16
 }
+/// The SDKs' `Once` holds its claim for config `dedupe_lease_ms`: a lease
+/// that ends before the handler's deadline lets a second delivery start
+/// the effect while the first still runs it.
+fn check_dedupe_lease(plugin: &PluginConfig) -> Result<(), String> {
+    let Some(lease) = plugin.config.get("dedupe_lease_ms") else {
+        return Ok(());
+    };
+    match lease.trim().parse::<u64>() {
+        Ok(lease) if lease > plugin.deadline_ms => Ok(()),
+        Ok(lease) => Err(format!(
+            "config dedupe_lease_ms = {lease} must be above deadline_ms = {}: a claim that \
+             ends while its handler may still run lets another delivery do the effect too",
+            plugin.deadline_ms
+        )),
+        Err(_) => Err(format!(
+            "config dedupe_lease_ms = {:?} is not a whole number of milliseconds",
+            crate::text::inert(lease, 64)
+        )),
+    }
+}
+
 fn default_deadline_ms() -> u64 {
     5000
 }
@@ -829,6 +859,7 @@ impl HostConfig {
                 )));
             }
             check_config_table(plugin).map_err(problem)?;
+            check_dedupe_lease(plugin).map_err(problem)?;
             plugin.outbound_grants().map_err(problem)?;
             let consumed = self.topic()?;
             for topic in &plugin.allowed_topics {
@@ -1237,6 +1268,28 @@ mod tests {
     }
 
     #[test]
+    fn a_dedupe_lease_must_outlast_the_deadline() {
+        let lease = |lease: &str| {
+            parse(&format!(
+                "[[plugin]]\nname='p'\npath='p'\ndeadline_ms=5000\n\
+                 [plugin.config]\ndedupe_lease_ms='{lease}'"
+            ))
+            .unwrap()
+            .validate()
+        };
+        lease("5001").unwrap();
+        for short in ["5000", "1000"] {
+            let err = lease(short).unwrap_err().to_string();
+            assert!(
+                err.contains("must be above deadline_ms = 5000"),
+                "{short}: {err}"
+            );
+        }
+        let err = lease("a minute").unwrap_err().to_string();
+        assert!(err.contains("not a whole number"), "{err}");
+    }
+
+    #[test]
     fn config_values_and_secret_sources_parse_and_relative_secret_files_follow_the_config() {
         let text = "[[plugin]]\nname = 'r'\npath = 'r.wasm'\n\
             [plugin.config]\nrewards_url = 'http://127.0.0.1:8080'\n\
@@ -1252,6 +1305,21 @@ mod tests {
         assert_eq!(
             plugin.secrets["key"].file.as_deref(),
             Some(Path::new("/etc/mqplug/secrets/key"))
+        );
+    }
+
+    #[test]
+    fn an_empty_secret_names_where_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("token");
+        std::fs::write(&empty, "\n").unwrap();
+        let source = SecretSource {
+            env: None,
+            file: Some(empty.clone()),
+        };
+        assert_eq!(
+            source.read().unwrap_err(),
+            format!("file {} is empty", empty.display())
         );
     }
 
@@ -1283,7 +1351,7 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(
-            err.contains("expected struct SecretSource"),
+            err.contains("expected where to read the secret: { env = \"VARIABLE\" } or { file"),
             "a secret's value is never in the file: {err}"
         );
     }

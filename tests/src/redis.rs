@@ -95,6 +95,24 @@ impl LocalRedis {
     fn start_once() -> Result<Result<LocalRedis, String>> {
         let dir = tempfile::Builder::new().prefix("mqplug-redis-").tempdir()?;
         let port = free_port()?;
+        LocalRedis::start_at(port, dir)
+    }
+
+    /// Starts the server again on its port after [`LocalRedis::stop`]
+    /// (empty: nothing is persisted), as a Redis that comes back does.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let dir = tempfile::Builder::new().prefix("mqplug-redis-").tempdir()?;
+        match LocalRedis::start_at(self.port, dir)? {
+            Ok(started) => {
+                *self = started;
+                Ok(())
+            }
+            Err(log) => bail!("{log}"),
+        }
+    }
+
+    fn start_at(port: u16, dir: tempfile::TempDir) -> Result<Result<LocalRedis, String>> {
         let binary = redis_server_binary();
         let mut command = Command::new(&binary);
         command

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use mqplug::config::{PluginConfig, SecretSource};
 use mqplug::delivery::Delivery;
 use mqplug::event::TaskEvent;
-use mqplug::outcome::HandlerOutcome;
+use mqplug::outcome::{Disposition, HandlerOutcome};
 use mqplug::slot::load_plugin;
 use mqplug::wasm::{Plugin, REDACTED, RuntimeSettings, WasmRuntime};
 use mqplug_tests::http_server::{Answer, Server};
@@ -487,6 +487,160 @@ fn follow_ups_are_held_until_ok_and_only_to_granted_topics() {
         "{outcome:?}"
     );
     assert!(outbox.is_empty());
+}
+
+/// A follow-up RocketMQ could not carry as given is refused at `publish`
+/// with the reason, and nothing reaches the outbox: a control character in a
+/// tag or key would forge message properties (the client joins them with
+/// U+0001 and U+0002), a space splits a key in two, and an empty body fails
+/// in the client on every retry.
+#[test]
+fn a_follow_up_that_would_forge_properties_or_that_rocketmq_refuses_is_refused_at_publish() {
+    let entry = PluginConfig {
+        allowed_topics: vec!["marketing.reward.granted".into()],
+        ..PluginConfig::new("chaos", plugin_path("chaos").unwrap())
+    };
+    let plugin = chaos_with(entry, &Recorder::new()).unwrap();
+    let hostile = [
+        (
+            serde_json::json!({"tag": "GRANTED\u{1}DELAY\u{2}3"}),
+            "the tag `GRANTED\\u{1}DELAY\\u{2}3` has a control character",
+        ),
+        (
+            serde_json::json!({"keys": ["user-7\u{2}TRAN_MSG\u{1}true"]}),
+            "has a control character",
+        ),
+        (
+            serde_json::json!({"keys": ["user-7 user-8"]}),
+            "has a space",
+        ),
+        (serde_json::json!({"tag": "A||B"}), "has `||`"),
+        (serde_json::json!({"tag": ""}), "the tag is empty"),
+        (serde_json::json!({"body": ""}), "the body is empty"),
+    ];
+    for (i, (parts, why)) in hostile.into_iter().enumerate() {
+        let mut data = serde_json::json!({"topic": "marketing.reward.granted", "count": 1});
+        data.as_object_mut()
+            .unwrap()
+            .extend(parts.as_object().unwrap().clone());
+        let (outcome, outbox) =
+            plugin.handle_with_outbox(&event("PUBLISH", data), &delivery(&format!("h-{i}")));
+        assert!(
+            matches!(&outcome, HandlerOutcome::Failed(failure) if failure.to_string().contains(why)),
+            "{why}: {outcome:?}"
+        );
+        assert!(outbox.is_empty(), "{why}");
+    }
+    // The same plugin's ordinary follow-up still goes.
+    let (outcome, outbox) = plugin.handle_with_outbox(
+        &publish_event("marketing.reward.granted", "ok"),
+        &delivery("h-ok"),
+    );
+    assert_eq!(outcome, HandlerOutcome::Accepted);
+    assert_eq!(outbox.len(), 3);
+}
+
+/// The Go SDK maps each way a Go handler fails to the contract: a panic is
+/// recovered, logged through the host with its message and retried (never
+/// a silent trap), `RetryAfter` and a wrapped `DeadLetter` keep their
+/// meaning, an ordinary error retries; config reaches the handler.
+#[test]
+fn a_go_handlers_panics_and_typed_errors_become_the_contracts_outcomes() {
+    let recorder = Recorder::new();
+    let entry = PluginConfig {
+        config: [("greeting".to_string(), "hello".to_string())].into(),
+        ..PluginConfig::new(
+            "failures",
+            mqplug_tests::plugins::go_failures_path().unwrap(),
+        )
+    };
+    let plugin = load_plugin(&runtime(), &entry, &recorder.observers()).unwrap();
+    let run = |event_type: &str| {
+        plugin.handle(
+            &event(event_type, serde_json::json!({})),
+            &delivery(event_type),
+        )
+    };
+    match run("PANIC") {
+        HandlerOutcome::Rejected {
+            reason,
+            disposition: Disposition::Retry,
+        } => assert!(
+            reason.contains("the handler panicked: assignment to entry in nil map"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let logged = recorder.plugin_logs("failures");
+    assert!(
+        logged
+            .iter()
+            .any(|(id, line)| id == "PANIC"
+                && line.starts_with("panic: assignment to entry in nil map")),
+        "{logged:?}"
+    );
+    assert!(
+        matches!(
+            run("RETRY_AFTER"),
+            HandlerOutcome::Rejected { ref reason, disposition: Disposition::RetryAfter(_) }
+                if reason == "the service said busy"
+        ),
+        "{:?}",
+        run("RETRY_AFTER")
+    );
+    assert!(
+        matches!(
+            run("DEAD_LETTER"),
+            HandlerOutcome::Rejected { ref reason, disposition: Disposition::DeadLetter }
+                if reason == "a poison event"
+        ),
+        "{:?}",
+        run("DEAD_LETTER")
+    );
+    assert!(matches!(
+        run("FAIL"),
+        HandlerOutcome::Rejected {
+            disposition: Disposition::Retry,
+            ..
+        }
+    ));
+    assert_eq!(run("CONFIG"), HandlerOutcome::Accepted);
+    assert!(
+        recorder
+            .plugin_logs("failures")
+            .iter()
+            .any(|(id, line)| id == "CONFIG" && line == "greeting \"hello\" set true")
+    );
+    // The instance that recovered from a panic serves the next event.
+    assert_eq!(run("OK"), HandlerOutcome::Accepted);
+}
+
+/// A Go plugin keeps serving on one instance for thousands of events, each
+/// allocating and reading its config: Go's collector runs many cycles, and
+/// none may run while the host writes values into the plugin (a cycle's end
+/// reads the wall clock, an import the component model forbids there:
+/// "cannot leave component instance").
+#[test]
+fn a_go_plugin_serves_thousands_of_events_on_one_instance_while_its_collector_runs() {
+    let recorder = Recorder::new();
+    let entry = PluginConfig {
+        config: [("greeting".to_string(), "x".repeat(4096))].into(),
+        log_lines_per_second: 1_000_000,
+        log_bytes_per_second: 1 << 30,
+        ..PluginConfig::new(
+            "failures",
+            mqplug_tests::plugins::go_failures_path().unwrap(),
+        )
+    };
+    let plugin = load_plugin(&runtime(), &entry, &recorder.observers()).unwrap();
+    let event = event(
+        "CONFIG",
+        serde_json::json!({"padding": "y".repeat(16 * 1024)}),
+    );
+    for i in 0..3_000 {
+        let outcome = plugin.handle(&event, &delivery(&format!("m{i}")));
+        assert_eq!(outcome, HandlerOutcome::Accepted, "event {i}");
+    }
 }
 
 /// Keeps what it is asked to send.

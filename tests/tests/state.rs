@@ -10,7 +10,7 @@ use mqplug::config::{KeyValueConfig, PluginConfig};
 use mqplug::delivery::Delivery;
 use mqplug::event::TaskEvent;
 use mqplug::observe::KeyValueResult;
-use mqplug::outcome::HandlerOutcome;
+use mqplug::outcome::{HandlerFailure, HandlerOutcome};
 use mqplug::slot::load_plugin;
 use mqplug::wasm::{Plugin, RuntimeSettings, StoreSettings, WasmRuntime};
 use mqplug_tests::{LocalRedis, Recorder, plugins::plugin_path};
@@ -164,7 +164,8 @@ fn keys_values_and_totals_over_their_limits_are_errors_the_handler_sees_and_are_
         err.contains("the value is 1025 bytes, over the limit of 1024"),
         "{err}"
     );
-    // 1 MiB in total: 1023 values of 1 KiB fit, the next does not.
+    // 1 MiB in total, each entry counting its names and the store's
+    // overhead besides its key and value: 901 values of 1 KiB fit.
     let mut stored = 0;
     let err = loop {
         let key = format!("k{stored:04}");
@@ -175,7 +176,12 @@ fn keys_values_and_totals_over_their_limits_are_errors_the_handler_sees_and_are_
         assert!(stored < 2000, "no total limit");
     };
     assert!(err.contains("over its limit of 1048576 bytes"), "{err}");
-    assert_eq!(stored, 1048576 / (1024 + 5));
+    let entry = mqplug::store::entry_size(
+        mqplug::store::key_charge(&mqplug::store::Namespace::new("chaos", "b"), "k0000"),
+        1024,
+        false,
+    );
+    assert_eq!(stored, 1048576 / entry);
     // What was refused was not stored, and the plugin carries on.
     assert_eq!(
         chaos.call(op("exists", "b", &format!("k{stored:04}"))),
@@ -255,6 +261,14 @@ fn hosts_sharing_a_redis_see_each_others_keys_and_claims() {
         |value: &str| json!({"op": "claim", "bucket": "seen", "key": "msg-9", "value": value});
     assert_eq!(two.call(claim("two")), Ok("<none>".into()));
     assert_eq!(one.call(claim("one")), Ok("two".into()));
+    // A host whose effect failed gives back only its own claim: host one's
+    // release of a claim that host two holds changes nothing.
+    let release =
+        |value: &str| json!({"op": "release", "bucket": "seen", "key": "msg-9", "value": value});
+    assert_eq!(one.call(release("one")), Ok("false".into()));
+    assert_eq!(one.call(claim("one")), Ok("two".into()));
+    assert_eq!(two.call(release("two")), Ok("true".into()));
+    assert_eq!(one.call(claim("one")), Ok("<none>".into()));
     assert_eq!(one.call(op("increment", "seen", "n")), Ok("1".into()));
     assert_eq!(two.call(op("increment", "seen", "n")), Ok("2".into()));
     assert_eq!(
@@ -283,4 +297,116 @@ fn a_redis_that_stops_answering_is_an_error_the_handler_sees_and_is_counted() {
         chaos.recorder.key_value("chaos").last(),
         Some(&KeyValueResult::Failed)
     );
+}
+
+/// A store that stops answering in the middle of a call holds the handler
+/// no longer than its event's deadline: the call ends when the deadline
+/// comes, not when the store's own (long) timeout would.
+#[test]
+fn a_store_call_under_way_ends_at_the_events_deadline_not_the_stores_timeout() {
+    let redis = LocalRedis::start().unwrap();
+    let runtime = runtime(StoreSettings::Redis {
+        url: redis.url(),
+        prefix: "mqplug".into(),
+        // Far longer than the pause below: without the deadline, the call
+        // would wait the pause out and succeed.
+        timeout: std::time::Duration::from_secs(120),
+    });
+    let entry = PluginConfig {
+        deadline_ms: 1000,
+        ..granted("chaos", &["b"])
+    };
+    let chaos = Chaos::load(&runtime, entry);
+    assert_eq!(chaos.call(set("b", "k", "v")), Ok("ok".into()));
+    // Redis holds every client's commands for 30 s: a store that hangs.
+    redis.command(&["CLIENT", "PAUSE", "30000", "ALL"]).unwrap();
+    let outcome = chaos
+        .plugin
+        .handle(&kv_event(op("get", "b", "k")), &delivery("slow"));
+    // The deadline came during the call: the call failed for it (counted),
+    // and the handler, past its deadline, was interrupted.
+    assert_eq!(
+        chaos.recorder.key_value("chaos").last(),
+        Some(&KeyValueResult::Failed),
+        "the call waited for the store past the deadline; outcome {outcome:?}"
+    );
+    assert!(
+        matches!(
+            &outcome,
+            HandlerOutcome::Failed(HandlerFailure::Deadline { .. })
+                | HandlerOutcome::Rejected { .. }
+        ),
+        "{outcome:?}"
+    );
+}
+
+/// Redis's `used_memory`, in bytes.
+fn redis_memory(redis: &LocalRedis) -> u64 {
+    let info = redis.command(&["INFO", "memory"]).unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|bytes| bytes.trim().parse().ok())
+        .expect("INFO memory has used_memory")
+}
+
+/// A plugin filling its quota with the smallest expiring keys it can make
+/// (one-byte values under short names) takes about its `max_total_mb` of
+/// Redis's memory, not many times it: each entry counts its names, the
+/// store's overhead and its expiry index rows, not only its key and value.
+#[test]
+fn a_plugins_quota_bounds_what_redis_really_holds_for_it() {
+    let redis = LocalRedis::start().unwrap();
+    let runtime = runtime(StoreSettings::Redis {
+        url: redis.url(),
+        prefix: "mqplug".into(),
+        timeout: std::time::Duration::from_secs(10),
+    });
+    let chaos = Chaos::load(&runtime, granted("tiny", &["b"]));
+    let before = redis_memory(&redis);
+    // Claims of one byte under keys `k0`, `k1`, ... until the quota refuses.
+    let err = chaos
+        .call(
+            json!({"op": "claim", "bucket": "b", "key": "k", "value": "x",
+                     "ttl_ms": 3_600_000, "repeat": 1_000_000}),
+        )
+        .unwrap_err();
+    assert!(err.contains("quota"), "{err}");
+    let grown = redis_memory(&redis).saturating_sub(before);
+    let quota = 1 << 20;
+    assert!(
+        grown < 2 * quota,
+        "a plugin with a quota of {quota} bytes grew Redis by {grown} bytes"
+    );
+    eprintln!(
+        "redis grew {grown} bytes for a quota of {quota} bytes ({:.2}x)",
+        grown as f64 / quota as f64
+    );
+}
+
+/// A Redis that is down when the host starts does not stop it: plugins
+/// load, their calls fail with an error they see, the runtime says the
+/// store is unavailable (for `/readyz`), and all of it mends by itself
+/// when Redis comes back.
+#[test]
+fn a_host_starts_with_its_redis_down_and_serves_state_once_it_is_back() {
+    let mut redis = LocalRedis::start().unwrap();
+    redis.stop();
+    let runtime = runtime(StoreSettings::Redis {
+        url: redis.url(),
+        prefix: "mqplug".into(),
+        timeout: std::time::Duration::from_secs(2),
+    });
+    let chaos = Chaos::load(&runtime, granted("chaos", &["b"]));
+    let (kind, health) = runtime.store_health().expect("the store was opened");
+    assert_eq!(kind, "redis");
+    assert!(health.is_err(), "a store that is down is reported");
+    let err = chaos.call(set("b", "k", "v")).unwrap_err();
+    assert!(err.contains("store is unavailable"), "{err}");
+
+    redis.restart().unwrap();
+    assert_eq!(chaos.call(set("b", "k", "v")), Ok("ok".into()));
+    assert_eq!(runtime.store_health(), Some(("redis", Ok(()))));
+    redis.stop();
+    assert!(chaos.call(op("get", "b", "k")).is_err());
+    assert!(runtime.store_health().unwrap().1.is_err());
 }

@@ -262,6 +262,10 @@ impl AdminView for Shared {
         &self.metrics
     }
 
+    fn store_health(&self) -> Option<(&'static str, Result<(), String>)> {
+        self.wasm.store_health()
+    }
+
     fn pool_usage(&self) -> PoolUsage {
         self.wasm.pool_usage()
     }

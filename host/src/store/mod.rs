@@ -72,8 +72,55 @@ pub enum StoreError {
     Failed(String),
 }
 
+thread_local! {
+    /// When the store call running on this thread must end (see [`within`]).
+    static CALL_DEADLINE: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f`, a store call made for a message, so that every wait it makes
+/// on the store (connecting, sending, reading the answer) ends by
+/// `deadline`, the event's, even if the store's own timeout is longer:
+/// a slow store cannot hold a handler past its deadline once a call has
+/// started. The deadline is thread-local: calls block the handler's thread,
+/// and the backend reads it through [`wait_limit`].
+pub fn within<T>(deadline: Option<std::time::Instant>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<std::time::Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CALL_DEADLINE.with(|cell| cell.set(self.0));
+        }
+    }
+    let _restore = Restore(CALL_DEADLINE.with(|cell| cell.replace(deadline)));
+    f()
+}
+
+/// How long one wait on the store may last now: `limit`, the backend's own
+/// timeout, or less when the call's deadline ([`within`]) is nearer; `Ok`
+/// with `true` when the deadline set it. An error once the deadline has
+/// passed.
+pub(crate) fn wait_limit(limit: Duration) -> Result<(Duration, bool), StoreError> {
+    match CALL_DEADLINE.with(std::cell::Cell::get) {
+        None => Ok((limit, false)),
+        Some(deadline) => {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                Err(StoreError::Unavailable(DEADLINE_CAME.into()))
+            } else if left < limit {
+                Ok((left, true))
+            } else {
+                Ok((limit, false))
+            }
+        }
+    }
+}
+
+/// What a call the event's deadline ended says.
+pub(crate) const DEADLINE_CAME: &str = "the event's deadline came while waiting for the store";
+
 /// What every backend does. Calls block (plugins call them from the
-/// handler's thread) and are bounded by the backend's own timeouts.
+/// handler's thread) and are bounded by the backend's own timeouts, and by
+/// the event's deadline when made [`within`] it.
 pub trait Backend: Send + Sync + 'static {
     /// `embedded`, `memory` or `redis`, for logs and metrics.
     fn kind(&self) -> &'static str;
@@ -94,6 +141,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Written, StoreError>;
 
     fn delete(&self, ns: &Namespace, key: &str) -> Result<(), StoreError>;
+
+    /// Deletes `key` only if its value is `expected` (expired or not), and
+    /// says whether it did; atomic, like a claim.
+    fn delete_if(&self, ns: &Namespace, key: &str, expected: &[u8]) -> Result<bool, StoreError>;
 
     fn exists(&self, ns: &Namespace, key: &str) -> Result<bool, StoreError> {
         self.get(ns, key).map(|value| value.is_some())
@@ -119,11 +170,62 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Bytes the plugin's keys and values take now.
     fn usage(&self, plugin: &str) -> Result<u64, StoreError>;
+
+    /// The store as the last call found it: `Err` with why when it was
+    /// unavailable. No I/O: `/readyz` reads it.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-/// The bytes one entry counts against its plugin's quota.
-pub fn entry_size(key: &str, value: &[u8]) -> u64 {
-    (key.len() + value.len()) as u64
+/// A backend's last-seen state, for [`Backend::health`].
+#[derive(Debug, Default)]
+pub(crate) struct Health(std::sync::Mutex<Option<String>>);
+
+impl Health {
+    pub(crate) fn get(&self) -> Result<(), String> {
+        match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => Ok(()),
+            Some(why) => Err(why.clone()),
+        }
+    }
+
+    /// Records what a call found: up unless it was unavailable.
+    pub(crate) fn saw<T>(&self, result: &Result<T, StoreError>) {
+        let seen = match result {
+            Err(StoreError::Unavailable(why)) if why != DEADLINE_CAME => Some(why.clone()),
+            Err(StoreError::Unavailable(_)) => return,
+            _ => None,
+        };
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+    }
+}
+
+/// What a store keeps for each entry besides its names and value, in
+/// bytes: Redis's key object and dictionary entry and mqplug's key prefix
+/// (measured: 122 bytes for an entry of 1 byte under a 20-byte name);
+/// redb's B-tree cell.
+pub const ENTRY_OVERHEAD: u64 = 128;
+
+/// The bytes an entry's name counts: plugin, bucket and key names, and
+/// [`ENTRY_OVERHEAD`].
+pub fn key_charge(ns: &Namespace, key: &str) -> u64 {
+    names_charge(ns.plugin.len() + ns.bucket.len() + key.len())
+}
+
+/// [`key_charge`] from the names' length.
+pub(crate) fn names_charge(names_len: usize) -> u64 {
+    names_len as u64 + ENTRY_OVERHEAD
+}
+
+/// The bytes one entry counts against its plugin's quota: what the store
+/// really holds for it, not only its key and value. Its name's charge
+/// ([`key_charge`]), twice more when it expires (the expiry index keeps
+/// the name twice: a Redis hash field and sorted-set member, redb a row;
+/// measured: 440 bytes in Redis for the entry above), and its value.
+pub fn entry_size(key_charge: u64, value_len: usize, expiring: bool) -> u64 {
+    let names = if expiring { 3 } else { 1 };
+    key_charge * names + value_len as u64
 }
 
 /// The counter's value after adding `delta`, from the stored text, with
@@ -186,6 +288,11 @@ pub(crate) mod contract {
         let other_bucket = Namespace::new("plugin-a", "audit");
         let other_plugin = Namespace::new("plugin-b", "rewards");
         let q = 1 << 20;
+        // What an entry counts: its names and the store's overhead, not
+        // only its key and value.
+        let plain = |key: &str, len: usize| entry_size(key_charge(&a, key), len, false);
+        let expiring = |key: &str, len: usize| entry_size(key_charge(&a, key), len, true);
+        assert!(plain("k", 2) > 128 && expiring("k", 2) > 3 * 128);
 
         // Set, get, isolation.
         assert_eq!(store.get(&a, "k").unwrap(), None);
@@ -194,30 +301,28 @@ pub(crate) mod contract {
         assert_eq!(store.get(&other_bucket, "k").unwrap(), None);
         assert_eq!(store.get(&other_plugin, "k").unwrap(), None);
         assert!(store.exists(&a, "k").unwrap());
-        assert_eq!(store.usage("plugin-a").unwrap(), 3);
+        assert_eq!(store.usage("plugin-a").unwrap(), plain("k", 2));
         store.write(&a, "k", b"v22", None, Write::Set, q).unwrap();
-        assert_eq!(store.usage("plugin-a").unwrap(), 4);
+        assert_eq!(store.usage("plugin-a").unwrap(), plain("k", 3));
         assert_eq!(store.usage("plugin-b").unwrap(), 0);
 
         // Quota: a write past it is refused and changes nothing.
         let err = store
-            .write(&a, "big", &[7; 100], None, Write::Set, 50)
+            .write(&a, "big", &[7; 100], None, Write::Set, 300)
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                StoreError::Quota {
-                    limit: 50,
-                    would_be: 107
-                }
-            ),
-            "{err:?}"
+        let would_be = plain("k", 3) + plain("big", 100);
+        assert_eq!(
+            err,
+            StoreError::Quota {
+                limit: 300,
+                would_be
+            }
         );
         assert_eq!(store.get(&a, "big").unwrap(), None);
-        assert_eq!(store.usage("plugin-a").unwrap(), 4);
+        assert_eq!(store.usage("plugin-a").unwrap(), plain("k", 3));
         // Shrinking is always allowed, even over the quota.
         store.write(&a, "k", b"v", None, Write::Set, 1).unwrap();
-        assert_eq!(store.usage("plugin-a").unwrap(), 2);
+        assert_eq!(store.usage("plugin-a").unwrap(), plain("k", 1));
 
         // Delete.
         store.delete(&a, "k").unwrap();
@@ -252,7 +357,24 @@ pub(crate) mod contract {
                 .unwrap(),
             Written::Held(b"pending".to_vec())
         );
-        assert_eq!(store.usage("plugin-a").unwrap(), 9);
+        assert_eq!(store.usage("plugin-a").unwrap(), expiring("m1", 7));
+        // Given back only by the value that holds it.
+        assert!(!store.delete_if(&a, "m1", b"other").unwrap());
+        assert_eq!(store.get(&a, "m1").unwrap(), Some(b"pending".to_vec()));
+        assert!(!store.delete_if(&a, "never", b"pending").unwrap());
+        store
+            .write(
+                &a,
+                "m2",
+                b"mine",
+                Some(Duration::from_secs(60)),
+                Write::Claim,
+                q,
+            )
+            .unwrap();
+        assert!(store.delete_if(&a, "m2", b"mine").unwrap());
+        assert_eq!(store.get(&a, "m2").unwrap(), None);
+        assert_eq!(store.usage("plugin-a").unwrap(), expiring("m1", 7));
         // Overwritten with a longer expiry, then deleted.
         store
             .write(
@@ -265,7 +387,7 @@ pub(crate) mod contract {
             )
             .unwrap();
         assert_eq!(store.get(&a, "m1").unwrap(), Some(b"done".to_vec()));
-        assert_eq!(store.usage("plugin-a").unwrap(), 6);
+        assert_eq!(store.usage("plugin-a").unwrap(), expiring("m1", 4));
         store.delete(&a, "m1").unwrap();
         assert_eq!(store.usage("plugin-a").unwrap(), 0);
 
@@ -300,7 +422,7 @@ pub(crate) mod contract {
                 .unwrap(),
             Written::Stored
         );
-        assert_eq!(store.usage("plugin-a").unwrap(), 7);
+        assert_eq!(store.usage("plugin-a").unwrap(), expiring("short", 2));
         // Expired keys nobody touches again are swept by later writes.
         for i in 0..5 {
             let key = format!("gone-{i}");
@@ -317,7 +439,10 @@ pub(crate) mod contract {
         }
         sleep(Duration::from_millis(120));
         store.write(&a, "after", b"1", None, Write::Set, q).unwrap();
-        assert_eq!(store.usage("plugin-a").unwrap(), 7 + 6);
+        assert_eq!(
+            store.usage("plugin-a").unwrap(),
+            expiring("short", 2) + plain("after", 1)
+        );
         store.delete(&a, "short").unwrap();
         store.delete(&a, "after").unwrap();
         assert_eq!(store.usage("plugin-a").unwrap(), 0);

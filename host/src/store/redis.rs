@@ -40,7 +40,8 @@ end
 "#;
 
 /// KEYS: value, usage, ttl hash, expiry set. Declares `now` and the bytes
-/// the key counts now (`old`, expired or not) from ARGV[1], the key's length.
+/// the key counts now (`old`, expired or not) from ARGV[1], the key's
+/// charge (`store::key_charge`): an expiring key counts it three times.
 const PRELUDE: &str = r#"
 local k, usage, th, zs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local t = redis.call('TIME')
@@ -52,17 +53,19 @@ local live = redis.call('GET', k)
 local tracked = redis.call('HGET', th, k)
 local old = 0
 if tracked then old = tonumber(tracked) elseif live then old = tonumber(ARGV[1]) + string.len(live) end
+local charge = tonumber(ARGV[1])
 local total = tonumber(redis.call('GET', usage) or '0')
 "#;
 
-/// ARGV: key length, value, ttl ms (0: none), quota, `set` or `claim`.
+/// ARGV: key charge, value, ttl ms (0: none), quota, `set` or `claim`.
 /// Returns {0} stored, {1, value} held, {2, would-be} over quota.
 const WRITE: &str = r#"
 if ARGV[5] == 'claim' and live then return {1, live} end
-local new = tonumber(ARGV[1]) + string.len(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local new = charge + string.len(ARGV[2])
+if ttl > 0 then new = new + 2 * charge end
 local would = total - old + new
 if new > old and would > tonumber(ARGV[4]) then return {2, tostring(would)} end
-local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('SET', k, ARGV[2], 'PX', ttl)
   redis.call('HSET', th, k, new)
@@ -78,7 +81,7 @@ redis.call('INCRBY', usage, would - total)
 return {0}
 "#;
 
-/// ARGV: key length.
+/// ARGV: key charge.
 const DELETE: &str = r#"
 redis.call('DEL', k)
 if tracked then
@@ -89,14 +92,21 @@ if old > 0 then redis.call('DECRBY', usage, old) end
 return {0}
 "#;
 
-/// ARGV: key length, delta, quota. Returns {0, value}, {2, would-be} over
+/// ARGV: key charge, expected value. Returns {0} deleted, {1} not (the
+/// key holds another value, or none).
+const DELETE_IF: &str = r#"
+if live ~= ARGV[2] then return {1} end
+"#;
+
+/// ARGV: key charge, delta, quota. Returns {0, value}, {2, would-be} over
 /// quota, {3} not a counter, {4} overflow.
 const INCREMENT: &str = r#"
 if live and not (live == '0' or string.match(live, '^[1-9]%d*$')) then return {3} end
 if live and (string.len(live) > 19 or (string.len(live) == 19 and live > '9223372036854775807')) then return {3} end
 local ok = pcall(redis.call, 'INCRBY', k, ARGV[2])
 if not ok then return {4} end
-local new = tonumber(ARGV[1]) + redis.call('STRLEN', k)
+local new = charge + redis.call('STRLEN', k)
+if tracked and live then new = new + 2 * charge end
 local would = total - old + new
 if new > old and would > tonumber(ARGV[3]) then
   if live then redis.call('SET', k, live, 'KEEPTTL') else redis.call('DEL', k) end
@@ -120,26 +130,17 @@ pub struct RedisStore {
     idle: Mutex<Vec<redis::Connection>>,
     write: Script,
     delete: Script,
+    delete_if: Script,
     increment: Script,
+    health: super::Health,
 }
 
 impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`), checking it answers
     /// within `timeout`; every later command has the same timeout.
     pub fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|err| StoreError::Unavailable(format!("redis url: {err}")))?;
-        let script = |body: &str| Script::new(&format!("{PRELUDE}{SWEEP}{OLD}{body}"));
-        let store = RedisStore {
-            client,
-            prefix: prefix.to_string(),
-            timeout,
-            idle: Mutex::default(),
-            write: script(WRITE),
-            delete: script(DELETE),
-            increment: script(INCREMENT),
-        };
-        let mut connection = store.connection()?;
+        let store = Self::unconnected(url, prefix, timeout)?;
+        let mut connection = store.connection(timeout)?;
         redis::cmd("PING")
             .query::<String>(&mut connection)
             .map_err(unavailable)?;
@@ -147,17 +148,55 @@ impl RedisStore {
         Ok(store)
     }
 
-    fn connection(&self) -> Result<redis::Connection, StoreError> {
-        if let Some(connection) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return Ok(connection);
+    fn unconnected(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|err| StoreError::Unavailable(format!("redis url: {err}")))?;
+        let script = |body: &str| Script::new(&format!("{PRELUDE}{SWEEP}{OLD}{body}"));
+        Ok(RedisStore {
+            client,
+            prefix: prefix.to_string(),
+            timeout,
+            idle: Mutex::default(),
+            write: script(WRITE),
+            delete: script(DELETE),
+            delete_if: script(&format!("{DELETE_IF}{DELETE}")),
+            increment: script(INCREMENT),
+            health: Default::default(),
+        })
+    }
+
+    /// A store for `url` whether or not Redis answers now: the host starts
+    /// with its Redis down, each call tries again, and [`Backend::health`]
+    /// says what the last one found. Only a malformed URL is an error.
+    pub fn lazy(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+        match Self::connect(url, prefix, timeout) {
+            Err(StoreError::Unavailable(why)) if !why.starts_with("redis url:") => {
+                let store = Self::unconnected(url, prefix, timeout)?;
+                store
+                    .health
+                    .saw::<()>(&Err(StoreError::Unavailable(why.clone())));
+                tracing::warn!(
+                    "the state store (redis) is not answering: {why}; plugins' key-value calls fail until it does"
+                );
+                Ok(store)
+            }
+            other => other,
         }
-        let connection = self
-            .client
-            .get_connection_with_timeout(self.timeout)
-            .map_err(unavailable)?;
+    }
+
+    /// A pooled or new connection whose every wait ends within `timeout`.
+    fn connection(&self, timeout: Duration) -> Result<redis::Connection, StoreError> {
+        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let connection = match pooled {
+            Some(connection) => connection,
+            None => self
+                .client
+                .get_connection_with_timeout(timeout)
+                .map_err(unavailable)?,
+        };
         connection
-            .set_read_timeout(Some(self.timeout))
-            .and_then(|()| connection.set_write_timeout(Some(self.timeout)))
+            .set_read_timeout(Some(timeout))
+            .and_then(|()| connection.set_write_timeout(Some(timeout)))
             .map_err(unavailable)?;
         Ok(connection)
     }
@@ -169,18 +208,38 @@ impl RedisStore {
         }
     }
 
-    /// Runs `f` on a pooled connection; a connection that failed is closed.
+    /// Runs `f` on a pooled connection, every wait ending within the
+    /// store's timeout or the event's deadline, whichever is nearer; a
+    /// connection that failed is closed.
     fn with<T>(
         &self,
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
-        let mut connection = self.connection()?;
+        let result = self.with_once(f);
+        self.health.saw(&result);
+        result
+    }
+
+    fn with_once<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let (timeout, by_deadline) = super::wait_limit(self.timeout)?;
+        let mut connection = match self.connection(timeout) {
+            Err(_) if by_deadline && super::wait_limit(self.timeout).is_err() => {
+                return Err(StoreError::Unavailable(super::DEADLINE_CAME.into()));
+            }
+            other => other?,
+        };
         match f(&mut connection) {
             Ok(value) => {
                 self.give_back(connection);
                 Ok(value)
             }
             Err(err) if err.is_io_error() || err.is_timeout() || err.is_connection_dropped() => {
+                if by_deadline && err.is_timeout() {
+                    return Err(StoreError::Unavailable(super::DEADLINE_CAME.into()));
+                }
                 Err(unavailable(err))
             }
             Err(err) => {
@@ -221,7 +280,7 @@ impl RedisStore {
             for k in &keys {
                 invocation.key(k.as_slice());
             }
-            invocation.arg(key.len());
+            invocation.arg(super::key_charge(ns, key));
             for arg in args {
                 invocation.arg(*arg);
             }
@@ -315,6 +374,19 @@ impl Backend for RedisStore {
             Some(Value::Int(0)) => Ok(()),
             _ => Err(unexpected(&reply)),
         }
+    }
+
+    fn delete_if(&self, ns: &Namespace, key: &str, expected: &[u8]) -> Result<bool, StoreError> {
+        let reply = self.run(&self.delete_if, ns, key, &[expected])?;
+        match reply.first() {
+            Some(Value::Int(0)) => Ok(true),
+            Some(Value::Int(1)) => Ok(false),
+            _ => Err(unexpected(&reply)),
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.health.get()
     }
 
     fn list_keys(

@@ -192,6 +192,12 @@ impl WasmRuntime {
         budgets.push(Arc::downgrade(budget));
     }
 
+    /// The state store's kind and state as its last call found it, once a
+    /// plugin with buckets has opened it.
+    pub fn store_health(&self) -> Option<(&'static str, Result<(), String>)> {
+        self.store.health()
+    }
+
     /// What the pooling allocator has handed out right now. A slot goes back
     /// to the pool when its `Store` is dropped, so after a burst of traps
     /// this returns to what the idle instances hold.

@@ -85,6 +85,12 @@ impl StoreOpener {
         &self.settings
     }
 
+    /// The store's kind and state as its last call found it, once open.
+    pub fn health(&self) -> Option<(&'static str, Result<(), String>)> {
+        let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened.as_ref().map(|store| (store.kind(), store.health()))
+    }
+
     pub fn open(&self) -> Result<Arc<dyn Backend>, StoreError> {
         let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(store) = opened.as_ref() {
@@ -97,7 +103,7 @@ impl StoreOpener {
                 url,
                 prefix,
                 timeout,
-            } => Arc::new(RedisStore::connect(url, prefix, *timeout)?),
+            } => Arc::new(RedisStore::lazy(url, prefix, *timeout)?),
         };
         tracing::info!(store = store.kind(), "plugin state store open");
         *opened = Some(store.clone());
@@ -244,7 +250,8 @@ impl KeyValue {
             return Err(KvError::Other("no store is open for this plugin".into()));
         };
         let ns = Namespace::new(&*self.plugin, &bucket.name);
-        match op(store, &ns, limits.max_total_bytes) {
+        // Every wait on the store ends by the event's deadline.
+        match crate::store::within(deadline, || op(store, &ns, limits.max_total_bytes)) {
             Ok(value) => {
                 self.count(KeyValueResult::Ok);
                 Ok(value)

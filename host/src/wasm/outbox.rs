@@ -44,6 +44,77 @@ pub enum Refusal {
     TopicNotAllowed(String),
     TooLarge(u32),
     TooMany(u32),
+    /// The message breaks a rule of RocketMQ's (the reason says which):
+    /// a control character in a tag or key (the client joins properties
+    /// with U+0001 and U+0002, so one would forge properties), a space in
+    /// a key (keys are joined with spaces), `||` in a tag (subscriptions
+    /// split on it), an empty tag or key, or an empty body (the client
+    /// refuses it). Contract 0.2 has no case for it: the call traps with
+    /// the reason, which fails the event and names it in the host's log.
+    Invalid(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::TopicNotAllowed(topic) => {
+                write!(f, "topic {topic:?} is not in the plugin's allowed_topics")
+            }
+            Refusal::TooLarge(limit) => write!(
+                f,
+                "over a limit (body {limit} bytes, {MAX_KEYS} keys, {MAX_KEY_BYTES} bytes a tag or key)"
+            ),
+            Refusal::TooMany(limit) => {
+                write!(f, "the event's outbox already holds {limit} messages")
+            }
+            Refusal::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Why RocketMQ could not carry `tag`, `keys` and `body` as given, if so.
+fn invalid(tag: Option<&str>, keys: &[String], body: &[u8]) -> Option<String> {
+    if body.is_empty() {
+        return Some("the body is empty (RocketMQ refuses an empty message)".into());
+    }
+    if let Some(tag) = tag {
+        if tag.is_empty() {
+            return Some("the tag is empty (give none instead)".into());
+        }
+        let splits = ("||", "`||`, which subscriptions split on");
+        if let Some(why) = unfit_property("tag", tag, splits) {
+            return Some(why);
+        }
+    }
+    for key in keys {
+        if key.is_empty() {
+            return Some("a key is empty".into());
+        }
+        let splits = (
+            " ",
+            "a space (RocketMQ joins keys with spaces: it would be two keys)",
+        );
+        if let Some(why) = unfit_property("key", key, splits) {
+            return Some(why);
+        }
+    }
+    None
+}
+
+/// Why `text`, the message's `what` (a tag or a key), cannot be a message
+/// property, if so: a control character would forge properties, and
+/// `splits` (a separator, and why it matters) would cut it where RocketMQ
+/// cuts.
+fn unfit_property(what: &str, text: &str, splits: (&str, &str)) -> Option<String> {
+    let shown = format!("`{}`", crate::text::inert(text, 64));
+    if text.chars().any(char::is_control) {
+        return Some(format!(
+            "the {what} {shown} has a control character (RocketMQ joins properties with U+0001 and U+0002)"
+        ));
+    }
+    let (separator, why) = splits;
+    text.contains(separator)
+        .then(|| format!("the {what} {shown} has {why}"))
 }
 
 impl PublishGrants {
@@ -90,6 +161,9 @@ impl PublishGrants {
             || keys.iter().any(|key| key.len() > MAX_KEY_BYTES)
         {
             return Err(Refusal::TooLarge(MAX_OUTBOX_BODY_BYTES));
+        }
+        if let Some(why) = invalid(tag.as_deref(), &keys, &body) {
+            return Err(Refusal::Invalid(why));
         }
         Ok(OutgoingMessage {
             topic: topic.clone(),
@@ -180,7 +254,13 @@ mod tests {
     fn the_outbox_and_each_message_are_bounded() {
         let grants = grants();
         let one = grants
-            .admit(&[], "marketing.reward.granted", None, vec![], vec![])
+            .admit(
+                &[],
+                "marketing.reward.granted",
+                None,
+                vec![],
+                b"{}".to_vec(),
+            )
             .unwrap();
         let full = vec![one; MAX_OUTBOX_MESSAGES as usize];
         assert_eq!(
@@ -192,6 +272,40 @@ mod tests {
             grants.admit(&[], "marketing.reward.granted", None, vec![], big),
             Err(Refusal::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn what_rocketmq_could_not_carry_is_invalid_with_the_reason() {
+        let grants = grants();
+        let admit = |tag: Option<&str>, keys: &[&str], body: &[u8]| {
+            grants.admit(
+                &[],
+                "marketing.reward.granted",
+                tag.map(str::to_string),
+                keys.iter().map(|key| key.to_string()).collect(),
+                body.to_vec(),
+            )
+        };
+        admit(Some("GRANTED"), &["user-7", "camp:1"], b"{}").unwrap();
+        for (tag, keys, body, why) in [
+            (None, &[][..], &b""[..], "the body is empty"),
+            (Some(""), &[], b"{}", "the tag is empty"),
+            (
+                Some("A\u{1}B"),
+                &[],
+                b"{}",
+                "the tag `A\\u{1}B` has a control character",
+            ),
+            (Some("A||B"), &[], b"{}", "`||`"),
+            (None, &["k\u{2}"], b"{}", "has a control character"),
+            (None, &["a b"], b"{}", "has a space"),
+            (None, &[""], b"{}", "a key is empty"),
+        ] {
+            match admit(tag, keys, body) {
+                Err(Refusal::Invalid(reason)) => assert!(reason.contains(why), "{reason}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl v0_2::mqplug::plugin::publish::Host for HostState {
     fn send(
         &mut self,
         message: v0_2::mqplug::plugin::publish::Message,
-    ) -> Result<(), v0_2::mqplug::plugin::publish::PublishError> {
+    ) -> wasmtime::Result<Result<(), v0_2::mqplug::plugin::publish::PublishError>> {
         use v0_2::mqplug::plugin::publish::PublishError;
         let admitted = self.publish.admit(
             &self.outbox,
@@ -215,15 +215,18 @@ impl v0_2::mqplug::plugin::publish::Host for HostState {
         match admitted {
             Ok(message) => {
                 self.outbox.push(message);
-                Ok(())
+                Ok(Ok(()))
             }
             Err(refusal) => {
-                tracing::warn!(target: "mqplug::plugin", "publish refused: {refusal:?}");
-                Err(match refusal {
+                tracing::warn!(target: "mqplug::plugin", "publish refused: {refusal}");
+                Ok(Err(match refusal {
                     Refusal::TopicNotAllowed(topic) => PublishError::TopicNotAllowed(topic),
                     Refusal::TooLarge(limit) => PublishError::TooLarge(limit),
                     Refusal::TooMany(limit) => PublishError::TooMany(limit),
-                })
+                    Refusal::Invalid(why) => {
+                        return Err(wasmtime::format_err!("publish refused: {why}"));
+                    }
+                }))
             }
         }
     }
@@ -374,6 +377,17 @@ mod kv {
                 store
                     .write(ns, &key, &value, Some(ttl), Write::Set, quota)
                     .map(drop)
+            })
+        }
+
+        fn release(
+            &mut self,
+            bucket: Resource<Bucket>,
+            key: String,
+            value: Vec<u8>,
+        ) -> Result<bool, Error> {
+            self.kv(&bucket, &key, Some(value.len()), |store, ns, _| {
+                store.delete_if(ns, &key, &value)
             })
         }
     }

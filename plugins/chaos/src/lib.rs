@@ -205,6 +205,7 @@ impl Chaos {
                         .increment(key, data.get("delta").and_then(|n| n.as_u64()).unwrap_or(1))
                         .map(|n| n.to_string()),
                     "claim" => bucket.claim(key, &value, ttl).map(text),
+                    "release" => bucket.release(key, &value).map(|done| done.to_string()),
                     other => Err(format!("unknown op {other:?}")),
                 };
                 let result = match data.get("repeat").and_then(|n| n.as_u64()) {
@@ -239,9 +240,26 @@ impl Chaos {
                     .get("count")
                     .and_then(|n| n.as_u64())
                     .unwrap_or(1);
+                // A hostile message's parts, when given.
+                let tag = match event.event_data.get("tag") {
+                    Some(tag) => tag.as_str(),
+                    None => Some("FOLLOW_UP"),
+                };
+                let keys: Vec<String> = event.event_data["keys"]
+                    .as_array()
+                    .map(|keys| {
+                        keys.iter()
+                            .filter_map(|key| key.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
                 for i in 0..count {
-                    let body = json!({"for": delivery.message_id, "i": i}).to_string();
-                    mqplug_plugin::publish::send(topic, Some("FOLLOW_UP"), &[], body.as_bytes())?;
+                    let body = match event.event_data.get("body").and_then(|b| b.as_str()) {
+                        Some(body) => body.to_string(),
+                        None => json!({"for": delivery.message_id, "i": i}).to_string(),
+                    };
+                    mqplug_plugin::publish::send(topic, tag, &keys, body.as_bytes())?;
                 }
                 match event.event_data.get("then").and_then(|t| t.as_str()) {
                     Some("err") => Err("chaos: published, then failed".into()),

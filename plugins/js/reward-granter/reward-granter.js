@@ -136,7 +136,7 @@ export const handler = {
       send({
         topic: GRANTED_TOPIC,
         tag: 'REWARD_GRANTED',
-        keys: [grantId],
+        keys: grantId === '' ? [] : [grantId],
         body: new TextEncoder().encode(announcement),
       });
     } catch (err) {

@@ -163,7 +163,7 @@ def grant(event: TaskEvent, delivery: Delivery) -> None:
     )
     try:
         publish.send(publish.Message(
-            topic=GRANTED_TOPIC, tag="REWARD_GRANTED", keys=[grant_id],
+            topic=GRANTED_TOPIC, tag="REWARD_GRANTED", keys=[grant_id] if grant_id else [],
             body=announcement.encode(),
         ))
     except Err as err:

@@ -69,13 +69,9 @@ impl Handler for RewardGranter {
         let bucket = config::get("dedupe_bucket").filter(|bucket| !bucket.is_empty());
         let (body, how) = match bucket {
             Some(bucket) => {
-                // How long a claim holds while the grant runs (default
-                // 60 s); above the plugin's deadline.
-                let lease = config::get("dedupe_lease_ms")
-                    .and_then(|ms| ms.parse().ok())
-                    .map_or(Duration::from_secs(60), Duration::from_millis);
+                // The claim's lease is config `dedupe_lease_ms` (60 s
+                // by default), above the plugin's deadline.
                 let done = Once::new(&bucket)
-                    .lease(lease)
                     .run(&delivery.message_id, || grant().map(|(body, _)| body))?;
                 let how = if done.ran_now {
                     ""
@@ -97,10 +93,17 @@ impl Handler for RewardGranter {
             "message_id": delivery.message_id,
         })
         .to_string();
+        // No grant id (a service that sent none): no key, rather than an
+        // empty one, which the host refuses.
+        let keys: &[&str] = if grant_id.is_empty() {
+            &[]
+        } else {
+            std::slice::from_ref(&grant_id)
+        };
         publish::send(
             GRANTED_TOPIC,
             Some("REWARD_GRANTED"),
-            &[grant_id],
+            keys,
             announcement.as_bytes(),
         )?;
         log::info(&format!(

@@ -187,6 +187,13 @@ pub mod kv {
         pub fn set_expiring(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), String> {
             dedupe::set_expiring(&self.0, key, value, ms(ttl)).map_err(text)
         }
+
+        /// Deletes `key` only if it holds exactly `value` (a claim this
+        /// call made), and says whether it did. Needs a host from after
+        /// `release` came to contract 0.2.
+        pub fn release(&self, key: &str, value: &[u8]) -> Result<bool, String> {
+            dedupe::release(&self.0, key, value).map_err(text)
+        }
     }
 }
 
@@ -201,12 +208,18 @@ pub mod kv {
 /// if !grant.ran_now { /* done by an earlier delivery: grant.value is its result */ }
 /// ```
 ///
-/// How: a claim `pending` for the lease (set-if-absent with expiry, atomic
-/// across hosts), the effect, then `done` and the effect's result for the
-/// ttl. A delivery that finds `done` skips the effect and gets the result;
-/// one that finds `pending` is retried after the lease (another host is
-/// doing it now, or died doing it); an effect that fails gives its claim
-/// back, so the retry does it.
+/// How: a claim `pending:<unique>` for the lease (set-if-absent with
+/// expiry, atomic across hosts), the effect, then `done` and the effect's
+/// result for the ttl. A delivery that finds `done` skips the effect and
+/// gets the result; one that finds a claim is retried after the lease
+/// (another host is doing it now, or died doing it); an effect that fails
+/// gives back its own claim (deleted only if it still holds this call's
+/// value), so the retry does it and a claim another delivery made after
+/// this one's lease ended stays.
+///
+/// The lease is the plugin's config `dedupe_lease_ms` when set (the host
+/// refuses a config where it is not above the plugin's `deadline_ms`),
+/// else 60 s.
 ///
 /// The windows that remain, and what closes them:
 /// - the host dies after the effect and before `done` is recorded (or the
@@ -228,8 +241,21 @@ pub mod once {
 
     use crate::Failure;
 
-    const PENDING: &[u8] = b"pending";
+    const PENDING: &str = "pending:";
     const DONE: &[u8] = b"done:";
+
+    /// A claim value no other call makes: the wall clock in nanoseconds and a
+    /// count of this instance's calls (two hosts would have to claim one key in
+    /// the same nanosecond, with the same count, to collide).
+    fn claim_value() -> Vec<u8> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos());
+        let call = CALLS.fetch_add(1, Ordering::Relaxed);
+        format!("{}{nanos:x}.{call:x}", PENDING).into_bytes()
+    }
 
     /// A bucket used for effects done once.
     #[derive(Debug, Clone)]
@@ -252,14 +278,18 @@ pub mod once {
     impl Once {
         /// Effects recorded in `bucket` (granted in `key_value.buckets`).
         pub fn new(bucket: &str) -> Self {
+            let lease = crate::config::get("dedupe_lease_ms")
+                .and_then(|ms| ms.parse().ok())
+                .map_or(Duration::from_secs(60), Duration::from_millis);
             Once {
                 bucket: bucket.to_string(),
-                lease: Duration::from_secs(60),
+                lease,
                 ttl: Duration::from_secs(7 * 24 * 3600),
             }
         }
 
-        /// How long a claim holds while its effect runs (default 60 s).
+        /// How long a claim holds while its effect runs (default: config
+        /// `dedupe_lease_ms`, else 60 s). Keep it above the deadline.
         pub fn lease(mut self, lease: Duration) -> Self {
             self.lease = lease;
             self
@@ -278,8 +308,9 @@ pub mod once {
             effect: impl FnOnce() -> Result<Vec<u8>, Failure>,
         ) -> Result<Done, Failure> {
             let bucket = crate::kv::open(&self.bucket).map_err(Failure::retry)?;
+            let claim = claim_value();
             match bucket
-                .claim(key, PENDING, self.lease)
+                .claim(key, &claim, self.lease)
                 .map_err(|why| Failure::retry(format!("dedupe: {why}")))?
             {
                 None => {}
@@ -313,8 +344,9 @@ pub mod once {
                     })
                 }
                 Err(failure) => {
-                    // Give the claim back so the retry does the effect.
-                    if let Err(why) = bucket.delete(key) {
+                    // Give this call's claim back so the retry does the
+                    // effect; never one another delivery holds now.
+                    if let Err(why) = bucket.release(key, &claim) {
                         crate::log::warn(&format!(
                             "dedupe: {key} claim not given back (it ends with its lease): {why}"
                         ));
