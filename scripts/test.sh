@@ -24,6 +24,16 @@ step "cargo fmt" cargo fmt --all --check
 step "cargo fmt (plugins)" bash -c 'cd plugins && cargo fmt --all --check'
 step "cargo clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "cargo clippy (plugins)" bash -c 'cd plugins && cargo clippy --target wasm32-wasip2 --release --target-dir ../target --quiet -- -D warnings'
+step "go vet and gofmt (plugins/go)" bash -c 'cd plugins/go &&
+    test -z "$(gofmt -l sdk/*.go sdk/wasihttp reward-logger reward-granter testing)" &&
+    for module in sdk reward-logger reward-granter testing/failures; do
+        (cd "$module" && GOOS=wasip1 GOARCH=wasm go vet . $(test -d wasihttp && echo ./wasihttp)) || exit 1
+    done'
+# The committed bindings are what wit/ generates now (regenerate with
+# plugins/go/sdk/generate.sh and commit them).
+step "Go bindings match wit/" bash -c 'bash plugins/go/sdk/generate.sh 2>/dev/null &&
+    test -z "$(git status --porcelain -- plugins/go/sdk)" ||
+    { git status --short -- plugins/go/sdk; false; }'
 step "cargo test" cargo test --workspace --no-fail-fast
 
 if ((${#failed[@]})); then

@@ -108,7 +108,7 @@ struct DlqRedriveArgs {
 /// which beat the config file.
 #[derive(Args)]
 struct Connection {
-    /// Config file (TOML); see mqplug.example.toml.
+    /// Config file (TOML); see examples/mqplug.toml, which lists every key.
     #[arg(long, short, env = "MQPLUG_CONFIG")]
     config: Option<PathBuf>,
     /// Name server address(es), `;`-separated [default: 127.0.0.1:9876].
@@ -237,14 +237,15 @@ struct ReplayArgs {
 struct NewArgs {
     /// The plugin's name: lower-case letters, digits and '-'.
     name: String,
-    /// rust, python or js.
+    /// rust, python, js or go.
     #[arg(long, default_value = "rust")]
     lang: mqplug::scaffold::Lang,
     /// The folder to write [default: ./NAME].
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// mqplug's Rust SDK (plugins/sdk in a checkout of mqplug) [default: the
-    /// checkout this mqplug was built from].
+    /// mqplug's SDK for the language (plugins/sdk for Rust, plugins/go/sdk
+    /// for Go, in a checkout of mqplug) [default: the checkout this mqplug
+    /// was built from].
     #[arg(long)]
     sdk: Option<PathBuf>,
 }
@@ -530,10 +531,12 @@ async fn send_all(
             match result {
                 Ok(receipt) if events.len() == 1 => bar.suspend(|| {
                     println!(
-                        "sent {} (message id {}, queue {:?}, offset {})",
+                        "sent {} (message id {}, queue {}, offset {})",
                         events[progress.index].event_type,
                         receipt.message_id,
-                        receipt.queue_id,
+                        receipt
+                            .queue_id
+                            .map_or_else(|| "unknown".to_string(), |queue| queue.to_string()),
                         receipt.queue_offset
                     )
                 }),
@@ -815,14 +818,15 @@ fn new_plugin(args: NewArgs) -> Result<std::process::ExitCode> {
         Some(sdk) => {
             let sdk =
                 std::path::absolute(&sdk).with_context(|| format!("--sdk {}", sdk.display()))?;
+            let marker = mqplug::scaffold::sdk_marker(args.lang);
             ensure!(
-                sdk.join("Cargo.toml").is_file(),
-                "--sdk {}: no Cargo.toml there (give mqplug's plugins/sdk)",
+                sdk.join(marker).is_file(),
+                "--sdk {}: no {marker} there (give mqplug's plugins/sdk, or plugins/go/sdk for Go)",
                 sdk.display()
             );
             Some(sdk)
         }
-        None => mqplug::scaffold::default_sdk(),
+        None => mqplug::scaffold::default_sdk(args.lang),
     };
     let (files, commands) = mqplug::scaffold::write(&dir, &args.name, args.lang, sdk.as_deref())?;
     println!("wrote {} files in {}:", files.len(), dir.display());

@@ -1,8 +1,8 @@
-//! `mqplug new NAME --lang rust|python|js`: a plugin project that builds
+//! `mqplug new NAME --lang rust|python|js|go`: a plugin project that builds
 //! with one command and passes `mqplug test` as written, with a fixture file
 //! to start from. The templates are `plugins/templates/`, built into the
-//! binary; the Python and JavaScript projects carry a copy of the contract
-//! (`wit/`), the Rust one uses the SDK.
+//! binary; the Python, JavaScript and Go projects carry a copy of the
+//! contract (`wit/`), the Rust and Go ones use mqplug's SDK for them.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +12,7 @@ pub enum Lang {
     Rust,
     Python,
     Js,
+    Go,
 }
 
 impl std::str::FromStr for Lang {
@@ -22,7 +23,8 @@ impl std::str::FromStr for Lang {
             "rust" => Ok(Lang::Rust),
             "python" => Ok(Lang::Python),
             "js" | "javascript" => Ok(Lang::Js),
-            other => Err(format!("{other:?}: give rust, python or js")),
+            "go" => Ok(Lang::Go),
+            other => Err(format!("{other:?}: give rust, python, js or go")),
         }
     }
 }
@@ -36,7 +38,8 @@ pub enum ScaffoldError {
     #[error("{0} exists and is not empty: choose another name or folder")]
     Exists(PathBuf),
     #[error(
-        "a Rust plugin needs mqplug's SDK (plugins/sdk in a checkout of mqplug): give --sdk PATH"
+        "a Rust or Go plugin needs mqplug's SDK (plugins/sdk, or plugins/go/sdk for Go, in a \
+         checkout of mqplug): give --sdk PATH"
     )]
     NoSdk,
     #[error("cannot write {path}: {cause}")]
@@ -91,14 +94,35 @@ const RUST_LIB: &str = include_str!("../../plugins/templates/rust/src/lib.rs");
 const PYTHON_APP: &str = include_str!("../../plugins/templates/python/app.py");
 const JS_PLUGIN: &str = include_str!("../../plugins/templates/js/plugin.js");
 const JS_COMPONENTIZE: &str = include_str!("../../plugins/js/componentize.mjs");
+const GO_MAIN: &str = include_str!("../../plugins/templates/go/main.go");
+const GO_MOD: &str = include_str!("../../plugins/templates/go/go.mod");
+const GO_BUILD: &str = include_str!("../../plugins/templates/go/build.sh");
 
-/// The SDK of the checkout this binary was built from, if it is still there.
-pub fn default_sdk() -> Option<PathBuf> {
-    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk");
-    sdk.join("Cargo.toml")
+/// The wasm-tools `scripts/install-guest-tools.sh` installs, and the
+/// wasmtime whose WASI adapter it fetches (the host's): a Go project's
+/// build script finds them in the cache under these versions.
+pub const WASM_TOOLS_VERSION: &str = "1.263.0";
+pub const WASMTIME_VERSION: &str = "50.0.1";
+
+/// The SDK for `lang` of the checkout this binary was built from, if it is
+/// still there: `plugins/sdk` (Rust) or `plugins/go/sdk` (Go).
+pub fn default_sdk(lang: Lang) -> Option<PathBuf> {
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join(match lang {
+        Lang::Go => "../plugins/go/sdk",
+        _ => "../plugins/sdk",
+    });
+    sdk.join(sdk_marker(lang))
         .is_file()
         .then(|| sdk.canonicalize().ok())
         .flatten()
+}
+
+/// The file an SDK folder for `lang` has.
+pub fn sdk_marker(lang: Lang) -> &'static str {
+    match lang {
+        Lang::Go => "go.mod",
+        _ => "Cargo.toml",
+    }
 }
 
 /// Checks a plugin name: it becomes a folder, a crate, a file name.
@@ -186,6 +210,29 @@ pub fn write(
             files.push((".gitignore".into(), "*.wasm\nnode_modules/\n".into()));
             ("npm install && npm run build".to_string(), wasm.clone())
         }
+        Lang::Go => {
+            let sdk = sdk.ok_or(ScaffoldError::NoSdk)?;
+            // A go.mod path: quoted, as Go's own string syntax.
+            let sdk_text = format!("{:?}", sdk.display().to_string());
+            files.push(("main.go".into(), fill(GO_MAIN)));
+            files.push(("go.mod".into(), fill(GO_MOD).replace("{{sdk}}", &sdk_text)));
+            files.push((
+                "build.sh".into(),
+                fill(GO_BUILD)
+                    .replace("{{wasm}}", &wasm)
+                    .replace("{{wasm_tools_version}}", WASM_TOOLS_VERSION)
+                    .replace("{{wasmtime_version}}", WASMTIME_VERSION),
+            ));
+            files.extend(wit_files());
+            files.push((
+                ".gitignore".into(),
+                "*.wasm
+*.core
+"
+                .into(),
+            ));
+            ("bash build.sh".to_string(), wasm.clone())
+        }
     };
     let test = format!("mqplug test {built} --fixtures fixtures.jsonl");
     files.push((
@@ -237,6 +284,11 @@ fn readme(name: &str, lang: Lang, build: &str, test: &str, wasm: &str) -> String
         Lang::Js => (
             "JavaScript",
             "Node.js and npm; `npm install` fetches componentize-js 0.23.0.",
+        ),
+        Lang::Go => (
+            "Go",
+            "Go 1.26 or later, and the wasm-tools and WASI adapter that mqplug's \
+             `scripts/install-guest-tools.sh` installs.",
         ),
     };
     format!(
@@ -304,6 +356,23 @@ mod tests {
         assert_eq!(
             carried, on_disk,
             "a WIT file added to wit/ must be added to WIT"
+        );
+    }
+
+    #[test]
+    fn the_go_build_script_names_the_tools_the_install_script_installs() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let install = std::fs::read_to_string(root.join("scripts/install-guest-tools.sh")).unwrap();
+        assert!(
+            install.contains(&format!("WASM_TOOLS_VERSION:-{WASM_TOOLS_VERSION}}}")),
+            "scaffold.rs and install-guest-tools.sh name one wasm-tools"
+        );
+        let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap();
+        assert!(
+            lock.contains(&format!(
+                "name = \"wasmtime\"\nversion = \"{WASMTIME_VERSION}\""
+            )),
+            "WASMTIME_VERSION is the host's wasmtime (its adapter matches it)"
         );
     }
 

@@ -365,11 +365,12 @@ fn a_failed_send_reports_the_real_cause_and_fails_the_command() -> Result<()> {
 }
 
 #[test]
-fn examples_in_rust_python_and_javascript_handle_the_same_published_events() -> Result<()> {
+fn examples_in_rust_python_javascript_and_go_handle_the_same_published_events() -> Result<()> {
     let plugins = [
         ("rewards-rs", plugin_path("reward-logger")?),
         ("rewards-py", guest_plugin_path(Guest::Python)?),
         ("rewards-js", guest_plugin_path(Guest::JavaScript)?),
+        ("rewards-go", guest_plugin_path(Guest::Go)?),
     ];
     let broker = LocalBroker::start()?;
     let dir = tempfile::tempdir()?;
@@ -394,7 +395,7 @@ fn examples_in_rust_python_and_javascript_handle_the_same_published_events() -> 
         seen.iter()
             .filter(|l| l.contains("consumer started"))
             .count()
-            >= 3
+            >= plugins.len()
     });
     ensure!(started, "mqplug did not start:\n{}", seen.join("\n"));
     publish_examples(&broker.name_server)?;
@@ -1170,6 +1171,13 @@ fn new_project_builds_and_passes_the_kit(lang: &str) -> Result<()> {
                 .current_dir(&project))?;
             project.join(&wasm_name)
         }
+        "go" => {
+            // Its build script finds wasm-tools and the adapter where this
+            // checkout's install script put them.
+            mqplug_tests::plugins::guest_tools()?;
+            run(Command::new("bash").arg("build.sh").current_dir(&project))?;
+            project.join(&wasm_name)
+        }
         _ => {
             // What `npm run build` runs, with the componentize-js this
             // checkout installed (instead of `npm install`).
@@ -1222,6 +1230,11 @@ fn mqplug_new_writes_a_python_plugin_that_builds_and_passes_the_kit() -> Result<
 #[test]
 fn mqplug_new_writes_a_javascript_plugin_that_builds_and_passes_the_kit() -> Result<()> {
     new_project_builds_and_passes_the_kit("js")
+}
+
+#[test]
+fn mqplug_new_writes_a_go_plugin_that_builds_and_passes_the_kit() -> Result<()> {
+    new_project_builds_and_passes_the_kit("go")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,8 @@ pub enum Guest {
     Python,
     /// `plugins/js/reward-logger`, built with componentize-js.
     JavaScript,
+    /// `plugins/go/reward-logger`, built with mainline Go and wasm-tools.
+    Go,
 }
 
 /// The guest toolchains, installed on first use by
@@ -101,24 +103,34 @@ pub fn guest_plugin_path(guest: Guest) -> Result<PathBuf> {
     Ok(match guest {
         Guest::Python => built[0].clone(),
         Guest::JavaScript => built[1].clone(),
+        Guest::Go => built[4].clone(),
     })
 }
 
 /// The reward-granter example in `guest`'s language
-/// (`plugins/python/reward_granter`, `plugins/js/reward-granter`), built
+/// (`plugins/python/reward_granter`, `plugins/js/reward-granter`,
+/// `plugins/go/reward-granter`), built
 /// with the reward-loggers.
 pub fn guest_granter_path(guest: Guest) -> Result<PathBuf> {
     let built = guest_builds()?;
     Ok(match guest {
         Guest::Python => built[2].clone(),
         Guest::JavaScript => built[3].clone(),
+        Guest::Go => built[6].clone(),
     })
 }
 
+/// `plugins/go/testing/failures`: a Go plugin that fails the way its event
+/// type says (`PANIC`, `RETRY_AFTER`, `DEAD_LETTER`, `FAIL`), or logs its
+/// config key `greeting` (`CONFIG`).
+pub fn go_failures_path() -> Result<PathBuf> {
+    Ok(guest_builds()?[5].clone())
+}
+
 /// Every guest build, once per test process: the reward-logger and the
-/// reward-granter, in Python and JavaScript.
-fn guest_builds() -> Result<[PathBuf; 4]> {
-    static BUILT: OnceLock<Result<[PathBuf; 4], String>> = OnceLock::new();
+/// reward-granter, in Python and JavaScript, and the Go plugins.
+fn guest_builds() -> Result<[PathBuf; 7]> {
+    static BUILT: OnceLock<Result<[PathBuf; 7], String>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
             let out = target_dir().join("guest-plugins");
@@ -137,6 +149,9 @@ fn guest_builds() -> Result<[PathBuf; 4]> {
                 out.join("reward_logger_js.wasm"),
                 out.join("reward_granter_py.wasm"),
                 out.join("reward_granter_js.wasm"),
+                out.join("reward_logger_go.wasm"),
+                out.join("failures_go.wasm"),
+                out.join("reward_granter_go.wasm"),
             ])
         })
         .clone()

@@ -110,6 +110,11 @@ fn the_javascript_example_passes_every_check_and_the_same_fixtures() {
 }
 
 #[test]
+fn the_go_example_passes_every_check_and_the_same_fixtures() {
+    assert_passes_with_example_fixtures(&guest_plugin_path(Guest::Go).unwrap());
+}
+
+#[test]
 fn a_nondeterministic_plugin_is_caught() {
     let report = kit(&plugin_path("flaky").unwrap(), settings(), "");
     assert!(!report.passed());
@@ -436,6 +441,11 @@ fn the_javascript_reward_granter_passes_the_same_fixtures() {
 }
 
 #[test]
+fn the_go_reward_granter_passes_the_same_fixtures() {
+    assert_granter_passes_its_fixtures(&guest_granter_path(Guest::Go).unwrap());
+}
+
+#[test]
 fn a_refused_request_fails_the_same_way_every_time_in_every_language() {
     // The origin is not granted: the host refuses every request. Writing the
     // body then fails too, sometimes first; the SDKs report the response's
@@ -451,6 +461,7 @@ fn a_refused_request_fails_the_same_way_every_time_in_every_language() {
         plugin_path("reward-granter").unwrap(),
         guest_granter_path(Guest::Python).unwrap(),
         guest_granter_path(Guest::JavaScript).unwrap(),
+        guest_granter_path(Guest::Go).unwrap(),
     ] {
         let report = kit(&path, refused(), "");
         let determinism = checks(&report, Group::Determinism);

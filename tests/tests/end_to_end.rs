@@ -983,6 +983,19 @@ impl TopicReader {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reward_granter_grants_once_per_event_through_the_rewards_service_and_announces_it()
 -> Result<()> {
+    grants_once_per_event_and_announces(plugin_path("reward-granter")?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_go_reward_granter_grants_once_per_event_through_the_rewards_service_and_announces_it()
+-> Result<()> {
+    let path = mqplug_tests::plugins::guest_granter_path(mqplug_tests::plugins::Guest::Go)?;
+    grants_once_per_event_and_announces(path).await
+}
+
+/// The reward granter at `path` against the broker and the rewards service:
+/// one grant per event, each announced once, a bad count dead-lettered.
+async fn grants_once_per_event_and_announces(path: std::path::PathBuf) -> Result<()> {
     use mqplug::config::SecretSource;
     use mqplug_tests::rewards::RewardsService;
     const GRANTED: &str = "marketing.reward.granted";
@@ -1006,7 +1019,7 @@ async fn the_reward_granter_grants_once_per_event_through_the_rewards_service_an
             },
         )]
         .into(),
-        ..PluginConfig::new("reward-granter", plugin_path("reward-granter")?)
+        ..PluginConfig::new("reward-granter", path)
     };
     let config = host_config(&broker, "marketing.task.completed", vec![granter]);
     let host = Host::start(&config, recorder.observers()).await?;

@@ -1,0 +1,3 @@
+module mqplug/sdk
+
+go 1.26

@@ -1,0 +1,7 @@
+module failures
+
+go 1.26
+
+require mqplug/sdk v0.0.0
+
+replace mqplug/sdk => ../../sdk
