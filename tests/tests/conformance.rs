@@ -385,9 +385,9 @@ fn granter_settings(topics: &[&str]) -> PluginSettings {
     PluginSettings {
         config: Arc::new(ConfigValues::new(
             &[
+                // Only what the README grants: dedupe_bucket is optional
+                // (unset: dedupe off) and must not fail the kit.
                 ("rewards_url".to_string(), "http://rewards.test".to_string()),
-                // Dedupe off: the Python and JavaScript granters have none.
-                ("dedupe_bucket".to_string(), String::new()),
             ]
             .into_iter()
             .collect(),
@@ -559,9 +559,9 @@ fn a_long_secret_is_redacted_whole_from_the_kits_failures() {
     let settings = PluginSettings {
         config: Arc::new(mqplug::wasm::ConfigValues::new(
             &[
+                // Only what the README grants: dedupe_bucket is optional
+                // (unset: dedupe off) and must not fail the kit.
                 ("rewards_url".to_string(), "http://rewards.test".to_string()),
-                // Dedupe off: the Python and JavaScript granters have none.
-                ("dedupe_bucket".to_string(), String::new()),
             ]
             .into_iter()
             .collect(),

@@ -66,7 +66,7 @@ func grant(event mqplug.Event, delivery mqplug.Delivery) error {
 
 	var answer []byte
 	how := ""
-	if bucket, _ := mqplug.Config("dedupe_bucket"); bucket != "" {
+	if bucket, _ := mqplug.OptionalConfig("dedupe_bucket"); bucket != "" {
 		done, err := mqplug.NewOnce(bucket).Run(delivery.MessageID, func() ([]byte, error) {
 			answer, _, err := requestGrant(url, token, event, points, delivery.MessageID)
 			return answer, err

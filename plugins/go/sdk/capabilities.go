@@ -21,6 +21,24 @@ func Config(key string) (string, bool) {
 	return value.SomeOr(""), value.IsSome()
 }
 
+// OptionalConfig is Config for a setting the plugin can do without: unset
+// is normal, neither logged by the host nor failed by the kit (mqplug
+// test), which both flag a key read with Config that the entry lacks. It
+// reads through get-all, so the host sees no request for a missing key.
+func OptionalConfig(key string) (string, bool) {
+	defer pause()()
+	result := wasi_config_store.GetAll()
+	if result.IsErr() {
+		return "", false
+	}
+	for _, pair := range result.Ok() {
+		if pair.F0 == key {
+			return pair.F1, true
+		}
+	}
+	return "", false
+}
+
 // Message is a follow-up message, sent after the handler returns nil.
 type Message struct {
 	// The topic as configured, in the plugin's allowed_topics.

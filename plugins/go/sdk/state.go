@@ -171,7 +171,7 @@ type Once struct {
 // NewOnce records effects in bucket (granted in key_value.buckets).
 func NewOnce(bucket string) Once {
 	lease := 60 * time.Second
-	if ms, ok := Config("dedupe_lease_ms"); ok {
+	if ms, ok := OptionalConfig("dedupe_lease_ms"); ok {
 		var parsed int64
 		if _, err := fmt.Sscan(ms, &parsed); err == nil && parsed > 0 {
 			lease = time.Duration(min(parsed, math.MaxInt64/int64(time.Millisecond))) * time.Millisecond

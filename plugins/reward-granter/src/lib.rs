@@ -66,7 +66,7 @@ impl Handler for RewardGranter {
         let token = config::get("rewards_token").ok_or("secret rewards_token is not set")?;
 
         let grant = || request_grant(&url, &token, &event, points, &delivery.message_id);
-        let bucket = config::get("dedupe_bucket").filter(|bucket| !bucket.is_empty());
+        let bucket = config::optional("dedupe_bucket").filter(|bucket| !bucket.is_empty());
         let (body, how) = match bucket {
             Some(bucket) => {
                 // The claim's lease is config `dedupe_lease_ms` (60 s

@@ -51,10 +51,22 @@ pub use bindings::mqplug::plugin::types::Delivery;
 pub mod config {
     use crate::bindings::wasi::config::store;
 
-    /// The value of `key`; `None` when the plugin's entry does not set it.
+    /// The value of `key`, a key the plugin needs; `None` when the
+    /// plugin's entry does not set it, which the host logs once and the
+    /// kit (`mqplug test`) fails. For a setting with a default, use
+    /// [`optional`].
     pub fn get(key: &str) -> Option<String> {
         // mqplug's store never fails; an error would mean no value either.
         store::get(key).ok().flatten()
+    }
+
+    /// The value of `key`, a setting the plugin can do without: unset is
+    /// normal, neither logged nor failed by the kit. (Read through
+    /// `get-all`, so the host sees no request for a key it lacks.)
+    pub fn optional(key: &str) -> Option<String> {
+        all()
+            .into_iter()
+            .find_map(|(name, value)| (name == key).then_some(value))
     }
 
     /// Every key with its value, secrets included.
@@ -278,7 +290,7 @@ pub mod once {
     impl Once {
         /// Effects recorded in `bucket` (granted in `key_value.buckets`).
         pub fn new(bucket: &str) -> Self {
-            let lease = crate::config::get("dedupe_lease_ms")
+            let lease = crate::config::optional("dedupe_lease_ms")
                 .and_then(|ms| ms.parse().ok())
                 .map_or(Duration::from_secs(60), Duration::from_millis);
             Once {
