@@ -31,9 +31,12 @@ step "go vet and gofmt (plugins/go)" bash -c 'cd plugins/go &&
     done'
 # The committed bindings are what wit/ generates now (regenerate with
 # plugins/go/sdk/generate.sh and commit them).
-step "Go bindings match wit/" bash -c 'bash plugins/go/sdk/generate.sh 2>/dev/null &&
-    test -z "$(git status --porcelain -- plugins/go/sdk)" ||
-    { git status --short -- plugins/go/sdk; false; }'
+# Only what the script writes is compared: hand-written SDK files may be
+# mid-edit.
+generated="plugins/go/sdk/wit plugins/go/sdk/internal/witgo"
+step "Go bindings match wit/" bash -c "bash plugins/go/sdk/generate.sh 2>/dev/null &&
+    test -z \"\$(git status --porcelain -- $generated)\" ||
+    { git status --short -- $generated; false; }"
 step "cargo test" cargo test --workspace --no-fail-fast
 
 if ((${#failed[@]})); then
