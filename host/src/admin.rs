@@ -71,6 +71,78 @@ pub trait AdminView: Send + Sync + 'static {
     fn store_health(&self) -> Option<(&'static str, Result<(), String>)> {
         None
     }
+    /// Messages waiting in each plugin's consumer group (the broker's
+    /// offsets against the group's), by plugin, as last read.
+    fn lag(&self) -> std::collections::BTreeMap<String, u64> {
+        Default::default()
+    }
+    /// A plugin's handled count and lag at each of the last probes, oldest
+    /// first.
+    fn history(&self, _plugin: &str) -> Vec<Sample> {
+        Vec::new()
+    }
+    /// Plugins in the config that serve no build, and why.
+    fn not_serving(&self) -> Vec<NotServing> {
+        Vec::new()
+    }
+    /// Whether the name server answers and the brokers holding the topic
+    /// take connections, as last probed; `None` before the first probe.
+    fn broker_health(&self) -> Option<Result<(), String>> {
+        None
+    }
+    /// What is wrong with the cluster while the host is still ready: a
+    /// broker that does not answer while others do, a topic not created yet.
+    fn broker_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// One point of a plugin's chart on the status page.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at: std::time::SystemTime,
+    /// Messages handled so far, every outcome.
+    pub handled: u64,
+    /// Messages waiting in its group, if it could be read.
+    pub lag: Option<u64>,
+}
+
+/// A plugin in the config that serves no build: loading it or starting its
+/// consumer failed when the config added or changed it.
+#[derive(Debug, Clone)]
+pub struct NotServing {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub group: String,
+    pub error: String,
+    pub since: std::time::SystemTime,
+}
+
+/// Why the host is not ready, one line a reason; empty when it is.
+/// Everything in them a plugin or a config controls is made inert.
+pub fn not_ready(view: &dyn AdminView) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if !view.ready() {
+        reasons.push("starting or stopping".to_string());
+    }
+    if let Some(Err(why)) = view.broker_health() {
+        reasons.push(format!("broker: {}", crate::text::inert(&why, 1024)));
+    }
+    // Plugins' calls to a store that is down fail.
+    if let Some((kind, Err(why))) = view.store_health() {
+        reasons.push(format!(
+            "store {kind}: unavailable: {}",
+            crate::text::inert(&why, 1024)
+        ));
+    }
+    for plugin in view.not_serving() {
+        reasons.push(format!(
+            "plugin {}: not serving: {}",
+            crate::text::inert(&plugin.name, 256),
+            crate::text::inert(&plugin.error, 1024)
+        ));
+    }
+    reasons
 }
 
 /// One open connection, as the cap sees it.
@@ -287,19 +359,15 @@ pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, Str
     match path {
         "/healthz" => (200, "text/plain", "ok\n".into()),
         "/readyz" => {
-            // Plugins' calls to a store that is down fail: not ready, and why.
-            if let Some((kind, Err(why))) = view.store_health() {
-                let why = crate::text::inert(&why, 1024);
-                return (
-                    503,
-                    "text/plain",
-                    format!("not ready\nstore {kind}: unavailable: {why}\n"),
-                );
-            }
-            if view.ready() {
+            let reasons = not_ready(view);
+            if reasons.is_empty() {
                 // Still ready (every plugin serves a build), but a refused
                 // reload is said here too, not only on /plugins.
                 let mut body = String::from("ready\n");
+                for note in view.broker_notes() {
+                    body.push_str(&crate::text::inert(&note, 1024));
+                    body.push('\n');
+                }
                 for slot in view.slots() {
                     if let SlotState::ReloadFailed { .. } = slot.status().state {
                         body.push_str(&format!(
@@ -310,7 +378,12 @@ pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, Str
                 }
                 (200, "text/plain", body)
             } else {
-                (503, "text/plain", "not ready\n".into())
+                let mut body = String::from("not ready\n");
+                for reason in reasons {
+                    body.push_str(&reason);
+                    body.push('\n');
+                }
+                (503, "text/plain", body)
             }
         }
         "/" => (
@@ -320,13 +393,22 @@ pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, Str
         ),
         "/plugins" => (200, "application/json", plugins_json(view)),
         "/metrics" => {
-            let versions: Vec<(String, String)> = view
-                .slots()
+            let slots = view.slots();
+            let versions: Vec<(String, String)> = slots
                 .iter()
                 .map(|slot| (slot.name().to_string(), slot.version().to_string()))
                 .collect();
             let mut text = view.metrics().render(&versions);
             text.push_str(&render_gauges(&view.pool_usage()));
+            let lag = view.lag();
+            let groups: Vec<(String, String, u64)> = slots
+                .iter()
+                .filter_map(|slot| {
+                    let waiting = *lag.get(slot.name())?;
+                    Some((slot.name().to_string(), slot.status().group, waiting))
+                })
+                .collect();
+            text.push_str(&crate::metrics::render_lag(&groups));
             (200, "text/plain; version=0.0.4", text)
         }
         _ => (404, "text/plain", "not found\n".into()),
@@ -335,7 +417,7 @@ pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, Str
 
 fn plugins_json(view: &dyn AdminView) -> String {
     let metrics = view.metrics();
-    let plugins: Vec<serde_json::Value> = view
+    let mut plugins: Vec<serde_json::Value> = view
         .slots()
         .iter()
         .map(|slot| {
@@ -368,6 +450,16 @@ fn plugins_json(view: &dyn AdminView) -> String {
                     "dead_letter": metrics.messages(&status.name, "dead_letter"),
                 },
                 "failures": metrics.failures(&status.name),
+                "lag": view.lag().get(&status.name).copied(),
+                "history": view.history(&status.name).iter().map(|sample| json!({
+                    "at": sample.at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                    "handled": sample.handled,
+                    "lag": sample.lag,
+                })).collect::<Vec<_>>(),
+                "follow_ups": {
+                    "sent": metrics.follow_ups(&status.name).get("sent").copied().unwrap_or(0),
+                    "failed": metrics.follow_ups(&status.name).get("failed").copied().unwrap_or(0),
+                },
                 "latency_ms": {
                     "window_s": RECENT_WINDOW.as_secs(),
                     "events": latency.events,
@@ -384,8 +476,26 @@ fn plugins_json(view: &dyn AdminView) -> String {
             })
         })
         .collect();
+    // Listed with the rest, so a plugin the config names never goes missing.
+    plugins.extend(view.not_serving().into_iter().map(|plugin| {
+        json!({
+            "name": plugin.name,
+            "path": plugin.path.display().to_string(),
+            "group": plugin.group,
+            "state": "failed",
+            "error": plugin.error,
+            "since": chrono::DateTime::<chrono::Utc>::from(plugin.since).to_rfc3339(),
+        })
+    }));
+    let not_ready = not_ready(view);
     let mut text = serde_json::to_string_pretty(&json!({
-        "ready": view.ready(),
+        "ready": not_ready.is_empty(),
+        "not_ready": not_ready,
+        "broker": view.broker_health().map(|health| json!({
+            "available": health.is_ok(),
+            "error": health.err(),
+            "notes": view.broker_notes(),
+        })),
         "config_error": view.config_error(),
         "store": view.store_health().map(|(kind, health)| json!({
             "kind": kind,

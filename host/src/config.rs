@@ -39,6 +39,8 @@ pub enum ConfigError {
     Plugin { plugin: String, problem: String },
     #[error("runtime: {0}")]
     Runtime(String),
+    #[error("credentials: {0}")]
+    Credentials(String),
 }
 
 /// Admin connections a host may hold at most: each costs a descriptor the
@@ -75,6 +77,10 @@ pub struct HostConfig {
     /// Where plugins' `wasi:keyvalue` buckets live.
     #[serde(default)]
     pub store: StoreConfig,
+    /// The RocketMQ user (ACL 2.0) the host connects as, when the cluster
+    /// asks for credentials: for its consumers, its producer and the tools.
+    #[serde(default)]
+    pub credentials: Option<CredentialsConfig>,
     /// The file this config was read from, if any; hot reload watches it.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -469,6 +475,31 @@ pub const MAX_HTTP_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 /// The largest `http_max_in_flight`.
 pub const MAX_HTTP_IN_FLIGHT: usize = 256;
 
+/// `[credentials]`: where the host reads the access key and secret key of
+/// the RocketMQ user it connects as; like a plugin's secrets, never
+/// written in the config itself.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    pub access_key: SecretSource,
+    pub secret_key: SecretSource,
+}
+
+impl CredentialsConfig {
+    /// Both keys, read now; the error names where each was looked for.
+    pub fn read(&self) -> Result<crate::mq::Credentials, ConfigError> {
+        let read = |what: &str, source: &SecretSource| {
+            source
+                .read()
+                .map_err(|why| ConfigError::Credentials(format!("{what}: {why}")))
+        };
+        Ok(crate::mq::Credentials {
+            access_key: read("access_key", &self.access_key)?,
+            secret_key: read("secret_key", &self.secret_key)?,
+        })
+    }
+}
+
 /// Where the host reads one secret.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(
@@ -678,6 +709,14 @@ impl Default for HostConfig {
 }
 
 impl HostConfig {
+    /// The credentials of `[credentials]`, read now; `None` without it.
+    pub fn credentials(&self) -> Result<Option<crate::mq::Credentials>, ConfigError> {
+        self.credentials
+            .as_ref()
+            .map(CredentialsConfig::read)
+            .transpose()
+    }
+
     /// Applies `overrides` over this config and keeps them, so a reload of
     /// the file can apply them again.
     pub fn apply(&mut self, overrides: Overrides) {
@@ -731,6 +770,13 @@ impl HostConfig {
         }
         if let Some(file) = config.store.path.as_mut().filter(|file| file.is_relative()) {
             *file = base.join(&*file);
+        }
+        if let Some(credentials) = config.credentials.as_mut() {
+            for source in [&mut credentials.access_key, &mut credentials.secret_key] {
+                if let Some(file) = source.file.as_mut().filter(|file| file.is_relative()) {
+                    *file = base.join(&*file);
+                }
+            }
         }
         config.source = Some(path.to_path_buf());
         Ok(config)

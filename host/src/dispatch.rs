@@ -231,8 +231,17 @@ impl Dispatcher {
                 let unsent = (outcome == DeliveryOutcome::ConsumeSuccess
                     && !handled.outbox.is_empty())
                 .then(|| {
-                    self.send_outbox(delivery, &handled.outbox, started.elapsed())
-                        .err()
+                    let sent = self.send_outbox(delivery, &handled.outbox, started.elapsed());
+                    self.observers.emit(|| HostEvent::FollowUps {
+                        plugin: self.plugin.clone(),
+                        topics: handled
+                            .outbox
+                            .iter()
+                            .map(|message| message.topic.configured().to_string())
+                            .collect(),
+                        sent: sent.is_ok(),
+                    });
+                    sent.err()
                 })
                 .flatten();
                 match unsent {

@@ -25,16 +25,21 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// The event in a line: type, user, campaign; or why the body is not
-    /// an event. Untrusted: escaped and cut.
+    /// The event in a line: type, user, campaign and its data (what most
+    /// often made the handler fail); or why the body is not an event.
+    /// Untrusted: escaped and cut.
     pub fn summary(&self) -> String {
         match TaskEvent::decode(&self.body, DEFAULT_MAX_BODY_BYTES) {
             Ok(event) => format!(
-                "{} by user {} in {} ({})",
+                "{} by user {} in {} ({}) data {}",
                 inert(&event.event_type, 64),
                 event.user_id,
                 inert(&event.campaign_id, 64),
                 inert(&event.campaign_name, 64),
+                inert(
+                    &serde_json::Value::Object(event.event_data).to_string(),
+                    256
+                ),
             ),
             Err(err) => format!("not a task event: {}", inert(&err.to_string(), 160)),
         }
@@ -80,13 +85,14 @@ mod tests {
             delivery: Delivery::default(),
             body: body.to_vec(),
         };
-        let event = br#"{"EventType":"USER_REGISTER","UserID":7,"TenantID":"t","AppID":"a","CampaignID":"c-1","CampaignName":"name\u001b[31m","EventData":{},"Timestamp":"2026-11-25T14:19:15+08:00"}"#;
+        let event = br#"{"EventType":"USER_REGISTER","UserID":7,"TenantID":"t","AppID":"a","CampaignID":"c-1","CampaignName":"name\u001b[31m","EventData":{"count":"x\u001b"},"Timestamp":"2026-11-25T14:19:15+08:00"}"#;
         let summary = letter(event).summary();
         assert!(
             summary.starts_with("USER_REGISTER by user 7 in c-1"),
             "{summary}"
         );
         assert!(!summary.contains('\u{1b}'), "escaped: {summary}");
+        assert!(summary.contains(r#"data {"count":"x"#), "{summary}");
         assert!(
             letter(b"not json")
                 .summary()

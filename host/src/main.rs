@@ -70,6 +70,10 @@ enum Command {
     /// messages back through the plugin's current build.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// A plugin's key-value buckets in the state store its config names:
+    /// list the keys, show a value, or clear a bucket.
+    #[command(subcommand)]
+    State(StateCommand),
 }
 
 #[derive(Subcommand)]
@@ -84,6 +88,33 @@ enum DlqCommand {
     /// when every one was acknowledged, 1 when one was not, 2 when it
     /// cannot run.
     Redrive(DlqRedriveArgs),
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// The keys of the plugin's buckets (all it is granted, or --bucket),
+    /// with each value's size.
+    List(StateArgs),
+    /// One key's value: text escaped, anything else in hex.
+    Get {
+        #[command(flatten)]
+        state: StateArgs,
+        key: String,
+    },
+    /// Deletes every key in one bucket (--bucket is required).
+    Clear(StateArgs),
+}
+
+#[derive(Args)]
+struct StateArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The plugin, by its name in the config file.
+    #[arg(long)]
+    plugin: String,
+    /// One of the buckets its key_value entry grants.
+    #[arg(long)]
+    bucket: Option<String>,
 }
 
 #[derive(Args)]
@@ -308,6 +339,14 @@ fn main() -> std::process::ExitCode {
     // The kit's table goes to stdout; plugin log lines would drown it.
     let default_filter = match cli.command {
         Command::Test(_) => "warn",
+        // The dead-letter reader pulls each queue itself; the client's
+        // classic pull consumer also runs a pull task of its own for a
+        // queue it pulled, which fails ("Argument is invalid") on a
+        // consumer with no subscription, and logs it as an ERROR that says
+        // nothing about the command's result.
+        Command::Dlq(_) => {
+            "warn,mqplug=info,rocketmq_client_rust::consumer::consumer_impl::default_lite_pull_consumer_impl=off"
+        }
         _ => "warn,mqplug=info",
     };
     let filter =
@@ -342,6 +381,7 @@ fn main() -> std::process::ExitCode {
         Command::New(args) => new_plugin(args),
         Command::Dlq(DlqCommand::List(args)) => in_runtime(dlq_list(args)),
         Command::Dlq(DlqCommand::Redrive(args)) => in_runtime(dlq_redrive(args)),
+        Command::State(command) => state(command),
     };
     match result {
         Ok(code) => code,
@@ -377,6 +417,10 @@ async fn run(args: RunArgs) -> Result<std::process::ExitCode> {
         host.topic(),
         host.plugins().len()
     );
+    if let Err(why) = host.broker_health() {
+        // The client keeps trying; /readyz says when it is through.
+        eprintln!("mqplug: not ready yet: {why}");
+    }
     if let Some(addr) = host.admin_addr() {
         println!("mqplug: admin on http://{addr}/ (healthz, readyz, plugins, metrics)");
     }
@@ -389,7 +433,7 @@ async fn publish(args: PublishArgs) -> Result<std::process::ExitCode> {
     let config = args.connection.load()?;
     let events = events_to_publish(&args)?;
     let settings = config.producer_settings()?;
-    let mq = MqRuntime::new(0)?;
+    let mq = MqRuntime::with_credentials(0, config.credentials()?)?;
     let result = async {
         let mut publisher = Publisher::start(&mq, settings).await?;
         if let Some(queues) = args.create_topic
@@ -411,6 +455,14 @@ async fn publish(args: PublishArgs) -> Result<std::process::ExitCode> {
         let published = send_all(&publisher, &events, pipeline).await;
         if let Some(publisher) = Arc::into_inner(publisher) {
             publisher.shutdown().await;
+        }
+        if published.failed() > 0 {
+            // The client's own errors do not say which name server.
+            let route = mqplug::mq::RouteClient::start(&mq, &config.name_server).await?;
+            if let Err(why) = route.name_server_answers(config.topic()?.wire()).await {
+                eprintln!("mqplug: {why}");
+            }
+            route.shutdown().await;
         }
         if let Some(path) = &args.receipts {
             write_receipts(path, &events, &published)?;
@@ -448,7 +500,7 @@ impl ToPublish {
 fn events_to_publish(args: &PublishArgs) -> Result<ToPublish> {
     let parse = |text: &str, origin: &str| {
         TaskEvent::decode(text.as_bytes(), DEFAULT_MAX_BODY_BYTES)
-            .with_context(|| format!("{origin} is not a valid task event"))
+            .with_context(|| origin.to_string())
     };
     let mut events = Vec::new();
     let mut lines = Vec::new();
@@ -559,9 +611,18 @@ async fn send_all(
     .await;
     bar.finish_and_clear();
     let batches = if published.pipeline.batch > 1 {
+        // publish_all sends the first event alone when sends overlap: its
+        // answer caches the topic's route for the rest.
+        let first_alone = published.pipeline.concurrency > 1 && published.results.len() > 1;
         format!(
-            " in {} sends of up to {} events",
-            published.sends, published.pipeline.batch
+            " in {} sends of up to {} events{}",
+            published.sends,
+            published.pipeline.batch,
+            if first_alone {
+                ", the first event alone to look up the topic's route"
+            } else {
+                ""
+            }
         )
     } else {
         String::new()
@@ -657,13 +718,13 @@ fn replay(args: ReplayArgs) -> Result<std::process::ExitCode> {
 /// (`None`: the plugin's group never dead-lettered anything).
 async fn dead_letters(
     args: &DlqArgs,
+    config: HostConfig,
     mq: &MqRuntime,
 ) -> Result<(
     HostConfig,
     PluginConfig,
     Option<Vec<mqplug::dlq::DeadLetter>>,
 )> {
-    let config = args.connection.load()?;
     let entry = config
         .plugins
         .iter()
@@ -686,8 +747,9 @@ async fn dead_letters(
 }
 
 async fn dlq_list(args: DlqArgs) -> Result<std::process::ExitCode> {
-    let mq = MqRuntime::new(1)?;
-    let result = dead_letters(&args, &mq).await;
+    let config = args.connection.load()?;
+    let mq = MqRuntime::with_credentials(1, config.credentials()?)?;
+    let result = dead_letters(&args, config, &mq).await;
     mq.shutdown().await;
     let (_, entry, letters) = result?;
     let letters = letters.unwrap_or_default();
@@ -718,14 +780,19 @@ async fn dlq_list(args: DlqArgs) -> Result<std::process::ExitCode> {
 }
 
 async fn dlq_redrive(args: DlqRedriveArgs) -> Result<std::process::ExitCode> {
-    let mq = MqRuntime::new(1)?;
-    let result = redrive(&args, &mq).await;
+    let config = args.dlq.connection.load()?;
+    let mq = MqRuntime::with_credentials(1, config.credentials()?)?;
+    let result = redrive(&args, config, &mq).await;
     mq.shutdown().await;
     result
 }
 
-async fn redrive(args: &DlqRedriveArgs, mq: &MqRuntime) -> Result<std::process::ExitCode> {
-    let (config, entry, letters) = dead_letters(&args.dlq, mq).await?;
+async fn redrive(
+    args: &DlqRedriveArgs,
+    config: HostConfig,
+    mq: &MqRuntime,
+) -> Result<std::process::ExitCode> {
+    let (config, entry, letters) = dead_letters(&args.dlq, config, mq).await?;
     let mut letters = letters.unwrap_or_default();
     if !args.ids.is_empty() {
         letters.retain(|letter| args.ids.contains(&letter.delivery.message_id));
@@ -742,11 +809,15 @@ async fn redrive(args: &DlqRedriveArgs, mq: &MqRuntime) -> Result<std::process::
     // its grants, the engine's settings.
     let runtime = WasmRuntime::new(config.runtime_settings())
         .map_err(|err| anyhow::anyhow!("cannot start the wasm engine: {err:#}"))?;
-    let plugin = Arc::new(mqplug::slot::load_plugin(
-        &runtime,
-        &entry,
-        &Observers::default(),
-    )?);
+    let plugin = match mqplug::slot::load_plugin(&runtime, &entry, &Observers::default()) {
+        Ok(plugin) => Arc::new(plugin),
+        // A running host has the plugin's embedded store open: it runs them.
+        Err(mqplug::wasm::PluginLoadError::Store {
+            cause: mqplug::store::StoreError::InUse(why),
+            ..
+        }) => return hand_back(&config, &entry, &letters, mq, &why).await,
+        Err(err) => return Err(err.into()),
+    };
     println!(
         "redriving {} dead letter(s) of plugin {} through build {}",
         letters.len(),
@@ -808,6 +879,146 @@ async fn redrive(args: &DlqRedriveArgs, mq: &MqRuntime) -> Result<std::process::
     } else {
         std::process::ExitCode::FAILURE
     })
+}
+
+/// Redrive beside a running host that holds the plugin's embedded store:
+/// each dead letter goes back to the plugin's group through its retry topic,
+/// and whichever host holds that queue runs it, with its own store, as a
+/// redelivery. Outcomes are that host's (its log and `/metrics`); a letter
+/// that fails again goes to retry and, in the end, back to the DLQ.
+async fn hand_back(
+    config: &HostConfig,
+    entry: &PluginConfig,
+    letters: &[mqplug::dlq::DeadLetter],
+    mq: &MqRuntime,
+    why: &str,
+) -> Result<std::process::ExitCode> {
+    let group = entry.group();
+    println!(
+        "the plugin's state store is in use ({why}): handing {} dead letter(s) to the running host(s) of group {group} through %RETRY%{group}",
+        letters.len()
+    );
+    let topic = config.topic()?;
+    let publisher = Publisher::start(mq, config.producer_settings()?).await?;
+    let mut failed = 0;
+    for letter in letters {
+        let delivery = &letter.delivery;
+        let sent = publisher
+            .hand_back(
+                &group,
+                topic.wire(),
+                letter.body.clone(),
+                delivery.tags.as_deref(),
+                delivery.keys.clone(),
+                delivery.message_id.clone(),
+            )
+            .await;
+        let id = mqplug::text::inert(&delivery.message_id, 128);
+        match sent {
+            Ok(_) => println!("  {id}: handed back"),
+            Err(err) => {
+                failed += 1;
+                println!("  {id}: not handed back: {err}");
+            }
+        }
+    }
+    publisher.shutdown().await;
+    println!(
+        "{} handed back, {failed} not; the running host handles them as redeliveries (see its log and /metrics); the dead-letter queue keeps every message",
+        letters.len() - failed
+    );
+    Ok(if failed == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+/// `mqplug state`: the plugin's buckets, read or cleared in its store.
+fn state(command: StateCommand) -> Result<std::process::ExitCode> {
+    use mqplug::store::{Namespace, StoreError, inspect};
+    let (args, key) = match &command {
+        StateCommand::List(args) | StateCommand::Clear(args) => (args, None),
+        StateCommand::Get { state, key } => (state, Some(key.as_str())),
+    };
+    let config = args.connection.load()?;
+    let entry = config
+        .plugins
+        .iter()
+        .find(|plugin| plugin.name == args.plugin)
+        .with_context(|| format!("no plugin {:?} in the config", args.plugin))?;
+    let granted: Vec<String> = entry
+        .key_value
+        .as_ref()
+        .map(|kv| kv.buckets.clone())
+        .unwrap_or_default();
+    let buckets = match &args.bucket {
+        Some(bucket) if granted.contains(bucket) => vec![bucket.clone()],
+        Some(bucket) => bail!(
+            "plugin {} is not granted bucket {bucket:?} (it has: {})",
+            entry.name,
+            granted.join(", ")
+        ),
+        None if matches!(command, StateCommand::List(_)) => granted,
+        None => bail!("give the bucket with --bucket"),
+    };
+    ensure!(
+        !buckets.is_empty(),
+        "plugin {} has no key_value buckets",
+        entry.name
+    );
+    let settings = config.runtime_settings().store;
+    let store = mqplug::wasm::StoreOpener::new(settings)
+        .open()
+        .map_err(|err| match err {
+            StoreError::InUse(_) => anyhow::anyhow!(
+                "{err}; stop the host first (the embedded store is one process's at a time), \
+                 or keep state in Redis ([store] backend = \"redis\"), which hosts and this command share"
+            ),
+            err => anyhow::anyhow!("cannot open the state store: {err}"),
+        })?;
+    for bucket in &buckets {
+        let ns = Namespace::new(entry.name.clone(), bucket.clone());
+        match (&command, key) {
+            (StateCommand::Get { .. }, Some(key)) => match store.get(&ns, key)? {
+                Some(value) => println!("{}", inspect::show(&value)),
+                None => {
+                    eprintln!(
+                        "no key {:?} in bucket {bucket}",
+                        mqplug::text::inert(key, 256)
+                    );
+                    return Ok(std::process::ExitCode::FAILURE);
+                }
+            },
+            (StateCommand::Clear(_), _) => {
+                let cleared = inspect::clear(&*store, &ns)?;
+                println!(
+                    "cleared {cleared} key(s) from bucket {bucket} of plugin {}",
+                    entry.name
+                );
+            }
+            _ => {
+                let (entries, more) = inspect::list(&*store, &ns)?;
+                println!(
+                    "bucket {bucket} of plugin {}: {} key(s){}",
+                    entry.name,
+                    entries.len(),
+                    if more {
+                        format!(" (only the first {} are listed)", inspect::MAX_LISTED)
+                    } else {
+                        String::new()
+                    }
+                );
+                for listed in entries {
+                    let size = listed
+                        .bytes
+                        .map_or_else(|| "expired".to_string(), |n| format!("{n} bytes"));
+                    println!("  {}  {size}", mqplug::text::inert(&listed.key, 512));
+                }
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn new_plugin(args: NewArgs) -> Result<std::process::ExitCode> {

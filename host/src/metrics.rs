@@ -34,6 +34,8 @@ struct PluginCounters {
     outbound_seconds: f64,
     /// Key-value calls by result: `ok`, `refused`, `failed`.
     key_value: BTreeMap<&'static str, u64>,
+    /// Follow-up messages by (topic, `sent`|`failed`).
+    follow_ups: BTreeMap<(String, &'static str), u64>,
     /// Handler durations of the last [`RECENT_WINDOW`], for the status page's
     /// percentiles (at most [`MAX_RECENT`]).
     recent: VecDeque<(Instant, Duration)>,
@@ -170,6 +172,21 @@ impl Metrics {
                 let counters = plugins.entry(plugin.clone()).or_default();
                 *counters.key_value.entry(result.as_str()).or_default() += 1;
             }
+            HostEvent::FollowUps {
+                plugin,
+                topics,
+                sent,
+            } => {
+                let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+                let counters = plugins.entry(plugin.clone()).or_default();
+                let result = if *sent { "sent" } else { "failed" };
+                for topic in topics {
+                    *counters
+                        .follow_ups
+                        .entry((topic.clone(), result))
+                        .or_default() += 1;
+                }
+            }
             HostEvent::PluginLog { .. }
             | HostEvent::Draining { .. }
             | HostEvent::Stopped { .. } => {}
@@ -183,6 +200,19 @@ impl Metrics {
             .get(plugin)
             .map(|counters| counters.key_value.clone())
             .unwrap_or_default()
+    }
+
+    /// Follow-up messages of a plugin by result (`sent`, `failed`), over
+    /// every topic.
+    pub fn follow_ups(&self, plugin: &str) -> BTreeMap<&'static str, u64> {
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut totals = BTreeMap::new();
+        if let Some(counters) = plugins.get(plugin) {
+            for ((_, result), n) in &counters.follow_ups {
+                *totals.entry(*result).or_default() += n;
+            }
+        }
+        totals
     }
 
     /// Failures of a plugin by kind (`rejected`, `trap`, `deadline`, ...).
@@ -357,6 +387,22 @@ impl Metrics {
         }
         family(
             &mut out,
+            "mqplug_follow_ups_total",
+            "counter",
+            "Plugins' follow-up messages, by topic and result (sent; failed: the event is retried and sends them again).",
+        );
+        for (plugin, counters) in plugins.iter() {
+            for ((topic, result), n) in &counters.follow_ups {
+                let _ = writeln!(
+                    out,
+                    "mqplug_follow_ups_total{{plugin=\"{}\",topic=\"{}\",result=\"{result}\"}} {n}",
+                    label(plugin),
+                    label(topic)
+                );
+            }
+        }
+        family(
+            &mut out,
             "mqplug_outbound_response_seconds_sum",
             "counter",
             "Seconds until the response head, summed over answered outbound requests.",
@@ -392,6 +438,28 @@ impl Metrics {
 
 /// The gauges read at scrape time: the pooling allocator's live slots and
 /// the process's resident memory.
+/// `mqplug_consumer_lag_messages`: for each (plugin, group, waiting), the
+/// messages waiting in the plugin's group, as RocketMQ's own exporter names
+/// its `rocketmq_consumer_lag_messages`.
+pub fn render_lag(groups: &[(String, String, u64)]) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "mqplug_consumer_lag_messages",
+        "gauge",
+        "Messages waiting in the plugin's consumer group: the queues' ends minus the group's committed offsets, read every 5 s.",
+    );
+    for (plugin, group, waiting) in groups {
+        let _ = writeln!(
+            out,
+            "mqplug_consumer_lag_messages{{plugin=\"{}\",group=\"{}\"}} {waiting}",
+            label(plugin),
+            label(group)
+        );
+    }
+    out
+}
+
 pub fn render_gauges(pool: &PoolUsage) -> String {
     let mut out = String::new();
     family(

@@ -67,6 +67,14 @@ pub enum HostEvent {
         plugin: Arc<str>,
         result: KeyValueResult,
     },
+    /// An accepted event's follow-up messages went out, or could not (the
+    /// event is then retried and sends them again).
+    FollowUps {
+        plugin: Arc<str>,
+        /// Each message's topic, as configured.
+        topics: Vec<String>,
+        sent: bool,
+    },
 }
 
 /// How a key-value call ended.

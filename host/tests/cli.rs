@@ -361,6 +361,48 @@ fn a_failed_send_reports_the_real_cause_and_fails_the_command() -> Result<()> {
         "{err}"
     );
     assert!(!err.contains("<redacted>"), "{err}");
+    assert!(
+        err.contains("name server 127.0.0.1:1 did not answer"),
+        "the address it could not reach is named: {err}"
+    );
+    Ok(())
+}
+
+/// `mqplug run` against a name server that is not there: it starts (the
+/// client keeps trying), says what it cannot reach, and `/readyz` is 503
+/// with the same reason.
+#[test]
+fn run_without_a_name_server_says_so_and_is_not_ready() -> Result<()> {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let name_server = format!("127.0.0.1:{port}");
+    let spec = format!("rewards={}", plugin_path("reward-logger")?.display());
+    let (_running, lines) = spawn_mqplug(
+        ["run", "--name-server", &name_server, "--plugin", &spec],
+        "off",
+    )?;
+    let mut seen = Vec::new();
+    let said = format!("name server {name_server} did not answer");
+    let started = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
+        seen.iter()
+            .any(|l| l.starts_with("mqplug: admin on http://"))
+            && seen.iter().any(|l| l.contains(&said))
+    });
+    ensure!(
+        started,
+        "no admin address or no reason:\n{}",
+        seen.join("\n")
+    );
+    let addr = admin_address(&seen)?;
+    let (status, body) = http_get(&addr, "/readyz")?;
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+    assert!(body.contains(&format!("broker: {said}")), "{body}");
+    let (_, plugins) = http_get(&addr, "/plugins")?;
+    let plugins: serde_json::Value = serde_json::from_str(&plugins)?;
+    assert_eq!(plugins["ready"], false, "{plugins}");
+    assert_eq!(plugins["broker"]["available"], false, "{plugins}");
     Ok(())
 }
 
@@ -614,6 +656,16 @@ fn mqplug_test_exits_1_on_a_failing_plugin_and_2_when_it_cannot_run() -> Result<
     Ok(())
 }
 
+/// The admin listener's address, from the line `mqplug run` prints.
+fn admin_address(seen: &[String]) -> Result<String> {
+    Ok(seen
+        .iter()
+        .find_map(|l| l.strip_prefix("mqplug: admin on http://"))
+        .and_then(|rest| rest.split('/').next())
+        .context("the admin address")?
+        .to_string())
+}
+
 /// GET `path` from `addr`: (status line, body).
 fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
     use std::io::{Read, Write};
@@ -654,17 +706,16 @@ fn the_admin_endpoints_and_json_logs_show_plugins_versions_and_counts() -> Resul
             .any(|l| l.starts_with("mqplug: admin on http://"))
     });
     ensure!(started, "mqplug did not start:\n{}", seen.join("\n"));
-    let addr = seen
-        .iter()
-        .find_map(|l| l.strip_prefix("mqplug: admin on http://"))
-        .and_then(|rest| rest.split('/').next())
-        .context("the admin address")?
-        .to_string();
+    let addr = admin_address(&seen)?;
 
     assert_eq!(http_get(&addr, "/healthz")?.0, "HTTP/1.1 200 OK");
+    // Ready: the name server answers. The topic is not created yet, which
+    // /readyz notes.
+    let (status, body) = http_get(&addr, "/readyz")?;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     assert_eq!(
-        http_get(&addr, "/readyz")?,
-        ("HTTP/1.1 200 OK".into(), "ready\n".into())
+        body,
+        "ready\ntopic marketing_task_completed: no broker holds it yet (its first producer or mqadmin updateTopic creates it)\n"
     );
     assert_eq!(http_get(&addr, "/nope")?.0, "HTTP/1.1 404 Not Found");
 
@@ -1237,6 +1288,92 @@ fn mqplug_new_writes_a_go_plugin_that_builds_and_passes_the_kit() -> Result<()> 
     new_project_builds_and_passes_the_kit("go")
 }
 
+/// `mqplug dlq redrive` while the host runs and holds the plugin's embedded
+/// store (which one process may open at a time): the dead letter goes back
+/// to the plugin's group through its retry topic, and the running host
+/// handles it again, with the same message id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_beside_a_running_host_that_holds_the_store_goes_through_that_host() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_file = dir.path().join("mqplug.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "name_server = \"{}\"\n\
+             [runtime]\ncache_dir = \"{}\"\n\
+             [reload]\nwatch = false\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [producer]\nenabled = true\ncreate_topic_queues = 4\n\
+             [store]\npath = \"state.redb\"\n\
+             [[plugin]]\nname = \"rewards\"\npath = \"{}\"\nconsume_from = \"first\"\n\
+             [plugin.key_value]\nbuckets = [\"seen\"]\n",
+            broker.name_server,
+            mqplug_tests::test_cache_dir().display(),
+            plugin_path("chaos")?.display()
+        ),
+    )?;
+    let config = mqplug::HostConfig::from_file(&config_file)?;
+    let recorder = mqplug_tests::Recorder::new();
+    let host = mqplug::Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let poison = publisher
+        .publish(&mqplug_tests::sample_event("DEAD_LETTER", 1))
+        .await?
+        .message_id;
+    let mq = mqplug::mq::MqRuntime::new(1)?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut dead_lettered = false;
+    while !dead_lettered && Instant::now() < deadline {
+        dead_lettered = mqplug::dlq::read(&mq, &broker.name_server, "mqplug-rewards")
+            .await?
+            .is_some_and(|letters| letters.iter().any(|l| l.delivery.message_id == poison));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    mq.shutdown().await;
+    let handled_before = recorder
+        .handled()
+        .iter()
+        .filter(|h| h.message_id == poison)
+        .count();
+
+    let redrive = tokio::task::spawn_blocking({
+        let mut command = mqplug_command();
+        command
+            .args(["dlq", "redrive", "--config"])
+            .arg(&config_file)
+            .args(["--plugin", "rewards"]);
+        move || command.output()
+    })
+    .await??;
+    let handled_again = recorder.wait_until(Duration::from_secs(90), |r| {
+        r.handled()
+            .iter()
+            .filter(|h| h.message_id == poison)
+            .count()
+            > handled_before
+    });
+    host.shutdown().await;
+    ensure!(
+        dead_lettered,
+        "the poison event was not dead-lettered:\n{}",
+        broker.logs()
+    );
+    let out = String::from_utf8_lossy(&redrive.stdout);
+    let err = String::from_utf8_lossy(&redrive.stderr);
+    assert_eq!(redrive.status.code(), Some(0), "{out}{err}");
+    assert!(
+        out.contains("handing 1 dead letter(s) to the running host(s) of group mqplug-rewards"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{poison}: handed back")), "{out}");
+    assert!(
+        handled_again,
+        "the running host did not handle the letter again:\n{out}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_of_a_bad_build_is_listed_and_redriven_through_the_fixed_build() -> Result<()>
 {
@@ -1317,6 +1454,11 @@ async fn a_dead_letter_of_a_bad_build_is_listed_and_redriven_through_the_fixed_b
     assert!(
         out.contains("1 dead letter(s) in %DLQ%mqplug-rewards"),
         "{out}"
+    );
+    let err = String::from_utf8_lossy(&list.stderr);
+    assert!(
+        !err.contains("ERROR"),
+        "a list that worked logs no error: {err}"
     );
     assert!(
         out.contains(&format!("{poison}  delivered 1x"))
@@ -1678,4 +1820,99 @@ fn one_host_with_its_embedded_store_grants_every_event_once_through_a_sigkill_an
 -> Result<()> {
     let run = exactly_once(DedupeStore::Embedded)?;
     report_exactly_once("one host, embedded store", &run)
+}
+
+/// `mqplug state list|get|clear` on the embedded store a config names; and,
+/// while another process holds that store, an error that says what to do.
+#[test]
+fn state_lists_shows_and_clears_a_plugins_bucket() -> Result<()> {
+    use mqplug::store::{Backend, Embedded, Namespace, Write};
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("mqplug.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\npath = \"state.redb\"\n\
+             [[plugin]]\nname = \"rewards\"\npath = {:?}\n\
+             [plugin.key_value]\nbuckets = [\"seen\", \"granted\"]\n",
+            plugin_path("chaos")?.display().to_string()
+        ),
+    )?;
+    let store_path = dir.path().join("state.redb");
+    {
+        let store = Embedded::open(&store_path)?;
+        let seen = Namespace::new("rewards", "seen");
+        store.write(&seen, "user-1", b"first", None, Write::Set, u64::MAX)?;
+        store.write(
+            &seen,
+            "evil\u{1b}[31m",
+            b"\x1b[2J",
+            None,
+            Write::Set,
+            u64::MAX,
+        )?;
+        let granted = Namespace::new("rewards", "granted");
+        store.write(&granted, "grant-9", b"\xff\x00", None, Write::Set, u64::MAX)?;
+    }
+    let state = |args: &[&str]| -> Result<(Option<i32>, String, String)> {
+        let output = mqplug_command()
+            .arg("state")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .args(["--plugin", "rewards"])
+            .env("MQPLUG_LOG", "off")
+            .output()?;
+        Ok((
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    };
+    let (code, out, err) = state(&["list"])?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("bucket seen of plugin rewards: 2 key(s)"),
+        "{out}"
+    );
+    assert!(out.contains("user-1  5 bytes"), "{out}");
+    assert!(
+        out.contains("bucket granted of plugin rewards: 1 key(s)"),
+        "{out}"
+    );
+    assert!(!out.contains('\u{1b}'), "keys are escaped: {out:?}");
+    let (code, out, _) = state(&["get", "--bucket", "seen", "user-1"])?;
+    assert_eq!((code, out.as_str()), (Some(0), "first\n"));
+    let (_, out, _) = state(&["get", "--bucket", "granted", "grant-9"])?;
+    assert_eq!(out, "hex ff00\n");
+    let (code, _, err) = state(&["get", "--bucket", "seen", "nobody"])?;
+    assert_eq!(code, Some(1), "{err}");
+    let (code, _, err) = state(&["list", "--bucket", "someone-elses"])?;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("not granted bucket \"someone-elses\""),
+        "{err}"
+    );
+
+    // Held by another process (a running host): what to do, not a lock error.
+    {
+        let _held = Embedded::open(&store_path)?;
+        let (code, _, err) = state(&["list"])?;
+        assert_eq!(code, Some(1));
+        assert!(err.contains("stop the host first"), "{err}");
+    }
+
+    let (code, out, err) = state(&["clear", "--bucket", "seen"])?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("cleared 2 key(s) from bucket seen"), "{out}");
+    let (_, out, _) = state(&["list"])?;
+    assert!(
+        out.contains("bucket seen of plugin rewards: 0 key(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("bucket granted of plugin rewards: 1 key(s)"),
+        "{out}"
+    );
+    Ok(())
 }

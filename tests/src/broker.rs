@@ -58,6 +58,10 @@ pub struct LocalBroker {
 /// The broker's name in the cluster.
 pub const BROKER_NAME: &str = "mqplug-test-broker";
 
+/// The super user (name, password) of a [`LocalBroker::start_secured`]
+/// broker.
+pub const ADMIN_USER: (&str, &str) = ("mqplug-admin", "admin-secret-0");
+
 /// Ports the broker uses: its listen port, the "fast" port two below it, HA
 /// and health. Reserved together so parallel tests do not collide.
 struct BrokerPorts {
@@ -311,6 +315,65 @@ const JAVA_OPTIONS: &[&str] = &[
     "--add-exports=java.base/sun.nio.ch=ALL-UNNAMED",
 ];
 
+/// The Java name server on 127.0.0.1:`port`, its config and logs in `root`.
+fn java_namesrv_command(install: &Path, root: &Path, port: u16) -> Result<Command> {
+    let config = root.join("namesrv.properties");
+    std::fs::write(
+        &config,
+        format!("listenPort={port}\nbindAddress=127.0.0.1\n"),
+    )?;
+    let mut command = java_command(
+        install,
+        root,
+        "128m",
+        "org.apache.rocketmq.namesrv.NamesrvStartup",
+    );
+    command.arg("-c").arg(&config);
+    Ok(command)
+}
+
+/// A Java broker's `broker.conf`: broker set `name`, a master, on `ports`,
+/// registered with `name_server`, its data in `store`.
+fn java_broker_conf(
+    name: &str,
+    advertised: Ipv4Addr,
+    ports: &BrokerPorts,
+    name_server: &str,
+    store: &Path,
+) -> String {
+    format!(
+        "brokerClusterName=DefaultCluster
+brokerName={name}
+brokerId=0
+brokerIP1={advertised}
+bindAddress=127.0.0.1
+listenPort={listen}
+haListenPort={ha}
+namesrvAddr={name_server}
+storePathRootDir={store}
+storePathCommitLog={store}/commitlog
+mappedFileSizeCommitLog=67108864
+mappedFileSizeConsumeQueue=300000
+brokerRole=ASYNC_MASTER
+flushDiskType=ASYNC_FLUSH
+autoCreateTopicEnable=true
+autoCreateSubscriptionGroup=true
+defaultTopicQueueNums=4
+waitTimeMillsInSendQueue=3000
+osPageCacheBusyTimeOutMills=5000
+diskMaxUsedSpaceRatio=95
+# Past 85% disk use the broker deletes its oldest commit log files at once,
+# consumed or not: a test would see messages vanish (a drain that stops
+# short). Without it only files older than fileReservedTime (72 h) go, and
+# past 90% the broker refuses sends, which a test reports.
+cleanFileForciblyEnable=false
+",
+        listen = ports.listen,
+        ha = ports.ha,
+        store = store.display(),
+    )
+}
+
 /// A `java` command for `main_class` from the jars in `lib`, with its home,
 /// logs (`<root>/logs`) and everything else it writes under `root`.
 /// `heap` sizes the heap and the direct memory alike.
@@ -356,6 +419,78 @@ impl LocalBroker {
     /// at `advertised` (another loopback address), where a test can put a
     /// proxy in front of it: see [`LocalBroker::listen_addr`].
     pub fn start_with(kind: BrokerKind, advertised: Ipv4Addr) -> Result<LocalBroker> {
+        LocalBroker::start_configured(kind, advertised, "")
+    }
+
+    /// A Java name server and broker with ACL 2.0 on: every request must be
+    /// signed by a user the broker knows and allowed by its ACLs. The broker
+    /// starts with one super user, [`ADMIN_USER`], which [`LocalBroker::mqadmin`]
+    /// signs as; make the others with `mqadmin createUser` and `createAcl`.
+    pub fn start_secured() -> Result<LocalBroker> {
+        let (user, password) = ADMIN_USER;
+        let broker = LocalBroker::start_configured(
+            BrokerKind::Java,
+            Ipv4Addr::LOCALHOST,
+            &format!(
+                "authenticationEnabled=true
+authorizationEnabled=true
+authenticationMetadataProvider=org.apache.rocketmq.auth.authentication.provider.LocalAuthenticationMetadataProvider
+authorizationMetadataProvider=org.apache.rocketmq.auth.authorization.provider.LocalAuthorizationMetadataProvider
+initAuthenticationUser={{\"username\":\"{user}\",\"password\":\"{password}\"}}
+innerClientAuthenticationCredentials={{\"accessKey\":\"{user}\",\"secretKey\":\"{password}\"}}
+"
+            ),
+        )?;
+        // mqadmin reads the credentials it signs with from here.
+        std::fs::write(
+            broker.dir.path().join("conf/tools.yml"),
+            format!("accessKey: {user}\nsecretKey: {password}\n"),
+        )?;
+        Ok(broker)
+    }
+
+    /// Runs `mqadmin SUBCOMMAND -n <name server> ARGS...` (Apache RocketMQ's
+    /// admin tool, from the same jars as the broker), signed as
+    /// [`ADMIN_USER`] on a secured broker; its output. Fails when the tool
+    /// exits non-zero or reports an exception.
+    pub fn mqadmin(&self, subcommand: &str, args: &[&str]) -> Result<String> {
+        let install = rocketmq_install_dir(BrokerKind::Java)?;
+        let root = self.dir.path();
+        std::fs::create_dir_all(root.join("conf"))?;
+        let mut command = java_command(
+            &install,
+            root,
+            "96m",
+            "org.apache.rocketmq.tools.command.MQAdminStartup",
+        );
+        command
+            .arg(subcommand)
+            .arg("-n")
+            .arg(&self.name_server)
+            .args(args)
+            .stdin(Stdio::null());
+        let output = command
+            .output()
+            .with_context(|| format!("run mqadmin {subcommand}"))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !output.status.success() || text.contains("Exception") {
+            bail!(
+                "mqadmin {subcommand} {args:?} failed ({}):\n{text}",
+                output.status
+            );
+        }
+        Ok(text)
+    }
+
+    fn start_configured(
+        kind: BrokerKind,
+        advertised: Ipv4Addr,
+        extra_config: &str,
+    ) -> Result<LocalBroker> {
         let install = rocketmq_install_dir(kind)?;
         let dir = tempfile::Builder::new()
             .prefix("mqplug-broker-")
@@ -368,55 +503,12 @@ impl LocalBroker {
         let (namesrv, broker_config) = match kind {
             BrokerKind::Java => {
                 write_logback_configs(root)?;
-                let namesrv_config = root.join("namesrv.properties");
-                std::fs::write(
-                    &namesrv_config,
-                    format!(
-                        "listenPort={port}\nbindAddress=127.0.0.1\n",
-                        port = ports.namesrv
-                    ),
-                )?;
-                let mut command = java_command(
-                    &install,
-                    root,
-                    "128m",
-                    "org.apache.rocketmq.namesrv.NamesrvStartup",
-                );
-                command.arg("-c").arg(&namesrv_config);
+                let command = java_namesrv_command(&install, root, ports.namesrv)?;
                 let broker_config = root.join("broker.conf");
                 std::fs::write(
                     &broker_config,
-                    format!(
-                        "brokerClusterName=DefaultCluster
-brokerName={BROKER_NAME}
-brokerId=0
-brokerIP1={advertised}
-bindAddress=127.0.0.1
-listenPort={listen}
-haListenPort={ha}
-namesrvAddr={name_server}
-storePathRootDir={store}
-storePathCommitLog={store}/commitlog
-mappedFileSizeCommitLog=67108864
-mappedFileSizeConsumeQueue=300000
-brokerRole=ASYNC_MASTER
-flushDiskType=ASYNC_FLUSH
-autoCreateTopicEnable=true
-autoCreateSubscriptionGroup=true
-defaultTopicQueueNums=4
-waitTimeMillsInSendQueue=3000
-osPageCacheBusyTimeOutMills=5000
-diskMaxUsedSpaceRatio=95
-# Past 85% disk use the broker deletes its oldest commit log files at once,
-# consumed or not: a test would see messages vanish (a drain that stops
-# short). Without it only files older than fileReservedTime (72 h) go, and
-# past 90% the broker refuses sends, which a test reports.
-cleanFileForciblyEnable=false
-",
-                        listen = ports.listen,
-                        ha = ports.ha,
-                        store = store.display(),
-                    ),
+                    java_broker_conf(BROKER_NAME, advertised, &ports, &name_server, &store)
+                        + extra_config,
                 )?;
                 (command, broker_config)
             }
@@ -650,6 +742,167 @@ impl Drop for LocalBroker {
             .flatten()
         {
             let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A name server and several Java brokers, each the master of its own
+/// broker set (`broker-0`, `broker-1`, ...) in one cluster, as a production
+/// cluster with two or more masters runs: a topic created through the
+/// producer (`create_topic`) gets queues on every one. A broker can be
+/// killed (SIGKILL, as a crash) and started again with its store.
+pub struct LocalCluster {
+    namesrv: Option<Child>,
+    brokers: Vec<ClusterBroker>,
+    /// `127.0.0.1:<port>` of the name server.
+    pub name_server: String,
+    dir: tempfile::TempDir,
+}
+
+struct ClusterBroker {
+    name: String,
+    /// As clients are told to reach it.
+    addr: String,
+    root: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl LocalCluster {
+    /// Starts a name server and `brokers` brokers, and waits until every
+    /// broker has registered.
+    pub fn start(brokers: usize) -> Result<LocalCluster> {
+        let install = rocketmq_install_dir(BrokerKind::Java)?;
+        let dir = tempfile::Builder::new()
+            .prefix("mqplug-cluster-")
+            .tempdir()?;
+        let root = dir.path();
+        write_logback_configs(root)?;
+        let namesrv_port = free_ports()?.namesrv;
+        let name_server = format!("127.0.0.1:{namesrv_port}");
+        let command = java_namesrv_command(&install, root, namesrv_port)?;
+        let mut cluster = LocalCluster {
+            namesrv: Some(spawn_logged(command, &root.join("namesrv.log"))?),
+            brokers: Vec::new(),
+            name_server,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", namesrv_port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "name server did not listen within 30 s:\n{}",
+                    cluster.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for index in 0..brokers {
+            let name = format!("broker-{index}");
+            let broker_root = cluster.dir.path().join(&name);
+            std::fs::create_dir_all(&broker_root)?;
+            write_logback_configs(&broker_root)?;
+            let ports = free_ports()?;
+            let config = broker_root.join("broker.conf");
+            std::fs::write(
+                &config,
+                java_broker_conf(
+                    &name,
+                    Ipv4Addr::LOCALHOST,
+                    &ports,
+                    &cluster.name_server,
+                    &broker_root.join("store"),
+                ),
+            )?;
+            cluster.brokers.push(ClusterBroker {
+                name,
+                addr: format!("127.0.0.1:{}", ports.listen),
+                root: broker_root,
+                config,
+                child: None,
+            });
+            cluster.start_broker(index)?;
+        }
+        Ok(cluster)
+    }
+
+    /// The broker sets' names, in order.
+    pub fn broker_names(&self) -> Vec<String> {
+        self.brokers.iter().map(|b| b.name.clone()).collect()
+    }
+
+    /// Kills broker `index` at once (SIGKILL), keeping its store.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.brokers[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts broker `index` (again), and waits until it has registered.
+    pub fn start_broker(&mut self, index: usize) -> Result<()> {
+        let install = rocketmq_install_dir(BrokerKind::Java)?;
+        let broker = &mut self.brokers[index];
+        let mut command = java_command(
+            &install,
+            &broker.root,
+            "256m",
+            "org.apache.rocketmq.broker.BrokerStartup",
+        );
+        command
+            .arg("-c")
+            .arg(&broker.config)
+            .arg("-n")
+            .arg(&self.name_server);
+        broker.child = Some(spawn_logged(command, &broker.root.join("broker.log"))?);
+        let addr = broker.addr.clone();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(status) = self.brokers[index]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("broker {index} exited ({status}):\n{}", self.logs());
+            }
+            if cluster_info(&self.name_server).is_ok_and(|table| table.contains(&addr)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("broker {index} was not ready within 90 s:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every server's log tail, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut logs = format!(
+            "--- name server ---\n{}",
+            tail(&self.dir.path().join("namesrv.log"))
+        );
+        for broker in &self.brokers {
+            logs.push_str(&format!(
+                "\n--- {} ---\n{}\n{}",
+                broker.name,
+                tail(&broker.root.join("broker.log")),
+                tail(&broker.root.join("logs/rocketmqlogs/broker.log"))
+            ));
+        }
+        logs
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let children = self
+            .brokers
+            .iter_mut()
+            .filter_map(|broker| broker.child.take())
+            .chain(self.namesrv.take());
+        for mut child in children {
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -100,6 +100,24 @@ impl Browser {
 
     /// The text of the first element matching `css`, `None` if there is none.
     pub fn text(&self, css: &str) -> Result<Option<String>> {
+        let Some(element) = self.find(css)? else {
+            return Ok(None);
+        };
+        let text = self.call("GET", &format!("/element/{element}/text"), None)?;
+        Ok(text.as_str().map(str::to_string))
+    }
+
+    /// The attribute `name` of the first element matching `css`.
+    pub fn attribute(&self, css: &str, name: &str) -> Result<Option<String>> {
+        let Some(element) = self.find(css)? else {
+            return Ok(None);
+        };
+        let value = self.call("GET", &format!("/element/{element}/attribute/{name}"), None)?;
+        Ok(value.as_str().map(str::to_string))
+    }
+
+    /// The WebDriver id of the first element matching `css`.
+    fn find(&self, css: &str) -> Result<Option<String>> {
         let found = request(
             self.port,
             "POST",
@@ -114,8 +132,7 @@ impl Browser {
         else {
             return Ok(None);
         };
-        let text = self.call("GET", &format!("/element/{element}/text"), None)?;
-        Ok(text.as_str().map(str::to_string))
+        Ok(Some(element.to_string()))
     }
 
     /// Waits up to `timeout` for the text at `css` to satisfy `done`; the

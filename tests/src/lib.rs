@@ -12,7 +12,7 @@ pub mod recorder;
 pub mod redis;
 pub mod rewards;
 
-pub use broker::LocalBroker;
+pub use broker::{LocalBroker, LocalCluster};
 pub use recorder::{Collect, Recorder};
 pub use redis::LocalRedis;
 
@@ -105,8 +105,13 @@ use mqplug::mq::ConsumeFrom;
 /// A host config for `broker` with the producer on (creating `topic` with 4
 /// queues) and `plugins` reading from the first offset.
 pub fn host_config(broker: &LocalBroker, topic: &str, plugins: Vec<PluginConfig>) -> HostConfig {
+    host_config_for(&broker.name_server, topic, plugins)
+}
+
+/// [`host_config`] for any name server (a [`LocalCluster`]'s).
+pub fn host_config_for(name_server: &str, topic: &str, plugins: Vec<PluginConfig>) -> HostConfig {
     let mut config = HostConfig::default();
-    config.name_server.clone_from(&broker.name_server);
+    name_server.clone_into(&mut config.name_server);
     config.topic = topic.to_string();
     config.producer.enabled = true;
     config.producer.create_topic_queues = Some(4);

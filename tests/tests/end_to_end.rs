@@ -931,9 +931,25 @@ async fn follow_up_messages_go_out_after_ok_with_derived_ids_and_never_after_err
     });
     tokio::time::sleep(QUIET_PERIOD).await;
     let got = arrived(&seen);
+    // Counted per topic on /metrics and summed on /plugins.
+    let sent = host.metrics().follow_ups("chaos").get("sent").copied();
+    let versions: Vec<(String, String)> = Vec::new();
+    let scraped = host.metrics().render(&versions);
     reader.stop().await;
     host.shutdown().await;
     ensure!(all, "follow-ups seen: {got:?}; expected {expected:?}");
+    assert_eq!(
+        sent,
+        Some(expected.len() as u64),
+        "follow-ups counted as sent"
+    );
+    assert!(
+        scraped.contains(&format!(
+            "mqplug_follow_ups_total{{plugin=\"chaos\",topic=\"{FOLLOW_UP_TOPIC}\",result=\"sent\"}} {}",
+            expected.len()
+        )),
+        "{scraped}"
+    );
     assert_eq!(
         got.len(),
         expected.len(),
@@ -1237,5 +1253,74 @@ async fn a_hosts_consumers_share_one_client_and_two_hosts_split_the_queues() -> 
             by_two.len()
         );
     }
+    Ok(())
+}
+
+/// `consume_from = "last"` means from now on for a new group, though the
+/// Java broker answers such a group with offset 0 while the topic's first
+/// messages are in memory (which made the client start there); a restart
+/// of that group keeps its offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_group_from_last_handles_only_what_is_published_after_it_starts() -> Result<()> {
+    use mqplug::mq::{ConsumeFrom, MqRuntime, ProducerSettings, Publisher};
+    use mqplug::topic::TopicName;
+    let broker = LocalBroker::start()?;
+    let topic = "marketing.task.completed";
+    let mq = MqRuntime::new(1)?;
+    let mut publisher = Publisher::start(
+        &mq,
+        ProducerSettings::new(broker.name_server.clone(), TopicName::new(topic)?),
+    )
+    .await?;
+    publisher.create_topic(4).await?;
+    let mut before = HashSet::new();
+    for user in 0..8 {
+        before.insert(
+            publisher
+                .publish(&sample_event("USER_REGISTER", user))
+                .await?
+                .message_id,
+        );
+    }
+
+    let recorder = Recorder::new();
+    let mut config = host_config(
+        &broker,
+        topic,
+        vec![PluginConfig::new(
+            "latecomer",
+            plugin_path("reward-logger")?,
+        )],
+    );
+    config.plugins[0].consume_from = ConsumeFrom::Last;
+    let host = Host::start(&config, recorder.observers()).await?;
+    let mut after = HashSet::new();
+    for user in 100..104 {
+        after.insert(
+            publisher
+                .publish(&sample_event("USER_REGISTER", user))
+                .await?
+                .message_id,
+        );
+    }
+    let handled = recorder.wait_until(Duration::from_secs(90), |r| {
+        after.iter().all(|id| r.handled_message("latecomer", id))
+    });
+    tokio::time::sleep(QUIET_PERIOD).await;
+    host.shutdown().await;
+    publisher.shutdown().await;
+    mq.shutdown().await;
+    ensure!(
+        handled,
+        "the events published after the start were not all handled"
+    );
+    let old: Vec<&String> = before
+        .iter()
+        .filter(|id| recorder.handled_message("latecomer", id))
+        .collect();
+    assert!(
+        old.is_empty(),
+        "a new group from last handled earlier messages: {old:?}"
+    );
     Ok(())
 }

@@ -303,6 +303,99 @@ async fn plugins_added_to_and_removed_from_the_config_start_and_stop() -> Result
     Ok(())
 }
 
+/// GET `path`'s status code and body.
+fn status_and_body(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let response = get(addr, path)?;
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("a status line")?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok((code, body.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_added_whose_load_fails_is_listed_as_failed_and_the_host_is_not_ready_until_fixed()
+-> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("mqplug.toml");
+    let secret = dir.path().join("audit_token");
+    let write_config = |with_audit: bool| -> Result<()> {
+        let mut text = watched_config_text(&broker.name_server);
+        text.push_str(&format!(
+            "[[plugin]]\nname = \"rewards\"\npath = \"{}\"\n",
+            plugin_path("reward-logger")?.display()
+        ));
+        if with_audit {
+            text.push_str(&format!(
+                "[[plugin]]\nname = \"audit\"\npath = \"{}\"\n\
+                 [plugin.secrets]\ntoken = {{ file = {:?} }}\n",
+                plugin_path("reward-logger")?.display(),
+                secret.display().to_string()
+            ));
+        }
+        replace(&config_path, text.as_bytes())
+    };
+    write_config(false)?;
+    let host = Host::start(&HostConfig::from_file(&config_path)?, Default::default()).await?;
+    let addr = host.admin_addr().context("admin is on")?;
+    let (code, _) = status_and_body(addr, "/readyz")?;
+    ensure!(code == 200, "ready with one plugin serving");
+
+    // Added with a secret file that is not there: it cannot load.
+    write_config(true)?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut status = plugins_json(&host)?;
+    while status["plugins"].as_array().map_or(0, Vec::len) < 2
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = plugins_json(&host)?;
+    }
+    let (code, readyz) = status_and_body(addr, "/readyz")?;
+
+    // The secret appears and the config changes again: tried again, serves.
+    std::fs::write(&secret, "s3cret")?;
+    write_config(true)?;
+    let started = serving(&host, &["audit", "rewards"]).await;
+    let (code_after, readyz_after) = status_and_body(addr, "/readyz")?;
+    let status_after = plugins_json(&host)?;
+    host.shutdown().await;
+
+    let audit = status["plugins"]
+        .as_array()
+        .and_then(|plugins| plugins.iter().find(|p| p["name"] == "audit"))
+        .with_context(|| format!("audit is listed: {status}"))?;
+    assert_eq!(audit["state"], "failed", "{status}");
+    let error = audit["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("audit_token"),
+        "the error names the file: {error}"
+    );
+    assert_eq!(status["ready"], false, "{status}");
+    assert_eq!(code, 503, "{readyz}");
+    assert!(
+        readyz.contains("plugin audit: not serving: cannot load"),
+        "{readyz}"
+    );
+
+    ensure!(
+        started.is_ok(),
+        "audit serves once its secret is there: {started:?}"
+    );
+    assert_eq!(code_after, 200, "{readyz_after}");
+    assert_eq!(status_after["ready"], true, "{status_after}");
+    assert!(
+        status_after["plugins"]
+            .as_array()
+            .is_some_and(|plugins| plugins.iter().all(|p| p["state"] == "serving")),
+        "{status_after}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_file_changed_during_a_config_reload_is_loaded_and_a_touch_is_not() -> Result<()> {
     let broker = LocalBroker::start()?;

@@ -72,21 +72,47 @@ async fn the_status_page_shows_each_plugins_state_and_its_counters_move() -> Res
             .await?;
     }
     // The page refreshes by itself: its counters follow.
-    let (moved, handled, latency, shot) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let moved = browser.wait_for_text("#plugin-rewards .handled", WAIT, |t| {
-            t.parse::<usize>().is_ok_and(|n| n >= EVENTS)
-        })?;
-        let latency = browser.text("#plugin-rewards .latency")?;
-        let shot = match std::env::var_os("MQPLUG_SCREENSHOT") {
-            Some(path) => {
-                std::fs::write(&path, browser.screenshot()?)?;
-                Some(path)
+    let (moved, handled, latency, shot, lag, points) =
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let moved = browser.wait_for_text("#plugin-rewards .handled", WAIT, |t| {
+                t.parse::<usize>().is_ok_and(|n| n >= EVENTS)
+            })?;
+            let latency = browser.text("#plugin-rewards .latency")?;
+            // The lag the host read from the broker, and the chart's handled
+            // line rising above its baseline (a sample every 5 s).
+            let lag = browser
+                .wait_for_text("#plugin-rewards .lag", WAIT, |t| t.parse::<u64>().is_ok())?;
+            let deadline = std::time::Instant::now() + WAIT;
+            let mut points = None;
+            let rose = |points: &str| {
+                points
+                    .split(' ')
+                    .filter_map(|point| point.split(',').nth(1))
+                    .any(|y| y.parse::<f64>().is_ok_and(|y| y < 30.0))
+            };
+            while std::time::Instant::now() < deadline && !points.as_deref().is_some_and(rose) {
+                std::thread::sleep(Duration::from_millis(500));
+                points = browser.attribute("#plugin-rewards .chart polyline.handled", "points")?;
             }
-            None => None,
-        };
-        Ok((moved.0, moved.1, latency, shot))
-    })
-    .await??;
+            let points = (points.as_deref().is_some_and(rose), points);
+            let shot = match std::env::var_os("MQPLUG_SCREENSHOT") {
+                Some(path) => {
+                    std::fs::write(&path, browser.screenshot()?)?;
+                    Some(path)
+                }
+                None => None,
+            };
+            Ok((moved.0, moved.1, latency, shot, lag, points))
+        })
+        .await??;
+    let plugins_now = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        write!(stream, "GET /plugins HTTP/1.1\r\nhost: t\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        text
+    };
     host.shutdown().await;
     ensure!(
         moved,
@@ -97,8 +123,82 @@ async fn the_status_page_shows_each_plugins_state_and_its_counters_move() -> Res
         latency.contains(" / ") && latency.contains("events"),
         "{latency}"
     );
+    assert!(lag.0, "no lag shown: {:?}", lag.1);
+    assert!(
+        points.0,
+        "the chart did not show the events handled: {:?}\n{plugins_now}",
+        points.1
+    );
     if let Some(path) = shot {
         println!("screenshot: {}", path.to_string_lossy());
     }
+    Ok(())
+}
+
+/// A plugin the config adds but that cannot load (its secret file is not
+/// there) is on the page as `failed`, with why, and the page says why the
+/// host is not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_a_plugin_that_failed_to_load_and_why_the_host_is_not_ready()
+-> Result<()> {
+    let broker = LocalBroker::start()?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("mqplug.toml");
+    let write_config = |with_audit: bool| -> Result<()> {
+        let mut text = format!(
+            "name_server = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [reload]\npoll_ms = 50\nsettle_ms = 300\n[runtime]\ncache_dir = {:?}\n\
+             [[plugin]]\nname = \"rewards\"\npath = {:?}\n",
+            broker.name_server,
+            mqplug_tests::test_cache_dir().display().to_string(),
+            plugin_path("reward-logger")?.display().to_string()
+        );
+        if with_audit {
+            text.push_str(&format!(
+                "[[plugin]]\nname = \"audit\"\npath = {:?}\n[plugin.secrets]\ntoken = {{ file = {:?} }}\n",
+                plugin_path("reward-logger")?.display().to_string(),
+                dir.path().join("missing_token").display().to_string()
+            ));
+        }
+        let partial = config_path.with_extension("partial");
+        std::fs::write(&partial, text)?;
+        std::fs::rename(&partial, &config_path)?;
+        Ok(())
+    };
+    write_config(false)?;
+    let host = Host::start(
+        &mqplug::HostConfig::from_file(&config_path)?,
+        Default::default(),
+    )
+    .await?;
+    let addr = host.admin_addr().context("the admin listener")?;
+    write_config(true)?;
+    let seen = tokio::task::spawn_blocking(move || -> Result<_> {
+        let browser = Browser::start()?;
+        browser.goto(&format!("http://{addr}/"))?;
+        let state =
+            browser.wait_for_text("#plugin-audit .state", WAIT, |t| t.starts_with("failed"))?;
+        let reasons = browser.wait_for_text("#reasons", WAIT, |t| {
+            t.contains("plugin audit: not serving")
+        })?;
+        let summary = browser.text("#summary")?;
+        // The whole error is the tooltip (the cell shows 200 characters).
+        let error = browser.attribute("#plugin-audit .error", "title")?;
+        Ok((state, reasons, summary, error))
+    })
+    .await??;
+    host.shutdown().await;
+    let (state, reasons, summary, error) = seen;
+    assert!(state.0, "audit not shown failed: {:?}", state.1);
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("missing_token"),
+        "the error names the secret file: {error}"
+    );
+    assert!(reasons.0, "no reason shown: {:?}", reasons.1);
+    assert!(
+        summary.unwrap_or_default().starts_with("not ready"),
+        "the summary says not ready"
+    );
     Ok(())
 }

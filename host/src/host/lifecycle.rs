@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use super::HostError;
-use crate::admin::AdminView;
+use crate::admin::{AdminView, NotServing, Sample};
 use crate::config::{HostConfig, PluginConfig};
 use crate::dispatch::{Dispatcher, OutboxSender};
 use crate::metrics::Metrics;
-use crate::mq::{MqRuntime, PluginConsumer};
+use crate::mq::{ConsumeFrom, MqRuntime, PluginConsumer, Probe, RouteClient};
 use crate::observe::{HostEvent, Observers};
 use crate::plan::{Step, plan};
 use crate::slot::{PluginSlot, SlotState, load_unreported};
@@ -45,7 +45,24 @@ pub(super) struct Shared {
     pub(super) config_error: Mutex<Option<String>>,
     /// Sends plugins' follow-up messages, while the producer runs.
     pub(super) outbox: Mutex<Option<Arc<dyn OutboxSender>>>,
+    /// Plugins in the config that serve no build, by name: their load or
+    /// their consumer failed when the config added or changed them. Each
+    /// config change tries them again.
+    pub(super) not_serving: Mutex<BTreeMap<String, NotServing>>,
+    /// Route and offset requests of the host's own (readiness, where a new
+    /// group starts); set once the host connects.
+    pub(super) route: tokio::sync::OnceCell<RouteClient>,
+    /// The last probe of the name server and the brokers holding the topic.
+    pub(super) broker: Mutex<Option<Result<Probe, String>>>,
+    /// Messages waiting in each plugin's group, by plugin, as last read.
+    pub(super) lag: Mutex<BTreeMap<String, u64>>,
+    /// Each plugin's messages handled (all outcomes) and lag at each probe,
+    /// the last [`HISTORY`] of them, for the status page's chart.
+    pub(super) history: Mutex<BTreeMap<String, std::collections::VecDeque<Sample>>>,
 }
+
+/// Samples kept per plugin: 10 minutes at one per probe (5 s).
+const HISTORY: usize = 120;
 
 impl Running {
     pub(super) async fn stop(self, observers: Observers) {
@@ -64,6 +81,133 @@ impl Running {
 impl Shared {
     pub(super) fn slots(&self) -> Vec<Arc<PluginSlot>> {
         self.slots.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Asks the name server and the brokers holding the topic whether they
+    /// answer, keeps the answer for `/readyz`, and returns what is wrong.
+    pub(super) async fn probe(&self) -> Result<(), String> {
+        let Some(route) = self.route.get() else {
+            return Ok(());
+        };
+        let probe = route.probe(self.topic.wire()).await;
+        let health = probe.clone().and_then(|probe| probe.health());
+        let silent = probe.as_ref().ok().map(Probe::silent);
+        let changed = {
+            let mut last = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+            let was = last
+                .as_ref()
+                .map(|last| last.clone().and_then(|probe| probe.health()));
+            *last = Some(probe);
+            was.as_ref() != Some(&health)
+        };
+        if changed {
+            match &health {
+                Ok(()) => info!(
+                    topic = self.topic.wire(),
+                    "the name server and a broker holding the topic answer"
+                ),
+                Err(why) => warn!(topic = self.topic.wire(), "not ready: {why}"),
+            }
+        }
+        let lag = match silent {
+            Some(silent) => self.read_lag(route, &silent).await,
+            None => BTreeMap::new(),
+        };
+        self.sample(&lag);
+        *self.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+        health
+    }
+
+    /// Every running plugin's lag (brokers in `silent` not asked).
+    async fn read_lag(&self, route: &RouteClient, silent: &[String]) -> BTreeMap<String, u64> {
+        let groups: Vec<(String, String)> = self
+            .running
+            .lock()
+            .await
+            .iter()
+            .map(|(name, running)| (name.clone(), running.config.group()))
+            .collect();
+        let mut lag = BTreeMap::new();
+        for (name, group) in groups {
+            match route.lag(&group, self.topic.wire(), silent).await {
+                Ok(waiting) => {
+                    lag.insert(name, waiting);
+                }
+                Err(err) => debug!(plugin = %name, "lag not read: {err}"),
+            }
+        }
+        lag
+    }
+
+    /// A plugin's first point, when its consumer starts: what it handled
+    /// before the first probe shows on its chart too.
+    fn first_sample(&self, name: &str) {
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let samples = history.entry(name.to_string()).or_default();
+        if samples.is_empty() {
+            samples.push_back(Sample {
+                at: std::time::SystemTime::now(),
+                handled: self.handled(name),
+                lag: None,
+            });
+        }
+    }
+
+    /// Messages `name` handled so far, every outcome.
+    fn handled(&self, name: &str) -> u64 {
+        ["success", "retry_later", "retry_after", "dead_letter"]
+            .iter()
+            .map(|outcome| self.metrics.messages(name, outcome))
+            .sum()
+    }
+
+    /// A point of each serving plugin's chart: handled so far, and `lag`.
+    fn sample(&self, lag: &BTreeMap<String, u64>) {
+        let at = std::time::SystemTime::now();
+        let names: Vec<String> = self
+            .slots()
+            .iter()
+            .map(|slot| slot.name().to_string())
+            .collect();
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.retain(|name, _| names.contains(name));
+        for name in names {
+            let handled = self.handled(&name);
+            let samples = history.entry(name.clone()).or_default();
+            samples.push_back(Sample {
+                at,
+                handled,
+                lag: lag.get(&name).copied(),
+            });
+            while samples.len() > HISTORY {
+                samples.pop_front();
+            }
+        }
+    }
+
+    /// Notes that `config`'s plugin serves nothing, and why.
+    fn mark_not_serving(&self, config: &PluginConfig, error: String) {
+        error!(plugin = %config.name, "plugin in the config not serving: {error}");
+        self.not_serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                config.name.clone(),
+                NotServing {
+                    name: config.name.clone(),
+                    path: config.path.clone(),
+                    group: config.group(),
+                    error,
+                    since: std::time::SystemTime::now(),
+                },
+            );
+    }
+
+    fn mark_serving(&self, name: &str) {
+        self.not_serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
     }
 
     fn publish_slots(&self, running: &BTreeMap<String, Running>) {
@@ -100,6 +244,35 @@ impl Shared {
             dispatcher = dispatcher.with_outbox(outbox);
         }
         let settings = plugin_config.consumer_settings(&name_server, &self.topic);
+        // A cluster that refuses the credentials: say so now, by name,
+        // rather than a consumer that retries in silence.
+        if let Some(route) = self.route.get()
+            && let Err(why) = route.check_access(&settings.group, self.topic.wire()).await
+        {
+            return Err(HostError::Mq(crate::mq::MqError {
+                action: format!("start the consumer of plugin {}", slot.name()),
+                cause: why,
+            }));
+        }
+        if settings.consume_from == ConsumeFrom::Last
+            && let Some(route) = self.route.get()
+        {
+            // A new group starts at the end of every queue: from now on.
+            match route
+                .start_new_group_at_end(&settings.group, self.topic.wire())
+                .await
+            {
+                Ok(0) => {}
+                Ok(queues) => {
+                    info!(plugin = slot.name(), group = %settings.group, queues, "new consumer group: starts with messages published from now on")
+                }
+                Err(err) => warn!(
+                    plugin = slot.name(),
+                    group = %settings.group,
+                    "cannot tell whether the consumer group is new; if it is, it may start with messages published before it existed: {err}"
+                ),
+            }
+        }
         let consumer = PluginConsumer::start(&self.mq, &settings, Arc::new(dispatcher)).await?;
         info!(
             plugin = slot.name(),
@@ -109,6 +282,7 @@ impl Shared {
             concurrency = settings.concurrency,
             "consumer started"
         );
+        self.first_sample(&plugin_config.name);
         let mut running = self.running.lock().await;
         running.insert(
             plugin_config.name.clone(),
@@ -153,6 +327,10 @@ impl Shared {
         // consumers share one client instance, which cannot hold a group
         // twice, so these start once every other step is done.
         let mut deferred = Vec::new();
+        self.not_serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| wanted.contains_key(name));
         for step in plan(&old, &wanted) {
             match step {
                 Step::Stop(name) => {
@@ -169,9 +347,7 @@ impl Shared {
                                 info!(plugin = %name, "plugin added from the config");
                             }
                         }
-                        Err(err) => {
-                            error!(plugin = %name, "plugin in the config not started: {err}")
-                        }
+                        Err(err) => self.mark_not_serving(config, format!("cannot load: {err}")),
                     }
                 }
                 Step::Restart(name) => {
@@ -238,14 +414,19 @@ impl Shared {
     }
 
     /// Starts consuming for a freshly loaded plugin, in a new slot; whether
-    /// its consumer started (a failure is logged).
+    /// its consumer started (a failure is logged and shown as not serving).
     async fn serve(&self, config: &PluginConfig, plugin: Plugin) -> bool {
         let slot = Arc::new(PluginSlot::new(config, plugin));
-        let started = self.start_consumer(config, slot).await;
-        if let Err(err) = &started {
-            error!(plugin = %config.name, "cannot start the consumer of a plugin from the config: {err}");
+        match self.start_consumer(config, slot).await {
+            Ok(()) => {
+                self.mark_serving(&config.name);
+                true
+            }
+            Err(err) => {
+                self.mark_not_serving(config, format!("cannot start its consumer: {err}"));
+                false
+            }
         }
-        started.is_ok()
     }
 }
 
@@ -275,5 +456,42 @@ impl AdminView for Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    fn broker_health(&self) -> Option<Result<(), String>> {
+        let probe = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+        probe
+            .as_ref()
+            .map(|probe| probe.as_ref().map_err(Clone::clone).and_then(Probe::health))
+    }
+
+    fn broker_notes(&self) -> Vec<String> {
+        let probe = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+        match probe.as_ref() {
+            Some(Ok(probe)) => probe.notes(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn lag(&self) -> BTreeMap<String, u64> {
+        self.lag.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn history(&self, plugin: &str) -> Vec<Sample> {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(plugin)
+            .map(|samples| samples.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn not_serving(&self) -> Vec<NotServing> {
+        self.not_serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }

@@ -20,11 +20,15 @@ use watcher::Watcher;
 use crate::admin::{self, AdminView};
 use crate::config::{ConfigError, HostConfig};
 use crate::metrics::Metrics;
-use crate::mq::{MqError, MqRuntime, Publisher, PublisherOutbox};
+use crate::mq::{MqError, MqRuntime, Publisher, PublisherOutbox, RouteClient};
 use crate::observe::Observers;
 use crate::slot::{PluginSlot, load_plugin};
 use crate::topic::TopicName;
 use crate::wasm::{PluginLoadError, PoolUsage, WasmRuntime};
+
+/// How often the host asks the name server and the brokers holding its
+/// topic whether they answer (for `/readyz`).
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Listener threads kept free for plugins added to the config at run time.
 const SPARE_LISTENER_THREADS: usize = 32;
@@ -104,7 +108,7 @@ impl Host {
         };
 
         let listener_capacity = config.listener_threads() + SPARE_LISTENER_THREADS;
-        let mq = MqRuntime::new(listener_capacity)?;
+        let mq = MqRuntime::with_credentials(listener_capacity, config.credentials()?)?;
         let (stop, _) = watch::channel(false);
         let mut host = Host {
             shared: Arc::new(Shared {
@@ -120,6 +124,11 @@ impl Host {
                 ready: AtomicBool::new(false),
                 config_error: Mutex::new(None),
                 outbox: Mutex::new(None),
+                not_serving: Mutex::new(BTreeMap::new()),
+                route: tokio::sync::OnceCell::new(),
+                broker: Mutex::new(None),
+                lag: Mutex::new(BTreeMap::new()),
+                history: Mutex::new(BTreeMap::new()),
             }),
             publisher: None,
             stop,
@@ -187,6 +196,23 @@ impl Host {
             ));
             self.publisher = Some(publisher);
         }
+        // The cluster, as the name server describes it: probed now (a
+        // warning names what does not answer) and every PROBE_EVERY after.
+        let route = RouteClient::start(&self.shared.mq, &config.name_server).await?;
+        let _ = self.shared.route.set(route);
+        let _ = self.shared.probe().await;
+        {
+            let (shared, mut stop) = (self.shared.clone(), self.stop.subscribe());
+            self.tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        _ = tokio::time::sleep(PROBE_EVERY) => {}
+                    }
+                    let _ = shared.probe().await;
+                }
+            }));
+        }
         for (plugin_config, slot) in config.plugins.iter().zip(loaded) {
             self.shared.start_consumer(plugin_config, slot).await?;
         }
@@ -220,6 +246,12 @@ impl Host {
 
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// Whether the name server answers and a broker holding the topic
+    /// does, as last probed (also on `/readyz`); `Err` says what does not.
+    pub fn broker_health(&self) -> Result<(), String> {
+        self.shared.broker_health().unwrap_or(Ok(()))
     }
 
     /// The wasm pool's live slots (also on `/metrics`).
@@ -258,6 +290,9 @@ impl Host {
                     "the producer is still shared at shutdown; its client stops with the runtime"
                 ),
             }
+        }
+        if let Some(route) = self.shared.route.get() {
+            route.shutdown().await;
         }
         // Also while an admin connection still holds the shared state.
         self.shared.mq.shutdown().await;

@@ -3,7 +3,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rocketmq_client_rust::{ClientRuntime, ClientRuntimeConfig};
+use rocketmq_client_rust::{
+    AclClientRPCHook, ClientRpcHook, ClientRuntime, ClientRuntimeConfig, SessionCredentials,
+};
 use rocketmq_observability::TelemetryHandle;
 use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
 
@@ -22,6 +24,27 @@ pub struct MqRuntime {
     owner: Mutex<Option<RuntimeOwner>>,
     client: Arc<ClientRuntime>,
     instance_name: String,
+    /// Signs every request with the credentials, when the cluster asks for
+    /// them. One `Arc` for every client built on this runtime: the client
+    /// pool refuses one instance name with two different hooks.
+    rpc_hook: Option<Arc<ClientRpcHook>>,
+}
+
+/// The access key and secret key of a RocketMQ (ACL 2.0) user. `Debug`
+/// never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"[secret]")
+            .finish()
+    }
 }
 
 /// Runtimes made in this process, so each gets its own client instance.
@@ -30,6 +53,15 @@ static RUNTIMES: AtomicU64 = AtomicU64::new(0);
 impl MqRuntime {
     /// `listener_threads`: the sum of every consumer's `consume_thread_max`.
     pub fn new(listener_threads: usize) -> Result<Self, MqError> {
+        Self::with_credentials(listener_threads, None)
+    }
+
+    /// A runtime whose clients sign every request with `credentials`
+    /// (HMAC-SHA1 over the request's fields and body, which ACL 2.0 checks).
+    pub fn with_credentials(
+        listener_threads: usize,
+        credentials: Option<Credentials>,
+    ) -> Result<Self, MqError> {
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
         let mut config = RuntimeConfig::for_parallelism("mqplug-rocketmq", parallelism);
         let lane = &mut config.blocking_lane_policies.metadata_io;
@@ -57,7 +89,19 @@ impl MqRuntime {
                 std::process::id(),
                 RUNTIMES.fetch_add(1, Ordering::Relaxed)
             ),
+            rpc_hook: credentials.map(|credentials| {
+                Arc::new(AclClientRPCHook::new(SessionCredentials::with_keys(
+                    credentials.access_key,
+                    credentials.secret_key,
+                ))) as Arc<ClientRpcHook>
+            }),
         })
+    }
+
+    /// What signs the requests of clients built on this runtime, if the
+    /// cluster asks for credentials.
+    pub fn rpc_hook(&self) -> Option<Arc<ClientRpcHook>> {
+        self.rpc_hook.clone()
     }
 
     /// The client instance name every consumer built on this runtime shares.

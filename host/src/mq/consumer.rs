@@ -29,8 +29,9 @@ pub trait MessageHandler: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConsumeFrom {
-    /// Only messages published from now on (RocketMQ's default): a new
-    /// plugin does not replay the topic's history.
+    /// Only messages published from now on: a new plugin does not replay
+    /// the topic's history. (The host sets a new group's offsets to the
+    /// queues' ends before it starts: see `RouteClient::start_new_group_at_end`.)
     #[default]
     Last,
     /// Everything still on the broker.
@@ -103,7 +104,8 @@ impl PluginConsumer {
             .consume_thread_max(concurrency)
             .consume_message_batch_max_size(1)
             .max_reconsume_times(settings.max_reconsume_times)
-            .await_termination_millis_when_shutdown(drain_millis);
+            .await_termination_millis_when_shutdown(drain_millis)
+            .rpc_hook(runtime.rpc_hook());
         let consumer = match settings.prefetch {
             // The config bounds it far below i32::MAX.
             Some(prefetch) => consumer

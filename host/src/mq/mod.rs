@@ -8,13 +8,15 @@ mod consumer;
 mod error;
 mod publisher;
 mod reader;
+mod route;
 
-pub use client::MqRuntime;
+pub use client::{Credentials, MqRuntime};
 pub use consumer::{ConsumeFrom, ConsumerSettings, MessageHandler, PluginConsumer};
 pub use error::{MqError, error_chain};
 pub use publisher::{
     Backoff, DEFAULT_PRODUCER_GROUP, ProducerSettings, PublishReceipt, Publisher, PublisherOutbox,
 };
 pub use reader::read_topic;
+pub use route::{Probe, RouteClient};
 
 pub use crate::outcome::DeliveryOutcome;

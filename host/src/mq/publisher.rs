@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rocketmq_client_rust::{ClientError, ClientRuntime, DefaultMQProducer, SendResult};
+use rocketmq_client_rust::{
+    ClientError, ClientRpcHook, ClientRuntime, DefaultMQProducer, SendResult,
+};
 use rocketmq_model::common::message::message_client_id_setter::MessageClientIDSetter;
 use rocketmq_model::common::message::message_property::MessagePropertyKey;
 use rocketmq_model::common::message::message_single::Message;
@@ -100,6 +102,8 @@ pub struct PublishReceipt {
 /// the sends that failed on the old client renew it once, not once each.
 pub struct Publisher {
     runtime: Arc<ClientRuntime>,
+    /// Signs requests when the cluster asks for credentials.
+    rpc_hook: Option<Arc<ClientRpcHook>>,
     current: tokio::sync::RwLock<Client>,
     settings: ProducerSettings,
 }
@@ -112,10 +116,11 @@ struct Client {
 
 impl Publisher {
     pub async fn start(runtime: &MqRuntime, settings: ProducerSettings) -> Result<Self, MqError> {
-        let runtime = runtime.client();
-        let producer = start_client(&runtime, &settings).await?;
+        let (rpc_hook, runtime) = (runtime.rpc_hook(), runtime.client());
+        let producer = start_client(&runtime, rpc_hook.clone(), &settings).await?;
         Ok(Publisher {
             runtime,
+            rpc_hook,
             current: tokio::sync::RwLock::new(Client {
                 producer,
                 generation: 0,
@@ -132,7 +137,7 @@ impl Publisher {
         if current.generation != failed_generation {
             return;
         }
-        match start_client(&self.runtime, &self.settings).await {
+        match start_client(&self.runtime, self.rpc_hook.clone(), &self.settings).await {
             Ok(producer) => {
                 let mut old = std::mem::replace(
                     &mut *current,
@@ -204,16 +209,38 @@ impl Publisher {
         keys: Vec<String>,
         id: Option<String>,
     ) -> Result<PublishReceipt, MqError> {
-        let message = build_message(topic.wire(), body, tags, keys, id)?;
-        let (result, attempts) = self
-            .send_with_retries(topic.wire(), Outgoing::One(message))
-            .await?;
+        let message = build_message(topic.wire(), body, tags, keys, id, None)?;
+        self.send_one(topic.wire(), message).await
+    }
+
+    /// Sends `message` to `wire` with the retries, and its receipt.
+    async fn send_one(&self, wire: &str, message: Message) -> Result<PublishReceipt, MqError> {
+        let (result, attempts) = self.send_with_retries(wire, Outgoing::One(message)).await?;
         Ok(PublishReceipt {
             message_id: result.msg_id.map(|id| id.to_string()).unwrap_or_default(),
             queue_id: result.message_queue.as_ref().map(|mq| mq.queue_id()),
             queue_offset: result.queue_offset,
             attempts,
         })
+    }
+
+    /// Hands a consumed message back to consumer group `group` through its
+    /// retry topic `%RETRY%<group>`, which every consumer of the group reads
+    /// besides its topic: whichever host holds that queue runs it (with
+    /// its own state store), as a redelivery would. The message keeps its
+    /// id, tag and keys, and names `topic` (wire) as where it came from.
+    pub async fn hand_back(
+        &self,
+        group: &str,
+        topic: &str,
+        body: Vec<u8>,
+        tags: Option<&str>,
+        keys: Vec<String>,
+        id: String,
+    ) -> Result<PublishReceipt, MqError> {
+        let retry = format!("%RETRY%{group}");
+        let message = build_message(&retry, body, tags, keys, Some(id), Some(topic))?;
+        self.send_one(&retry, message).await
     }
 
     /// Publishes `events` as one RocketMQ batch: one synchronous send that
@@ -233,7 +260,7 @@ impl Publisher {
         let mut ids = Vec::with_capacity(events.len());
         for event in events {
             let tags = (!event.event_type.is_empty()).then_some(event.event_type.as_str());
-            let message = build_message(wire, event.encode(), tags, vec![event.key()], None)?;
+            let message = build_message(wire, event.encode(), tags, vec![event.key()], None, None)?;
             ids.push(
                 MessageClientIDSetter::get_uniq_id(&message)
                     .map(|id| id.to_string())
@@ -334,9 +361,19 @@ impl Publisher {
         outgoing: Outgoing,
     ) -> Result<SendResult, SendFailure> {
         let timeout = u64::try_from(self.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
-        let failure = |action: String, err: ClientError| SendFailure {
-            permanent: permanent(&err),
-            error: MqError::new(action, &err),
+        let failure = |action: String, err: ClientError| {
+            let mut error = MqError::new(action, &err);
+            if err.broker_response_code() == Some(NO_PERMISSION) {
+                // The client drops the broker's remark; say what code 16 means.
+                error.cause = format!(
+                    "the broker refused it: no permission (code 16): the credentials' user may not publish to {wire}, or the credentials are wrong or missing; {}",
+                    error.cause
+                );
+            }
+            SendFailure {
+                permanent: permanent(&err),
+                error,
+            }
         };
         match outgoing {
             Outgoing::One(message) => {
@@ -370,14 +407,18 @@ impl Publisher {
 
 async fn start_client(
     runtime: &Arc<ClientRuntime>,
+    rpc_hook: Option<Arc<ClientRpcHook>>,
     settings: &ProducerSettings,
 ) -> Result<DefaultMQProducer, MqError> {
-    let mut producer = DefaultMQProducer::builder(runtime.clone())
+    let mut builder = DefaultMQProducer::builder(runtime.clone())
         .name_server_addr(settings.name_server.clone())
         .producer_group(settings.group.clone())
         .retry_times_when_send_failed(settings.retries)
-        .send_msg_timeout(u32::try_from(settings.send_timeout.as_millis()).unwrap_or(u32::MAX))
-        .build();
+        .send_msg_timeout(u32::try_from(settings.send_timeout.as_millis()).unwrap_or(u32::MAX));
+    if let Some(hook) = rpc_hook {
+        builder = builder.rpc_hook(hook);
+    }
+    let mut producer = builder.build();
     producer
         .start()
         .await
@@ -392,7 +433,9 @@ enum Outgoing {
     Batch(Vec<Message>),
 }
 
-/// A message for `wire` with its id (`UNIQ_KEY`) fixed: `id`, or a new one.
+/// A message for `wire` with its id (`UNIQ_KEY`) fixed: `id`, or a new one;
+/// `retry_topic`, for a message sent to a retry topic, names the topic it
+/// came from (which the consumer shows instead of the retry topic).
 ///
 /// The id is fixed before the first attempt: the client only assigns one
 /// when the message has none, so every retry, a clone sent on a fresh
@@ -405,6 +448,7 @@ fn build_message(
     tags: Option<&str>,
     keys: Vec<String>,
     id: Option<String>,
+    retry_topic: Option<&str>,
 ) -> Result<Message, MqError> {
     let mut builder = Message::builder().topic(wire).keys(keys).body(body);
     if let Some(tags) = tags {
@@ -412,6 +456,9 @@ fn build_message(
     }
     if let Some(id) = id {
         builder = builder.property(MessagePropertyKey::UniqueClientMsgId, id);
+    }
+    if let Some(topic) = retry_topic {
+        builder = builder.property(MessagePropertyKey::RetryTopic, topic.to_string());
     }
     let mut message = builder
         .build()

@@ -27,10 +27,14 @@ pub async fn read_topic(
     limit: usize,
 ) -> Result<Option<Vec<(Delivery, Vec<u8>)>>, MqError> {
     let wire = topic.wire();
-    let consumer = DefaultMQPullConsumer::builder(mq.client())
+    let mut builder = DefaultMQPullConsumer::builder(mq.client())
         .name_server_addr(name_server.to_string())
         // Never used to commit: a pull consumer moves no offset by itself.
-        .consumer_group("mqplug-topic-reader")
+        .consumer_group("mqplug-topic-reader");
+    if let Some(hook) = mq.rpc_hook() {
+        builder = builder.rpc_hook(hook);
+    }
+    let consumer = builder
         .build()
         .map_err(|err| MqError::new(format!("build a reader of {wire}"), &err))?;
     consumer

@@ -77,8 +77,11 @@ impl Embedded {
         }
         let path = path.to_path_buf();
         Self::reopening(Box::new(move || {
-            Database::create(&path).map_err(|err| {
-                StoreError::Unavailable(format!("cannot open {}: {err}", path.display()))
+            Database::create(&path).map_err(|err| match err {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StoreError::InUse(format!("{} is locked", path.display()))
+                }
+                err => StoreError::Unavailable(format!("cannot open {}: {err}", path.display())),
             })
         }))
     }

@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 pub mod embedded;
+pub mod inspect;
 pub mod redis;
 
 pub use embedded::Embedded;
@@ -68,6 +69,10 @@ pub enum StoreError {
     Overflow,
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// Another process has the embedded store open: a running host, most
+    /// likely (redb allows one process at a time).
+    #[error("the store is in use by another process, a running mqplug host most likely: {0}")]
+    InUse(String),
     #[error("the store failed: {0}")]
     Failed(String),
 }
