@@ -417,12 +417,14 @@ pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, Str
 
 fn plugins_json(view: &dyn AdminView) -> String {
     let metrics = view.metrics();
+    let lag = view.lag();
     let mut plugins: Vec<serde_json::Value> = view
         .slots()
         .iter()
         .map(|slot| {
             let status = slot.status();
             let latency = metrics.recent_latency(&status.name);
+            let follow_ups = metrics.follow_ups(&status.name);
             let (state, error, failed_version) = match &status.state {
                 SlotState::Serving => ("serving", None, None),
                 SlotState::ReloadFailed { version, error } => {
@@ -450,15 +452,15 @@ fn plugins_json(view: &dyn AdminView) -> String {
                     "dead_letter": metrics.messages(&status.name, "dead_letter"),
                 },
                 "failures": metrics.failures(&status.name),
-                "lag": view.lag().get(&status.name).copied(),
+                "lag": lag.get(&status.name).copied(),
                 "history": view.history(&status.name).iter().map(|sample| json!({
                     "at": sample.at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
                     "handled": sample.handled,
                     "lag": sample.lag,
                 })).collect::<Vec<_>>(),
                 "follow_ups": {
-                    "sent": metrics.follow_ups(&status.name).get("sent").copied().unwrap_or(0),
-                    "failed": metrics.follow_ups(&status.name).get("failed").copied().unwrap_or(0),
+                    "sent": follow_ups.get("sent").copied().unwrap_or(0),
+                    "failed": follow_ups.get("failed").copied().unwrap_or(0),
                 },
                 "latency_ms": {
                     "window_s": RECENT_WINDOW.as_secs(),
