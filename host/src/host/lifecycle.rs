@@ -170,7 +170,6 @@ impl Shared {
             .map(|slot| slot.name().to_string())
             .collect();
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        history.retain(|name, _| names.contains(name));
         for name in names {
             let handled = self.handled(&name);
             let samples = history.entry(name.clone()).or_default();
@@ -244,6 +243,8 @@ impl Shared {
             dispatcher = dispatcher.with_outbox(outbox);
         }
         let settings = plugin_config.consumer_settings(&name_server, &self.topic);
+        // Its chart starts before its first message can be handled.
+        self.first_sample(&plugin_config.name);
         // A cluster that refuses the credentials: say so now, by name,
         // rather than a consumer that retries in silence.
         if let Some(route) = self.route.get()
@@ -282,7 +283,6 @@ impl Shared {
             concurrency = settings.concurrency,
             "consumer started"
         );
-        self.first_sample(&plugin_config.name);
         let mut running = self.running.lock().await;
         running.insert(
             plugin_config.name.clone(),
@@ -336,6 +336,10 @@ impl Shared {
                 Step::Stop(name) => {
                     info!(plugin = %name, "removed from the config: draining");
                     self.stop_consumer(&name).await;
+                    self.history
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&name);
                 }
                 Step::Start(name) => {
                     let config = &wanted[&name];
