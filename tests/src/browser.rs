@@ -100,20 +100,30 @@ impl Browser {
 
     /// The text of the first element matching `css`, `None` if there is none.
     pub fn text(&self, css: &str) -> Result<Option<String>> {
-        let Some(element) = self.find(css)? else {
-            return Ok(None);
-        };
-        let text = self.call("GET", &format!("/element/{element}/text"), None)?;
-        Ok(text.as_str().map(str::to_string))
+        self.read(css, "text")
     }
 
     /// The attribute `name` of the first element matching `css`.
     pub fn attribute(&self, css: &str, name: &str) -> Result<Option<String>> {
-        let Some(element) = self.find(css)? else {
-            return Ok(None);
-        };
-        let value = self.call("GET", &format!("/element/{element}/attribute/{name}"), None)?;
-        Ok(value.as_str().map(str::to_string))
+        self.read(css, &format!("attribute/{name}"))
+    }
+
+    /// `GET /element/<id>/<what>` of the first element matching `css`. The
+    /// page re-renders itself every 2 s, so the element found may be gone
+    /// by the time it is read ("stale element reference"): then it is
+    /// found again.
+    fn read(&self, css: &str, what: &str) -> Result<Option<String>> {
+        for _ in 0..10 {
+            let Some(element) = self.find(css)? else {
+                return Ok(None);
+            };
+            match self.call("GET", &format!("/element/{element}/{what}"), None) {
+                Ok(value) => return Ok(value.as_str().map(str::to_string)),
+                Err(err) if err.to_string().contains("stale element reference") => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        bail!("{css}: the element went stale ten times in a row")
     }
 
     /// The WebDriver id of the first element matching `css`.
