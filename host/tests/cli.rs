@@ -1292,6 +1292,24 @@ fn mqplug_new_writes_a_go_plugin_that_builds_and_passes_the_kit() -> Result<()> 
 /// store (which one process may open at a time): the dead letter goes back
 /// to the plugin's group through its retry topic, and the running host
 /// handles it again, with the same message id.
+/// Waits up to 90 s until message `id` is in `group`'s dead-letter queue
+/// on `broker`; whether it is.
+async fn in_dead_letter_queue(broker: &LocalBroker, group: &str, id: &str) -> Result<bool> {
+    let mq = mqplug::mq::MqRuntime::new(1)?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut found = false;
+    while !found && Instant::now() < deadline {
+        found = mqplug::dlq::read(&mq, &broker.name_server, group)
+            .await?
+            .is_some_and(|letters| letters.iter().any(|l| l.delivery.message_id == id));
+        if !found {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    mq.shutdown().await;
+    Ok(found)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redrive_beside_a_running_host_that_holds_the_store_goes_through_that_host() -> Result<()> {
     let broker = LocalBroker::start()?;
@@ -1321,16 +1339,7 @@ async fn redrive_beside_a_running_host_that_holds_the_store_goes_through_that_ho
         .publish(&mqplug_tests::sample_event("DEAD_LETTER", 1))
         .await?
         .message_id;
-    let mq = mqplug::mq::MqRuntime::new(1)?;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut dead_lettered = false;
-    while !dead_lettered && Instant::now() < deadline {
-        dead_lettered = mqplug::dlq::read(&mq, &broker.name_server, "mqplug-rewards")
-            .await?
-            .is_some_and(|letters| letters.iter().any(|l| l.delivery.message_id == poison));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    mq.shutdown().await;
+    let dead_lettered = in_dead_letter_queue(&broker, "mqplug-rewards", &poison).await?;
     let handled_before = recorder
         .handled()
         .iter()
@@ -1410,16 +1419,7 @@ async fn a_dead_letter_of_a_bad_build_is_listed_and_redriven_through_the_fixed_b
     // The listener sends the message back after the handler's report: the
     // host stays up until the broker has it in the dead-letter queue (and
     // the name server its route).
-    let mq = mqplug::mq::MqRuntime::new(1)?;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut dead_lettered = false;
-    while handled && !dead_lettered && Instant::now() < deadline {
-        dead_lettered = mqplug::dlq::read(&mq, &broker.name_server, "mqplug-rewards")
-            .await?
-            .is_some_and(|letters| letters.iter().any(|l| l.delivery.message_id == poison));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    mq.shutdown().await;
+    let dead_lettered = handled && in_dead_letter_queue(&broker, "mqplug-rewards", &poison).await?;
     host.shutdown().await;
     ensure!(
         handled && dead_lettered,
