@@ -81,6 +81,9 @@ pub struct HostConfig {
     /// asks for credentials: for its consumers, its producer and the tools.
     #[serde(default)]
     pub credentials: Option<CredentialsConfig>,
+    /// Where the host exports its traces (OTLP/HTTP); no spans without it.
+    #[serde(default)]
+    pub traces: Option<TracesConfig>,
     /// The file this config was read from, if any; hot reload watches it.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -475,6 +478,24 @@ pub const MAX_HTTP_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 /// The largest `http_max_in_flight`.
 pub const MAX_HTTP_IN_FLIGHT: usize = 256;
 
+/// `[traces]`: the OpenTelemetry collector the host exports a span to for
+/// each message each plugin handles (see [`crate::traces`]). Read at start;
+/// a change takes a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The collector's OTLP/HTTP address, such as `http://127.0.0.1:4318`
+    /// (`/v1/traces` is added when it has no path).
+    pub endpoint: String,
+    /// The `service.name` the spans carry.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_service_name() -> String {
+    "mqplug".into()
+}
+
 /// `[credentials]`: where the host reads the access key and secret key of
 /// the RocketMQ user it connects as; like a plugin's secrets, never
 /// written in the config itself.
@@ -863,6 +884,14 @@ impl HostConfig {
     /// Checks everything that can be checked before connecting anywhere.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.topic()?;
+        if let Some(traces) = &self.traces
+            && !(traces.endpoint.starts_with("http://") || traces.endpoint.starts_with("https://"))
+        {
+            return Err(ConfigError::Runtime(format!(
+                "traces.endpoint = {:?} must be an http:// or https:// URL (OTLP over HTTP)",
+                traces.endpoint
+            )));
+        }
         if self.plugins.iter().any(|plugin| plugin.key_value.is_some()) {
             self.store.settings().map_err(ConfigError::Runtime)?;
         }

@@ -17,4 +17,8 @@ pub struct Delivery {
     pub queue_offset: i64,
     /// Milliseconds since the Unix epoch.
     pub born_timestamp: i64,
+    /// The W3C trace context the message carries (its `traceparent` and
+    /// `tracestate` properties); while a plugin handles it, that plugin's
+    /// span's (see [`crate::traces`]).
+    pub trace: crate::traces::TraceContext,
 }

@@ -16,6 +16,7 @@ use crate::outcome::{
     delivery_outcome, undecodable_outcome,
 };
 use crate::text::{MAX_UNTRUSTED_BYTES, inert, inert_owned};
+use crate::traces::ProcessSpan;
 use crate::wasm::{OutgoingMessage, Plugin};
 
 /// A message id is 32 hex digits when a RocketMQ client sets it; anything
@@ -109,6 +110,8 @@ pub struct Dispatcher {
     max_body_bytes: usize,
     observers: Observers,
     outbox: Option<Arc<dyn OutboxSender>>,
+    /// The plugin's consumer group, named on its spans.
+    group: Option<Arc<str>>,
 }
 
 impl Dispatcher {
@@ -126,7 +129,14 @@ impl Dispatcher {
             max_body_bytes,
             observers,
             outbox: None,
+            group: None,
         }
+    }
+
+    /// Names `group`, the plugin's consumer group, on its spans.
+    pub fn with_group(mut self, group: &str) -> Self {
+        self.group = Some(Arc::from(group));
+        self
     }
 
     /// Sends accepted events' follow-up messages through `sender`.
@@ -139,6 +149,9 @@ impl Dispatcher {
     /// what to tell the broker. Never panics.
     pub fn dispatch(&self, delivery: &Delivery, body: &[u8]) -> DeliveryOutcome {
         let started = Instant::now();
+        // The handler and the follow-ups see the plugin's span's context.
+        let trace = ProcessSpan::start(&self.plugin, self.group.as_deref(), delivery, body.len());
+        let delivery = trace.delivery(delivery);
         let span = info_span!(
             "message",
             plugin = %self.plugin,
@@ -259,6 +272,7 @@ impl Dispatcher {
                 }
             }
         };
+        trace.end(version.as_deref(), outcome, cause.as_deref());
         self.observers.emit(|| HostEvent::Handled {
             plugin: self.plugin.clone(),
             message_id: delivery.message_id.clone(),

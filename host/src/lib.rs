@@ -32,6 +32,7 @@ pub mod slot;
 pub mod store;
 pub mod text;
 pub mod topic;
+pub mod traces;
 pub mod wasm;
 
 /// Generated cases per fuzz property: 10,000 in the suite;

@@ -166,6 +166,16 @@ impl Browser {
         }
     }
 
+    /// Resizes the window (headless: any size).
+    pub fn resize(&self, width: u32, height: u32) -> Result<()> {
+        self.call(
+            "POST",
+            "/window/rect",
+            Some(&json!({"width": width, "height": height})),
+        )?;
+        Ok(())
+    }
+
     /// A PNG of the window.
     pub fn screenshot(&self) -> Result<Vec<u8>> {
         use base64::Engine as _;
@@ -186,6 +196,38 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// A PNG of `text` as a terminal shows it (a program's own output, for the
+/// docs), the window sized to fit it.
+pub fn picture_of_text(text: &str) -> Result<Vec<u8>> {
+    let escaped = text
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    let page = format!(
+        "<!doctype html><meta charset=utf-8><body style=\"margin:0;overflow:hidden;background:#1e1e1e\">\
+         <pre style=\"margin:0;padding:12px;color:#ddd;font:12px/15px monospace\">{escaped}</pre>"
+    );
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("text.html");
+    std::fs::write(&path, page)?;
+    let lines = u32::try_from(text.lines().count()).unwrap_or(u32::MAX);
+    let widest = text
+        .lines()
+        .map(|line| line.chars().count())
+        .max()
+        .unwrap_or(0);
+    let browser = Browser::start()?;
+    browser.resize(
+        u32::try_from(widest * 8 + 40)
+            .unwrap_or(1400)
+            .clamp(400, 1600),
+        // The window's height holds the page and the browser's own frame.
+        lines.saturating_mul(15).saturating_add(160).min(8000),
+    )?;
+    browser.goto(&format!("file://{}", path.display()))?;
+    browser.screenshot()
 }
 
 /// One WebDriver request: (status code, JSON reply).

@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod browser;
+pub mod collector;
 pub mod http_server;
 pub mod peers;
 pub mod plugins;
@@ -13,6 +14,7 @@ pub mod redis;
 pub mod rewards;
 
 pub use broker::{LocalBroker, LocalCluster};
+pub use collector::Collector;
 pub use recorder::{Collect, Recorder};
 pub use redis::LocalRedis;
 

@@ -52,6 +52,8 @@ pub struct GoSent {
     pub msg_id: String,
     /// The JSON body exactly as `json.Marshal` wrote it.
     pub body: String,
+    /// The W3C trace context it carried (with `-otlp`).
+    pub traceparent: Option<String>,
 }
 
 /// Runs `task-producer` to the end with `args` (besides `-nameserver`), and
@@ -81,6 +83,10 @@ pub fn go_produce(name_server: &str, args: &[&str]) -> Result<Vec<GoSent>> {
                 index: value["index"].as_u64().context("no index")?,
                 msg_id: value["msg_id"].as_str().context("no msg_id")?.to_string(),
                 body: value["body"].as_str().context("no body")?.to_string(),
+                traceparent: value["traceparent"]
+                    .as_str()
+                    .filter(|tp| !tp.is_empty())
+                    .map(str::to_string),
             })
         })
         .collect()
@@ -97,6 +103,17 @@ impl GoConsumer {
     /// Starts a consumer in `group` on `topic`, from the first offset, and
     /// waits until it has started.
     pub fn start(name_server: &str, topic: &str, group: &str) -> Result<GoConsumer> {
+        GoConsumer::start_with(name_server, topic, group, &[])
+    }
+
+    /// [`GoConsumer::start`] with more of `task-consumer`'s flags (`-raw`,
+    /// `-otlp ADDRESS`).
+    pub fn start_with(
+        name_server: &str,
+        topic: &str,
+        group: &str,
+        flags: &[&str],
+    ) -> Result<GoConsumer> {
         let mut child = Command::new(go_peers_dir()?.join("task-consumer"))
             .arg("-nameserver")
             .arg(name_server)
@@ -105,6 +122,7 @@ impl GoConsumer {
             .arg("-group")
             .arg(group)
             .arg("-from-first")
+            .args(flags)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -33,6 +33,8 @@ pub struct Grant {
     pub user_id: u64,
     pub points: u64,
     pub campaign_id: String,
+    /// The request's W3C `traceparent` header, if it had one.
+    pub traceparent: Option<String>,
 }
 
 impl Grant {
@@ -220,6 +222,7 @@ async fn grant(
             "an idempotency-key header is required",
         );
     };
+    let traceparent = header("traceparent");
     let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
@@ -256,6 +259,7 @@ async fn grant(
             .as_str()
             .unwrap_or_default()
             .to_string(),
+        traceparent,
     };
     let body = grant.to_json();
     let index = ledger.grants.len();

@@ -410,6 +410,7 @@ fn parse_line(number: usize, text: &str) -> Result<Fixture, FixtureError> {
             .queue_offset
             .unwrap_or_else(|| i64::try_from(number).unwrap_or(i64::MAX)),
         born_timestamp: fields.born_timestamp.unwrap_or(1_764_051_555_000),
+        trace: Default::default(),
     };
     Ok(Fixture {
         name,

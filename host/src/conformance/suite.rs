@@ -46,6 +46,7 @@ fn delivery(number: usize) -> Delivery {
         queue_id: 0,
         queue_offset: i64::try_from(number).unwrap_or(i64::MAX),
         born_timestamp: 1_764_051_555_000,
+        trace: Default::default(),
     }
 }
 

@@ -243,6 +243,7 @@ impl Shared {
             dispatcher = dispatcher.with_outbox(outbox);
         }
         let settings = plugin_config.consumer_settings(&name_server, &self.topic);
+        dispatcher = dispatcher.with_group(&settings.group);
         // Its chart starts before its first message can be handled.
         self.first_sample(&plugin_config.name);
         // A cluster that refuses the credentials: say so now, by name,

@@ -50,6 +50,8 @@ pub enum HostError {
         listen: String,
         cause: std::io::Error,
     },
+    #[error(transparent)]
+    Traces(#[from] crate::traces::TracesError),
 }
 
 /// A running mqplug host. Dropping it without [`Host::shutdown`] abandons
@@ -60,6 +62,8 @@ pub struct Host {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     admin_addr: Option<SocketAddr>,
+    /// The span exporter, while `[traces]` is configured.
+    traces: Option<crate::traces::Traces>,
 }
 
 impl Host {
@@ -109,6 +113,14 @@ impl Host {
 
         let listener_capacity = config.listener_threads() + SPARE_LISTENER_THREADS;
         let mq = MqRuntime::with_credentials(listener_capacity, config.credentials()?)?;
+        let traces = config
+            .traces
+            .as_ref()
+            .map(|traces| crate::traces::Traces::start(&traces.endpoint, &traces.service_name))
+            .transpose()?;
+        if let Some(traces) = &config.traces {
+            info!(endpoint = %traces.endpoint, "exporting a span per message per plugin (OTLP/HTTP)");
+        }
         let (stop, _) = watch::channel(false);
         let mut host = Host {
             shared: Arc::new(Shared {
@@ -134,6 +146,7 @@ impl Host {
             stop,
             tasks: Vec::new(),
             admin_addr: None,
+            traces,
         };
         if let Err(err) = host.connect(config, loaded).await {
             host.shutdown().await;
@@ -296,6 +309,10 @@ impl Host {
         }
         // Also while an admin connection still holds the shared state.
         self.shared.mq.shutdown().await;
+        if let Some(traces) = self.traces {
+            // Exports what is left: blocking, off the runtime's workers.
+            let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        }
         info!("mqplug stopped");
     }
 }

@@ -333,6 +333,9 @@ pub(super) fn delivery_of(msg: &MessageExt) -> Delivery {
         queue_id: u32::try_from(msg.queue_id()).unwrap_or(0),
         queue_offset: msg.queue_offset(),
         born_timestamp: msg.born_timestamp(),
+        trace: crate::traces::TraceContext::from_properties(|name| {
+            msg.properties().get(name).map(|value| value.as_str())
+        }),
     }
 }
 

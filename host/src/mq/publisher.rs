@@ -7,6 +7,7 @@ use std::time::Duration;
 use rocketmq_client_rust::{
     ClientError, ClientRpcHook, ClientRuntime, DefaultMQProducer, SendResult,
 };
+use rocketmq_model::common::message::MessageTrait;
 use rocketmq_model::common::message::message_client_id_setter::MessageClientIDSetter;
 use rocketmq_model::common::message::message_property::MessagePropertyKey;
 use rocketmq_model::common::message::message_single::Message;
@@ -15,6 +16,7 @@ use super::client::MqRuntime;
 use super::error::MqError;
 use crate::event::TaskEvent;
 use crate::topic::TopicName;
+use crate::traces::{SendSpan, TraceContext};
 
 /// The marketing platform's producer group.
 pub const DEFAULT_PRODUCER_GROUP: &str = "marketing-producer-group";
@@ -209,7 +211,25 @@ impl Publisher {
         keys: Vec<String>,
         id: Option<String>,
     ) -> Result<PublishReceipt, MqError> {
-        let message = build_message(topic.wire(), body, tags, keys, id, None)?;
+        self.publish_traced(topic, body, tags, keys, id, &TraceContext::default())
+            .await
+    }
+
+    /// [`Publisher::publish_to`], the message carrying `trace` in its
+    /// `traceparent` and `tracestate` properties.
+    pub async fn publish_traced(
+        &self,
+        topic: &TopicName,
+        body: Vec<u8>,
+        tags: Option<&str>,
+        keys: Vec<String>,
+        id: Option<String>,
+        trace: &TraceContext,
+    ) -> Result<PublishReceipt, MqError> {
+        let mut message = build_message(topic.wire(), body, tags, keys, id, None)?;
+        for (name, value) in trace.pairs() {
+            message.put_property(name.into(), value.into());
+        }
         self.send_one(topic.wire(), message).await
     }
 
@@ -521,18 +541,22 @@ impl crate::dispatch::OutboxSender for PublisherOutbox {
             for (index, message) in messages.iter().enumerate() {
                 let mut keys = vec![crate::wasm::follow_up_key(&delivery.message_id, index)];
                 keys.extend(message.keys.iter().cloned());
-                self.publisher
-                    .publish_to(
+                let id = crate::wasm::follow_up_id(plugin, &delivery.message_id, index, message);
+                // Each follow-up is its own span, under the plugin's.
+                let span =
+                    delivery.trace.parent.is_some().then(|| {
+                        SendSpan::start(&delivery.trace, plugin, message.topic.wire(), &id)
+                    });
+                let trace = span.as_ref().map(SendSpan::properties).unwrap_or_default();
+                let sent = self
+                    .publisher
+                    .publish_traced(
                         &message.topic,
                         message.body.clone(),
                         message.tag.as_deref(),
                         keys,
-                        Some(crate::wasm::follow_up_id(
-                            plugin,
-                            &delivery.message_id,
-                            index,
-                            message,
-                        )),
+                        Some(id),
+                        &trace,
                     )
                     .await
                     .map_err(|err| {
@@ -542,7 +566,11 @@ impl crate::dispatch::OutboxSender for PublisherOutbox {
                             messages.len(),
                             message.topic.wire()
                         )
-                    })?;
+                    });
+                if let Some(span) = span {
+                    span.end(sent.as_ref().err().map(String::as_str));
+                }
+                sent?;
             }
             Ok(())
         };

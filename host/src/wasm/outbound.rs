@@ -42,6 +42,7 @@ use super::config_store::ConfigValues;
 use super::engine::EPOCH_TICK;
 use crate::observe::{HostEvent, Observers, OutboundResult};
 use crate::text::{inert, url_without_secrets};
+use crate::traces::{HttpSpan, TRACEPARENT, TRACESTATE, TraceContext};
 
 /// One origin a plugin may call: `http://host:port` or `https://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,15 +403,23 @@ impl OutboundGrants {
 
     async fn send(
         self: Arc<Self>,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         deadline: Option<Instant>,
         cut: Arc<AtomicBool>,
+        trace: TraceContext,
     ) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
         let started = Instant::now();
         // Kept to name the request if it fails (cheap clones: shared bytes).
         let (method, uri) = (request.method().clone(), request.uri().clone());
+        let span = self.trace(&trace, &mut request);
         let result = self.send_checked(request, options, deadline, cut).await;
+        if let Some(span) = span {
+            match &result {
+                Ok((response, _)) => span.end(Ok(response.status().as_u16())),
+                Err(err) => span.end(Err(&self.secrets.redact(err.to_string()))),
+            }
+        }
         let outcome = match &result {
             Ok((response, _)) => OutboundResult::Response(response.status().as_u16()),
             Err(Error::HttpRequestDenied | Error::DestinationIpProhibited) => {
@@ -445,6 +454,46 @@ impl OutboundGrants {
             took: started.elapsed(),
         });
         result
+    }
+
+    /// The client span of `request`, under the handled message's `trace`,
+    /// and its context in the request's `traceparent` and `tracestate`
+    /// headers (which replace the plugin's own). None when the message has
+    /// no context and no tracer is configured.
+    fn trace(
+        &self,
+        trace: &TraceContext,
+        request: &mut http::Request<WasiBody>,
+    ) -> Option<HttpSpan> {
+        trace.parent.as_ref()?;
+        let uri = request.uri();
+        let url = inert(
+            &self
+                .secrets
+                .redact(url_without_secrets(&uri.to_string()).into_owned()),
+            512,
+        )
+        .into_owned();
+        let tls = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let span = HttpSpan::start(
+            trace,
+            &self.plugin,
+            request.method().as_str(),
+            &url,
+            uri.host().unwrap_or(""),
+            port,
+        );
+        let headers = request.headers_mut();
+        headers.remove(TRACEPARENT);
+        headers.remove(TRACESTATE);
+        for (name, value) in span.headers().pairs() {
+            // Written from the parsed context: always a valid header value.
+            if let Ok(value) = http::HeaderValue::from_str(value) {
+                headers.insert(name, value);
+            }
+        }
+        Some(span)
     }
 
     async fn send_checked(
@@ -795,6 +844,8 @@ pub(crate) struct HttpHooks {
     pub(crate) grants: Arc<OutboundGrants>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) cut: Arc<AtomicBool>,
+    /// The handled message's trace context, carried on as headers.
+    pub(crate) trace: crate::traces::TraceContext,
 }
 
 impl WasiHttpHooks for HttpHooks {
@@ -813,7 +864,7 @@ impl WasiHttpHooks for HttpHooks {
         _response_error: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), Error>> + Send> {
         let (grants, deadline, cut) = (self.grants.clone(), self.deadline, self.cut.clone());
-        Box::new(grants.send(request, options, deadline, cut))
+        Box::new(grants.send(request, options, deadline, cut, self.trace.clone()))
     }
 }
 

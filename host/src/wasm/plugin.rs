@@ -334,9 +334,7 @@ impl Plugin {
             Ok(instance) => instance,
             Err(failure) => return (HandlerOutcome::Failed(failure), Vec::new()),
         };
-        let state = instance.store.data_mut();
-        state.message_id.clone_from(&delivery.message_id);
-        state.outbox.clear();
+        instance.store.data_mut().begin_event(delivery);
         self.start_deadline(&mut instance.store);
         if let Err(failure) = self.refuel(&mut instance.store) {
             return (HandlerOutcome::Failed(failure), Vec::new());

@@ -116,6 +116,7 @@ impl HostState {
                 grants: outbound,
                 deadline: None,
                 cut: wait_limit.io_cut(),
+                trace: Default::default(),
             },
             wait_limit,
             config,
@@ -123,6 +124,16 @@ impl HostState {
             publish,
             outbox: Vec::new(),
         }
+    }
+}
+
+impl HostState {
+    /// Readies the store for the event of `delivery`: its id for log
+    /// lines, its trace context for outbound requests, an empty outbox.
+    pub(crate) fn begin_event(&mut self, delivery: &crate::delivery::Delivery) {
+        self.message_id.clone_from(&delivery.message_id);
+        self.http_hooks.trace.clone_from(&delivery.trace);
+        self.outbox.clear();
     }
 }
 

@@ -3,7 +3,9 @@
 // ConsumeRetryLater when that fails. It prints one JSON line per delivery on
 // stdout ({"msg_id","tags","keys","reconsume_times","queue_id","event"} or
 // {"msg_id",...,"error"} when the body does not decode; with -raw, "body" as
-// text instead of "event", for other topics), {"ready":true} once
+// text instead of "event", for other topics; "traceparent" when the message
+// carries one, and with -otlp a span per delivery exported to that
+// collector, a child of that context), {"ready":true} once
 // started, and shuts down cleanly on SIGTERM, SIGINT or end of stdin.
 //
 //	task-consumer -nameserver 127.0.0.1:9876 -group marketing-consumer-group
@@ -25,6 +27,7 @@ import (
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 
 	"mqplug.dev/peers/internal/platform"
+	"mqplug.dev/peers/internal/tracing"
 )
 
 func main() {
@@ -33,8 +36,11 @@ func main() {
 	group := flag.String("group", "marketing-consumer-group", "consumer group")
 	fromFirst := flag.Bool("from-first", false, "a new group starts at the first offset, not the last")
 	raw := flag.Bool("raw", false, "print each body as text instead of decoding a TaskEventMessage (for other topics)")
+	otlp := flag.String("otlp", "", "export a span per delivery to this OTLP/HTTP collector (host:port)")
 	flag.Parse()
 	platform.QuietClientLogs()
+	flush := tracing.Start(*otlp, "task-consumer")
+	defer flush()
 
 	options := []consumer.Option{
 		consumer.WithNameServer([]string{*nameServer}),
@@ -67,6 +73,12 @@ func main() {
 					"keys":            msg.GetKeys(),
 					"reconsume_times": msg.ReconsumeTimes,
 					"queue_id":        msg.Queue.QueueId,
+				}
+				if traceparent := msg.GetProperty("traceparent"); traceparent != "" {
+					line["traceparent"] = traceparent
+				}
+				if *otlp != "" {
+					tracing.Process(msg, *group).End()
 				}
 				if *raw {
 					line["body"] = string(msg.Body)

@@ -3,7 +3,9 @@
 // 2 retries, json.Marshal of the struct, SendSync of a message with no tag
 // and no keys. It prints one JSON line per event on stdout:
 // {"index":i,"msg_id":"...","body":"..."} once sent, {"index":i,"error":"..."}
-// when not, and exits 1 if any send failed.
+// when not, and exits 1 if any send failed. With -otlp, each send is a
+// span exported to that collector, its context in the message's
+// traceparent property (printed as "traceparent").
 //
 //	task-producer -nameserver 127.0.0.1:9876 -batch edge
 //	task-producer -nameserver 127.0.0.1:9876 -batch plain -count 1000
@@ -21,8 +23,11 @@ import (
 	"github.com/apache/rocketmq-client-go/v2"
 	"github.com/apache/rocketmq-client-go/v2/primitive"
 	"github.com/apache/rocketmq-client-go/v2/producer"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 
 	"mqplug.dev/peers/internal/platform"
+	"mqplug.dev/peers/internal/tracing"
 )
 
 // edgeEvents are the values a platform event can carry that are easy to get
@@ -100,8 +105,11 @@ func main() {
 	batch := flag.String("batch", "edge", "edge: the edge-value events; plain: -count ordinary events")
 	count := flag.Int("count", 100, "number of plain events")
 	eventType := flag.String("event-type", "", "override every event's EventType")
+	otlp := flag.String("otlp", "", "export a span per send to this OTLP/HTTP collector (host:port)")
 	flag.Parse()
 	platform.QuietClientLogs()
+	flush := tracing.Start(*otlp, "task-producer")
+	defer flush()
 
 	var events []platform.TaskEventMessage
 	switch *batch {
@@ -141,6 +149,10 @@ func main() {
 			os.Exit(1)
 		}
 		msg := primitive.NewMessage(*topic, eventJSON)
+		var span trace.Span
+		if *otlp != "" {
+			span = tracing.Send(msg)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		result, err := rmqProducer.SendSync(ctx, msg)
 		cancel()
@@ -152,11 +164,17 @@ func main() {
 			failed++
 			_ = out.Encode(map[string]interface{}{"index": i, "error": result.String()})
 		default:
-			_ = out.Encode(map[string]interface{}{"index": i, "msg_id": result.MsgID, "body": string(eventJSON)})
+			_ = out.Encode(map[string]interface{}{"index": i, "msg_id": result.MsgID, "body": string(eventJSON),
+				"traceparent": msg.GetProperty("traceparent")})
+		}
+		if span != nil {
+			span.SetAttributes(attribute.String("messaging.message.id", msg.GetProperty(primitive.PropertyUniqueClientMessageIdKeyIndex)))
+			span.End()
 		}
 	}
 	if failed > 0 {
 		fmt.Fprintf(os.Stderr, "%d of %d sends failed\n", failed, len(events))
+		flush()
 		os.Exit(1)
 	}
 }
