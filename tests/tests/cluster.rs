@@ -1,8 +1,9 @@
 //! Two brokers (two masters, one name server), the topic's queues on both.
 //! While events flow, one broker is killed and started again: nothing is
 //! lost, the plugin keeps handling what the other broker holds, the
-//! producer routes around the dead broker, and what the killed broker held
-//! is handled once it is back.
+//! producers (the host's, and `mqplug publish`'s pipeline, one event per
+//! send and batches) route around the dead broker, and what the killed
+//! broker held is handled once it is back.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use mqplug::Host;
 use mqplug::config::PluginConfig;
+use mqplug::mq::Publisher;
+use mqplug::publish::{Pipeline, publish_all};
 use mqplug_tests::{LocalCluster, Recorder, host_config_for, plugins::plugin_path, sample_event};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -71,17 +74,54 @@ async fn a_broker_killed_and_started_again_loses_nothing_and_the_other_keeps_ser
             sent
         }
     });
+    // `mqplug publish`'s pipeline, on its own client as the command runs it.
+    let tool_mq = mqplug::mq::MqRuntime::new(0)?;
+    let tool = Arc::new(Publisher::start(&tool_mq, config.producer_settings()?).await?);
     tokio::time::sleep(UP).await;
     cluster.kill(1);
     let killed_at = Instant::now();
-    tokio::time::sleep(DOWN).await;
+    // While broker-1 is down, 40 events one per send and 40 in batches of 8,
+    // 8 sends in flight.
+    let mut tool_ids = Vec::new();
+    for batch in [1, 8] {
+        let events: Vec<_> = (0..40)
+            .map(|n| sample_event("TOOL_PUBLISH", 100_000 + batch * 100 + n))
+            .collect();
+        let published = publish_all(
+            &tool,
+            events,
+            Pipeline {
+                concurrency: 8,
+                batch: batch as usize,
+            },
+            |_, _| {},
+        )
+        .await;
+        for result in published.results {
+            match result {
+                Ok(receipt) => tool_ids.push(receipt.message_id),
+                Err(failure) => anyhow::bail!("mqplug publish (batch {batch}): {failure:?}"),
+            }
+        }
+    }
+    let tool_done = killed_at.elapsed();
+    ensure!(
+        tool_done < DOWN,
+        "publishing took {tool_done:?}, past the outage"
+    );
+    tokio::time::sleep(DOWN - tool_done).await;
     cluster.start_broker(1)?;
     let back_at = Instant::now();
     tokio::time::sleep(UP).await;
     stop.send(true)?;
     let sent = publishing.await?;
 
-    let ids: Vec<String> = sent.iter().filter_map(|(_, r)| r.clone().ok()).collect();
+    if let Ok(tool) = Arc::try_unwrap(tool) {
+        tool.shutdown().await;
+    }
+    tool_mq.shutdown().await;
+    let mut ids: Vec<String> = sent.iter().filter_map(|(_, r)| r.clone().ok()).collect();
+    ids.extend(tool_ids.iter().cloned());
     let not_sent: Vec<&String> = sent.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
     let all = recorder.wait_until(WAIT, |r| {
         ids.iter().all(|id| r.handled_message("rewards", id))
@@ -124,9 +164,10 @@ async fn a_broker_killed_and_started_again_loses_nothing_and_the_other_keeps_ser
         while_down.len()
     );
     println!(
-        "cluster: {} events sent one every {} ms, none lost; broker-1 killed for {} s: {} of the {} published meanwhile handled before it came back; longest pause between two handled events {:.2} s",
-        ids.len(),
+        "cluster: {} events sent one every {} ms and {} more through mqplug publish's pipeline while broker-1 was down, none lost; broker-1 killed for {} s: {} of the {} sent one by one meanwhile handled before it came back; longest pause between two handled events {:.2} s",
+        ids.len() - tool_ids.len(),
         PACE.as_millis(),
+        tool_ids.len(),
         DOWN.as_secs(),
         served_while_down,
         while_down.len(),

@@ -335,3 +335,53 @@ async fn without_traces_configured_nothing_is_recorded_and_the_context_passes_th
     assert!(ours.is_empty(), "mqplug recorded spans: {ours:#?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_no_message() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    mqplug_tests::host_log("warn");
+    // A port nothing listens on: every export is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let mut config = host_config(
+        &broker,
+        "traces_down_topic",
+        vec![PluginConfig::new("logger", plugin_path("reward-logger")?)],
+    );
+    config.traces = Some(TracesConfig {
+        endpoint: format!("http://{closed}"),
+        service_name: "mqplug".into(),
+    });
+    let host = Host::start(&config, recorder.observers()).await?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    let mut ids = Vec::new();
+    for user in 0..20 {
+        ids.push(
+            publisher
+                .publish(&sample_event_with(
+                    "USER_REGISTER",
+                    user,
+                    serde_json::json!({}),
+                ))
+                .await?
+                .message_id,
+        );
+    }
+    let all = recorder.wait_until(WAIT, |r| {
+        ids.iter().all(|id| r.handled_message("logger", id))
+    });
+    host.shutdown().await;
+    ensure!(all, "not every event was handled:\n{}", broker.logs());
+    for handled in recorder.handled_by("logger") {
+        assert_eq!(
+            handled.outcome,
+            mqplug::DeliveryOutcome::ConsumeSuccess,
+            "{handled:?}"
+        );
+    }
+    // What is lost is said (the exporter's own words, through `tracing`).
+    let log = mqplug_tests::host_log("warn");
+    assert!(log.contains("BatchSpanProcessor.ExportError"), "{log}");
+    Ok(())
+}
