@@ -18,6 +18,7 @@
 //! and properties is written from the parsed context, never copied.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -48,6 +49,10 @@ const MAX_STATUS_BYTES: usize = 1024;
 
 /// The name the host's spans are recorded under.
 const TRACER: &str = "mqplug";
+
+/// Whether a [`Traces`] exporter is installed: without one no span is built
+/// (its attributes cost a message something), the context only passes on.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// A W3C trace context as a message's properties or a request's headers
 /// carry it.
@@ -89,7 +94,8 @@ impl TraceContext {
 
     /// What to carry on for `cx`: nothing when it has no valid span.
     fn inject(cx: &Context) -> Self {
-        let mut carrier = HashMap::with_capacity(2);
+        // Allocates only when there is a context to write.
+        let mut carrier = HashMap::new();
         TraceContextPropagator::new().inject_context(cx, &mut carrier);
         TraceContext {
             parent: carrier.remove(TRACEPARENT),
@@ -152,11 +158,13 @@ impl Traces {
             )
             .build();
         global::set_tracer_provider(provider.clone());
+        EXPORTING.store(true, Ordering::Release);
         Ok(Traces { provider })
     }
 
     /// Sends what is recorded and stops exporting.
     pub fn shutdown(self) {
+        EXPORTING.store(false, Ordering::Release);
         global::set_tracer_provider(opentelemetry::trace::noop::NoopTracerProvider::new());
         if let Err(err) = self.provider.shutdown() {
             tracing::warn!("traces: the last spans may not have been exported: {err}");
@@ -186,13 +194,23 @@ struct Open {
 }
 
 impl Open {
-    fn start(parent: &Context, name: String, kind: SpanKind, attributes: Vec<KeyValue>) -> Self {
+    /// A span named `name()` under `parent`, when spans are exported; else
+    /// the parent itself, carried on unchanged.
+    fn start(
+        parent: Context,
+        name: impl FnOnce() -> String,
+        kind: SpanKind,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Self {
+        if !EXPORTING.load(Ordering::Acquire) {
+            return Open { cx: parent };
+        }
         let tracer = global::tracer_provider().tracer(TRACER);
         let span = tracer
-            .span_builder(name)
+            .span_builder(name())
             .with_kind(kind)
-            .with_attributes(attributes)
-            .start_with_context(&tracer, parent);
+            .with_attributes(attributes())
+            .start_with_context(&tracer, &parent);
         Open {
             cx: parent.with_span(span),
         }
@@ -204,9 +222,14 @@ impl Open {
         TraceContext::inject(&self.cx)
     }
 
-    fn end(&self, attributes: Vec<KeyValue>, error: Option<&str>) {
+    /// Ends the span with `attributes` and, if `error`, an error status;
+    /// nothing for a context carried on unchanged.
+    fn end(&self, attributes: impl FnOnce() -> Vec<KeyValue>, error: Option<&str>) {
         let span = self.cx.span();
-        span.set_attributes(attributes);
+        if !span.is_recording() {
+            return;
+        }
+        span.set_attributes(attributes());
         if let Some(error) = error {
             span.set_status(Status::error(inert(error, MAX_STATUS_BYTES).into_owned()));
         }
@@ -232,50 +255,53 @@ impl ProcessSpan {
         body_bytes: usize,
     ) -> Self {
         let parent = delivery.trace.extract();
-        let mut attributes = vec![
-            KeyValue::new("messaging.system", "rocketmq"),
-            KeyValue::new("messaging.operation.type", "process"),
-            KeyValue::new("messaging.operation.name", "process"),
-            KeyValue::new("messaging.destination.name", bounded(&delivery.topic)),
-            KeyValue::new("messaging.message.id", bounded(&delivery.message_id)),
-            KeyValue::new(
-                "messaging.destination.partition.id",
-                delivery.queue_id.to_string(),
-            ),
-            KeyValue::new("messaging.message.body.size", body_bytes as i64),
-            KeyValue::new("messaging.rocketmq.consumption_model", "clustering"),
-            KeyValue::new("mqplug.plugin.name", plugin.to_string()),
-            KeyValue::new(
-                "mqplug.delivery.reconsume_times",
-                i64::from(delivery.reconsume_times),
-            ),
-        ];
-        if let Some(group) = group {
-            attributes.push(KeyValue::new(
-                "messaging.consumer.group.name",
-                group.to_string(),
-            ));
-        }
-        if let Some(tags) = &delivery.tags {
-            attributes.push(KeyValue::new(
-                "messaging.rocketmq.message.tag",
-                bounded(tags),
-            ));
-        }
-        if !delivery.keys.is_empty() {
-            let keys: Vec<opentelemetry::StringValue> = delivery
-                .keys
-                .iter()
-                .take(16)
-                .map(|key| bounded(key).into())
-                .collect();
-            attributes.push(KeyValue::new(
-                "messaging.rocketmq.message.keys",
-                opentelemetry::Value::Array(keys.into()),
-            ));
-        }
-        let name = format!("process {}", bounded(&delivery.topic));
-        let open = Open::start(&parent, name, SpanKind::Consumer, attributes);
+        let attributes = || {
+            let mut attributes = vec![
+                KeyValue::new("messaging.system", "rocketmq"),
+                KeyValue::new("messaging.operation.type", "process"),
+                KeyValue::new("messaging.operation.name", "process"),
+                KeyValue::new("messaging.destination.name", bounded(&delivery.topic)),
+                KeyValue::new("messaging.message.id", bounded(&delivery.message_id)),
+                KeyValue::new(
+                    "messaging.destination.partition.id",
+                    delivery.queue_id.to_string(),
+                ),
+                KeyValue::new("messaging.message.body.size", body_bytes as i64),
+                KeyValue::new("messaging.rocketmq.consumption_model", "clustering"),
+                KeyValue::new("mqplug.plugin.name", plugin.to_string()),
+                KeyValue::new(
+                    "mqplug.delivery.reconsume_times",
+                    i64::from(delivery.reconsume_times),
+                ),
+            ];
+            if let Some(group) = group {
+                attributes.push(KeyValue::new(
+                    "messaging.consumer.group.name",
+                    group.to_string(),
+                ));
+            }
+            if let Some(tags) = &delivery.tags {
+                attributes.push(KeyValue::new(
+                    "messaging.rocketmq.message.tag",
+                    bounded(tags),
+                ));
+            }
+            if !delivery.keys.is_empty() {
+                let keys: Vec<opentelemetry::StringValue> = delivery
+                    .keys
+                    .iter()
+                    .take(16)
+                    .map(|key| bounded(key).into())
+                    .collect();
+                attributes.push(KeyValue::new(
+                    "messaging.rocketmq.message.keys",
+                    opentelemetry::Value::Array(keys.into()),
+                ));
+            }
+            attributes
+        };
+        let name = || format!("process {}", bounded(&delivery.topic));
+        let open = Open::start(parent, name, SpanKind::Consumer, attributes);
         let carried = open.carried();
         let delivery = (carried != delivery.trace).then(|| Delivery {
             trace: carried,
@@ -293,10 +319,13 @@ impl ProcessSpan {
     /// Ends the span with the build that handled the message and the
     /// outcome (an error status with `cause` unless it succeeded).
     pub fn end(&self, version: Option<&str>, outcome: DeliveryOutcome, cause: Option<&str>) {
-        let mut attributes = vec![KeyValue::new("mqplug.outcome", outcome.as_str())];
-        if let Some(version) = version {
-            attributes.push(KeyValue::new("mqplug.plugin.version", version.to_string()));
-        }
+        let attributes = || {
+            let mut attributes = vec![KeyValue::new("mqplug.outcome", outcome.as_str())];
+            if let Some(version) = version {
+                attributes.push(KeyValue::new("mqplug.plugin.version", version.to_string()));
+            }
+            attributes
+        };
         let error =
             (outcome != DeliveryOutcome::ConsumeSuccess).then(|| cause.unwrap_or(outcome.as_str()));
         self.open.end(attributes, error);
@@ -320,17 +349,19 @@ impl HttpSpan {
         host: &str,
         port: u16,
     ) -> Self {
-        let attributes = vec![
-            KeyValue::new("http.request.method", bounded(method)),
-            KeyValue::new("url.full", bounded(url)),
-            KeyValue::new("server.address", bounded(host)),
-            KeyValue::new("server.port", i64::from(port)),
-            KeyValue::new("mqplug.plugin.name", plugin.to_string()),
-        ];
+        let attributes = || {
+            vec![
+                KeyValue::new("http.request.method", bounded(method)),
+                KeyValue::new("url.full", bounded(url)),
+                KeyValue::new("server.address", bounded(host)),
+                KeyValue::new("server.port", i64::from(port)),
+                KeyValue::new("mqplug.plugin.name", plugin.to_string()),
+            ]
+        };
         HttpSpan {
             open: Open::start(
-                &parent.extract(),
-                bounded(method),
+                parent.extract(),
+                || bounded(method),
                 SpanKind::Client,
                 attributes,
             ),
@@ -346,14 +377,16 @@ impl HttpSpan {
     pub fn end(self, result: Result<u16, &str>) {
         match result {
             Ok(status) => self.open.end(
-                vec![KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(status),
-                )],
+                || {
+                    vec![KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(status),
+                    )]
+                },
                 (status >= 500).then_some("server error"),
             ),
             Err(error) => self.open.end(
-                vec![KeyValue::new("error.type", "request failed")],
+                || vec![KeyValue::new("error.type", "request failed")],
                 Some(error),
             ),
         }
@@ -369,18 +402,20 @@ impl SendSpan {
     /// Starts the span of sending the follow-up `message_id` to `topic`
     /// under `parent`, the handled message's context.
     pub fn start(parent: &TraceContext, plugin: &str, topic: &str, message_id: &str) -> Self {
-        let attributes = vec![
-            KeyValue::new("messaging.system", "rocketmq"),
-            KeyValue::new("messaging.operation.type", "send"),
-            KeyValue::new("messaging.operation.name", "send"),
-            KeyValue::new("messaging.destination.name", bounded(topic)),
-            KeyValue::new("messaging.message.id", bounded(message_id)),
-            KeyValue::new("mqplug.plugin.name", plugin.to_string()),
-        ];
+        let attributes = || {
+            vec![
+                KeyValue::new("messaging.system", "rocketmq"),
+                KeyValue::new("messaging.operation.type", "send"),
+                KeyValue::new("messaging.operation.name", "send"),
+                KeyValue::new("messaging.destination.name", bounded(topic)),
+                KeyValue::new("messaging.message.id", bounded(message_id)),
+                KeyValue::new("mqplug.plugin.name", plugin.to_string()),
+            ]
+        };
         SendSpan {
             open: Open::start(
-                &parent.extract(),
-                format!("send {}", bounded(topic)),
+                parent.extract(),
+                || format!("send {}", bounded(topic)),
                 SpanKind::Producer,
                 attributes,
             ),
@@ -393,7 +428,7 @@ impl SendSpan {
     }
 
     pub fn end(self, error: Option<&str>) {
-        self.open.end(Vec::new(), error);
+        self.open.end(Vec::new, error);
     }
 }
 
