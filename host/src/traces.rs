@@ -164,12 +164,25 @@ impl Traces {
 
     /// Sends what is recorded and stops exporting.
     pub fn shutdown(self) {
-        EXPORTING.store(false, Ordering::Release);
-        global::set_tracer_provider(opentelemetry::trace::noop::NoopTracerProvider::new());
+        uninstall();
         if let Err(err) = self.provider.shutdown() {
             tracing::warn!("traces: the last spans may not have been exported: {err}");
         }
     }
+}
+
+impl Drop for Traces {
+    /// Dropped without [`Traces::shutdown`] (a host that failed to start):
+    /// no longer the process's exporter; the provider stops with its last
+    /// reference.
+    fn drop(&mut self) {
+        uninstall();
+    }
+}
+
+fn uninstall() {
+    EXPORTING.store(false, Ordering::Release);
+    global::set_tracer_provider(opentelemetry::trace::noop::NoopTracerProvider::new());
 }
 
 /// `endpoint` with the OTLP/HTTP traces path, unless it has a path already.
