@@ -1158,8 +1158,75 @@ impl PluginConfig {
 }
 
 #[cfg(test)]
+mod keys;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The keys `examples/mqplug.toml` shows, set or commented out: each
+    /// `key = ...` line under its `[section]` (or `[[section]]`), and each
+    /// section header itself.
+    fn keys_shown(example: &str) -> std::collections::BTreeSet<String> {
+        let mut shown = std::collections::BTreeSet::new();
+        let mut section = String::new();
+        for line in example.lines() {
+            let line = line.trim_start_matches('#').trim();
+            if let Some(header) = line.strip_prefix('[') {
+                let name = header.trim_start_matches('[');
+                if let Some(end) = name.find(']') {
+                    section = name[..end].trim().to_string();
+                    shown.insert(section.clone());
+                }
+                continue;
+            }
+            if let Some((key, value)) = line.split_once('=') {
+                let key = key.trim();
+                if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    let path = if section.is_empty() {
+                        key.to_string()
+                    } else {
+                        format!("{section}.{key}")
+                    };
+                    // `{ env = ... }`: the table's own keys are its to say.
+                    if value.trim_start().starts_with('{') {
+                        shown.insert(format!("{path}.*"));
+                    }
+                    shown.insert(path);
+                }
+            }
+        }
+        shown
+    }
+
+    #[test]
+    fn the_example_config_shows_every_key_a_config_may_hold() {
+        let keys = keys::keys_of::<HostConfig>();
+        // The walk found the sections and what is inside them.
+        for key in [
+            "name_server",
+            "plugin.name",
+            "plugin.key_value.buckets",
+            "store.backend",
+        ] {
+            assert!(keys.contains(key), "{key} not found in {keys:?}");
+        }
+        let example = include_str!("../../examples/mqplug.toml");
+        let shown = keys_shown(example);
+        let missing: Vec<&String> = keys
+            .iter()
+            .filter(|key| {
+                !shown.contains(*key)
+                    && !key
+                        .rsplit_once('.')
+                        .is_some_and(|(table, _)| shown.contains(&format!("{table}.*")))
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "examples/mqplug.toml does not show {missing:?} (it says it lists every key)"
+        );
+    }
 
     #[test]
     fn the_example_config_parses_with_every_key_at_its_default() {
