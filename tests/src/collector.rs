@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::broker::die_with_parent;
+use crate::peers::go_build;
 use crate::workspace_root;
 
 /// How long [`Collector::start`] waits for the receiver to listen.
@@ -35,18 +36,7 @@ pub fn collector_binary() -> Result<PathBuf> {
                 .unwrap_or_else(|| workspace_root().join("target"))
                 .join("otelcol")
                 .join("otelcol-mqplug");
-            let status = Command::new("go")
-                .current_dir(&source)
-                .args(["build", "-trimpath", "-o"])
-                .arg(&target)
-                .arg(".")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .status()
-                .map_err(|err| format!("cannot run go (is Go installed?): {err}"))?;
-            if !status.success() {
-                return Err(format!("go build in {} failed: {status}", source.display()));
-            }
+            go_build(&source, &target.display().to_string(), ".")?;
             Ok(target)
         })
         .clone()

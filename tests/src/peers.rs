@@ -25,23 +25,32 @@ pub fn go_peers_dir() -> Result<PathBuf> {
             .join("go-peers");
         std::fs::create_dir_all(&target)
             .map_err(|err| format!("cannot create {}: {err}", target.display()))?;
-        let status = Command::new("go")
-            .current_dir(&source)
-            .args(["build", "-trimpath", "-o"])
-            // A trailing slash: a folder for several commands.
-            .arg(format!("{}/", target.display()))
-            .arg("./...")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .status()
-            .map_err(|err| format!("cannot run go (is Go installed?): {err}"))?;
-        if !status.success() {
-            return Err(format!("go build in {} failed: {status}", source.display()));
-        }
+        // A trailing slash: a folder for several commands.
+        go_build(&source, &format!("{}/", target.display()), "./...")?;
         Ok(target)
     })
     .clone()
     .map_err(anyhow::Error::msg)
+}
+
+/// `go build -trimpath -o OUTPUT PACKAGES` in `source`, with the machine's
+/// Go (modules from the Go module proxy, cached outside the checkout).
+pub(crate) fn go_build(
+    source: &std::path::Path,
+    output: &str,
+    packages: &str,
+) -> Result<(), String> {
+    let status = Command::new("go")
+        .current_dir(source)
+        .args(["build", "-trimpath", "-o", output, packages])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .map_err(|err| format!("cannot run go (is Go installed?): {err}"))?;
+    if !status.success() {
+        return Err(format!("go build in {} failed: {status}", source.display()));
+    }
+    Ok(())
 }
 
 /// One line `task-producer` printed for an event it sent.

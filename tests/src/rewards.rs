@@ -67,6 +67,12 @@ struct Ledger {
     stats: Stats,
 }
 
+/// An event whose `count` is not a number: the reward granter
+/// dead-letters it rather than granting anything.
+pub fn bad_count_event() -> mqplug::TaskEvent {
+    crate::sample_event_with("USER_REGISTER", 9, serde_json::json!({"count": "x"}))
+}
+
 /// A running rewards service; stopped on drop.
 pub struct RewardsService {
     pub addr: SocketAddr,
@@ -131,6 +137,34 @@ impl RewardsService {
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The reward granter at `path` configured against this service the
+    /// way the README grants it: its URL, `token` (this service's, written
+    /// to a file in `secrets`) and the follow-up topic `granted`.
+    pub fn granter_config(
+        &self,
+        path: impl Into<std::path::PathBuf>,
+        token: &str,
+        secrets: &std::path::Path,
+        granted: &str,
+    ) -> Result<mqplug::config::PluginConfig> {
+        let token_file = secrets.join("rewards_token");
+        std::fs::write(&token_file, format!("{token}\n"))?;
+        Ok(mqplug::config::PluginConfig {
+            allowed_outbound_hosts: vec![self.url()],
+            allowed_topics: vec![granted.into()],
+            config: [("rewards_url".to_string(), self.url())].into(),
+            secrets: [(
+                "rewards_token".to_string(),
+                mqplug::config::SecretSource {
+                    env: None,
+                    file: Some(token_file),
+                },
+            )]
+            .into(),
+            ..mqplug::config::PluginConfig::new("reward-granter", path)
+        })
     }
 
     pub fn stats(&self) -> Stats {

@@ -1012,31 +1012,15 @@ async fn the_go_reward_granter_grants_once_per_event_through_the_rewards_service
 /// The reward granter at `path` against the broker and the rewards service:
 /// one grant per event, each announced once, a bad count dead-lettered.
 async fn grants_once_per_event_and_announces(path: std::path::PathBuf) -> Result<()> {
-    use mqplug::config::SecretSource;
     use mqplug_tests::rewards::RewardsService;
     const GRANTED: &str = "marketing.reward.granted";
     const N: u64 = 12;
 
     let rewards = RewardsService::start("s3cret-token")?;
     let secrets = tempfile::tempdir()?;
-    let token_file = secrets.path().join("rewards_token");
-    std::fs::write(&token_file, "s3cret-token\n")?;
     let broker = LocalBroker::start()?;
     let recorder = Recorder::new();
-    let granter = PluginConfig {
-        allowed_outbound_hosts: vec![rewards.url()],
-        allowed_topics: vec![GRANTED.into()],
-        config: [("rewards_url".to_string(), rewards.url())].into(),
-        secrets: [(
-            "rewards_token".to_string(),
-            SecretSource {
-                env: None,
-                file: Some(token_file),
-            },
-        )]
-        .into(),
-        ..PluginConfig::new("reward-granter", path)
-    };
+    let granter = rewards.granter_config(path, "s3cret-token", secrets.path(), GRANTED)?;
     let config = host_config(&broker, "marketing.task.completed", vec![granter]);
     let host = Host::start(&config, recorder.observers()).await?;
     let publisher = host.publisher().context("the producer is enabled")?;
@@ -1052,11 +1036,7 @@ async fn grants_once_per_event_and_announces(path: std::path::PathBuf) -> Result
         events.insert(publisher.publish(&event).await?.message_id, event);
     }
     let poison = publisher
-        .publish(&sample_event_with(
-            "USER_REGISTER",
-            9,
-            serde_json::json!({"count": "x"}),
-        ))
+        .publish(&mqplug_tests::rewards::bad_count_event())
         .await?
         .message_id;
 

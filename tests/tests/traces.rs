@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use mqplug::Host;
-use mqplug::config::{PluginConfig, SecretSource, TracesConfig};
+use mqplug::config::{PluginConfig, TracesConfig};
 use mqplug::topic::TopicName;
 use mqplug_tests::broker::BrokerKind;
 use mqplug_tests::collector::{CollectedSpan, Collector};
@@ -59,22 +59,12 @@ impl Stage {
         let broker = LocalBroker::start_kind(BrokerKind::Java)?;
         let rewards = RewardsService::start("s3cret-token")?;
         let secrets = tempfile::tempdir()?;
-        let token_file = secrets.path().join("rewards_token");
-        std::fs::write(&token_file, "s3cret-token\n")?;
-        let granter = PluginConfig {
-            allowed_outbound_hosts: vec![rewards.url()],
-            allowed_topics: vec![GRANTED.into()],
-            config: [("rewards_url".to_string(), rewards.url())].into(),
-            secrets: [(
-                "rewards_token".to_string(),
-                SecretSource {
-                    env: None,
-                    file: Some(token_file),
-                },
-            )]
-            .into(),
-            ..PluginConfig::new("reward-granter", plugin_path("reward-granter")?)
-        };
+        let granter = rewards.granter_config(
+            plugin_path("reward-granter")?,
+            "s3cret-token",
+            secrets.path(),
+            GRANTED,
+        )?;
         let mut config = host_config(&broker, "marketing.task.completed", vec![granter]);
         config.traces = traces;
         // The follow-up topic exists before the Go consumer looks it up.
@@ -161,11 +151,7 @@ async fn one_trace_runs_from_the_go_producer_through_the_plugin_its_request_and_
     // granter dead-letters.
     let publisher = stage.host.publisher().context("the producer is enabled")?;
     let poison = publisher
-        .publish(&sample_event_with(
-            "USER_REGISTER",
-            9,
-            serde_json::json!({"count": "x"}),
-        ))
+        .publish(&mqplug_tests::rewards::bad_count_event())
         .await?
         .message_id;
     let poisoned = stage
