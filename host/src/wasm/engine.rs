@@ -12,6 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings;
 use super::cache::{CompileCache, DEFAULT_CACHE_MAX_BYTES};
 use super::clocks;
+use super::deadline::EPOCH_TICK;
 use super::keyvalue::{StoreOpener, StoreSettings};
 use super::log_budget::LogBudget;
 use super::state::HostState;
@@ -33,9 +34,6 @@ fn pagemap_scan_likely() -> bool {
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     (major, minor) >= (6, 7)
 }
-
-/// How often the epoch advances; deadlines are whole ticks.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Engine-wide limits. The pooling allocator reserves its slots up front.
 #[derive(Debug, Clone)]

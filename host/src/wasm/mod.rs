@@ -6,6 +6,7 @@ mod bindings;
 mod cache;
 mod clocks;
 mod config_store;
+mod deadline;
 mod engine;
 mod keyvalue;
 mod log_budget;
@@ -18,7 +19,8 @@ mod state;
 pub use bindings::CONTRACT_VERSIONS;
 pub use cache::{CacheError, CompileCache, Compiled, DEFAULT_CACHE_MAX_BYTES, Version};
 pub use config_store::{ConfigValues, REDACTED};
-pub use engine::{EPOCH_TICK, PoolUsage, RuntimeSettings, WasmRuntime};
+pub use deadline::EPOCH_TICK;
+pub use engine::{PoolUsage, RuntimeSettings, WasmRuntime};
 pub use keyvalue::{KeyValueGrants, KeyValueLimits, MAX_TTL, StoreOpener, StoreSettings};
 pub use outbound::{
     CannedResponse, Network, Origin, OutboundGrants, OutboundLimits, Responder, SentRequest,

@@ -39,7 +39,7 @@ use tracing::warn;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::config_store::ConfigValues;
-use super::engine::EPOCH_TICK;
+use super::deadline::EPOCH_TICK;
 use crate::observe::{HostEvent, Observers, OutboundResult};
 use crate::text::{inert, url_without_secrets};
 use crate::traces::{HttpSpan, TRACEPARENT, TRACESTATE, TraceContext};

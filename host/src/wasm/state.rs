@@ -7,8 +7,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{v0_1, v0_2};
-use super::clocks::WaitLimit;
 use super::config_store::ConfigValues;
+use super::deadline::WaitLimit;
 use super::keyvalue::{self, Bucket, KeyValue, KeyValueGrants, KvError};
 use super::log_budget::LogBudget;
 use super::outbound::{HttpHooks, OutboundGrants};
