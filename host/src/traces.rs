@@ -18,7 +18,7 @@
 //! and properties is written from the parsed context, never copied.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -53,6 +53,10 @@ const TRACER: &str = "mqplug";
 /// Whether a [`Traces`] exporter is installed: without one no span is built
 /// (its attributes cost a message something), the context only passes on.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Which [`Traces`] installed the exporter: one that stops after another
+/// started leaves the newer one in place.
+static INSTALLED: AtomicU64 = AtomicU64::new(0);
 
 /// A W3C trace context as a message's properties or a request's headers
 /// carry it.
@@ -99,7 +103,11 @@ impl TraceContext {
         TraceContextPropagator::new().inject_context(cx, &mut carrier);
         TraceContext {
             parent: carrier.remove(TRACEPARENT),
-            state: carrier.remove(TRACESTATE).filter(|state| !state.is_empty()),
+            // The parser lets control characters through in a member's
+            // value; W3C allows only printable ASCII.
+            state: carrier.remove(TRACESTATE).filter(|state| {
+                !state.is_empty() && state.bytes().all(|b| (0x20..=0x7e).contains(&b))
+            }),
         }
     }
 
@@ -122,7 +130,8 @@ impl TraceContext {
 /// The exporter, while `[traces]` is configured: installed as the process's
 /// tracer provider until [`Traces::shutdown`].
 pub struct Traces {
-    provider: SdkTracerProvider,
+    provider: Option<SdkTracerProvider>,
+    generation: u64,
 }
 
 /// Why traces could not be exported.
@@ -158,31 +167,48 @@ impl Traces {
             )
             .build();
         global::set_tracer_provider(provider.clone());
+        let generation = INSTALLED.fetch_add(1, Ordering::AcqRel) + 1;
         EXPORTING.store(true, Ordering::Release);
-        Ok(Traces { provider })
+        Ok(Traces {
+            provider: Some(provider),
+            generation,
+        })
     }
 
     /// Sends what is recorded and stops exporting.
-    pub fn shutdown(self) {
-        uninstall();
-        if let Err(err) = self.provider.shutdown() {
+    pub fn shutdown(mut self) {
+        self.uninstall();
+        if let Some(provider) = self.provider.take()
+            && let Err(err) = provider.shutdown()
+        {
             tracing::warn!("traces: the last spans may not have been exported: {err}");
+        }
+    }
+
+    /// No longer the process's exporter, unless another started since.
+    fn uninstall(&self) {
+        if INSTALLED
+            .compare_exchange(self.generation, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            EXPORTING.store(false, Ordering::Release);
+            global::set_tracer_provider(opentelemetry::trace::noop::NoopTracerProvider::new());
         }
     }
 }
 
 impl Drop for Traces {
     /// Dropped without [`Traces::shutdown`] (a host that failed to start):
-    /// no longer the process's exporter; the provider stops with its last
-    /// reference.
+    /// uninstalled, and the provider's own stop (which waits for its last
+    /// export) runs on a thread of its own, not the dropping one.
     fn drop(&mut self) {
-        uninstall();
+        self.uninstall();
+        if let Some(provider) = self.provider.take() {
+            let _ = std::thread::Builder::new()
+                .name("mqplug-traces-stop".into())
+                .spawn(move || drop(provider));
+        }
     }
-}
-
-fn uninstall() {
-    EXPORTING.store(false, Ordering::Release);
-    global::set_tracer_provider(opentelemetry::trace::noop::NoopTracerProvider::new());
 }
 
 /// `endpoint` with the OTLP/HTTP traces path, unless it has a path already.
@@ -200,8 +226,7 @@ fn bounded(text: &str) -> String {
     inert(text, MAX_ATTRIBUTE_BYTES).into_owned()
 }
 
-/// A span in progress and its context (a span not ended is ended when its
-/// last context is dropped).
+/// A span in progress and its context.
 struct Open {
     cx: Context,
 }
@@ -247,6 +272,19 @@ impl Open {
             span.set_status(Status::error(inert(error, MAX_STATUS_BYTES).into_owned()));
         }
         span.end();
+    }
+}
+
+impl Drop for Open {
+    /// A span not ended by then was cut short (a follow-up not sent within
+    /// its budget, a request dropped at the deadline): it ends as an error,
+    /// not as a success.
+    fn drop(&mut self) {
+        let span = self.cx.span();
+        if span.is_recording() {
+            span.set_status(Status::error("cancelled: it did not finish"));
+            span.end();
+        }
     }
 }
 
@@ -483,6 +521,13 @@ mod tests {
             let http = HttpSpan::start(&context(bad), "p", "GET", "http://a/", "a", 80);
             assert_eq!(http.headers(), TraceContext::default(), "{bad:?}");
         }
+        // A trace state with a control character in a member's value (which
+        // the parser lets through) is not carried on; the parent still is.
+        let mut escaped = context(PARENT);
+        escaped.state = Some("rojo=00f0\u{1b}[31m,x=\r\nEvil".to_string());
+        let http = HttpSpan::start(&escaped, "p", "GET", "http://a/", "a", 80);
+        assert_eq!(http.headers().parent.as_deref(), Some(PARENT));
+        assert_eq!(http.headers().state, None);
         let long = format!("{PARENT}{}", "0".repeat(200));
         let read = TraceContext::from_properties(|name| (name == TRACEPARENT).then_some(&*long));
         assert_eq!(read, TraceContext::default());

@@ -3,8 +3,8 @@
 //! message's `traceparent` property; mqplug's span for the reward granter is
 //! its child, and the context goes on into the granter's request to the
 //! rewards service (header) and its follow-up message (property), which the
-//! platform's Go consumer continues. Without `[traces]` nothing is recorded,
-//! and the context passes through unchanged.
+//! platform's Go consumer continues. Without `[traces]` the context passes
+//! through unchanged.
 
 use std::time::Duration;
 
@@ -261,18 +261,26 @@ async fn one_trace_runs_from_the_go_producer_through_the_plugin_its_request_and_
     assert!(dead.status_message.contains("dead letter"), "{dead:#?}");
     // The Collector's own account of the first trace (its debug exporter),
     // and with MQPLUG_SCREENSHOT=docs/trace.png a picture of it.
-    let view = collector.debug_view(&trace_ids[0]);
-    for name in [
+    // Its debug exporter writes apart from its file exporter: wait for it.
+    let names = [
         "send marketing_task_completed",
         "process marketing_task_completed",
         "POST",
         "send marketing_reward_granted",
-    ] {
-        assert!(
-            view.contains(&format!("Name           : {name}")),
-            "{name} in:\n{view}"
-        );
+        "process marketing_reward_granted",
+    ];
+    let shows_all = |view: &str| {
+        names
+            .iter()
+            .all(|name| view.contains(&format!("Name           : {name}")))
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut view = collector.debug_view(&trace_ids[0]);
+    while !shows_all(&view) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        view = collector.debug_view(&trace_ids[0]);
     }
+    assert!(shows_all(&view), "{names:?} in:\n{view}");
     if let Some(path) = std::env::var_os("MQPLUG_SCREENSHOT") {
         std::fs::write(&path, mqplug_tests::browser::picture_of_text(&view)?)?;
     }
@@ -280,8 +288,7 @@ async fn one_trace_runs_from_the_go_producer_through_the_plugin_its_request_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_traces_configured_nothing_is_recorded_and_the_context_passes_through() -> Result<()>
-{
+async fn without_traces_configured_the_context_passes_through_unchanged() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
     let collector = Collector::start()?;
     let stage = Stage::start(None, &collector).await?;
@@ -304,21 +311,6 @@ async fn without_traces_configured_nothing_is_recorded_and_the_context_passes_th
             "the follow-up carries {traceparent}: {announced:#?}"
         );
     }
-    // The Go peers' spans arrive; none of mqplug's.
-    let trace_ids: Vec<String> = sent
-        .iter()
-        .filter_map(|go| go.traceparent.as_deref().map(|tp| parts(tp).0))
-        .collect();
-    let spans = collector.wait_for(WAIT, |spans| {
-        trace_ids
-            .iter()
-            .all(|id| spans.iter().filter(|span| &span.trace_id == id).count() >= 2)
-    })?;
-    let ours: Vec<&CollectedSpan> = spans
-        .iter()
-        .filter(|span| span.service == "mqplug")
-        .collect();
-    assert!(ours.is_empty(), "mqplug recorded spans: {ours:#?}");
     Ok(())
 }
 

@@ -169,6 +169,8 @@ impl Watcher {
                 || current.producer.enabled != new.producer.enabled
                 || current.admin.listen != new.admin.listen
                 || current.store != new.store
+                || current.traces != new.traces
+                || current.credentials != new.credentials
             {
                 warn!(
                     "only the plugin list changes at run time; restart mqplug to apply the other changed settings"

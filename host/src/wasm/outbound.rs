@@ -488,7 +488,7 @@ impl OutboundGrants {
         headers.remove(TRACEPARENT);
         headers.remove(TRACESTATE);
         for (name, value) in span.headers().pairs() {
-            // Written from the parsed context: always a valid header value.
+            // Written from the parsed context (trace state: printable ASCII).
             if let Ok(value) = http::HeaderValue::from_str(value) {
                 headers.insert(name, value);
             }
