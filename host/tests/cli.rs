@@ -82,9 +82,15 @@ where
     I: IntoIterator<Item = A>,
     A: AsRef<std::ffi::OsStr>,
 {
-    let mut child = mqplug_command()
-        .args(args)
-        .env("MQPLUG_LOG", log)
+    let mut command = mqplug_command();
+    command.args(args).env("MQPLUG_LOG", log);
+    spawn_command(command)
+}
+
+/// Starts `command` with the admin listener on a free port (unless its
+/// arguments say otherwise); see [`spawn_mqplug`].
+fn spawn_command(mut command: Command) -> Result<(Running, mpsc::Receiver<String>)> {
+    let mut child = command
         .env("MQPLUG_ADMIN_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1913,6 +1919,71 @@ fn state_lists_shows_and_clears_a_plugins_bucket() -> Result<()> {
     assert!(
         out.contains("bucket granted of plugin rewards: 1 key(s)"),
         "{out}"
+    );
+    Ok(())
+}
+
+/// The first run as a newcomer makes it: `mqplug run` with the default log
+/// filter on a broker that has no topic yet, then `mqplug publish`, whose
+/// first send creates it.
+#[test]
+fn a_topic_created_after_start_is_said_waited_for_and_picked_up_without_client_noise() -> Result<()>
+{
+    let broker = LocalBroker::start()?;
+    let spec = format!("rewards={}", plugin_path("reward-logger")?.display());
+    let mut command = mqplug_command();
+    command
+        .args([
+            "run",
+            "--name-server",
+            &broker.name_server,
+            "--plugin",
+            &spec,
+        ])
+        .env_remove("MQPLUG_LOG");
+    let (_running, lines) = spawn_command(command)?;
+    let mut seen = Vec::new();
+    let waiting = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
+        seen.iter().any(|l| l.contains("consumer started"))
+            && seen
+                .iter()
+                .any(|l| l.contains("topic marketing_task_completed is not on the broker yet"))
+    });
+    ensure!(
+        waiting,
+        "mqplug did not say what it waits for:\n{}",
+        seen.join("\n")
+    );
+
+    let published = Instant::now();
+    publish_examples(&broker.name_server)?;
+    let handled = |seen: &[String]| {
+        seen.iter()
+            .filter(|l| l.contains("granting") || l.contains("handler error: "))
+            .count()
+    };
+    let all = wait_for_lines(&lines, &mut seen, Duration::from_secs(90), |s| {
+        handled(s) >= 5
+    });
+    ensure!(all, "not all events handled:\n{}", seen.join("\n"));
+    eprintln!(
+        "published to handled on a new topic: {:.1} s",
+        published.elapsed().as_secs_f64()
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("topic marketing_task_completed is on the broker now")),
+        "mqplug says when the topic appears:\n{}",
+        seen.join("\n")
+    );
+    let noise: Vec<&String> = seen
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("rocketmq_client_rust"))
+        .collect();
+    assert!(
+        noise.is_empty(),
+        "the client's warnings about a topic that is not there yet are kept below WARN:\n{}",
+        seen.join("\n")
     );
     Ok(())
 }

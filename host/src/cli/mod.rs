@@ -7,6 +7,7 @@
 
 mod dlq;
 mod kit;
+pub mod logging;
 mod new;
 mod publish;
 mod replay;

@@ -92,22 +92,45 @@ impl Shared {
         let probe = route.probe(self.topic.wire()).await;
         let health = probe.clone().and_then(|probe| probe.health());
         let silent = probe.as_ref().ok().map(Probe::silent);
-        let changed = {
+        // Whether a broker holds the topic; `None` while the name server
+        // does not answer.
+        let held = |probe: &Result<Probe, String>| {
+            probe.as_ref().ok().map(|probe| !probe.brokers.is_empty())
+        };
+        let held_now = held(&probe);
+        let (changed, held_before) = {
             let mut last = self.broker.lock().unwrap_or_else(|e| e.into_inner());
             let was = last
                 .as_ref()
                 .map(|last| last.clone().and_then(|probe| probe.health()));
+            let held_before = last.as_ref().and_then(held);
             *last = Some(probe);
-            was.as_ref() != Some(&health)
+            (was.as_ref() != Some(&health), held_before)
         };
-        if changed {
-            match &health {
+        let wire = self.topic.wire();
+        match (held_before, held_now) {
+            (before, Some(false)) if before != Some(false) => warn!(
+                topic = wire,
+                "topic {wire} is not on the broker yet; mqplug looks every {} s and consumes it as soon as it is there. \
+                 A producer's first send creates it where the broker allows that (autoCreateTopicEnable); \
+                 or create it: mqadmin updateTopic -n NAME_SERVER -c CLUSTER -t {wire}",
+                super::PROBE_EVERY.as_secs()
+            ),
+            (Some(false), Some(true)) => {
+                info!(
+                    topic = wire,
+                    "topic {wire} is on the broker now: consuming it"
+                );
+                self.pick_up_topic().await;
+            }
+            _ if changed => match &health {
                 Ok(()) => info!(
-                    topic = self.topic.wire(),
+                    topic = wire,
                     "the name server and a broker holding the topic answer"
                 ),
-                Err(why) => warn!(topic = self.topic.wire(), "not ready: {why}"),
-            }
+                Err(why) => warn!(topic = wire, "not ready: {why}"),
+            },
+            _ => {}
         }
         let lag = match silent {
             Some(silent) => self.read_lag(route, &silent).await,
@@ -116,6 +139,20 @@ impl Shared {
         self.sample(&lag);
         *self.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
         health
+    }
+
+    /// Has every running consumer read the topic's route and rebalance now:
+    /// the topic has just appeared.
+    async fn pick_up_topic(&self) {
+        for (name, running) in self.running.lock().await.iter() {
+            match running.consumer.pick_up_topic(self.topic.wire()).await {
+                Ok(queues) => debug!(plugin = %name, queues, "consumer picked up the topic"),
+                Err(err) => warn!(
+                    plugin = %name,
+                    "the consumer picks up the topic at its next route refresh (within 30 s): {err}"
+                ),
+            }
+        }
     }
 
     /// Every running plugin's lag (brokers in `silent` not asked).

@@ -28,7 +28,7 @@ use crate::wasm::{PluginLoadError, PoolUsage, WasmRuntime};
 
 /// How often the host asks the name server and the brokers holding its
 /// topic whether they answer (for `/readyz`).
-const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Listener threads kept free for plugins added to the config at run time.
 const SPARE_LISTENER_THREADS: usize = 32;
