@@ -21,14 +21,14 @@ pub mod v0_2 {
         path: "../wit",
         // `plugin` and the state it may keep: the host serves both worlds.
         world: "plugin-with-state",
-        // A message 0.2's `publish-error` has no case for traps (outbox.rs).
+        // A message 0.2's `publish-error` has no case for traps (capability/publish.rs).
         imports: { "mqplug:plugin/publish.send": trappable },
         // wasi:http and what it uses are wasmtime's own implementations.
         with: {
             "wasi:http": wasmtime_wasi_http::p2::bindings::sync::http,
             "wasi:io": wasmtime_wasi::p2::bindings::sync::io,
             "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
-            "wasi:keyvalue/store.bucket": crate::wasm::keyvalue::Bucket,
+            "wasi:keyvalue/store.bucket": crate::wasm::capability::keyvalue::Bucket,
         },
     });
 }

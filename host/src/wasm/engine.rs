@@ -6,15 +6,18 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::bindings;
 use super::cache::{CompileCache, DEFAULT_CACHE_MAX_BYTES};
+use super::capability::config::ConfigStore;
+use super::capability::keyvalue::KeyValue;
+use super::capability::keyvalue::{StoreOpener, StoreSettings};
+use super::capability::log::Log;
+use super::capability::log_budget::LogBudget;
+use super::capability::publish::Publish;
 use super::clocks;
 use super::deadline::EPOCH_TICK;
-use super::keyvalue::{StoreOpener, StoreSettings};
-use super::log_budget::LogBudget;
 use super::state::HostState;
 
 /// Linear memory a pool slot keeps resident after its instance is gone,
@@ -125,44 +128,17 @@ impl WasmRuntime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         // A blocking wait (a sleep) ends at the event's deadline.
         clocks::add_to_linker(&mut linker)?;
-        // Each contract version's host services, side by side.
-        bindings::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |state| state,
-        )?;
-        bindings::v0_2::mqplug::plugin::types::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |state| state,
-        )?;
-        bindings::v0_2::mqplug::plugin::log::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |state| state,
-        )?;
-        bindings::v0_2::mqplug::plugin::publish::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |state| state,
-        )?;
+        // The capabilities (capability/), each picked out of the store's
+        // data. `log` serves both contract versions.
+        Log::add_to_linker(&mut linker, |state: &mut HostState| &mut state.log)?;
+        Publish::add_to_linker(&mut linker, |state: &mut HostState| &mut state.publish)?;
         // Outbound HTTP: wasmtime's wasi:http, with mqplug's grant checks
-        // in its send hook (outbound.rs).
+        // in its hooks (capability/http.rs).
         wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
         // The plugin's own config and secrets, nobody else's.
-        bindings::v0_2::wasi::config::store::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |state| state,
-        )?;
-        // The plugin's own buckets (keyvalue.rs), and keys that expire.
-        bindings::v0_2::wasi::keyvalue::store::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |state| state,
-        )?;
-        bindings::v0_2::wasi::keyvalue::atomics::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |state| state,
-        )?;
-        bindings::v0_2::mqplug::plugin::dedupe::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |state| state,
-        )?;
+        ConfigStore::add_to_linker(&mut linker, |state: &mut HostState| &mut state.config)?;
+        // The plugin's own buckets, and keys that expire.
+        KeyValue::add_to_linker(&mut linker, HostState::key_value)?;
 
         let log_budgets = LogBudgets::default();
         let ticker = EpochTicker::start(engine.clone(), log_budgets.clone());

@@ -10,13 +10,13 @@ use wasmtime::{Store, Trap};
 
 use super::bindings::{self, PluginPre};
 use super::cache::{Compiled, Version};
-use super::config_store::ConfigValues;
+use super::capability::config::ConfigValues;
+use super::capability::http::OutboundGrants;
+use super::capability::keyvalue::KeyValueGrants;
+use super::capability::log_budget::LogBudget;
+use super::capability::publish::{OutgoingMessage, PublishGrants};
 use super::deadline::EPOCH_TICK;
 use super::engine::WasmRuntime;
-use super::keyvalue::KeyValueGrants;
-use super::log_budget::LogBudget;
-use super::outbound::OutboundGrants;
-use super::outbox::{OutgoingMessage, PublishGrants};
 use super::state::{Grants, HostState};
 use crate::delivery::Delivery;
 use crate::event::TaskEvent;
@@ -355,7 +355,7 @@ impl Plugin {
         }
         match result {
             Ok(Ok(())) => {
-                let outbox = std::mem::take(&mut instance.store.data_mut().outbox);
+                let outbox = std::mem::take(&mut instance.store.data_mut().publish.outbox);
                 self.release(instance);
                 (HandlerOutcome::Accepted, outbox)
             }

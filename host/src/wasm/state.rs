@@ -1,24 +1,22 @@
-//! The per-`Store` state: the (empty) WASI context, limits, and the log import.
+//! The runtime core's per-`Store` state: the (empty) WASI context, the
+//! resource table, the memory limits, the wait limit, and each capability's
+//! state (`capability/`), which the linker picks out of it.
 
 use std::sync::Arc;
 
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
-
-use super::bindings::{v0_1, v0_2};
-use super::config_store::ConfigValues;
-use super::deadline::WaitLimit;
-use super::keyvalue::{self, Bucket, KeyValue, KeyValueGrants, KvError};
-use super::log_budget::LogBudget;
-use super::outbound::{HttpHooks, OutboundGrants};
-use super::outbox::{OutgoingMessage, PublishGrants, Refusal};
-use crate::observe::{HostEvent, LogLevel, Observers};
-use crate::text::{MAX_UNTRUSTED_BYTES, inert_owned};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-/// A plugin's log line is cut to this many bytes.
-pub const MAX_LOG_LINE_BYTES: usize = MAX_UNTRUSTED_BYTES;
+use super::capability::config::{ConfigStore, ConfigValues};
+use super::capability::http::{HttpHooks, OutboundGrants};
+use super::capability::keyvalue::{KeyValue, KeyValueGrants, KeyValueView};
+use super::capability::log::Log;
+use super::capability::log_budget::LogBudget;
+use super::capability::publish::{Publish, PublishGrants};
+use super::deadline::WaitLimit;
+use crate::observe::Observers;
 
 /// Most table elements a plugin may have; generous for any real plugin.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
@@ -46,9 +44,6 @@ pub(crate) struct Grants {
 }
 
 pub struct HostState {
-    plugin: Arc<str>,
-    /// The message being handled, for log lines.
-    pub(crate) message_id: String,
     wasi: WasiCtx,
     table: ResourceTable,
     memory_limit_bytes: usize,
@@ -56,18 +51,15 @@ pub struct HostState {
     pub(crate) memory_denied: Option<usize>,
     /// Linear memory granted so far (the largest memory, if several).
     pub(crate) memory_bytes: usize,
-    observers: Observers,
-    log_budget: Arc<LogBudget>,
     /// Every wait the plugin makes ends at the current event's deadline.
     pub(crate) wait_limit: WaitLimit,
-    /// What `wasi:config/store` answers.
-    pub(crate) config: Arc<ConfigValues>,
+    // The capabilities, each linked by the engine with a function that
+    // picks it out of here.
+    pub(crate) log: Log,
+    pub(crate) config: ConfigStore,
     http: WasiHttpCtx,
     http_hooks: HttpHooks,
-    publish: Arc<PublishGrants>,
-    /// The current event's follow-up messages, sent after `ok`.
-    pub(crate) outbox: Vec<OutgoingMessage>,
-    /// The plugin's buckets.
+    pub(crate) publish: Publish,
     key_value: KeyValue,
 }
 
@@ -103,15 +95,12 @@ impl HostState {
         http.set_field_size_limit(MAX_HEADER_SET_BYTES);
         HostState {
             key_value: KeyValue::new(plugin.clone(), key_value, observers.clone()),
-            plugin,
-            message_id: String::new(),
+            log: Log::new(plugin, log_budget, config.clone(), observers),
             wasi,
             table,
             memory_limit_bytes,
             memory_denied: None,
             memory_bytes: 0,
-            observers,
-            log_budget,
             http_hooks: HttpHooks {
                 grants: outbound,
                 deadline: None,
@@ -119,21 +108,28 @@ impl HostState {
                 trace: Default::default(),
             },
             wait_limit,
-            config,
+            config: ConfigStore(config),
             http,
-            publish,
-            outbox: Vec::new(),
+            publish: Publish::new(publish),
         }
     }
-}
 
-impl HostState {
     /// Readies the store for the event of `delivery`: its id for log
     /// lines, its trace context for outbound requests, an empty outbox.
     pub(crate) fn begin_event(&mut self, delivery: &crate::delivery::Delivery) {
-        self.message_id.clone_from(&delivery.message_id);
+        self.log.begin_event(&delivery.message_id);
         self.http_hooks.trace.clone_from(&delivery.trace);
-        self.outbox.clear();
+        self.publish.begin_event();
+    }
+
+    /// The key-value capability's view: its buckets live in the instance's
+    /// table, and every call ends by the event's deadline.
+    pub(crate) fn key_value(&mut self) -> KeyValueView<'_> {
+        KeyValueView {
+            kv: &self.key_value,
+            table: &mut self.table,
+            deadline: self.wait_limit.deadline(),
+        }
     }
 }
 
@@ -183,250 +179,5 @@ impl ResourceLimiter for HostState {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
-    }
-}
-
-impl v0_1::mqplug::plugin::types::Host for HostState {}
-impl v0_2::mqplug::plugin::types::Host for HostState {}
-
-/// The `log` import of each contract version: the same levels, one writer.
-macro_rules! log_host {
-    ($($version:ident),*) => {$(
-        impl $version::mqplug::plugin::log::Host for HostState {
-            fn log(&mut self, level: $version::mqplug::plugin::log::Level, message: String) {
-                use $version::mqplug::plugin::log::Level;
-                let level = match level {
-                    Level::Trace => LogLevel::Trace,
-                    Level::Debug => LogLevel::Debug,
-                    Level::Info => LogLevel::Info,
-                    Level::Warn => LogLevel::Warn,
-                    Level::Error => LogLevel::Error,
-                };
-                self.write_log(level, message);
-            }
-        }
-    )*};
-}
-
-log_host!(v0_1, v0_2);
-
-impl v0_2::mqplug::plugin::publish::Host for HostState {
-    fn send(
-        &mut self,
-        message: v0_2::mqplug::plugin::publish::Message,
-    ) -> wasmtime::Result<Result<(), v0_2::mqplug::plugin::publish::PublishError>> {
-        use v0_2::mqplug::plugin::publish::PublishError;
-        let admitted = self.publish.admit(
-            &self.outbox,
-            &message.topic,
-            message.tag,
-            message.keys,
-            message.body,
-        );
-        match admitted {
-            Ok(message) => {
-                self.outbox.push(message);
-                Ok(Ok(()))
-            }
-            Err(refusal) => {
-                tracing::warn!(target: "mqplug::plugin", "publish refused: {refusal}");
-                Ok(Err(match refusal {
-                    Refusal::TopicNotAllowed(topic) => PublishError::TopicNotAllowed(topic),
-                    Refusal::TooLarge(limit) => PublishError::TooLarge(limit),
-                    Refusal::TooMany(limit) => PublishError::TooMany(limit),
-                    Refusal::Invalid(why) => {
-                        return Err(wasmtime::format_err!("publish refused: {why}"));
-                    }
-                }))
-            }
-        }
-    }
-}
-
-impl v0_2::wasi::config::store::Host for HostState {
-    fn get(&mut self, key: String) -> Result<Option<String>, v0_2::wasi::config::store::Error> {
-        Ok(self.config.get(&key).map(str::to_string))
-    }
-
-    fn get_all(&mut self) -> Result<Vec<(String, String)>, v0_2::wasi::config::store::Error> {
-        Ok(self.config.all())
-    }
-}
-
-mod kv {
-    //! `wasi:keyvalue/store`, `wasi:keyvalue/atomics` and `dedupe`.
-    use super::*;
-    use crate::store::{Write, Written};
-    use v0_2::wasi::keyvalue::store::{Error, KeyResponse};
-    use wasmtime::component::Resource;
-
-    fn error(err: KvError) -> Error {
-        match err {
-            KvError::NotGranted => Error::AccessDenied,
-            KvError::Other(why) => Error::Other(why),
-        }
-    }
-
-    impl HostState {
-        fn bucket(&self, bucket: &Resource<Bucket>) -> Result<&Bucket, Error> {
-            self.table
-                .get(bucket)
-                .map_err(|err| Error::Other(format!("bucket: {err}")))
-        }
-
-        /// One call on `bucket`, with the checks `KeyValue::call` makes.
-        fn kv<T>(
-            &self,
-            bucket: &Resource<Bucket>,
-            key: &str,
-            value_len: Option<usize>,
-            op: impl FnOnce(
-                &dyn crate::store::Backend,
-                &crate::store::Namespace,
-                u64,
-            ) -> Result<T, crate::store::StoreError>,
-        ) -> Result<T, Error> {
-            let bucket = self.bucket(bucket)?;
-            self.key_value
-                .call(bucket, key, value_len, self.wait_limit.deadline(), op)
-                .map_err(error)
-        }
-    }
-
-    impl v0_2::wasi::keyvalue::store::Host for HostState {
-        fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, Error> {
-            let bucket = self.key_value.open(&identifier).map_err(error)?;
-            self.table
-                .push(bucket)
-                .map_err(|err| Error::Other(format!("bucket: {err}")))
-        }
-    }
-
-    impl v0_2::wasi::keyvalue::store::HostBucket for HostState {
-        fn get(&mut self, bucket: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, Error> {
-            self.kv(&bucket, &key, None, |store, ns, _| store.get(ns, &key))
-        }
-
-        fn set(
-            &mut self,
-            bucket: Resource<Bucket>,
-            key: String,
-            value: Vec<u8>,
-        ) -> Result<(), Error> {
-            self.kv(&bucket, &key, Some(value.len()), |store, ns, quota| {
-                store
-                    .write(ns, &key, &value, None, Write::Set, quota)
-                    .map(drop)
-            })
-        }
-
-        fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), Error> {
-            self.kv(&bucket, &key, None, |store, ns, _| store.delete(ns, &key))
-        }
-
-        fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, Error> {
-            self.kv(&bucket, &key, None, |store, ns, _| store.exists(ns, &key))
-        }
-
-        fn list_keys(
-            &mut self,
-            bucket: Resource<Bucket>,
-            cursor: Option<u64>,
-        ) -> Result<KeyResponse, Error> {
-            self.kv(&bucket, "", None, |store, ns, _| {
-                store.list_keys(ns, cursor)
-            })
-            .map(|(keys, cursor)| KeyResponse { keys, cursor })
-        }
-
-        fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
-            self.table.delete(bucket)?;
-            Ok(())
-        }
-    }
-
-    impl v0_2::wasi::keyvalue::atomics::Host for HostState {
-        fn increment(
-            &mut self,
-            bucket: Resource<Bucket>,
-            key: String,
-            delta: u64,
-        ) -> Result<u64, Error> {
-            self.kv(&bucket, &key, None, |store, ns, quota| {
-                store.increment(ns, &key, delta, quota)
-            })
-        }
-    }
-
-    impl v0_2::mqplug::plugin::dedupe::Host for HostState {
-        fn claim(
-            &mut self,
-            bucket: Resource<Bucket>,
-            key: String,
-            value: Vec<u8>,
-            ttl_ms: u64,
-        ) -> Result<Option<Vec<u8>>, Error> {
-            let ttl = keyvalue::ttl(ttl_ms).map_err(error)?;
-            self.kv(&bucket, &key, Some(value.len()), |store, ns, quota| {
-                store.write(ns, &key, &value, Some(ttl), Write::Claim, quota)
-            })
-            .map(|written| match written {
-                Written::Stored => None,
-                Written::Held(value) => Some(value),
-            })
-        }
-
-        fn set_expiring(
-            &mut self,
-            bucket: Resource<Bucket>,
-            key: String,
-            value: Vec<u8>,
-            ttl_ms: u64,
-        ) -> Result<(), Error> {
-            let ttl = keyvalue::ttl(ttl_ms).map_err(error)?;
-            self.kv(&bucket, &key, Some(value.len()), |store, ns, quota| {
-                store
-                    .write(ns, &key, &value, Some(ttl), Write::Set, quota)
-                    .map(drop)
-            })
-        }
-
-        fn release(
-            &mut self,
-            bucket: Resource<Bucket>,
-            key: String,
-            value: Vec<u8>,
-        ) -> Result<bool, Error> {
-            self.kv(&bucket, &key, Some(value.len()), |store, ns, _| {
-                store.delete_if(ns, &key, &value)
-            })
-        }
-    }
-}
-
-impl HostState {
-    /// One line of the plugin's `log` import, of any contract version.
-    fn write_log(&mut self, level: LogLevel, message: String) {
-        if !self.log_budget.admit(message.len()) {
-            return;
-        }
-        // A secret the plugin was given never reaches the host's log.
-        let message = self.config.redact(message);
-        // Plugin-controlled: escaped (no forged host lines) and cut.
-        let message = inert_owned(message, MAX_LOG_LINE_BYTES);
-        // The dispatcher's `message` span already carries plugin and message id.
-        match level {
-            LogLevel::Trace => tracing::trace!(target: "mqplug::plugin", "{message}"),
-            LogLevel::Debug => tracing::debug!(target: "mqplug::plugin", "{message}"),
-            LogLevel::Info => tracing::info!(target: "mqplug::plugin", "{message}"),
-            LogLevel::Warn => tracing::warn!(target: "mqplug::plugin", "{message}"),
-            LogLevel::Error => tracing::error!(target: "mqplug::plugin", "{message}"),
-        }
-        self.observers.emit(|| HostEvent::PluginLog {
-            plugin: self.plugin.clone(),
-            message_id: self.message_id.clone(),
-            level,
-            message,
-        });
     }
 }

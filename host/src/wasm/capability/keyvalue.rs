@@ -11,9 +11,14 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
 use crate::observe::{HostEvent, KeyValueResult, Observers};
-use crate::store::{Backend, Embedded, Namespace, RedisStore, StoreError};
+use crate::store::{Backend, Embedded, Namespace, RedisStore, StoreError, Write, Written};
 use crate::text::inert_owned;
+use crate::wasm::bindings::v0_2::mqplug::plugin::dedupe;
+use crate::wasm::bindings::v0_2::wasi::keyvalue::store::{Error, KeyResponse};
+use crate::wasm::bindings::v0_2::wasi::keyvalue::{atomics, store};
 
 /// An open bucket, as the guest's `bucket` resource.
 pub struct Bucket {
@@ -270,6 +275,169 @@ impl KeyValue {
             plugin: self.plugin.clone(),
             result,
         });
+    }
+}
+
+/// What a key-value call sees of one instance: its buckets, the table that
+/// holds their handles, and the event's deadline.
+pub(crate) struct KeyValueView<'a> {
+    pub kv: &'a KeyValue,
+    pub table: &'a mut ResourceTable,
+    pub deadline: Option<Instant>,
+}
+
+/// [`HasData`] for the key-value interfaces: their host side is a
+/// [`KeyValueView`].
+struct KeyValueCalls;
+
+impl HasData for KeyValueCalls {
+    type Data<'a> = KeyValueView<'a>;
+}
+
+impl KeyValue {
+    /// Links `wasi:keyvalue/store`, `wasi:keyvalue/atomics` and `dedupe`;
+    /// `get` makes the instance's view out of the store's data.
+    pub(crate) fn add_to_linker<T: Send + 'static>(
+        linker: &mut Linker<T>,
+        get: fn(&mut T) -> KeyValueView<'_>,
+    ) -> wasmtime::Result<()> {
+        store::add_to_linker::<T, KeyValueCalls>(linker, get)?;
+        atomics::add_to_linker::<T, KeyValueCalls>(linker, get)?;
+        dedupe::add_to_linker::<T, KeyValueCalls>(linker, get)
+    }
+}
+
+fn error(err: KvError) -> Error {
+    match err {
+        KvError::NotGranted => Error::AccessDenied,
+        KvError::Other(why) => Error::Other(why),
+    }
+}
+
+impl KeyValueView<'_> {
+    fn bucket(&self, bucket: &Resource<Bucket>) -> Result<&Bucket, Error> {
+        self.table
+            .get(bucket)
+            .map_err(|err| Error::Other(format!("bucket: {err}")))
+    }
+
+    /// One call on `bucket`, with the checks [`KeyValue::call`] makes.
+    fn call<T>(
+        &self,
+        bucket: &Resource<Bucket>,
+        key: &str,
+        value_len: Option<usize>,
+        op: impl FnOnce(&dyn Backend, &Namespace, u64) -> Result<T, StoreError>,
+    ) -> Result<T, Error> {
+        let bucket = self.bucket(bucket)?;
+        self.kv
+            .call(bucket, key, value_len, self.deadline, op)
+            .map_err(error)
+    }
+}
+
+impl store::Host for KeyValueView<'_> {
+    fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, Error> {
+        let bucket = self.kv.open(&identifier).map_err(error)?;
+        self.table
+            .push(bucket)
+            .map_err(|err| Error::Other(format!("bucket: {err}")))
+    }
+}
+
+impl store::HostBucket for KeyValueView<'_> {
+    fn get(&mut self, bucket: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, Error> {
+        self.call(&bucket, &key, None, |store, ns, _| store.get(ns, &key))
+    }
+
+    fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> Result<(), Error> {
+        self.call(&bucket, &key, Some(value.len()), |store, ns, quota| {
+            store
+                .write(ns, &key, &value, None, Write::Set, quota)
+                .map(drop)
+        })
+    }
+
+    fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), Error> {
+        self.call(&bucket, &key, None, |store, ns, _| store.delete(ns, &key))
+    }
+
+    fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, Error> {
+        self.call(&bucket, &key, None, |store, ns, _| store.exists(ns, &key))
+    }
+
+    fn list_keys(
+        &mut self,
+        bucket: Resource<Bucket>,
+        cursor: Option<u64>,
+    ) -> Result<KeyResponse, Error> {
+        self.call(&bucket, "", None, |store, ns, _| {
+            store.list_keys(ns, cursor)
+        })
+        .map(|(keys, cursor)| KeyResponse { keys, cursor })
+    }
+
+    fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl atomics::Host for KeyValueView<'_> {
+    fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: u64,
+    ) -> Result<u64, Error> {
+        self.call(&bucket, &key, None, |store, ns, quota| {
+            store.increment(ns, &key, delta, quota)
+        })
+    }
+}
+
+impl dedupe::Host for KeyValueView<'_> {
+    fn claim(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: u64,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let ttl = ttl(ttl_ms).map_err(error)?;
+        self.call(&bucket, &key, Some(value.len()), |store, ns, quota| {
+            store.write(ns, &key, &value, Some(ttl), Write::Claim, quota)
+        })
+        .map(|written| match written {
+            Written::Stored => None,
+            Written::Held(value) => Some(value),
+        })
+    }
+
+    fn set_expiring(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: u64,
+    ) -> Result<(), Error> {
+        let ttl = ttl(ttl_ms).map_err(error)?;
+        self.call(&bucket, &key, Some(value.len()), |store, ns, quota| {
+            store
+                .write(ns, &key, &value, Some(ttl), Write::Set, quota)
+                .map(drop)
+        })
+    }
+
+    fn release(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<bool, Error> {
+        self.call(&bucket, &key, Some(value.len()), |store, ns, _| {
+            store.delete_if(ns, &key, &value)
+        })
     }
 }
 

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::wasm::bindings::v0_2::wasi::config::store;
+
 /// Replaces a secret's value in a plugin's log line or `err` reason.
 pub const REDACTED: &str = "[secret]";
 
@@ -99,6 +101,30 @@ impl std::fmt::Debug for ConfigValues {
             .field("keys", &self.keys)
             .field("secret_keys", &self.secret_keys)
             .finish_non_exhaustive()
+    }
+}
+
+/// One instance's `wasi:config/store`: its plugin's values, nobody else's.
+pub(crate) struct ConfigStore(pub(crate) std::sync::Arc<ConfigValues>);
+
+impl ConfigStore {
+    /// Links `wasi:config/store`; `get` picks the instance's config out of
+    /// the store's data.
+    pub(crate) fn add_to_linker<T: Send + 'static>(
+        linker: &mut wasmtime::component::Linker<T>,
+        get: fn(&mut T) -> &mut ConfigStore,
+    ) -> wasmtime::Result<()> {
+        store::add_to_linker::<T, wasmtime::component::HasSelf<ConfigStore>>(linker, get)
+    }
+}
+
+impl store::Host for ConfigStore {
+    fn get(&mut self, key: String) -> Result<Option<String>, store::Error> {
+        Ok(self.0.get(&key).map(str::to_string))
+    }
+
+    fn get_all(&mut self) -> Result<Vec<(String, String)>, store::Error> {
+        Ok(self.0.all())
     }
 }
 

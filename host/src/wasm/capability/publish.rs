@@ -3,6 +3,7 @@
 //! dispatcher sends them after `ok`; this module only holds them.
 
 use crate::topic::TopicName;
+use crate::wasm::bindings::v0_2::mqplug::plugin::publish;
 
 /// Most messages one event may publish.
 pub const MAX_OUTBOX_MESSAGES: u32 = 16;
@@ -220,6 +221,68 @@ pub fn follow_up_id(
 /// The key the host gives follow-up message `index` of `message_id`.
 pub fn follow_up_key(message_id: &str, index: usize) -> String {
     format!("{message_id}:{index}")
+}
+
+/// One instance's `publish`: the current event's outbox, sent after `ok`.
+pub(crate) struct Publish {
+    grants: std::sync::Arc<PublishGrants>,
+    pub(crate) outbox: Vec<OutgoingMessage>,
+}
+
+impl Publish {
+    pub(crate) fn new(grants: std::sync::Arc<PublishGrants>) -> Self {
+        Publish {
+            grants,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// A new event starts with an empty outbox.
+    pub(crate) fn begin_event(&mut self) {
+        self.outbox.clear();
+    }
+
+    /// Links `publish`; `get` picks the instance's outbox out of the
+    /// store's data.
+    pub(crate) fn add_to_linker<T: Send + 'static>(
+        linker: &mut wasmtime::component::Linker<T>,
+        get: fn(&mut T) -> &mut Publish,
+    ) -> wasmtime::Result<()> {
+        publish::add_to_linker::<T, wasmtime::component::HasSelf<Publish>>(linker, get)
+    }
+}
+
+impl publish::Host for Publish {
+    fn send(
+        &mut self,
+        message: publish::Message,
+    ) -> wasmtime::Result<Result<(), publish::PublishError>> {
+        use publish::PublishError;
+        let admitted = self.grants.admit(
+            &self.outbox,
+            &message.topic,
+            message.tag,
+            message.keys,
+            message.body,
+        );
+        match admitted {
+            Ok(message) => {
+                self.outbox.push(message);
+                Ok(Ok(()))
+            }
+            Err(refusal) => {
+                tracing::warn!(target: "mqplug::plugin", "publish refused: {refusal}");
+                Ok(Err(match refusal {
+                    Refusal::TopicNotAllowed(topic) => PublishError::TopicNotAllowed(topic),
+                    Refusal::TooLarge(limit) => PublishError::TooLarge(limit),
+                    Refusal::TooMany(limit) => PublishError::TooMany(limit),
+                    Refusal::Invalid(why) => {
+                        return Err(wasmtime::format_err!("publish refused: {why}"));
+                    }
+                }))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

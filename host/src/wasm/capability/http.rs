@@ -38,11 +38,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
-use super::config_store::ConfigValues;
-use super::deadline::EPOCH_TICK;
+use super::config::ConfigValues;
 use crate::observe::{HostEvent, Observers, OutboundResult};
 use crate::text::{inert, url_without_secrets};
 use crate::traces::{HttpSpan, TRACEPARENT, TRACESTATE, TraceContext};
+use crate::wasm::deadline::EPOCH_TICK;
 
 /// One origin a plugin may call: `http://host:port` or `https://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
