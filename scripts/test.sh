@@ -37,6 +37,9 @@ generated="plugins/go/sdk/wit plugins/go/sdk/internal/witgo"
 step "Go bindings match wit/" bash -c "bash plugins/go/sdk/generate.sh 2>/dev/null &&
     test -z \"\$(git status --porcelain -- $generated)\" ||
     { git status --short -- $generated; false; }"
+# The book (docs/, mdBook) builds, and no link in it or in the top-level
+# pages is broken.
+step "the book and its links" bash scripts/book.sh
 step "cargo test" cargo test --workspace --no-fail-fast
 
 if ((${#failed[@]})); then

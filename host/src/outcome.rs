@@ -159,7 +159,8 @@ pub enum UndecodablePolicy {
     Drop,
 }
 
-/// The outcome rule, in one place (the README's table mirrors it).
+/// The outcome rule, in one place (the table in docs/plugins.md, "What
+/// becomes of a rejected message", mirrors it).
 pub fn delivery_outcome(handled: &HandlerOutcome) -> DeliveryOutcome {
     match handled {
         HandlerOutcome::Accepted => DeliveryOutcome::ConsumeSuccess,

@@ -140,7 +140,7 @@ impl RewardsService {
     }
 
     /// The reward granter at `path` configured against this service the
-    /// way the README grants it: its URL, `token` (this service's, written
+    /// way docs/plugins.md grants it: its URL, `token` (this service's, written
     /// to a file in `secrets`) and the follow-up topic `granted`.
     pub fn granter_config(
         &self,

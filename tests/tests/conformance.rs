@@ -263,18 +263,20 @@ fn traps_loops_and_wrong_outcomes_in_fixtures_are_caught() {
     );
 }
 
-/// The code block that follows `heading` in the README.
-fn readme_snippet(heading: &str) -> String {
-    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
-    readme
+/// The code block that follows `heading` in `file`, a page of the docs
+/// relative to the workspace root (e.g. `docs/plugins/python.md`).
+fn doc_snippet(file: &str, heading: &str) -> String {
+    let contents = std::fs::read_to_string(workspace_root().join(file))
+        .unwrap_or_else(|err| panic!("cannot read {file}: {err}"));
+    contents
         .split(heading)
         .nth(1)
         .and_then(|rest| rest.split("```").next())
-        .unwrap_or_else(|| panic!("the README has no snippet after {heading:?}"))
+        .unwrap_or_else(|| panic!("{file} has no snippet after {heading:?}"))
         .to_string()
 }
 
-/// The README's "write your first plugin" promise: `ok`, except `err: no
+/// The docs' "write your first plugin" promise: `ok`, except `err: no
 /// tenant` for an empty tenant.
 fn assert_readme_plugin_passes(component: &Path) {
     let event = |tenant: &str| {
@@ -308,7 +310,7 @@ fn the_readme_python_plugin_builds_and_passes_the_kit() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("app.py"),
-        readme_snippet("`app.py`:\n\n```python\n"),
+        doc_snippet("docs/plugins/python.md", "`app.py`:\n\n```python\n"),
     )
     .unwrap();
     let component = dir.path().join("my_plugin.wasm");
@@ -326,7 +328,11 @@ fn the_readme_javascript_plugin_builds_and_passes_the_kit() {
     let (_, node_modules) = guest_tools().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("my-plugin.js");
-    std::fs::write(&source, readme_snippet("`my-plugin.js`:\n\n```js\n")).unwrap();
+    std::fs::write(
+        &source,
+        doc_snippet("docs/plugins/javascript.md", "`my-plugin.js`:\n\n```js\n"),
+    )
+    .unwrap();
     let component = dir.path().join("my_plugin.wasm");
     run(std::process::Command::new("node")
         .arg(workspace_root().join("plugins/js/componentize.mjs"))
@@ -385,7 +391,7 @@ fn granter_settings(topics: &[&str]) -> PluginSettings {
     PluginSettings {
         config: Arc::new(ConfigValues::new(
             &[
-                // Only what the README grants: dedupe_bucket is optional
+                // Only what docs/plugins.md grants: dedupe_bucket is optional
                 // (unset: dedupe off) and must not fail the kit.
                 ("rewards_url".to_string(), "http://rewards.test".to_string()),
             ]
@@ -559,7 +565,7 @@ fn a_long_secret_is_redacted_whole_from_the_kits_failures() {
     let settings = PluginSettings {
         config: Arc::new(mqplug::wasm::ConfigValues::new(
             &[
-                // Only what the README grants: dedupe_bucket is optional
+                // Only what docs/plugins.md grants: dedupe_bucket is optional
                 // (unset: dedupe off) and must not fail the kit.
                 ("rewards_url".to_string(), "http://rewards.test".to_string()),
             ]

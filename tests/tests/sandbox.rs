@@ -265,20 +265,23 @@ fn replay_gives_the_same_outcomes_as_the_consumer_would() {
 
 #[test]
 fn the_readme_plugin_is_the_one_built_here_and_it_runs() {
-    let readme = std::fs::read_to_string(mqplug_tests::workspace_root().join("README.md")).unwrap();
-    let snippet = readme
-        .split("`src/lib.rs`:\n\n```rust\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("the README shows a plugin's src/lib.rs");
     let source = std::fs::read_to_string(
         mqplug_tests::workspace_root().join("plugins/my-plugin/src/lib.rs"),
     )
     .unwrap();
-    assert_eq!(
-        snippet, source,
-        "README snippet and plugins/my-plugin differ"
-    );
+    // The README's first plugin, and the book's Rust chapter.
+    for page in ["README.md", "docs/plugins/rust.md"] {
+        let text = std::fs::read_to_string(mqplug_tests::workspace_root().join(page)).unwrap();
+        let snippet = text
+            .split("`src/lib.rs`:\n\n```rust\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .unwrap_or_else(|| panic!("{page} shows a plugin's src/lib.rs"));
+        assert_eq!(
+            snippet, source,
+            "the snippet in {page} and plugins/my-plugin differ"
+        );
+    }
 
     let recorder = Recorder::new();
     let plugin = load(PluginSettings::new("my-plugin"), &recorder);
