@@ -331,8 +331,12 @@ async fn connection<S>(
 
 /// The response to one request.
 pub fn respond<B>(request: &Request<B>, view: &dyn AdminView) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
     let (status, content_type, body) = match *request.method() {
-        Method::GET | Method::HEAD => route(request.uri().path(), view),
+        Method::GET | Method::HEAD => route(path, view),
+        Method::POST if canary_action(path).is_some() => {
+            act_on_canary(path, request.headers(), view)
+        }
         _ => (405, "text/plain", "only GET\n".to_string()),
     };
     let body = if request.method() == Method::HEAD {
@@ -353,6 +357,83 @@ pub fn respond<B>(request: &Request<B>, view: &dyn AdminView) -> Response<Full<B
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
     }
     response
+}
+
+/// The header a canary command must carry. A page of another origin cannot
+/// send it without a CORS preflight, which this listener never grants, so
+/// a web page the operator visits cannot promote or abort a canary.
+pub const ACTION_HEADER: &str = "x-mqplug-action";
+
+/// `/plugins/NAME/canary/promote` or `.../abort`: the plugin (its name
+/// percent-decoded) and the verb.
+fn canary_action(path: &str) -> Option<(String, &str)> {
+    let rest = path.strip_prefix("/plugins/")?;
+    let (name, verb) = rest.rsplit_once("/canary/")?;
+    let name = percent_decoded(name)?;
+    (!name.is_empty() && !name.contains('/') && matches!(verb, "promote" | "abort"))
+        .then_some((name, verb))
+}
+
+/// `%XX` escapes decoded; `None` for a broken escape or text that is not
+/// UTF-8.
+fn percent_decoded(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// Promotes or aborts a plugin's running canary (`POST
+/// /plugins/NAME/canary/promote|abort`, with [`ACTION_HEADER`]).
+fn act_on_canary(
+    path: &str,
+    headers: &hyper::HeaderMap,
+    view: &dyn AdminView,
+) -> (u16, &'static str, String) {
+    let Some((name, verb)) = canary_action(path) else {
+        return (404, "text/plain", "not found\n".into());
+    };
+    let answer =
+        |status: u16, body: serde_json::Value| (status, "application/json", format!("{body}\n"));
+    if !headers.contains_key(ACTION_HEADER) {
+        return answer(
+            403,
+            json!({"error": format!("a canary command needs the {ACTION_HEADER} header")}),
+        );
+    }
+    let Some(slot) = view.slots().into_iter().find(|slot| slot.name() == name) else {
+        return answer(
+            404,
+            json!({"error": format!("no plugin {}", crate::text::inert(&name, 256))}),
+        );
+    };
+    let done = match verb {
+        "promote" => slot.promote().map(|version| version.to_string()),
+        _ => slot.abort_canary().map(|()| slot.version().to_string()),
+    };
+    match done {
+        Ok(serving) => answer(
+            200,
+            json!({
+                "plugin": slot.name(),
+                "canary": if verb == "promote" { "promoted" } else { "aborted" },
+                "serving": serving,
+            }),
+        ),
+        Err(why) => answer(
+            409,
+            json!({"error": format!("plugin {}: {why}", slot.name())}),
+        ),
+    }
 }
 
 pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, String) {
@@ -415,6 +496,42 @@ pub(crate) fn route(path: &str, view: &dyn AdminView) -> (u16, &'static str, Str
     }
 }
 
+/// A plugin's candidate build beside its current one, for `/plugins`.
+fn canary_json(candidate: &crate::slot::CandidateStatus) -> serde_json::Value {
+    let side = |summary: &crate::canary::Summary| {
+        json!({
+            "events": summary.events,
+            "failures": summary.failures,
+            "median_ms": summary.median.map(|median| median.as_secs_f64() * 1000.0),
+            "handled": summary.handled,
+            "failed": summary.failed,
+        })
+    };
+    match &candidate.loaded {
+        Err(error) => json!({
+            "path": candidate.path.display().to_string(),
+            "state": "failed",
+            "error": error,
+        }),
+        Ok(build) => {
+            let canary = &build.canary;
+            json!({
+                "path": candidate.path.display().to_string(),
+                "version": build.version,
+                "percent": canary.percent,
+                "state": canary.state.name(),
+                "reason": match &canary.state {
+                    crate::canary::CanaryState::RolledBack(reason) => Some(reason.as_str()),
+                    _ => None,
+                },
+                "started_at": chrono::DateTime::<chrono::Utc>::from(canary.started).to_rfc3339(),
+                "current": side(&canary.current),
+                "candidate": side(&canary.candidate),
+            })
+        }
+    }
+}
+
 fn plugins_json(view: &dyn AdminView) -> String {
     let metrics = view.metrics();
     let lag = view.lag();
@@ -468,6 +585,7 @@ fn plugins_json(view: &dyn AdminView) -> String {
                     "p50": latency.p50.as_secs_f64() * 1000.0,
                     "p99": latency.p99.as_secs_f64() * 1000.0,
                 },
+                "canary": status.canary.as_ref().map(canary_json),
                 "reloads": metrics.reloads(&status.name).iter().map(|load| json!({
                     "at": chrono::DateTime::<chrono::Utc>::from(load.at).to_rfc3339(),
                     "version": load.version,
@@ -871,6 +989,27 @@ mod tests {
         );
         stop.send(true).unwrap();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn a_canary_command_needs_the_action_header_and_a_plugin_by_its_decoded_name() {
+        let view = Stub::view(None);
+        let post = |path: &str, header: bool| {
+            let mut request = Request::post(path);
+            if header {
+                request = request.header(ACTION_HEADER, "promote");
+            }
+            respond(&request.body(()).unwrap(), view.as_ref()).status()
+        };
+        assert_eq!(post("/plugins/rewards/canary/promote", false), 403);
+        assert_eq!(post("/plugins/rewards/canary/promote", true), 404);
+        assert_eq!(post("/plugins/rewards/canary/restart", true), 405);
+        assert_eq!(post("/plugins/a/b/canary/abort", true), 405);
+        assert_eq!(
+            canary_action("/plugins/a%7Cb/canary/abort"),
+            Some(("a|b".to_string(), "abort"))
+        );
+        assert_eq!(canary_action("/plugins/a%7/canary/abort"), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 #![recursion_limit = "256"]
 
 pub mod admin;
+pub mod canary;
 pub mod cli;
 pub mod config;
 pub mod conformance;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
 
+use crate::canary::{Canary, CanaryState, CanaryStatus, Side};
 use crate::config::PluginConfig;
 use crate::delivery::Delivery;
 use crate::dispatch::{EventHandler, Handled};
@@ -31,6 +32,7 @@ pub enum SlotState {
 }
 
 /// One build of a plugin.
+#[derive(Clone)]
 struct Build {
     plugin: Arc<Plugin>,
     version: Arc<str>,
@@ -53,6 +55,24 @@ pub struct SlotStatus {
     /// The config keys and secret names it is granted (never values).
     pub config_keys: Vec<String>,
     pub secret_keys: Vec<String>,
+    /// The entry's candidate build, if it names one.
+    pub canary: Option<CandidateStatus>,
+}
+
+/// A candidate build beside the current one, for status reports.
+#[derive(Debug, Clone)]
+pub struct CandidateStatus {
+    pub path: PathBuf,
+    /// `Err` when the candidate did not load: the current build serves all.
+    pub loaded: Result<CandidateBuild, String>,
+}
+
+/// A loaded candidate: its build and how it compares.
+#[derive(Debug, Clone)]
+pub struct CandidateBuild {
+    pub version: String,
+    pub loaded_at: SystemTime,
+    pub canary: CanaryStatus,
 }
 
 pub struct PluginSlot {
@@ -61,6 +81,14 @@ pub struct PluginSlot {
     group: String,
     current: RwLock<Build>,
     state: Mutex<SlotState>,
+    /// The entry's candidate build and its canary, if the entry names one.
+    candidate: RwLock<Option<Candidate>>,
+}
+
+/// A candidate build, or why it did not load.
+struct Candidate {
+    path: PathBuf,
+    loaded: Result<(Build, Arc<Canary>), String>,
 }
 
 /// Reads, compiles (or takes from the cache) and instantiates the plugin a
@@ -121,6 +149,22 @@ pub(crate) fn load_unreported(
     (result, report)
 }
 
+/// Loads the candidate build an entry names (its `canary`), with the
+/// entry's grants and limits; `None` when it names none.
+pub fn load_candidate(
+    runtime: &Arc<WasmRuntime>,
+    config: &PluginConfig,
+    observers: &Observers,
+) -> Option<Result<Plugin, String>> {
+    let canary = config.canary.as_ref()?;
+    let mut entry = config.clone();
+    entry.path = canary.path.clone();
+    entry.canary = None;
+    // Not reported as a load of the plugin: the current build serves on.
+    let (loaded, _) = load_unreported(runtime, &entry, observers);
+    Some(loaded.map_err(|err| err.to_string()))
+}
+
 impl PluginSlot {
     pub fn new(config: &PluginConfig, plugin: Plugin) -> Self {
         PluginSlot {
@@ -129,6 +173,98 @@ impl PluginSlot {
             group: config.group(),
             current: RwLock::new(Build::of(plugin)),
             state: Mutex::new(SlotState::Serving),
+            candidate: RwLock::new(None),
+        }
+    }
+
+    /// Puts the entry's candidate beside the current build: from the next
+    /// message its share of users goes to it ([`load_candidate`] loaded it).
+    pub fn with_candidate(
+        self,
+        config: &PluginConfig,
+        loaded: Option<Result<Plugin, String>>,
+    ) -> Self {
+        let (Some(canary), Some(loaded)) = (&config.canary, loaded) else {
+            return self;
+        };
+        let loaded = match loaded {
+            Ok(plugin) => {
+                let build = Build::of(plugin);
+                tracing::info!(
+                    plugin = %self.name,
+                    current = short(&self.version()),
+                    candidate = short(&build.version),
+                    percent = canary.percent,
+                    "canary started: the candidate build handles {}% of users",
+                    canary.percent
+                );
+                Ok((build, Arc::new(Canary::new(canary))))
+            }
+            Err(error) => {
+                tracing::error!(
+                    plugin = %self.name,
+                    path = %canary.path.display(),
+                    "the canary's candidate did not load; the current build handles every message: {error}"
+                );
+                Err(error)
+            }
+        };
+        *self.candidate.write().unwrap_or_else(|e| e.into_inner()) = Some(Candidate {
+            path: canary.path.clone(),
+            loaded,
+        });
+        self
+    }
+
+    /// The running canary, if there is one: its candidate build and canary.
+    fn running_canary(&self) -> Option<(Build, Arc<Canary>)> {
+        let candidate = self.candidate.read().unwrap_or_else(|e| e.into_inner());
+        let (build, canary) = candidate.as_ref()?.loaded.as_ref().ok()?;
+        (canary.state() == CanaryState::Running).then(|| (build.clone(), canary.clone()))
+    }
+
+    /// Makes the running canary's candidate the current build; returns its
+    /// version. `Err` says why not (no canary, or it is not running).
+    pub fn promote(&self) -> Result<Arc<str>, String> {
+        let (build, canary) = self.candidate_build()?;
+        canary
+            .end(CanaryState::Promoted)
+            .map_err(|state| format!("its canary is {}", state.name()))?;
+        let version = build.version.clone();
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            build,
+        );
+        tracing::info!(
+            plugin = %self.name,
+            from = short(&old.version),
+            to = short(&version),
+            "canary promoted: the candidate handles every message from the next one; \
+             point the entry's path at the candidate's file to keep it after a restart"
+        );
+        Ok(version)
+    }
+
+    /// Stops the running canary: the current build handles every message.
+    pub fn abort_canary(&self) -> Result<(), String> {
+        let (build, canary) = self.candidate_build()?;
+        canary
+            .end(CanaryState::Aborted)
+            .map_err(|state| format!("its canary is {}", state.name()))?;
+        tracing::info!(
+            plugin = %self.name,
+            candidate = short(&build.version),
+            "canary aborted: the current build handles every message from the next one"
+        );
+        Ok(())
+    }
+
+    fn candidate_build(&self) -> Result<(Build, Arc<Canary>), String> {
+        let candidate = self.candidate.read().unwrap_or_else(|e| e.into_inner());
+        match candidate.as_ref().map(|candidate| &candidate.loaded) {
+            None => Err("it has no canary".into()),
+            Some(Err(error)) => Err(format!("its candidate did not load: {error}")),
+            Some(Ok((build, canary))) => Ok((build.clone(), canary.clone())),
         }
     }
 
@@ -219,8 +355,30 @@ impl PluginSlot {
             contract: build.plugin.contract(),
             config_keys: build.plugin.settings().config.keys().0.to_vec(),
             secret_keys: build.plugin.settings().config.keys().1.to_vec(),
+            canary: self
+                .candidate
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|candidate| CandidateStatus {
+                    path: candidate.path.clone(),
+                    loaded: candidate
+                        .loaded
+                        .as_ref()
+                        .map(|(build, canary)| CandidateBuild {
+                            version: build.version.to_string(),
+                            loaded_at: build.loaded_at,
+                            canary: canary.status(),
+                        })
+                        .map_err(Clone::clone),
+                }),
         }
     }
+}
+
+/// A build's digest as logs show it.
+fn short(version: &str) -> &str {
+    &version[..12.min(version.len())]
 }
 
 impl Build {
@@ -251,14 +409,36 @@ impl EventHandler for PluginSlot {
     fn handle_full(&self, event: &TaskEvent, delivery: &Delivery) -> Handled {
         // Clone the build and let go of the lock: a reload may swap while
         // this message is in the handler; it finishes on this build.
-        let (plugin, version) = {
-            let build = self.read();
-            (build.plugin.clone(), build.version.clone())
+        // A running canary's candidate takes its share of users; the
+        // current build the rest.
+        let canary = self.running_canary();
+        let (plugin, version, side) = match &canary {
+            Some((candidate, canary)) if canary.takes(event.user_id) => (
+                candidate.plugin.clone(),
+                candidate.version.clone(),
+                Side::Candidate,
+            ),
+            _ => {
+                let build = self.read();
+                (build.plugin.clone(), build.version.clone(), Side::Current)
+            }
         };
         // Into the dispatcher's `message` span before the call, so the
         // plugin's own log lines carry the build too.
-        tracing::Span::current().record("version", &version[..12.min(version.len())]);
+        tracing::Span::current().record("version", short(&version));
+        let started = Instant::now();
         let (outcome, outbox) = plugin.handle_with_outbox(event, delivery);
+        if let Some((candidate, canary)) = canary {
+            let failed = !matches!(outcome, HandlerOutcome::Accepted);
+            if let Some(reason) = canary.record(side, failed, started.elapsed()) {
+                tracing::warn!(
+                    plugin = %self.name,
+                    candidate = short(&candidate.version),
+                    "canary rolled back: {reason}; the current build handles every message \
+                     from the next one, redeliveries of what the candidate failed included"
+                );
+            }
+        }
         Handled {
             outcome,
             version: Some(version),

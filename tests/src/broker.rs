@@ -72,26 +72,68 @@ struct BrokerPorts {
 }
 
 fn free_ports() -> Result<BrokerPorts> {
+    // Below the kernel's ephemeral range: a port there is never handed to
+    // an outgoing connection, so a broker stopped mid-test finds its ports
+    // free when it starts again (a client of any test could otherwise be
+    // given one meanwhile: "Address already in use").
+    let (first, last) = unassigned_range();
+    let mut next = spread_start(first, last);
+    let mut take = || -> Option<(u16, TcpListener)> {
+        for _ in first..=last {
+            next = if next >= last { first } else { next + 1 };
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", next)) {
+                return Some((next, listener));
+            }
+        }
+        None
+    };
     for _ in 0..200 {
-        let listen = TcpListener::bind("127.0.0.1:0")?;
-        let port = listen.local_addr()?.port();
-        let Some(fast_port) = port.checked_sub(2) else {
+        let Some((port, _listen)) = take() else { break };
+        let Ok(_fast) = TcpListener::bind(("127.0.0.1", port - 2)) else {
             continue;
         };
-        let Ok(_fast) = TcpListener::bind(("127.0.0.1", fast_port)) else {
-            continue;
+        let (Some((ha, _ha)), Some((health, _health)), Some((namesrv, _namesrv))) =
+            (take(), take(), take())
+        else {
+            break;
         };
-        let ha = TcpListener::bind("127.0.0.1:0")?;
-        let health = TcpListener::bind("127.0.0.1:0")?;
-        let namesrv = TcpListener::bind("127.0.0.1:0")?;
         return Ok(BrokerPorts {
             listen: port,
-            ha: ha.local_addr()?.port(),
-            health: health.local_addr()?.port(),
-            namesrv: namesrv.local_addr()?.port(),
+            ha,
+            health,
+            namesrv,
         });
     }
-    bail!("could not find free ports on 127.0.0.1")
+    bail!("could not find free ports on 127.0.0.1 between {first} and {last}")
+}
+
+/// Ports outside the kernel's ephemeral range (`ip_local_port_range`),
+/// from 10000: the lower part when the range leaves room there, else the
+/// upper part.
+fn unassigned_range() -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((bounds.next()??, bounds.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    match range {
+        (low, _) if low > 12_000 => (10_002, low - 2),
+        (_, high) if high < 63_000 => (high + 3, 65_000),
+        // The ephemeral range is (nearly) everything: no better choice.
+        _ => (10_002, 65_000),
+    }
+}
+
+/// Where this process starts looking: spread by process id and time, so
+/// test binaries running side by side look in different places.
+fn spread_start(first: u16, last: u16) -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = u64::from(std::process::id()).wrapping_mul(2_654_435_761) ^ u64::from(nanos);
+    first + (seed % u64::from(last - first + 1)) as u16
 }
 
 /// Where the servers of `kind` are installed: for Java the folder of jars, for

@@ -108,6 +108,26 @@ impl Browser {
         self.read(css, &format!("attribute/{name}"))
     }
 
+    /// Clicks the first element matching `css` (found again if the page
+    /// re-rendered it meanwhile); `false` if there is none.
+    pub fn click(&self, css: &str) -> Result<bool> {
+        for _ in 0..10 {
+            let Some(element) = self.find(css)? else {
+                return Ok(false);
+            };
+            match self.call(
+                "POST",
+                &format!("/element/{element}/click"),
+                Some(&json!({})),
+            ) {
+                Ok(_) => return Ok(true),
+                Err(err) if err.to_string().contains("stale element reference") => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        bail!("{css}: the element went stale ten times in a row")
+    }
+
     /// `GET /element/<id>/<what>` of the first element matching `css`. The
     /// page re-renders itself every 2 s, so the element found may be gone
     /// by the time it is read ("stale element reference"): then it is

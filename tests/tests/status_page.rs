@@ -202,3 +202,105 @@ async fn the_status_page_shows_a_plugin_that_failed_to_load_and_why_the_host_is_
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_a_canary_beside_the_current_build_and_promotes_it() -> Result<()> {
+    let broker = LocalBroker::start()?;
+    let recorder = Recorder::new();
+    let mut entry = PluginConfig::new("rewards", plugin_path("noop")?);
+    entry.canary = Some(mqplug::canary::CanaryConfig {
+        path: plugin_path("reward-logger")?,
+        percent: 50,
+        window: 200,
+        min_events: 20,
+    });
+    let config = host_config(&broker, "marketing.task.completed", vec![entry]);
+    let host = Host::start(&config, recorder.observers()).await?;
+    let addr = host.admin_addr().context("the admin listener")?;
+    let publisher = host.publisher().context("the producer is enabled")?;
+    const EVENTS: usize = 20;
+    for user in 0..EVENTS as u64 {
+        publisher
+            .publish(&sample_event("USER_REGISTER", user))
+            .await?;
+    }
+    let handled = recorder.wait_until(WAIT, |r| r.handled_by("rewards").len() >= EVENTS);
+    ensure!(
+        handled,
+        "not all handled: {:?}",
+        recorder.handled_by("rewards")
+    );
+    let current = mqplug::wasm::Version::of(&std::fs::read(plugin_path("noop")?)?).0;
+    let candidate = mqplug::wasm::Version::of(&std::fs::read(plugin_path("reward-logger")?)?).0;
+
+    let seen = tokio::task::spawn_blocking(move || -> Result<_> {
+        let browser = Browser::start()?;
+        browser.goto(&format!("http://{addr}/"))?;
+        let running =
+            browser.wait_for_text("#canary-rewards .state", WAIT, |t| t.starts_with("running"))?;
+        let share = browser.text("#canary-rewards td.num")?;
+        // Both builds side by side, with what each handled.
+        let counted = |t: &str| t.contains(" handled since the canary started");
+        let sides = browser.wait_for_text("#canary-rewards .candidate", WAIT, counted)?;
+        let current_side = browser.text("#canary-rewards .current")?;
+        if let Some(path) = std::env::var_os("MQPLUG_SCREENSHOT") {
+            std::fs::write(path, browser.screenshot()?)?;
+        }
+        let clicked = browser.click("#canary-rewards button.promote")?;
+        let promoted = browser.wait_for_text("#canary-rewards .state", WAIT, |t| {
+            t.starts_with("promoted")
+        })?;
+        let build =
+            browser.wait_for_text("#plugin-rewards td:nth-child(3)", WAIT, |t| !t.is_empty())?;
+        let buttons = browser.text("#canary-rewards button")?;
+        Ok((
+            running,
+            share,
+            sides,
+            current_side,
+            clicked,
+            promoted,
+            build,
+            buttons,
+        ))
+    })
+    .await??;
+    let serving = host.plugins()[0].version().to_string();
+    host.shutdown().await;
+    let (running, share, sides, current_side, clicked, promoted, build, buttons) = seen;
+    ensure!(
+        running.0,
+        "the canary is not shown running: {:?}",
+        running.1
+    );
+    assert_eq!(share.as_deref(), Some("50%"));
+    let candidate_side = sides.1.unwrap_or_default();
+    let current_side = current_side.unwrap_or_default();
+    assert!(
+        candidate_side.starts_with(&candidate[..12]),
+        "{candidate_side}"
+    );
+    assert!(current_side.starts_with(&current[..12]), "{current_side}");
+    // What each build handled adds up to what was published.
+    let handled_by = |side: &str| -> usize {
+        side.split(" handled since")
+            .next()
+            .and_then(|text| text.rsplit('\n').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(usize::MAX)
+    };
+    assert_eq!(
+        handled_by(&candidate_side) + handled_by(&current_side),
+        EVENTS,
+        "{candidate_side}\n{current_side}"
+    );
+    ensure!(clicked, "no promote button");
+    ensure!(promoted.0, "not shown promoted: {:?}", promoted.1);
+    assert!(
+        build.1.unwrap_or_default().starts_with(&candidate[..12]),
+        "the plugin's build is the candidate's now"
+    );
+    assert_eq!(buttons, None, "no buttons on a promoted canary");
+    assert_eq!(serving, candidate);
+    Ok(())
+}

@@ -3,8 +3,9 @@
 //! (`src/bin/mqplug.rs`) parses, sets up logging and calls [`execute`].
 //!
 //! One room per command: `run`, `publish`, `replay`, `kit` (`mqplug test`),
-//! `new`, `dlq` and `state`.
+//! `new`, `dlq`, `state` and `canary`.
 
+mod canary;
 mod dlq;
 mod kit;
 pub mod logging;
@@ -21,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{HostConfig, Overrides};
 
+pub use canary::CanaryArgs;
 pub use dlq::{DlqArgs, DlqRedriveArgs};
 pub use kit::TestArgs;
 pub use new::NewArgs;
@@ -80,6 +82,19 @@ pub enum Command {
     /// list the keys, show a value, or clear a bucket.
     #[command(subcommand)]
     State(StateCommand),
+    /// A running host's canary (a plugin entry's `[plugin.canary]`):
+    /// promote its candidate to the current build, or abort it.
+    #[command(subcommand)]
+    Canary(CanaryCommand),
+}
+
+#[derive(Subcommand)]
+pub enum CanaryCommand {
+    /// The candidate becomes the current build from the next message on
+    /// (until the host restarts: point the entry's path at it to keep it).
+    Promote(CanaryArgs),
+    /// The current build handles every message from the next one on.
+    Abort(CanaryArgs),
 }
 
 #[derive(Subcommand)]
@@ -203,6 +218,8 @@ pub fn execute(command: Command) -> Result<std::process::ExitCode> {
         Command::Dlq(DlqCommand::List(args)) => in_runtime(dlq::list(args)),
         Command::Dlq(DlqCommand::Redrive(args)) => in_runtime(dlq::redrive(args)),
         Command::State(command) => state::state(command),
+        Command::Canary(CanaryCommand::Promote(args)) => canary::canary("promote", args),
+        Command::Canary(CanaryCommand::Abort(args)) => canary::canary("abort", args),
     }
 }
 

@@ -194,6 +194,13 @@ impl HostConfig {
             if plugin.path.is_relative() {
                 plugin.path = base.join(&plugin.path);
             }
+            if let Some(canary) = plugin
+                .canary
+                .as_mut()
+                .filter(|canary| canary.path.is_relative())
+            {
+                canary.path = base.join(&canary.path);
+            }
             for source in plugin.secrets.values_mut() {
                 if let Some(file) = source.file.as_mut().filter(|file| file.is_relative()) {
                     *file = base.join(&*file);

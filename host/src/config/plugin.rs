@@ -16,6 +16,7 @@ use super::{
     ConfigError, KeyValueConfig, LISTENER_TIMEOUT_MS, MAX_DEADLINE_MS, MAX_HTTP_IN_FLIGHT,
     MAX_HTTP_RESPONSE_BYTES, MIB, RuntimeConfig, SecretSource,
 };
+use crate::canary::CanaryConfig;
 use crate::mq::{ConsumeFrom, ConsumerSettings};
 use crate::observe::Observers;
 use crate::topic::TopicName;
@@ -120,6 +121,12 @@ pub struct PluginConfig {
     /// `buckets = ["seen"]`) in the host's store. None by default.
     #[serde(default)]
     pub key_value: Option<KeyValueConfig>,
+    /// A candidate build beside this one (`[plugin.canary]`: `path`,
+    /// `percent`, `window`, `min_events`): it handles that share of users
+    /// with the entry's grants, and is rolled back by itself when it does
+    /// measurably worse. None by default.
+    #[serde(default)]
+    pub canary: Option<CanaryConfig>,
 }
 
 pub(super) fn default_tags() -> String {
@@ -204,6 +211,7 @@ impl PluginConfig {
             http_ca_file: None,
             allowed_topics: Vec::new(),
             key_value: None,
+            canary: None,
         }
     }
 
@@ -335,6 +343,9 @@ impl PluginConfig {
     ) -> Result<(), String> {
         if let Some(key_value) = &self.key_value {
             key_value.check(&self.name)?;
+        }
+        if let Some(problem) = self.canary.as_ref().and_then(CanaryConfig::problem) {
+            return Err(problem);
         }
         if self.deadline_ms == 0 || self.deadline_ms > MAX_DEADLINE_MS {
             return Err(format!(

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::mq::{ConsumeFrom, MqRuntime, PluginConsumer, Probe, RouteClient};
 use crate::observe::{HostEvent, Observers};
 use crate::plan::{Step, plan};
-use crate::slot::{PluginSlot, SlotState, load_unreported};
+use crate::slot::{PluginSlot, SlotState, load_candidate, load_unreported};
 use crate::topic::TopicName;
 use crate::wasm::{Plugin, PoolUsage, WasmRuntime};
 
@@ -458,7 +458,16 @@ impl Shared {
     /// Starts consuming for a freshly loaded plugin, in a new slot; whether
     /// its consumer started (a failure is logged and shown as not serving).
     async fn serve(&self, config: &PluginConfig, plugin: Plugin) -> bool {
-        let slot = Arc::new(PluginSlot::new(config, plugin));
+        let candidate = if config.canary.is_some() {
+            let (wasm, observers, entry) =
+                (self.wasm.clone(), self.observers.clone(), config.clone());
+            tokio::task::spawn_blocking(move || load_candidate(&wasm, &entry, &observers))
+                .await
+                .unwrap_or_else(|err| Some(Err(format!("loading the candidate panicked: {err}"))))
+        } else {
+            None
+        };
+        let slot = Arc::new(PluginSlot::new(config, plugin).with_candidate(config, candidate));
         match self.start_consumer(config, slot).await {
             Ok(()) => {
                 self.mark_serving(&config.name);

@@ -22,7 +22,7 @@ use crate::config::{ConfigError, HostConfig};
 use crate::metrics::Metrics;
 use crate::mq::{MqError, MqRuntime, Publisher, PublisherOutbox, RouteClient};
 use crate::observe::Observers;
-use crate::slot::{PluginSlot, load_plugin};
+use crate::slot::{PluginSlot, load_candidate, load_plugin};
 use crate::topic::TopicName;
 use crate::wasm::{PluginLoadError, PoolUsage, WasmRuntime};
 
@@ -103,7 +103,10 @@ impl Host {
                             took_ms = started.elapsed().as_millis() as u64,
                             "plugin loaded"
                         );
-                        Ok(Arc::new(PluginSlot::new(plugin, instance)))
+                        let candidate = load_candidate(&wasm, plugin, &observers);
+                        Ok(Arc::new(
+                            PluginSlot::new(plugin, instance).with_candidate(plugin, candidate),
+                        ))
                     })
                     .collect::<Result<Vec<_>, PluginLoadError>>()
             })
