@@ -374,6 +374,17 @@ fn canary_action(path: &str) -> Option<(String, &str)> {
         .then_some((name, verb))
 }
 
+/// Whether a `Host` header names an IP address or localhost (with or
+/// without a port), not a domain name.
+fn is_address_or_localhost(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [::1]:9900
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 /// `%XX` escapes decoded; `None` for a broken escape or text that is not
 /// UTF-8.
 fn percent_decoded(text: &str) -> Option<String> {
@@ -408,6 +419,18 @@ fn act_on_canary(
         return answer(
             403,
             json!({"error": format!("a canary command needs the {ACTION_HEADER} header")}),
+        );
+    }
+    // A page served under another name that resolves here (DNS rebinding)
+    // sends that name: commands are taken only for an address or localhost.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or_default();
+    if !is_address_or_localhost(host) {
+        return answer(
+            403,
+            json!({"error": "a canary command is taken only for an address or localhost in Host"}),
         );
     }
     let Some(slot) = view.slots().into_iter().find(|slot| slot.name() == name) else {
@@ -995,12 +1018,22 @@ mod tests {
     fn a_canary_command_needs_the_action_header_and_a_plugin_by_its_decoded_name() {
         let view = Stub::view(None);
         let post = |path: &str, header: bool| {
-            let mut request = Request::post(path);
+            let mut request = Request::post(path).header(header::HOST, "127.0.0.1:9900");
             if header {
                 request = request.header(ACTION_HEADER, "promote");
             }
             respond(&request.body(()).unwrap(), view.as_ref()).status()
         };
+        // A name that is not an address: DNS rebinding, refused.
+        let rebound = Request::post("/plugins/rewards/canary/promote")
+            .header(header::HOST, "attacker.example:9900")
+            .header(ACTION_HEADER, "promote")
+            .body(())
+            .unwrap();
+        assert_eq!(respond(&rebound, view.as_ref()).status(), 403);
+        for host in ["localhost:9900", "[::1]:9900", "10.0.0.5", "LOCALHOST"] {
+            assert!(is_address_or_localhost(host), "{host}");
+        }
         assert_eq!(post("/plugins/rewards/canary/promote", false), 403);
         assert_eq!(post("/plugins/rewards/canary/promote", true), 404);
         assert_eq!(post("/plugins/rewards/canary/restart", true), 405);

@@ -9,10 +9,11 @@
 //! (the current one, once the candidate is rolled back).
 //!
 //! The comparison ([`judge`]) reads the last `window` outcomes of each
-//! build. The candidate is rolled back when, with at least `min_events` of
-//! its own:
+//! build (first deliveries only: a message retried again and again would
+//! count many times), each time the candidate has `min_events` more. The
+//! candidate is rolled back when, with at least `min_events` of its own:
 //! - its failure rate is higher than the current build's beyond doubt: the
-//!   lower end of its 95 % Wilson interval is above the upper end of the
+//!   lower end of its 99 % Wilson interval is above the upper end of the
 //!   current build's (a candidate failing 20 of 20 against a current build
 //!   failing 0 of 180 is; 2 of 20 against 5 of 180 is not); or
 //! - its median handling time is more than twice the current build's and
@@ -48,7 +49,7 @@ fn default_min_events() -> u32 {
 }
 
 /// The largest `window`.
-pub const MAX_WINDOW: u32 = 100_000;
+pub const MAX_WINDOW: u32 = 10_000;
 
 impl CanaryConfig {
     /// What is wrong with the entry, if anything.
@@ -111,6 +112,8 @@ impl CanaryState {
 struct Outcomes {
     cap: usize,
     last: VecDeque<(bool, Duration)>,
+    /// Failures in `last`.
+    failures: u64,
     /// Every outcome recorded, beyond the window too.
     handled: u64,
     failed: u64,
@@ -121,18 +124,28 @@ impl Outcomes {
         Outcomes {
             cap: cap as usize,
             last: VecDeque::new(),
+            failures: 0,
             handled: 0,
             failed: 0,
         }
     }
 
     fn record(&mut self, failed: bool, took: Duration) {
-        if self.last.len() == self.cap {
-            self.last.pop_front();
+        if self.last.len() == self.cap
+            && let Some((dropped, _)) = self.last.pop_front()
+        {
+            self.failures -= u64::from(dropped);
         }
         self.last.push_back((failed, took));
+        self.failures += u64::from(failed);
         self.handled += 1;
         self.failed += u64::from(failed);
+    }
+
+    /// Forgets the window (the totals stay).
+    fn forget(&mut self) {
+        self.last.clear();
+        self.failures = 0;
     }
 
     fn summary(&self) -> Summary {
@@ -140,7 +153,7 @@ impl Outcomes {
         times.sort_unstable();
         Summary {
             events: self.last.len() as u64,
-            failures: self.last.iter().filter(|(failed, _)| *failed).count() as u64,
+            failures: self.failures,
             median: times.get(times.len() / 2).copied(),
             handled: self.handled,
             failed: self.failed,
@@ -224,7 +237,16 @@ impl Canary {
             Side::Current => inner.current.record(failed, took),
             Side::Candidate => inner.candidate.record(failed, took),
         }
-        if inner.state != CanaryState::Running {
+        // Judged each time the candidate has `min_events` more outcomes,
+        // not after every message: each look at the numbers is a chance of
+        // a false alarm, and sorting the windows is not free.
+        if inner.state != CanaryState::Running
+            || side != Side::Candidate
+            || !inner
+                .candidate
+                .handled
+                .is_multiple_of(u64::from(self.min_events))
+        {
             return None;
         }
         let verdict = judge(
@@ -234,6 +256,11 @@ impl Canary {
         )?;
         inner.state = CanaryState::RolledBack(verdict.clone());
         Some(verdict)
+    }
+
+    /// Starts the current build's window afresh: the build was reloaded.
+    pub fn forget_current(&self) {
+        self.lock().current.forget();
     }
 
     /// Ends a running canary in `state` (promoted or aborted); `Err` names
@@ -299,13 +326,13 @@ pub fn judge(current: &Summary, candidate: &Summary, min_events: u32) -> Option<
     None
 }
 
-/// The 95 % Wilson score interval of `failures` in `events`; (0, 1) when
+/// The 99 % Wilson score interval of `failures` in `events`; (0, 1) when
 /// there are none.
 fn wilson(failures: u64, events: u64) -> (f64, f64) {
     if events == 0 {
         return (0.0, 1.0);
     }
-    const Z: f64 = 1.96;
+    const Z: f64 = 2.576;
     let n = events as f64;
     let p = failures as f64 / n;
     let z2 = Z * Z;
@@ -411,7 +438,7 @@ mod tests {
             canary.record(Side::Current, false, Duration::from_millis(1));
         }
         let mut verdicts =
-            (0..10).filter_map(|_| canary.record(Side::Candidate, true, Duration::from_millis(1)));
+            (0..30).filter_map(|_| canary.record(Side::Candidate, true, Duration::from_millis(1)));
         assert!(verdicts.next().is_some());
         assert!(verdicts.next().is_none(), "rolled back once");
         assert!(!canary.takes(taken));
@@ -419,6 +446,42 @@ mod tests {
             canary.end(CanaryState::Promoted),
             Err(CanaryState::RolledBack(_))
         ));
+    }
+
+    #[test]
+    fn judged_every_min_events_candidate_outcomes_and_a_reload_starts_the_current_side_afresh() {
+        let canary = Canary::new(&CanaryConfig {
+            path: "c.wasm".into(),
+            percent: 50,
+            window: 100,
+            min_events: 5,
+        });
+        for _ in 0..20 {
+            canary.record(Side::Current, true, Duration::from_millis(1));
+        }
+        // Failing alike: no verdict, whenever it is judged.
+        for _ in 0..10 {
+            assert_eq!(
+                canary.record(Side::Candidate, true, Duration::from_millis(1)),
+                None
+            );
+        }
+        // The current build reloaded, and the new one fails nothing: the
+        // next judgement (at 15) compares with it alone.
+        canary.forget_current();
+        for _ in 0..10 {
+            canary.record(Side::Current, false, Duration::from_millis(1));
+        }
+        let verdicts: Vec<usize> = (11..=15)
+            .filter(|_| {
+                canary
+                    .record(Side::Candidate, true, Duration::from_millis(1))
+                    .is_some()
+            })
+            .collect();
+        assert_eq!(verdicts, [15], "judged at the 15th candidate outcome only");
+        let status = canary.status();
+        assert_eq!((status.current.events, status.current.handled), (10, 30));
     }
 
     #[test]

@@ -88,7 +88,17 @@ pub struct PluginSlot {
 /// A candidate build, or why it did not load.
 struct Candidate {
     path: PathBuf,
-    loaded: Result<(Build, Arc<Canary>), String>,
+    loaded: Result<Loaded, String>,
+}
+
+/// A candidate that loaded, and its canary.
+struct Loaded {
+    version: Arc<str>,
+    loaded_at: SystemTime,
+    /// The build while the canary runs; let go of (with its instances)
+    /// once it ends.
+    build: Option<Build>,
+    canary: Arc<Canary>,
 }
 
 /// Reads, compiles (or takes from the cache) and instantiates the plugin a
@@ -198,7 +208,12 @@ impl PluginSlot {
                     "canary started: the candidate build handles {}% of users",
                     canary.percent
                 );
-                Ok((build, Arc::new(Canary::new(canary))))
+                Ok(Loaded {
+                    version: build.version.clone(),
+                    loaded_at: build.loaded_at,
+                    build: Some(build),
+                    canary: Arc::new(Canary::new(canary)),
+                })
             }
             Err(error) => {
                 tracing::error!(
@@ -216,20 +231,52 @@ impl PluginSlot {
         self
     }
 
+    fn candidate(&self) -> std::sync::RwLockWriteGuard<'_, Option<Candidate>> {
+        self.candidate.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The running canary, if there is one: its candidate build and canary.
     fn running_canary(&self) -> Option<(Build, Arc<Canary>)> {
         let candidate = self.candidate.read().unwrap_or_else(|e| e.into_inner());
-        let (build, canary) = candidate.as_ref()?.loaded.as_ref().ok()?;
-        (canary.state() == CanaryState::Running).then(|| (build.clone(), canary.clone()))
+        let loaded = candidate.as_ref()?.loaded.as_ref().ok()?;
+        let build = loaded.build.as_ref()?;
+        (loaded.canary.state() == CanaryState::Running)
+            .then(|| (build.clone(), loaded.canary.clone()))
+    }
+
+    /// Whether a promotion put the candidate in the entry's place: then the
+    /// entry's own file is not reloaded until the entry changes.
+    pub fn promoted(&self) -> bool {
+        let candidate = self.candidate.read().unwrap_or_else(|e| e.into_inner());
+        candidate
+            .as_ref()
+            .and_then(|candidate| candidate.loaded.as_ref().ok())
+            .is_some_and(|loaded| loaded.canary.state() == CanaryState::Promoted)
+    }
+
+    /// Ends the running canary in `state`, taking its build out of the
+    /// slot: the build, for a promotion; `Err` says why not.
+    fn end_canary(&self, state: CanaryState) -> Result<Build, String> {
+        let mut candidate = self.candidate();
+        let loaded = match candidate.as_mut().map(|candidate| &mut candidate.loaded) {
+            None => return Err("it has no canary".into()),
+            Some(Err(error)) => return Err(format!("its candidate did not load: {error}")),
+            Some(Ok(loaded)) => loaded,
+        };
+        loaded
+            .canary
+            .end(state)
+            .map_err(|state| format!("its canary is {}", state.name()))?;
+        loaded
+            .build
+            .take()
+            .ok_or_else(|| "its candidate is gone".to_string())
     }
 
     /// Makes the running canary's candidate the current build; returns its
     /// version. `Err` says why not (no canary, or it is not running).
     pub fn promote(&self) -> Result<Arc<str>, String> {
-        let (build, canary) = self.candidate_build()?;
-        canary
-            .end(CanaryState::Promoted)
-            .map_err(|state| format!("its canary is {}", state.name()))?;
+        let build = self.end_canary(CanaryState::Promoted)?;
         let version = build.version.clone();
         let old = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
@@ -239,18 +286,16 @@ impl PluginSlot {
             plugin = %self.name,
             from = short(&old.version),
             to = short(&version),
-            "canary promoted: the candidate handles every message from the next one; \
-             point the entry's path at the candidate's file to keep it after a restart"
+            "canary promoted: the candidate handles every message from the next one, until the \
+             entry changes or the host restarts (point the entry's path at the candidate's file \
+             to keep it); the entry's own file is not reloaded meanwhile"
         );
         Ok(version)
     }
 
     /// Stops the running canary: the current build handles every message.
     pub fn abort_canary(&self) -> Result<(), String> {
-        let (build, canary) = self.candidate_build()?;
-        canary
-            .end(CanaryState::Aborted)
-            .map_err(|state| format!("its canary is {}", state.name()))?;
+        let build = self.end_canary(CanaryState::Aborted)?;
         tracing::info!(
             plugin = %self.name,
             candidate = short(&build.version),
@@ -259,12 +304,11 @@ impl PluginSlot {
         Ok(())
     }
 
-    fn candidate_build(&self) -> Result<(Build, Arc<Canary>), String> {
-        let candidate = self.candidate.read().unwrap_or_else(|e| e.into_inner());
-        match candidate.as_ref().map(|candidate| &candidate.loaded) {
-            None => Err("it has no canary".into()),
-            Some(Err(error)) => Err(format!("its candidate did not load: {error}")),
-            Some(Ok((build, canary))) => Ok((build.clone(), canary.clone())),
+    /// After a rollback: the candidate's build (and its idle instances)
+    /// let go of.
+    fn release_candidate(&self) {
+        if let Some(Ok(loaded)) = self.candidate().as_mut().map(|c| &mut c.loaded) {
+            loaded.build = None;
         }
     }
 
@@ -306,6 +350,11 @@ impl PluginSlot {
                     build,
                 );
                 self.set_state(SlotState::Serving);
+                // A running canary compares the candidate with this build
+                // from now on, not with the one it replaced.
+                if let Some((_, canary)) = self.running_canary() {
+                    canary.forget_current();
+                }
                 tracing::info!(
                     plugin = %self.name,
                     from = &old.version[..12.min(old.version.len())],
@@ -344,9 +393,22 @@ impl PluginSlot {
 
     pub fn status(&self) -> SlotStatus {
         let build = self.read();
+        let candidate = self.candidate.read().unwrap_or_else(|e| e.into_inner());
+        // After a promotion the candidate's file serves, not the entry's.
+        let path = match candidate.as_ref() {
+            Some(promoted)
+                if promoted
+                    .loaded
+                    .as_ref()
+                    .is_ok_and(|loaded| loaded.canary.state() == CanaryState::Promoted) =>
+            {
+                promoted.path.clone()
+            }
+            _ => self.path.clone(),
+        };
         SlotStatus {
             name: self.name.to_string(),
-            path: self.path.clone(),
+            path,
             group: self.group.clone(),
             version: build.version.to_string(),
             loaded_at: build.loaded_at,
@@ -355,23 +417,18 @@ impl PluginSlot {
             contract: build.plugin.contract(),
             config_keys: build.plugin.settings().config.keys().0.to_vec(),
             secret_keys: build.plugin.settings().config.keys().1.to_vec(),
-            canary: self
-                .candidate
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|candidate| CandidateStatus {
-                    path: candidate.path.clone(),
-                    loaded: candidate
-                        .loaded
-                        .as_ref()
-                        .map(|(build, canary)| CandidateBuild {
-                            version: build.version.to_string(),
-                            loaded_at: build.loaded_at,
-                            canary: canary.status(),
-                        })
-                        .map_err(Clone::clone),
-                }),
+            canary: candidate.as_ref().map(|candidate| CandidateStatus {
+                path: candidate.path.clone(),
+                loaded: candidate
+                    .loaded
+                    .as_ref()
+                    .map(|loaded| CandidateBuild {
+                        version: loaded.version.to_string(),
+                        loaded_at: loaded.loaded_at,
+                        canary: loaded.canary.status(),
+                    })
+                    .map_err(Clone::clone),
+            }),
         }
     }
 }
@@ -427,16 +484,39 @@ impl EventHandler for PluginSlot {
         // plugin's own log lines carry the build too.
         tracing::Span::current().record("version", short(&version));
         let started = Instant::now();
-        let (outcome, outbox) = plugin.handle_with_outbox(event, delivery);
+        let (mut outcome, outbox) = plugin.handle_with_outbox(event, delivery);
         if let Some((candidate, canary)) = canary {
-            let failed = !matches!(outcome, HandlerOutcome::Accepted);
-            if let Some(reason) = canary.record(side, failed, started.elapsed()) {
+            // First deliveries only: a message retried again and again
+            // would count against one build many times.
+            let verdict = (delivery.reconsume_times == 0)
+                .then(|| {
+                    let failed = !matches!(outcome, HandlerOutcome::Accepted);
+                    canary.record(side, failed, started.elapsed())
+                })
+                .flatten();
+            if let Some(reason) = verdict {
                 tracing::warn!(
                     plugin = %self.name,
                     candidate = short(&candidate.version),
                     "canary rolled back: {reason}; the current build handles every message \
                      from the next one, redeliveries of what the candidate failed included"
                 );
+                self.release_candidate();
+            }
+            // A candidate's dead letter is retried instead, so that the
+            // current build gets the message if the candidate is rolled back.
+            if side == Side::Candidate
+                && let HandlerOutcome::Rejected {
+                    reason,
+                    disposition: crate::outcome::Disposition::DeadLetter,
+                } = &outcome
+            {
+                outcome = HandlerOutcome::Rejected {
+                    reason: format!(
+                        "{reason} (a canary candidate's dead letter is retried instead)"
+                    ),
+                    disposition: crate::outcome::Disposition::Retry,
+                };
             }
         }
         Handled {

@@ -276,7 +276,9 @@ impl HostConfig {
     pub fn instances_needed(&self) -> u64 {
         self.plugins
             .iter()
-            .map(|p| u64::from(p.concurrency) + 1)
+            // A canary's candidate keeps instances of its own beside the
+            // current build's.
+            .map(|p| (u64::from(p.concurrency) + 1) * if p.canary.is_some() { 2 } else { 1 })
             .sum()
     }
 
@@ -358,7 +360,8 @@ impl HostConfig {
         if wanted > u64::from(self.runtime.max_instances) {
             return Err(ConfigError::Runtime(format!(
                 "the plugins may need {wanted} instances at once (each plugin's concurrency, \
-                 plus one for a reload), over runtime.max_instances = {}",
+                 plus one for a reload, twice over for a plugin with a canary), over \
+                 runtime.max_instances = {}",
                 self.runtime.max_instances
             )));
         }

@@ -54,12 +54,19 @@ pub(super) struct Shared {
     pub(super) route: tokio::sync::OnceCell<RouteClient>,
     /// The last probe of the name server and the brokers holding the topic.
     pub(super) broker: Mutex<Option<Result<Probe, String>>>,
+    /// Whether the last probe that reached the name server found no broker
+    /// holding the topic (a probe that did not reach it changes nothing).
+    pub(super) topic_missing: std::sync::atomic::AtomicBool,
     /// Messages waiting in each plugin's group, by plugin, as last read.
     pub(super) lag: Mutex<BTreeMap<String, u64>>,
     /// Each plugin's messages handled (all outcomes) and lag at each probe,
     /// the last [`HISTORY`] of them, for the status page's chart.
     pub(super) history: Mutex<BTreeMap<String, std::collections::VecDeque<Sample>>>,
 }
+
+/// A plugin entry's build, and its canary's candidate (or why that did
+/// not load) when it names one.
+type Builds = (Plugin, Option<Result<Plugin, String>>);
 
 /// Samples kept per plugin: 10 minutes at one per probe (5 s).
 const HISTORY: usize = 120;
@@ -94,29 +101,29 @@ impl Shared {
         let silent = probe.as_ref().ok().map(Probe::silent);
         // Whether a broker holds the topic; `None` while the name server
         // does not answer.
-        let held = |probe: &Result<Probe, String>| {
-            probe.as_ref().ok().map(|probe| !probe.brokers.is_empty())
-        };
-        let held_now = held(&probe);
-        let (changed, held_before) = {
+        let held = probe.as_ref().ok().map(|probe| !probe.brokers.is_empty());
+        let changed = {
             let mut last = self.broker.lock().unwrap_or_else(|e| e.into_inner());
             let was = last
                 .as_ref()
                 .map(|last| last.clone().and_then(|probe| probe.health()));
-            let held_before = last.as_ref().and_then(held);
             *last = Some(probe);
-            (was.as_ref() != Some(&health), held_before)
+            was.as_ref() != Some(&health)
         };
         let wire = self.topic.wire();
-        match (held_before, held_now) {
-            (before, Some(false)) if before != Some(false) => warn!(
-                topic = wire,
-                "topic {wire} is not on the broker yet; mqplug looks every {} s and consumes it as soon as it is there. \
-                 A producer's first send creates it where the broker allows that (autoCreateTopicEnable); \
-                 or create it: mqadmin updateTopic -n NAME_SERVER -c CLUSTER -t {wire}",
-                super::PROBE_EVERY.as_secs()
-            ),
-            (Some(false), Some(true)) => {
+        match held {
+            Some(false) => {
+                if !self.topic_missing.swap(true, Ordering::AcqRel) {
+                    warn!(
+                        topic = wire,
+                        "topic {wire} is not on the broker yet; mqplug looks every {} s and consumes it as soon as it is there. \
+                         A producer's first send creates it where the broker allows that (autoCreateTopicEnable); \
+                         or create it: mqadmin updateTopic -n NAME_SERVER -c CLUSTER -t {wire}",
+                        super::PROBE_EVERY.as_secs()
+                    );
+                }
+            }
+            Some(true) if self.topic_missing.swap(false, Ordering::AcqRel) => {
                 info!(
                     topic = wire,
                     "topic {wire} is on the broker now: consuming it"
@@ -144,8 +151,23 @@ impl Shared {
     /// Has every running consumer read the topic's route and rebalance now:
     /// the topic has just appeared.
     async fn pick_up_topic(&self) {
+        // Each consumer's route request is bounded: the lock on the running
+        // plugins (which a config reload and shutdown wait for) is not held
+        // longer than that.
+        const EACH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
         for (name, running) in self.running.lock().await.iter() {
-            match running.consumer.pick_up_topic(self.topic.wire()).await {
+            let picked = tokio::time::timeout(
+                EACH_WITHIN,
+                running.consumer.pick_up_topic(self.topic.wire()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::mq::MqError {
+                    action: "read the topic's route".into(),
+                    cause: format!("no answer within {EACH_WITHIN:?}"),
+                })
+            });
+            match picked {
                 Ok(queues) => debug!(plugin = %name, queues, "consumer picked up the topic"),
                 Err(err) => warn!(
                     plugin = %name,
@@ -436,14 +458,20 @@ impl Shared {
             .any(|(other, running)| other != name && running.config.group() == group)
     }
 
-    /// Loads a plugin entry off the async threads. Its load report comes
-    /// back unsent, so the caller can put its own state in place first.
-    async fn load(&self, config: &PluginConfig) -> (Result<Plugin, String>, Option<HostEvent>) {
+    /// Loads a plugin entry off the async threads: its build, and its
+    /// canary's candidate if it names one, both before anything stops. Its
+    /// load report comes back unsent, so the caller can put its own state
+    /// in place first.
+    async fn load(&self, config: &PluginConfig) -> (Result<Builds, String>, Option<HostEvent>) {
         let wasm = self.wasm.clone();
         let observers = self.observers.clone();
         let entry = config.clone();
-        match tokio::task::spawn_blocking(move || load_unreported(&wasm, &entry, &observers)).await
-        {
+        let loading = move || {
+            let (loaded, report) = load_unreported(&wasm, &entry, &observers);
+            let loaded = loaded.map(|plugin| (plugin, load_candidate(&wasm, &entry, &observers)));
+            (loaded, report)
+        };
+        match tokio::task::spawn_blocking(loading).await {
             Ok((loaded, report)) => (loaded.map_err(|err| err.to_string()), Some(report)),
             Err(err) => (Err(format!("loading the plugin panicked: {err}")), None),
         }
@@ -457,16 +485,7 @@ impl Shared {
 
     /// Starts consuming for a freshly loaded plugin, in a new slot; whether
     /// its consumer started (a failure is logged and shown as not serving).
-    async fn serve(&self, config: &PluginConfig, plugin: Plugin) -> bool {
-        let candidate = if config.canary.is_some() {
-            let (wasm, observers, entry) =
-                (self.wasm.clone(), self.observers.clone(), config.clone());
-            tokio::task::spawn_blocking(move || load_candidate(&wasm, &entry, &observers))
-                .await
-                .unwrap_or_else(|err| Some(Err(format!("loading the candidate panicked: {err}"))))
-        } else {
-            None
-        };
+    async fn serve(&self, config: &PluginConfig, (plugin, candidate): Builds) -> bool {
         let slot = Arc::new(PluginSlot::new(config, plugin).with_candidate(config, candidate));
         match self.start_consumer(config, slot).await {
             Ok(()) => {

@@ -142,6 +142,7 @@ impl Host {
                 not_serving: Mutex::new(BTreeMap::new()),
                 route: tokio::sync::OnceCell::new(),
                 broker: Mutex::new(None),
+                topic_missing: std::sync::atomic::AtomicBool::new(false),
                 lag: Mutex::new(BTreeMap::new()),
                 history: Mutex::new(BTreeMap::new()),
             }),

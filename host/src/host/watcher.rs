@@ -216,6 +216,10 @@ impl Watcher {
             // async threads, and off the message path (handlers keep using
             // the current build).
             let _ = tokio::task::spawn_blocking(move || {
+                if slot.promoted() {
+                    info!(plugin = %config.name, path = %config.path.display(), "plugin file changed, not reloaded: its canary's candidate was promoted and serves until the entry changes");
+                    return;
+                }
                 if unchanged(&slot, &config.path) {
                     debug!(plugin = %config.name, "plugin file touched, content unchanged: nothing to reload");
                     return;
