@@ -27,6 +27,7 @@ pub mod outcome;
 pub mod page;
 pub mod plan;
 pub mod publish;
+pub mod recorded;
 pub mod replay;
 pub mod scaffold;
 pub mod shutdown;

@@ -83,6 +83,8 @@ pub struct PluginSlot {
     state: Mutex<SlotState>,
     /// The entry's candidate build and its canary, if the entry names one.
     candidate: RwLock<Option<Candidate>>,
+    /// Where failed events are written down, if the entry records them.
+    failures: Option<crate::recorded::FailureLog>,
 }
 
 /// A candidate build, or why it did not load.
@@ -184,6 +186,10 @@ impl PluginSlot {
             current: RwLock::new(Build::of(plugin)),
             state: Mutex::new(SlotState::Serving),
             candidate: RwLock::new(None),
+            failures: config
+                .record_failures
+                .as_ref()
+                .map(|record| crate::recorded::FailureLog::new(record, &config.name)),
         }
     }
 
@@ -302,6 +308,43 @@ impl PluginSlot {
             "canary aborted: the current build handles every message from the next one"
         );
         Ok(())
+    }
+
+    /// Writes a failed event down with what the plugin saw; a write that
+    /// fails is logged, the message's outcome stays as it is.
+    fn write_down(
+        &self,
+        version: &str,
+        event: &TaskEvent,
+        delivery: &Delivery,
+        outcome: &HandlerOutcome,
+        recorded: (crate::wasm::Seen, Vec<crate::wasm::OutgoingMessage>),
+        plugin: &Plugin,
+    ) {
+        let Some(failures) = &self.failures else {
+            return;
+        };
+        let Some(recording) = crate::recorded::Recording::of(
+            &self.name,
+            version,
+            event,
+            delivery,
+            outcome,
+            recorded,
+            &plugin.settings().config,
+        ) else {
+            return;
+        };
+        match failures.write(&recording) {
+            Ok(path) => tracing::info!(
+                plugin = %self.name,
+                file = %path.display(),
+                "failure recorded: mqplug dlq export --plugin {} --id {} makes it a fixture",
+                self.name,
+                crate::text::inert(&delivery.message_id, 128)
+            ),
+            Err(err) => tracing::warn!(plugin = %self.name, "failure not recorded: {err}"),
+        }
     }
 
     /// After a rollback: the candidate's build (and its idle instances)
@@ -484,7 +527,11 @@ impl EventHandler for PluginSlot {
         // plugin's own log lines carry the build too.
         tracing::Span::current().record("version", short(&version));
         let started = Instant::now();
-        let (mut outcome, outbox) = plugin.handle_with_outbox(event, delivery);
+        let handling = plugin.handle_recorded(event, delivery);
+        let (mut outcome, outbox) = (handling.outcome, handling.outbox);
+        if let Some(recorded) = handling.recorded {
+            self.write_down(&version, event, delivery, &outcome, recorded, &plugin);
+        }
         if let Some((candidate, canary)) = canary {
             // First deliveries only: a message retried again and again
             // would count against one build many times.

@@ -65,6 +65,9 @@ struct Ledger {
     grants: Vec<Grant>,
     by_key: HashMap<String, usize>,
     stats: Stats,
+    /// While set, every grant request is answered with this status (an
+    /// outage) and grants nothing.
+    failing: Option<(u16, String)>,
 }
 
 /// An event whose `count` is not a number: the reward granter
@@ -167,6 +170,15 @@ impl RewardsService {
         })
     }
 
+    /// Answers every grant request with `status` and `body` from now on
+    /// (an outage), or as usual again with `None`.
+    pub fn fail_with(&self, failing: Option<(u16, &str)>) {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failing = failing.map(|(status, body)| (status, body.to_string()));
+    }
+
     pub fn stats(&self) -> Stats {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner()).stats
     }
@@ -208,7 +220,25 @@ async fn serve(
     expected_authorization: &str,
 ) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
-        (&Method::POST, "/grants") => grant(request, ledger, expected_authorization).await,
+        (&Method::POST, "/grants") => {
+            let failing = ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .failing
+                .clone();
+            match failing {
+                Some((status, body)) => {
+                    // Read as a real service would, then refuse: answering
+                    // first would leave the client writing to a closed
+                    // connection, a different failure.
+                    let _ = request.into_body().collect().await;
+                    let status =
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    answer(status, json!({ "error": body }))
+                }
+                None => grant(request, ledger, expected_authorization).await,
+            }
+        }
         (&Method::GET, "/grants") => {
             let ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
             let grants: Vec<Value> = ledger.grants.iter().map(Grant::to_json).collect();

@@ -249,3 +249,49 @@ async fn hand_back(
         std::process::ExitCode::FAILURE
     })
 }
+
+#[derive(Args)]
+pub struct DlqExportArgs {
+    #[command(flatten)]
+    pub dlq: DlqArgs,
+    /// The failed message, by its id (dead-lettered or not: any failure
+    /// the plugin's `record_failures` wrote down).
+    #[arg(long)]
+    pub id: String,
+    /// Where to write the fixture file [default: standard output].
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// `mqplug dlq export`: a recorded failure as a kit fixture file.
+pub fn export(args: DlqExportArgs) -> Result<std::process::ExitCode> {
+    let config = args.dlq.connection.load()?;
+    let entry = config
+        .plugins
+        .iter()
+        .find(|plugin| plugin.name == args.dlq.plugin)
+        .with_context(|| format!("no plugin {:?} in the config", args.dlq.plugin))?;
+    let record = entry.record_failures.as_ref().with_context(|| {
+        format!(
+            "plugin {} does not record failures: add [plugin.record_failures] with a dir to its entry",
+            entry.name
+        )
+    })?;
+    let recording = crate::recorded::FailureLog::new(record, &entry.name)
+        .read(&args.id)
+        .map_err(anyhow::Error::msg)?;
+    let fixture = recording.fixture(entry);
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, fixture)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!(
+                "wrote {}: mqplug test PLUGIN.wasm --fixtures {} replays it",
+                path.display(),
+                path.display()
+            );
+        }
+        None => print!("{fixture}"),
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

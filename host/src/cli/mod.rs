@@ -23,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{HostConfig, Overrides};
 
 pub use canary::CanaryArgs;
-pub use dlq::{DlqArgs, DlqRedriveArgs};
+pub use dlq::{DlqArgs, DlqExportArgs, DlqRedriveArgs};
 pub use kit::TestArgs;
 pub use new::NewArgs;
 pub use publish::{EventArgs, PublishArgs};
@@ -109,6 +109,11 @@ pub enum DlqCommand {
     /// when every one was acknowledged, 1 when one was not, 2 when it
     /// cannot run.
     Redrive(DlqRedriveArgs),
+    /// Writes a failure the plugin's `record_failures` wrote down (the
+    /// event, and what the plugin saw: config, HTTP answers, key-value
+    /// reads) as a kit fixture file, so that `mqplug test PLUGIN.wasm
+    /// --fixtures FILE` replays it with no broker, network or store.
+    Export(DlqExportArgs),
 }
 
 #[derive(Subcommand)]
@@ -217,6 +222,7 @@ pub fn execute(command: Command) -> Result<std::process::ExitCode> {
         Command::New(args) => new::new_plugin(args),
         Command::Dlq(DlqCommand::List(args)) => in_runtime(dlq::list(args)),
         Command::Dlq(DlqCommand::Redrive(args)) => in_runtime(dlq::redrive(args)),
+        Command::Dlq(DlqCommand::Export(args)) => dlq::export(args),
         Command::State(command) => state::state(command),
         Command::Canary(CanaryCommand::Promote(args)) => canary::canary("promote", args),
         Command::Canary(CanaryCommand::Abort(args)) => canary::canary("abort", args),

@@ -201,6 +201,13 @@ impl HostConfig {
             {
                 canary.path = base.join(&canary.path);
             }
+            if let Some(record) = plugin
+                .record_failures
+                .as_mut()
+                .filter(|record| record.dir.is_relative())
+            {
+                record.dir = base.join(&record.dir);
+            }
             for source in plugin.secrets.values_mut() {
                 if let Some(file) = source.file.as_mut().filter(|file| file.is_relative()) {
                     *file = base.join(&*file);

@@ -19,6 +19,7 @@ use super::{
 use crate::canary::CanaryConfig;
 use crate::mq::{ConsumeFrom, ConsumerSettings};
 use crate::observe::Observers;
+use crate::recorded::RecordFailuresConfig;
 use crate::topic::TopicName;
 use crate::wasm::{
     ConfigValues, InstanceMode, KeyValueGrants, Network, Origin, OutboundGrants, OutboundLimits,
@@ -127,6 +128,11 @@ pub struct PluginConfig {
     /// measurably worse. None by default.
     #[serde(default)]
     pub canary: Option<CanaryConfig>,
+    /// Write down each event the plugin fails with what it saw
+    /// (`[plugin.record_failures]`: `dir`, `max_mb`), for `mqplug dlq
+    /// export`. Off by default.
+    #[serde(default)]
+    pub record_failures: Option<RecordFailuresConfig>,
 }
 
 pub(super) fn default_tags() -> String {
@@ -212,6 +218,7 @@ impl PluginConfig {
             allowed_topics: Vec::new(),
             key_value: None,
             canary: None,
+            record_failures: None,
         }
     }
 
@@ -295,6 +302,7 @@ impl PluginConfig {
             log_bytes_per_second: self.log_bytes_per_second,
             fuel_per_event: self.fuel_per_event,
             inherit_stdio: self.inherit_stdio,
+            record_failures: self.record_failures.is_some(),
         })
     }
 
@@ -345,6 +353,13 @@ impl PluginConfig {
             key_value.check(&self.name)?;
         }
         if let Some(problem) = self.canary.as_ref().and_then(CanaryConfig::problem) {
+            return Err(problem);
+        }
+        if let Some(problem) = self
+            .record_failures
+            .as_ref()
+            .and_then(RecordFailuresConfig::problem)
+        {
             return Err(problem);
         }
         if self.deadline_ms == 0 || self.deadline_ms > MAX_DEADLINE_MS {

@@ -29,7 +29,8 @@ pub use capability::publish::{
     MAX_OUTBOX_BODY_BYTES, MAX_OUTBOX_MESSAGES, OutgoingMessage, PublishGrants, follow_up_id,
     follow_up_key,
 };
+pub use capability::recording::{Exchange, Read, Seen};
 pub use deadline::EPOCH_TICK;
 pub use engine::{PoolUsage, RuntimeSettings, WasmRuntime};
-pub use plugin::{InstanceMode, Plugin, PluginLoadError, PluginSettings};
+pub use plugin::{Handling, InstanceMode, Plugin, PluginLoadError, PluginSettings};
 pub use state::{MAX_HEADER_SET_BYTES, max_host_resources};

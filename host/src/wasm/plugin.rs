@@ -15,6 +15,7 @@ use super::capability::http::OutboundGrants;
 use super::capability::keyvalue::KeyValueGrants;
 use super::capability::log_budget::LogBudget;
 use super::capability::publish::{OutgoingMessage, PublishGrants};
+use super::capability::recording::Seen;
 use super::deadline::EPOCH_TICK;
 use super::engine::WasmRuntime;
 use super::state::{Grants, HostState};
@@ -23,6 +24,17 @@ use crate::event::TaskEvent;
 use crate::observe::Observers;
 use crate::outcome::{HandlerFailure, HandlerOutcome};
 use crate::text::{MAX_UNTRUSTED_BYTES, inert_owned};
+
+/// What one call of a handler came to.
+#[derive(Debug)]
+pub struct Handling {
+    pub outcome: HandlerOutcome,
+    /// The follow-ups to send: some only when it returned `ok`.
+    pub outbox: Vec<OutgoingMessage>,
+    /// For a plugin that records failures, what a failed call saw and the
+    /// follow-ups it had put in its outbox (never sent).
+    pub recorded: Option<(Seen, Vec<OutgoingMessage>)>,
+}
 
 /// How instances are used across events.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -71,6 +83,9 @@ pub struct PluginSettings {
     /// default). The store behind them is the runtime's, unless these
     /// grants carry their own.
     pub key_value: Arc<KeyValueGrants>,
+    /// Keep what each event saw (config keys, HTTP exchanges, key-value
+    /// reads), so that a failed one can be written down.
+    pub record_failures: bool,
 }
 
 impl PluginSettings {
@@ -88,6 +103,7 @@ impl PluginSettings {
             outbound: Arc::new(OutboundGrants::none("")),
             publish: Arc::default(),
             key_value: Arc::default(),
+            record_failures: false,
         }
     }
 }
@@ -331,50 +347,71 @@ impl Plugin {
         event: &TaskEvent,
         delivery: &Delivery,
     ) -> (HandlerOutcome, Vec<OutgoingMessage>) {
+        let handling = self.handle_recorded(event, delivery);
+        (handling.outcome, handling.outbox)
+    }
+
+    /// [`Plugin::handle_with_outbox`], with what a failed call saw when the
+    /// plugin records failures.
+    pub fn handle_recorded(&self, event: &TaskEvent, delivery: &Delivery) -> Handling {
+        let failed = |outcome: HandlerFailure, recorded| Handling {
+            outcome: HandlerOutcome::Failed(outcome),
+            outbox: Vec::new(),
+            recorded,
+        };
         let mut instance = match self.acquire() {
             Ok(instance) => instance,
-            Err(failure) => return (HandlerOutcome::Failed(failure), Vec::new()),
+            Err(failure) => return failed(failure, None),
         };
         instance.store.data_mut().begin_event(delivery);
         self.start_deadline(&mut instance.store);
         if let Err(failure) = self.refuel(&mut instance.store) {
-            return (HandlerOutcome::Failed(failure), Vec::new());
+            return failed(failure, None);
         }
         let result = instance
             .bindings
             .handle(&mut instance.store, event, delivery);
+        let recorded = |instance: &mut Instance| {
+            let state = instance.store.data_mut();
+            let seen = state.take_tape()?;
+            Some((seen, std::mem::take(&mut state.publish.outbox)))
+        };
         if result.is_ok() && instance.store.data().wait_limit.cut_short() {
             // It waited until its deadline and came back before the epoch
             // interrupt: still a deadline, and the instance is dropped.
-            return (
-                HandlerOutcome::Failed(HandlerFailure::Deadline {
-                    limit: self.settings.deadline,
-                }),
-                Vec::new(),
-            );
+            let deadline = HandlerFailure::Deadline {
+                limit: self.settings.deadline,
+            };
+            return failed(deadline, recorded(&mut instance));
         }
         match result {
             Ok(Ok(())) => {
                 let outbox = std::mem::take(&mut instance.store.data_mut().publish.outbox);
                 self.release(instance);
-                (HandlerOutcome::Accepted, outbox)
+                Handling {
+                    outcome: HandlerOutcome::Accepted,
+                    outbox,
+                    recorded: None,
+                }
             }
             Ok(Err((reason, disposition))) => {
+                let recorded = recorded(&mut instance);
                 self.release(instance);
                 let reason = self.settings.config.redact(reason);
-                (
-                    HandlerOutcome::Rejected {
+                Handling {
+                    outcome: HandlerOutcome::Rejected {
                         // Logged and counted on every retry: bounded and escaped.
                         reason: inert_owned(reason, MAX_UNTRUSTED_BYTES),
                         disposition,
                     },
-                    Vec::new(),
-                )
+                    outbox: Vec::new(),
+                    recorded,
+                }
             }
-            Err(err) => (
-                HandlerOutcome::Failed(self.classify(&instance.store, err)),
-                Vec::new(),
-            ),
+            Err(err) => {
+                let recorded = recorded(&mut instance);
+                failed(self.classify(&instance.store, err), recorded)
+            }
         }
     }
 
@@ -438,6 +475,7 @@ impl Plugin {
             },
             self.observers.clone(),
             self.log_budget.clone(),
+            self.settings.record_failures,
         );
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|state| state);

@@ -15,6 +15,7 @@ use super::capability::keyvalue::{KeyValue, KeyValueGrants, KeyValueView};
 use super::capability::log::Log;
 use super::capability::log_budget::LogBudget;
 use super::capability::publish::{Publish, PublishGrants};
+use super::capability::recording::{Seen, Tape};
 use super::deadline::WaitLimit;
 use crate::observe::Observers;
 
@@ -61,6 +62,9 @@ pub struct HostState {
     http_hooks: HttpHooks,
     pub(crate) publish: Publish,
     key_value: KeyValue,
+    /// What the current event saw, when the plugin records failures; the
+    /// capabilities write on clones of it.
+    tape: Tape,
 }
 
 impl HostState {
@@ -71,7 +75,13 @@ impl HostState {
         grants: Grants,
         observers: Observers,
         log_budget: Arc<LogBudget>,
+        recording: bool,
     ) -> Self {
+        let tape = if recording {
+            Tape::recording()
+        } else {
+            Tape::default()
+        };
         let mut wasi = WasiCtxBuilder::new();
         wasi.allow_tcp(false)
             .allow_udp(false)
@@ -106,11 +116,16 @@ impl HostState {
                 deadline: None,
                 cut: wait_limit.io_cut(),
                 trace: Default::default(),
+                tape: tape.clone(),
             },
             wait_limit,
-            config: ConfigStore(config),
+            config: ConfigStore {
+                values: config,
+                tape: tape.clone(),
+            },
             http,
             publish: Publish::new(publish),
+            tape,
         }
     }
 
@@ -120,6 +135,12 @@ impl HostState {
         self.log.begin_event(&delivery.message_id);
         self.http_hooks.trace.clone_from(&delivery.trace);
         self.publish.begin_event();
+        self.tape.start();
+    }
+
+    /// What the event just handled saw, when the plugin records failures.
+    pub(crate) fn take_tape(&self) -> Option<Seen> {
+        self.tape.take()
     }
 
     /// The key-value capability's view: its buckets live in the instance's
@@ -129,6 +150,7 @@ impl HostState {
             kv: &self.key_value,
             table: &mut self.table,
             deadline: self.wait_limit.deadline(),
+            tape: &self.tape,
         }
     }
 }

@@ -89,6 +89,11 @@ impl ConfigValues {
         text
     }
 
+    /// Whether `key` is a secret's.
+    pub fn is_secret(&self, key: &str) -> bool {
+        self.secret_keys.iter().any(|secret| secret == key)
+    }
+
     /// The config keys, then the secret keys (names only).
     pub fn keys(&self) -> (&[String], &[String]) {
         (&self.keys, &self.secret_keys)
@@ -105,7 +110,11 @@ impl std::fmt::Debug for ConfigValues {
 }
 
 /// One instance's `wasi:config/store`: its plugin's values, nobody else's.
-pub(crate) struct ConfigStore(pub(crate) std::sync::Arc<ConfigValues>);
+pub(crate) struct ConfigStore {
+    pub(crate) values: std::sync::Arc<ConfigValues>,
+    /// What the current event read, when the plugin records failures.
+    pub(crate) tape: super::recording::Tape,
+}
 
 impl ConfigStore {
     /// Links `wasi:config/store`; `get` picks the instance's config out of
@@ -120,11 +129,18 @@ impl ConfigStore {
 
 impl store::Host for ConfigStore {
     fn get(&mut self, key: String) -> Result<Option<String>, store::Error> {
-        Ok(self.0.get(&key).map(str::to_string))
+        let value = self.values.get(&key);
+        self.tape.config(&key, value, self.values.is_secret(&key));
+        Ok(value.map(str::to_string))
     }
 
     fn get_all(&mut self) -> Result<Vec<(String, String)>, store::Error> {
-        Ok(self.0.all())
+        let all = self.values.all();
+        for (key, value) in &all {
+            self.tape
+                .config(key, Some(value), self.values.is_secret(key));
+        }
+        Ok(all)
     }
 }
 

@@ -846,6 +846,8 @@ pub(crate) struct HttpHooks {
     pub(crate) cut: Arc<AtomicBool>,
     /// The handled message's trace context, carried on as headers.
     pub(crate) trace: crate::traces::TraceContext,
+    /// Each exchange of the current event, when the plugin records failures.
+    pub(crate) tape: super::recording::Tape,
 }
 
 impl WasiHttpHooks for HttpHooks {
@@ -864,7 +866,72 @@ impl WasiHttpHooks for HttpHooks {
         _response_error: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), Error>> + Send> {
         let (grants, deadline, cut) = (self.grants.clone(), self.deadline, self.cut.clone());
-        Box::new(grants.send(request, options, deadline, cut, self.trace.clone()))
+        let tape = self.tape.clone();
+        let index = tape.request(request.method().as_str(), &request.uri().to_string());
+        let sent = grants.send(request, options, deadline, cut, self.trace.clone());
+        let Some(index) = index else {
+            return Box::new(sent);
+        };
+        Box::new(async move {
+            match sent.await {
+                Ok((response, io)) => {
+                    let headers = response
+                        .headers()
+                        .iter()
+                        .map(|(name, value)| {
+                            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                            (name.as_str().to_string(), value)
+                        })
+                        .collect();
+                    tape.answer(index, Ok((response.status().as_u16(), headers)));
+                    let (parts, body) = response.into_parts();
+                    let body = Taped {
+                        inner: body,
+                        tape,
+                        index,
+                    }
+                    .boxed_unsync();
+                    Ok((http::Response::from_parts(parts, body), io))
+                }
+                Err(err) => {
+                    tape.answer(index, Err(err.to_string()));
+                    Err(err)
+                }
+            }
+        })
+    }
+}
+
+/// A response body whose data, as the plugin reads it, goes on the tape too.
+struct Taped {
+    inner: WasiBody,
+    tape: super::recording::Tape,
+    index: usize,
+}
+
+impl Body for Taped {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.tape.body(self.index, data);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

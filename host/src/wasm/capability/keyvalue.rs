@@ -284,6 +284,8 @@ pub(crate) struct KeyValueView<'a> {
     pub kv: &'a KeyValue,
     pub table: &'a mut ResourceTable,
     pub deadline: Option<Instant>,
+    /// What the current event read, when the plugin records failures.
+    pub tape: &'a super::recording::Tape,
 }
 
 /// [`HasData`] for the key-value interfaces: their host side is a
@@ -321,6 +323,13 @@ impl KeyValueView<'_> {
             .map_err(|err| Error::Other(format!("bucket: {err}")))
     }
 
+    /// A read's answer on the tape.
+    fn record(&self, bucket: &Resource<Bucket>, key: &str, value: Option<&[u8]>) {
+        if let Ok(bucket) = self.bucket(bucket) {
+            self.tape.read(&bucket.name, key, value);
+        }
+    }
+
     /// One call on `bucket`, with the checks [`KeyValue::call`] makes.
     fn call<T>(
         &self,
@@ -347,7 +356,9 @@ impl store::Host for KeyValueView<'_> {
 
 impl store::HostBucket for KeyValueView<'_> {
     fn get(&mut self, bucket: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, Error> {
-        self.call(&bucket, &key, None, |store, ns, _| store.get(ns, &key))
+        let value = self.call(&bucket, &key, None, |store, ns, _| store.get(ns, &key))?;
+        self.record(&bucket, &key, value.as_deref());
+        Ok(value)
     }
 
     fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> Result<(), Error> {
@@ -405,13 +416,17 @@ impl dedupe::Host for KeyValueView<'_> {
         ttl_ms: u64,
     ) -> Result<Option<Vec<u8>>, Error> {
         let ttl = ttl(ttl_ms).map_err(error)?;
-        self.call(&bucket, &key, Some(value.len()), |store, ns, quota| {
-            store.write(ns, &key, &value, Some(ttl), Write::Claim, quota)
-        })
-        .map(|written| match written {
-            Written::Stored => None,
-            Written::Held(value) => Some(value),
-        })
+        let held = self
+            .call(&bucket, &key, Some(value.len()), |store, ns, quota| {
+                store.write(ns, &key, &value, Some(ttl), Write::Claim, quota)
+            })
+            .map(|written| match written {
+                Written::Stored => None,
+                Written::Held(value) => Some(value),
+            })?;
+        // What the key held before: replayed, a claim meets the same answer.
+        self.record(&bucket, &key, held.as_deref());
+        Ok(held)
     }
 
     fn set_expiring(

@@ -27,3 +27,4 @@ pub(crate) mod log;
 pub(crate) mod log_budget;
 mod noted;
 pub(crate) mod publish;
+pub(crate) mod recording;
