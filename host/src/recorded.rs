@@ -163,14 +163,17 @@ impl Recording {
     }
 
     /// Every text the plugin or a service controls, with the plugin's
-    /// secret values blanked: a secret never reaches the disk.
+    /// secret values blanked, as they are or encoded for a URL or JSON: a
+    /// secret never reaches the disk. A URL's user and password go too.
     fn redact(&mut self, secrets: &ConfigValues) {
-        let blank = |text: &mut String| *text = secrets.redact(std::mem::take(text));
+        let blank = |text: &mut String| *text = secrets.redact_every_form(std::mem::take(text));
         blank(&mut self.reason);
         for exchange in &mut self.seen.http {
+            exchange.url = strip_userinfo(&exchange.url);
             blank(&mut exchange.url);
             blank(&mut exchange.body);
-            for (_, value) in &mut exchange.headers {
+            for (name, value) in &mut exchange.headers {
+                blank(name);
                 blank(value);
             }
             if let Some(error) = &mut exchange.error {
@@ -178,12 +181,20 @@ impl Recording {
             }
         }
         for read in &mut self.seen.kv {
+            blank(&mut read.bucket);
+            blank(&mut read.key);
             if let Some(value) = &mut read.value {
                 blank(value);
             }
         }
         for message in &mut self.follow_ups {
             blank(&mut message.body);
+            for key in &mut message.keys {
+                blank(key);
+            }
+            if let Some(tag) = &mut message.tag {
+                blank(tag);
+            }
         }
     }
 
@@ -192,18 +203,26 @@ impl Recording {
     /// `ok`, answering the requests as the services did and presetting what
     /// the plugin read from its buckets.
     pub fn fixture(&self, entry: &PluginConfig) -> String {
-        let secrets: BTreeMap<&str, String> = self
-            .seen
+        // Every key the entry grants (a plugin that reads its config once
+        // and keeps it read none during the failed event): the values as
+        // the entry has them now, the secrets as placeholders.
+        let secrets: BTreeMap<&str, String> = entry
             .secrets
-            .iter()
+            .keys()
+            .chain(&self.seen.secrets)
             .map(|key| (key.as_str(), format!("recorded-placeholder-for-{key}")))
             .collect();
-        let config: BTreeMap<&str, &str> = self
-            .seen
+        let mut config: BTreeMap<&str, &str> = entry
             .config
             .iter()
-            .filter_map(|(key, value)| Some((key.as_str(), value.as_deref()?)))
+            .map(|(key, value)| (key.as_str(), value.as_str()))
             .collect();
+        config.extend(
+            self.seen
+                .config
+                .iter()
+                .filter_map(|(key, value)| Some((key.as_str(), value.as_deref()?))),
+        );
         let mut grants = json!({
             "config": config,
             "secrets": secrets,
@@ -236,8 +255,12 @@ impl Recording {
             .collect();
         let mut kv: BTreeMap<&str, BTreeMap<&str, &str>> = BTreeMap::new();
         for read in &self.seen.kv {
+            // What the key held when the plugin first read it.
             if let Some(value) = &read.value {
-                kv.entry(&read.bucket).or_default().insert(&read.key, value);
+                kv.entry(&read.bucket)
+                    .or_default()
+                    .entry(&read.key)
+                    .or_insert(value);
             }
         }
         let fixture = json!({
@@ -273,15 +296,25 @@ impl Recording {
 fn is_hop_header(name: &str) -> bool {
     matches!(
         name.to_ascii_lowercase().as_str(),
-        "content-length" | "transfer-encoding" | "connection" | "keep-alive" | "date"
+        "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "date"
+            // The body is recorded as the plugin read it; a replay sends it
+            // as it is.
+            | "content-encoding"
     )
 }
 
 /// One plugin's folder of recordings, bounded in size.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FailureLog {
     dir: PathBuf,
     max_bytes: u64,
+    /// One write (and trim) at a time: listener threads fail messages side
+    /// by side.
+    writing: std::sync::Mutex<()>,
 }
 
 impl FailureLog {
@@ -289,18 +322,27 @@ impl FailureLog {
         FailureLog {
             dir: config.dir.join(file_name(plugin)),
             max_bytes: config.max_mb.saturating_mul(1024 * 1024),
+            writing: std::sync::Mutex::new(()),
         }
     }
 
     /// Writes `recording` (one file per message: a redelivery that fails
     /// again replaces it), then removes the oldest recordings past the
-    /// bound. Returns the file.
+    /// bound. A recording larger than the whole bound is not written.
+    /// Returns the file. Folder and files are the host user's alone.
     pub fn write(&self, recording: &Recording) -> std::io::Result<PathBuf> {
-        std::fs::create_dir_all(&self.dir)?;
-        let path = self.path(&recording.delivery.message_id);
         let text = serde_json::to_vec_pretty(recording).map_err(std::io::Error::other)?;
+        if text.len() as u64 > self.max_bytes {
+            return Err(std::io::Error::other(format!(
+                "the recording is {} bytes, over the plugin's record_failures.max_mb",
+                text.len()
+            )));
+        }
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        private_dir(&self.dir)?;
+        let path = self.path(&recording.delivery.message_id);
         let partial = path.with_extension("partial");
-        std::fs::write(&partial, text)?;
+        private_file(&partial, &text)?;
         std::fs::rename(&partial, &path)?;
         self.trim(&path)?;
         Ok(path)
@@ -324,18 +366,20 @@ impl FailureLog {
     }
 
     /// Removes the oldest recordings until the folder is within its bound;
-    /// `keep` (the one just written) stays.
+    /// `keep` (the one just written) stays. A file gone meanwhile is fine.
     fn trim(&self, keep: &Path) -> std::io::Result<()> {
         let mut files = Vec::new();
         let mut total = 0;
         for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
+            let Ok((path, meta)) = entry.and_then(|entry| Ok((entry.path(), entry.metadata()?)))
+            else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
             total += meta.len();
-            files.push((meta.modified()?, meta.len(), entry.path()));
+            files.push((meta.modified()?, meta.len(), path));
         }
         files.sort();
         for (_, len, path) in files {
@@ -343,15 +387,48 @@ impl FailureLog {
                 break;
             }
             if path != keep {
-                std::fs::remove_file(&path)?;
-                total -= len;
+                match std::fs::remove_file(&path) {
+                    Ok(()) => total -= len,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => total -= len,
+                    Err(err) => return Err(err),
+                }
             }
         }
         Ok(())
     }
 }
 
-/// `text` as a file name: letters, digits, `-`, `_` and `.` kept, anything
+/// Makes `dir` (and its parents) readable by this user alone.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Writes `path` afresh, readable by this user alone.
+fn private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(bytes)
+}
+
+/// A URL without its user and password.
+fn strip_userinfo(url: &str) -> String {
+    let rest_at = url.find("://").map_or(0, |at| at + 3);
+    let (scheme, rest) = url.split_at(rest_at);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// `text` as a file name: letters, digits, `-` and `_` kept, anything
 /// else `_`, at most 128 characters.
 fn file_name(text: &str) -> String {
     text.chars()

@@ -528,17 +528,15 @@ impl EventHandler for PluginSlot {
         tracing::Span::current().record("version", short(&version));
         let started = Instant::now();
         let handling = plugin.handle_recorded(event, delivery);
+        let took = started.elapsed();
         let (mut outcome, outbox) = (handling.outcome, handling.outbox);
-        if let Some(recorded) = handling.recorded {
-            self.write_down(&version, event, delivery, &outcome, recorded, &plugin);
-        }
         if let Some((candidate, canary)) = canary {
             // First deliveries only: a message retried again and again
             // would count against one build many times.
             let verdict = (delivery.reconsume_times == 0)
                 .then(|| {
                     let failed = !matches!(outcome, HandlerOutcome::Accepted);
-                    canary.record(side, failed, started.elapsed())
+                    canary.record(side, failed, took)
                 })
                 .flatten();
             if let Some(reason) = verdict {
@@ -565,6 +563,9 @@ impl EventHandler for PluginSlot {
                     disposition: crate::outcome::Disposition::Retry,
                 };
             }
+        }
+        if let Some(recorded) = handling.recorded {
+            self.write_down(&version, event, delivery, &outcome, recorded, &plugin);
         }
         Handled {
             outcome,

@@ -228,13 +228,24 @@ async fn serve(
                 .clone();
             match failing {
                 Some((status, body)) => {
+                    // It says what it was sent, as some services do: the
+                    // caller's token is in the answer.
+                    let authorization = request
+                        .headers()
+                        .get(hyper::header::AUTHORIZATION)
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
                     // Read as a real service would, then refuse: answering
                     // first would leave the client writing to a closed
                     // connection, a different failure.
                     let _ = request.into_body().collect().await;
                     let status =
                         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                    answer(status, json!({ "error": body }))
+                    answer(
+                        status,
+                        json!({ "error": body, "authorization": authorization }),
+                    )
                 }
                 None => grant(request, ledger, expected_authorization).await,
             }

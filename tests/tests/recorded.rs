@@ -86,6 +86,8 @@ async fn a_failure_from_a_500_becomes_a_fixture_that_fails_the_same_way_with_no_
         .join("failures/reward-granter")
         .join(format!("{id}.json"));
     let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+    // The service echoed the token in its answer: blanked.
+    assert!(text.contains("Bearer [secret]"), "{text}");
     assert!(
         !text.contains(TOKEN),
         "the secret is never written down: {text}"

@@ -387,6 +387,9 @@ impl Plugin {
         match result {
             Ok(Ok(())) => {
                 let outbox = std::mem::take(&mut instance.store.data_mut().publish.outbox);
+                // Nothing to keep of an event handled: an idle instance
+                // holds no recording.
+                instance.store.data().take_tape();
                 self.release(instance);
                 Handling {
                     outcome: HandlerOutcome::Accepted,

@@ -89,6 +89,32 @@ impl ConfigValues {
         text
     }
 
+    /// [`ConfigValues::redact`] for text written to disk: each secret
+    /// also in the forms a URL or a JSON body carries it (percent-encoded,
+    /// JSON-escaped).
+    pub fn redact_every_form(&self, text: String) -> String {
+        let mut text = self.redact(text);
+        for secret in &self.secrets {
+            let encoded: String = secret
+                .bytes()
+                .map(|byte| match byte {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        char::from(byte).to_string()
+                    }
+                    _ => format!("%{byte:02X}"),
+                })
+                .collect();
+            let escaped = serde_json::to_string(secret).unwrap_or_default();
+            let escaped = escaped.trim_matches('"');
+            for form in [encoded.as_str(), escaped] {
+                if form != secret && !form.is_empty() && text.contains(form) {
+                    text = text.replace(form, REDACTED);
+                }
+            }
+        }
+        text
+    }
+
     /// Whether `key` is a secret's.
     pub fn is_secret(&self, key: &str) -> bool {
         self.secret_keys.iter().any(|secret| secret == key)
@@ -147,6 +173,17 @@ impl store::Host for ConfigStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_is_blanked_as_it_is_percent_encoded_and_json_escaped() {
+        let secrets = [("token".to_string(), "a+b/c\"d".to_string())].into();
+        let values = ConfigValues::new(&BTreeMap::new(), secrets);
+        let text = r#"raw a+b/c"d url ?t=a%2Bb%2Fc%22d json "a+b/c\"d""#.to_string();
+        assert_eq!(
+            values.redact_every_form(text),
+            r#"raw [secret] url ?t=[secret] json "[secret]""#
+        );
+    }
 
     fn values() -> ConfigValues {
         ConfigValues::new(

@@ -867,9 +867,9 @@ impl WasiHttpHooks for HttpHooks {
     ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), Error>> + Send> {
         let (grants, deadline, cut) = (self.grants.clone(), self.deadline, self.cut.clone());
         let tape = self.tape.clone();
-        let index = tape.request(request.method().as_str(), &request.uri().to_string());
+        let slot = tape.request(request.method().as_str(), &request.uri().to_string());
         let sent = grants.send(request, options, deadline, cut, self.trace.clone());
-        let Some(index) = index else {
+        let Some(slot) = slot else {
             return Box::new(sent);
         };
         Box::new(async move {
@@ -883,18 +883,18 @@ impl WasiHttpHooks for HttpHooks {
                             (name.as_str().to_string(), value)
                         })
                         .collect();
-                    tape.answer(index, Ok((response.status().as_u16(), headers)));
+                    tape.answer(slot, Ok((response.status().as_u16(), headers)));
                     let (parts, body) = response.into_parts();
                     let body = Taped {
                         inner: body,
                         tape,
-                        index,
+                        slot,
                     }
                     .boxed_unsync();
                     Ok((http::Response::from_parts(parts, body), io))
                 }
                 Err(err) => {
-                    tape.answer(index, Err(err.to_string()));
+                    tape.answer(slot, Err(err.to_string()));
                     Err(err)
                 }
             }
@@ -906,7 +906,7 @@ impl WasiHttpHooks for HttpHooks {
 struct Taped {
     inner: WasiBody,
     tape: super::recording::Tape,
-    index: usize,
+    slot: super::recording::Slot,
 }
 
 impl Body for Taped {
@@ -921,7 +921,7 @@ impl Body for Taped {
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            self.tape.body(self.index, data);
+            self.tape.body(self.slot, data);
         }
         polled
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-/// The longest body (request or response) a recording keeps.
+/// The longest response body a recording keeps.
 pub const MAX_RECORDED_BODY: usize = 64 * 1024;
 /// The most HTTP exchanges, key-value reads and config keys one recording
 /// keeps of each; past that it says it was cut.
@@ -42,6 +42,10 @@ pub struct Exchange {
     pub body: String,
     pub body_cut: bool,
     pub error: Option<String>,
+    /// The body's bytes as they come, made text once the event is over (so
+    /// a character or a secret split between chunks stays whole).
+    #[serde(skip)]
+    raw: Vec<u8>,
 }
 
 /// One key-value read.
@@ -56,7 +60,22 @@ pub struct Read {
 /// One instance's recording of the event it is handling, shared by its
 /// capabilities; empty (`None` inside) unless its entry records failures.
 #[derive(Debug, Clone, Default)]
-pub struct Tape(Option<Arc<Mutex<Seen>>>);
+pub struct Tape(Option<Arc<Mutex<Reel>>>);
+
+/// The current event's recording, and which event it is: a response body
+/// still read after its event ended writes nothing on the next one's.
+#[derive(Debug, Default)]
+struct Reel {
+    event: u64,
+    seen: Seen,
+}
+
+/// Which request of which event: what [`Tape::request`] hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    event: u64,
+    index: usize,
+}
 
 impl Tape {
     /// A tape that records; [`Tape::default`] does not.
@@ -66,23 +85,30 @@ impl Tape {
 
     /// Empties the tape for a new event.
     pub fn start(&self) {
-        if let Some(seen) = &self.0 {
-            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Seen::default();
+        if let Some(reel) = &self.0 {
+            let mut reel = reel.lock().unwrap_or_else(|e| e.into_inner());
+            reel.event += 1;
+            reel.seen = Seen::default();
         }
     }
 
     /// What the tape holds now, emptying it; `None` when it does not record.
     pub fn take(&self) -> Option<Seen> {
-        let seen = self.0.as_ref()?;
-        Some(std::mem::take(
-            &mut *seen.lock().unwrap_or_else(|e| e.into_inner()),
-        ))
+        let reel = self.0.as_ref()?;
+        let mut reel = reel.lock().unwrap_or_else(|e| e.into_inner());
+        reel.event += 1;
+        let mut seen = std::mem::take(&mut reel.seen);
+        for exchange in &mut seen.http {
+            exchange.body =
+                String::from_utf8_lossy(&std::mem::take(&mut exchange.raw)).into_owned();
+        }
+        Some(seen)
     }
 
     /// Writes on the tape, if it records.
-    pub fn note(&self, write: impl FnOnce(&mut Seen)) {
-        if let Some(seen) = &self.0 {
-            write(&mut seen.lock().unwrap_or_else(|e| e.into_inner()));
+    fn note(&self, write: impl FnOnce(&mut Seen)) {
+        if let Some(reel) = &self.0 {
+            write(&mut reel.lock().unwrap_or_else(|e| e.into_inner()).seen);
         }
     }
 
@@ -107,57 +133,70 @@ impl Tape {
                 seen.cut = true;
                 return;
             }
+            let value = value.map(|value| {
+                let (text, cut) = bounded_text(value);
+                seen.cut |= cut;
+                text
+            });
             seen.kv.push(Read {
                 bucket: bucket.to_string(),
                 key: key.to_string(),
-                value: value.map(|value| bounded_text(value).0),
+                value,
             });
         });
     }
 
-    /// A request going out; its index, for [`Tape::answer`] and
-    /// [`Tape::body`].
-    pub fn request(&self, method: &str, url: &str) -> Option<usize> {
-        let mut index = None;
-        self.note(|seen| {
-            if seen.http.len() >= MAX_RECORDED_ITEMS {
-                seen.cut = true;
-                return;
-            }
-            seen.http.push(Exchange {
-                method: method.to_string(),
-                url: url.to_string(),
-                ..Exchange::default()
-            });
-            index = Some(seen.http.len() - 1);
+    /// A request going out; where its answer goes, for [`Tape::answer`]
+    /// and [`Tape::body`].
+    pub fn request(&self, method: &str, url: &str) -> Option<Slot> {
+        let reel = self.0.as_ref()?;
+        let mut reel = reel.lock().unwrap_or_else(|e| e.into_inner());
+        if reel.seen.http.len() >= MAX_RECORDED_ITEMS {
+            reel.seen.cut = true;
+            return None;
+        }
+        reel.seen.http.push(Exchange {
+            method: method.to_string(),
+            url: url.to_string(),
+            ..Exchange::default()
         });
-        index
+        Some(Slot {
+            event: reel.event,
+            index: reel.seen.http.len() - 1,
+        })
     }
 
-    /// The response to request `index`, or why there was none.
-    pub fn answer(&self, index: usize, answer: Result<(u16, Vec<(String, String)>), String>) {
-        self.note(|seen| {
-            if let Some(exchange) = seen.http.get_mut(index) {
-                match answer {
-                    Ok((status, headers)) => {
-                        exchange.status = Some(status);
-                        exchange.headers = headers;
-                    }
-                    Err(error) => exchange.error = Some(error),
-                }
+    /// The exchange at `slot`, if its event is still the current one.
+    fn exchange(&self, slot: Slot, write: impl FnOnce(&mut Exchange)) {
+        if let Some(reel) = &self.0 {
+            let mut reel = reel.lock().unwrap_or_else(|e| e.into_inner());
+            if reel.event == slot.event
+                && let Some(exchange) = reel.seen.http.get_mut(slot.index)
+            {
+                write(exchange);
             }
+        }
+    }
+
+    /// The response to the request at `slot`, or why there was none.
+    pub fn answer(&self, slot: Slot, answer: Result<(u16, Vec<(String, String)>), String>) {
+        self.exchange(slot, |exchange| match answer {
+            Ok((status, headers)) => {
+                exchange.status = Some(status);
+                exchange.headers = headers;
+            }
+            Err(error) => exchange.error = Some(error),
         });
     }
 
-    /// More of request `index`'s response body, as the plugin reads it.
-    pub fn body(&self, index: usize, chunk: &[u8]) {
-        self.note(|seen| {
-            if let Some(exchange) = seen.http.get_mut(index) {
-                let room = MAX_RECORDED_BODY.saturating_sub(exchange.body.len());
-                let (text, cut) = bounded_text(&chunk[..chunk.len().min(room)]);
-                exchange.body.push_str(&text);
-                exchange.body_cut |= cut || chunk.len() > room;
-            }
+    /// More of the response body at `slot`, as the plugin reads it.
+    pub fn body(&self, slot: Slot, chunk: &[u8]) {
+        self.exchange(slot, |exchange| {
+            let room = MAX_RECORDED_BODY.saturating_sub(exchange.raw.len());
+            exchange
+                .raw
+                .extend_from_slice(&chunk[..chunk.len().min(room)]);
+            exchange.body_cut |= chunk.len() > room;
         });
     }
 }
@@ -191,13 +230,16 @@ mod tests {
         tape.start();
         tape.config("rewards_url", Some("http://x"), false);
         tape.config("token", Some("s3cret"), true);
-        let index = tape.request("POST", "http://x/grants").unwrap();
+        let slot = tape.request("POST", "http://x/grants").unwrap();
         tape.answer(
-            index,
+            slot,
             Ok((500, vec![("content-type".into(), "text/plain".into())])),
         );
-        tape.body(index, &vec![b'a'; MAX_RECORDED_BODY - 1]);
-        tape.body(index, b"bc");
+        tape.body(slot, &vec![b'a'; MAX_RECORDED_BODY - 2]);
+        // A character split between two chunks stays whole.
+        tape.body(slot, &"é".as_bytes()[..1]);
+        tape.body(slot, &"é".as_bytes()[1..]);
+        tape.body(slot, b"bc");
         for i in 0..MAX_RECORDED_ITEMS + 1 {
             tape.read("seen", &format!("k{i}"), Some(b"v"));
         }
@@ -208,10 +250,13 @@ mod tests {
         let exchange = &seen.http[0];
         assert_eq!(exchange.status, Some(500));
         assert_eq!(exchange.body.len(), MAX_RECORDED_BODY);
+        assert!(exchange.body.ends_with('é'));
         assert!(exchange.body_cut);
         assert_eq!(seen.kv.len(), MAX_RECORDED_ITEMS);
         assert!(seen.cut);
-        // Taken: the next event starts empty.
+        // Taken: the next event starts empty, and a body still read from
+        // the last one writes nothing on it.
+        tape.body(slot, b"late");
         assert_eq!(tape.take(), Some(Seen::default()));
     }
 }
