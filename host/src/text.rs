@@ -60,6 +60,19 @@ fn escape_and_cut(text: &str, max_bytes: usize) -> String {
 /// What replaces a URL's password, user or query value in host-written text.
 pub const HIDDEN: &str = "***";
 
+/// `text` with every byte but letters, digits, `-`, `_`, `.` and `~`
+/// written as `%XX` (RFC 3986's unreserved characters kept).
+pub fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(byte).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
 /// `url` as the host may write it in a log line, an error or a page: the
 /// userinfo (`user:password@`) and every query value hidden, the fragment
 /// dropped; scheme, host, port, path and the query's parameter names kept,

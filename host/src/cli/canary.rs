@@ -50,7 +50,10 @@ pub fn canary(verb: &str, args: CanaryArgs) -> Result<std::process::ExitCode> {
     };
     let (status, body) = post(
         addr,
-        &format!("/plugins/{}/canary/{verb}", percent_encoded(&args.plugin)),
+        &format!(
+            "/plugins/{}/canary/{verb}",
+            crate::text::percent_encoded(&args.plugin)
+        ),
         verb,
     )
     .with_context(|| format!("cannot reach the host's admin listener at {addr}"))?;
@@ -93,17 +96,4 @@ fn post(addr: std::net::SocketAddr, path: &str, verb: &str) -> Result<(u16, Stri
         .and_then(|code| code.parse().ok())
         .context("the answer has no status")?;
     Ok((status, body.to_string()))
-}
-
-/// `name` with every byte but letters, digits, `-`, `_`, `.` and `~`
-/// written as `%XX`.
-fn percent_encoded(name: &str) -> String {
-    name.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(byte).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
 }

@@ -95,15 +95,7 @@ impl ConfigValues {
     pub fn redact_every_form(&self, text: String) -> String {
         let mut text = self.redact(text);
         for secret in &self.secrets {
-            let encoded: String = secret
-                .bytes()
-                .map(|byte| match byte {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                        char::from(byte).to_string()
-                    }
-                    _ => format!("%{byte:02X}"),
-                })
-                .collect();
+            let encoded = crate::text::percent_encoded(secret);
             let escaped = serde_json::to_string(secret).unwrap_or_default();
             let escaped = escaped.trim_matches('"');
             for form in [encoded.as_str(), escaped] {
