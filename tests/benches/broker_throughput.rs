@@ -1,13 +1,15 @@
 //! Throughput against a real broker on 127.0.0.1, in one run:
 //! - publish rate: mqplug's `Publisher` against the raw client's sync send;
 //! - backlog drain: mqplug with the no-op plugin against a plain Rust
-//!   consumer with the same no-op handler (decode, then nothing) compiled in.
+//!   consumer with the same no-op handler (decode, then nothing) compiled in,
+//!   and against the platform's own consumer (rocketmq-client-go's push
+//!   consumer with its defaults and `json.Unmarshal`, tests/peers/go).
 //!
 //!   cargo bench -p mqplug-tests --bench broker_throughput
 //!   MQPLUG_BENCH_MESSAGES=400000 MQPLUG_BENCH_ROUNDS=7 cargo bench -p mqplug-tests --bench broker_throughput
 //!
 //! The drain runs `MQPLUG_BENCH_ROUNDS` (default 5) rounds of each, in
-//! fresh groups, alternating which goes first (ABBA); it reports each
+//! fresh groups, rotating which goes first; it reports each
 //! round, the median and the spread, and writes the rounds to
 //! `target/bench-results/drain-rounds.csv` (`bench-charts` draws them).
 
@@ -22,6 +24,7 @@ use mqplug::mq::{ConsumeFrom, MqRuntime, ProducerSettings, Publisher};
 use mqplug::observe::{HostEvent, Observer, Observers};
 use mqplug::topic::TopicName;
 use mqplug::{Host, HostConfig, TaskEvent};
+use mqplug_tests::peers::GoConsumer;
 use mqplug_tests::{LocalBroker, plugins::plugin_path, sample_event};
 use rocketmq_client_rust::{
     ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQProducer,
@@ -158,21 +161,35 @@ async fn main() -> Result<()> {
 
     // Drain the same backlog in fresh groups, alternating which goes first
     // (ABBA), so neither always meets the warmer broker.
-    let (mut native, mut hosted) = (Vec::new(), Vec::new());
+    let (mut native, mut hosted, mut go) = (Vec::new(), Vec::new(), Vec::new());
     let drained: Result<()> = async {
         for round in 0..rounds {
-            if round % 2 == 0 {
-                native.push(drain_native(&mq, &broker, &topic, round, total).await?);
-                hosted.push(drain_mqplug(&broker, round, total).await?);
-            } else {
-                hosted.push(drain_mqplug(&broker, round, total).await?);
-                native.push(drain_native(&mq, &broker, &topic, round, total).await?);
+            // Three consumers, the order rotated each round.
+            for turn in 0..3 {
+                let which = (round + turn) % 3;
+                // MQPLUG_BENCH_ONLY=native|mqplug|go: one consumer, for a profile.
+                let only = std::env::var("MQPLUG_BENCH_ONLY").ok();
+                if only.is_some_and(|only| only != ["native", "mqplug", "go"][which]) {
+                    match which {
+                        0 => native.push(f64::NAN),
+                        1 => hosted.push(f64::NAN),
+                        _ => go.push(f64::NAN),
+                    }
+                    continue;
+                }
+                match which {
+                    0 => native.push(drain_native(&mq, &broker, &topic, round, total).await?),
+                    1 => hosted.push(drain_mqplug(&broker, round, total).await?),
+                    _ => go.push(drain_go(&broker, &topic, round, total).await?),
+                }
             }
             eprintln!(
-                "drain round {round}: mqplug {:.0} msg/s, native {:.0} msg/s, ratio {:.3}",
+                "drain round {round}: mqplug {:.0} msg/s, native {:.0} msg/s, Go {:.0} msg/s; mqplug/native {:.3}, mqplug/Go {:.3}",
                 hosted[round],
                 native[round],
-                hosted[round] / native[round]
+                go[round],
+                hosted[round] / native[round],
+                hosted[round] / go[round]
             );
         }
         Ok(())
@@ -181,11 +198,13 @@ async fn main() -> Result<()> {
     keep_broker_logs(&broker, drained.is_err());
     drained?;
     mq.shutdown().await;
-    write_rounds(&hosted, &native)?;
+    write_rounds(&hosted, &native, &go)?;
 
     let native_rate = median(&native);
     let hosted_rate = median(&hosted);
+    let go_rate = median(&go);
     let ratios: Vec<f64> = hosted.iter().zip(&native).map(|(h, n)| h / n).collect();
+    let go_ratios: Vec<f64> = hosted.iter().zip(&go).map(|(h, g)| h / g).collect();
     println!("| measurement | mqplug | raw client | ratio |");
     println!("|---|---|---|---|");
     println!(
@@ -206,7 +225,19 @@ async fn main() -> Result<()> {
         min(&ratios),
         max(&ratios)
     );
-    println!("rounds: mqplug {hosted:.0?}, native {native:.0?}");
+    println!(
+        "| drain {total} msgs, mqplug against the Go push consumer (defaults), median of {rounds} rounds (msg/s) | {hosted_rate:.0} | {go_rate:.0} (Go) | {:.3} |",
+        hosted_rate / go_rate
+    );
+    println!(
+        "Go spread: {:.0}-{:.0}; per-round mqplug/Go median {:.3}, {:.3}-{:.3}",
+        min(&go),
+        max(&go),
+        median(&go_ratios),
+        min(&go_ratios),
+        max(&go_ratios)
+    );
+    println!("rounds: mqplug {hosted:.0?}, native {native:.0?}, Go {go:.0?}");
     Ok(())
 }
 
@@ -217,6 +248,9 @@ fn keep_broker_logs(broker: &LocalBroker, failed: bool) {
     let to = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/bench-results/broker-logs");
     let _ = std::fs::remove_dir_all(&to);
+    if let Some(parent) = to.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
     let copied = std::process::Command::new("cp")
         .arg("-r")
         .arg(broker.data_dir().join("logs"))
@@ -250,13 +284,13 @@ fn max(values: &[f64]) -> f64 {
     values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
 }
 
-/// `target/bench-results/drain-rounds.csv`: round, mqplug, native.
-fn write_rounds(hosted: &[f64], native: &[f64]) -> Result<()> {
+/// `target/bench-results/drain-rounds.csv`: round, mqplug, native, go.
+fn write_rounds(hosted: &[f64], native: &[f64], go: &[f64]) -> Result<()> {
     let dir = mqplug_tests::workspace_root().join("target/bench-results");
     std::fs::create_dir_all(&dir)?;
-    let mut csv = String::from("round,mqplug,native\n");
-    for (round, (h, n)) in hosted.iter().zip(native).enumerate() {
-        csv.push_str(&format!("{},{h:.0},{n:.0}\n", round + 1));
+    let mut csv = String::from("round,mqplug,native,go\n");
+    for (round, ((h, n), g)) in hosted.iter().zip(native).zip(go).enumerate() {
+        csv.push_str(&format!("{},{h:.0},{n:.0},{g:.0}\n", round + 1));
     }
     std::fs::write(dir.join("drain-rounds.csv"), csv)?;
     Ok(())
@@ -355,6 +389,44 @@ async fn drain_native(
     Ok(rate)
 }
 
+/// The platform's consumer: rocketmq-client-go's push consumer with its
+/// defaults, `json.Unmarshal` into the platform's struct (bench-peer).
+async fn drain_go(
+    broker: &LocalBroker,
+    topic: &TopicName,
+    round: usize,
+    total: usize,
+) -> Result<f64> {
+    let name_server = broker.name_server.clone();
+    let wire = topic.wire().to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut consumer = GoConsumer::bench_drain(
+            &name_server,
+            &wire,
+            &format!("bench-go-{round}"),
+            total,
+            false,
+        )?;
+        let mut seen = (0, Instant::now());
+        let rate = loop {
+            let lines = consumer.lines();
+            if let Some(rate) = lines.iter().find_map(|line| line["rate"].as_f64()) {
+                break rate;
+            }
+            // bench-peer prints nothing until the end; a stall shows as no end.
+            if lines.len() != seen.0 {
+                seen = (lines.len(), Instant::now());
+            } else if seen.1.elapsed() > STALL * 3 {
+                bail!("the Go consumer did not drain {total} messages: {lines:?}");
+            }
+            consumer.wait_until(Duration::from_millis(200), |lines| lines.len() != seen.0);
+        };
+        consumer.stop()?;
+        Ok(rate)
+    })
+    .await?
+}
+
 async fn drain_mqplug(broker: &LocalBroker, round: usize, total: usize) -> Result<f64> {
     let clock = DrainClock::new(total);
     let ticks = clock.clone();
@@ -366,9 +438,17 @@ async fn drain_mqplug(broker: &LocalBroker, round: usize, total: usize) -> Resul
     let mut config = HostConfig::default();
     config.name_server.clone_from(&broker.name_server);
     config.topic = TOPIC.into();
+    // MQPLUG_BENCH_BATCH: messages a listener call takes (the plugin's `batch`).
+    let batch: u32 = std::env::var("MQPLUG_BENCH_BATCH")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
     config.plugins = vec![PluginConfig {
         group: Some(format!("bench-mqplug-{round}")),
         concurrency: CONCURRENCY,
+        batch,
+        // A batch must fit the listener timeout.
+        deadline_ms: 1000,
         consume_from: ConsumeFrom::First,
         ..PluginConfig::new("noop", plugin_path("noop")?)
     }];

@@ -4,6 +4,11 @@
 //! 8, 32 and 64 sends in flight, each event still one `Publisher::publish`
 //! (SendSync, the client's retries, the host's backoff), and against
 //! RocketMQ batches (`Publisher::publish_batch`, SendSync and retried whole).
+//! The platform's own producer is the bar: rocketmq-client-go's `SendSync`
+//! (2 retries, as the platform sets it) from 1, 8, 32 and 64 goroutines
+//! (tests/peers/go bench-peer), in the same rounds; each mqplug pipeline of
+//! one event a send is printed against the Go producer at the same number
+//! of sends in flight.
 //!
 //!   cargo bench -p mqplug-tests --bench publish_rate
 //!   MQPLUG_BENCH_EVENTS=20000 MQPLUG_BENCH_ROUNDS=3 cargo bench -p mqplug-tests --bench publish_rate
@@ -16,9 +21,13 @@ use mqplug::TaskEvent;
 use mqplug::mq::{MqRuntime, ProducerSettings, Publisher};
 use mqplug::publish::{Pipeline, publish_all};
 use mqplug::topic::TopicName;
+use mqplug_tests::peers::go_bench_produce;
 use mqplug_tests::{LocalBroker, sample_event};
 
 const TOPIC: &str = "bench.publish.rate";
+/// The Go producer's sends in flight, each compared with mqplug's pipeline
+/// of one event a send at the same number.
+const GO_IN_FLIGHT: [usize; 4] = [1, 8, 32, 64];
 /// At least this long after the broker started before measuring.
 const WARM_UP: Duration = Duration::from_secs(15);
 /// How to send; the first is the baseline the others are compared to.
@@ -54,6 +63,14 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(default)
+}
+
+/// Who sends in a measurement.
+#[derive(Clone, Copy)]
+enum Sender {
+    Mqplug(Pipeline),
+    /// The Go producer with this many sends in flight.
+    Go(usize),
 }
 
 /// Publishes `events` as `pipeline` says; returns messages per second,
@@ -122,18 +139,40 @@ async fn main() -> Result<()> {
     }
     // Interleaved rounds, each round in another order (rotated), so no
     // pipeline always gets the broker right after the same other one.
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); PIPELINES.len()];
+    let senders: Vec<Sender> = PIPELINES
+        .iter()
+        .map(|pipeline| Sender::Mqplug(*pipeline))
+        .chain(GO_IN_FLIGHT.iter().map(|n| Sender::Go(*n)))
+        .collect();
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); senders.len()];
     for round in 0..rounds {
-        for turn in 0..PIPELINES.len() {
-            let which = (turn + round) % PIPELINES.len();
-            let pipeline = PIPELINES[which];
-            let measured = rate(&publisher, &events, pipeline).await?;
-            eprintln!(
-                "round {}: {:>2} in flight x {:>2} a send: {measured:>7.0} msg/s",
-                round + 1,
-                pipeline.concurrency,
-                pipeline.batch
-            );
+        for turn in 0..senders.len() {
+            let which = (turn + round) % senders.len();
+            let measured = match senders[which] {
+                Sender::Mqplug(pipeline) => {
+                    let measured = rate(&publisher, &events, pipeline).await?;
+                    eprintln!(
+                        "round {}: {:>2} in flight x {:>2} a send: {measured:>7.0} msg/s",
+                        round + 1,
+                        pipeline.concurrency,
+                        pipeline.batch
+                    );
+                    measured
+                }
+                Sender::Go(in_flight) => {
+                    let name_server = broker.name_server.clone();
+                    let wire = topic.wire().to_string();
+                    let measured = tokio::task::spawn_blocking(move || {
+                        go_bench_produce(&name_server, &wire, per_round, in_flight)
+                    })
+                    .await??;
+                    eprintln!(
+                        "round {}: {in_flight:>2} in flight, Go producer: {measured:>7.0} msg/s",
+                        round + 1
+                    );
+                    measured
+                }
+            };
             rates[which].push(measured);
         }
     }
@@ -164,6 +203,28 @@ async fn main() -> Result<()> {
             rates[0],
             rates[rates.len() - 1],
             median(rates) / baseline
+        );
+    }
+    println!();
+    println!(
+        "| sends in flight, one event a send | mqplug median (msg/s) | Go producer median (msg/s) | Go min-max | mqplug / Go |"
+    );
+    println!("|---|---|---|---|---|");
+    for (i, in_flight) in GO_IN_FLIGHT.iter().enumerate() {
+        let go = &rates[PIPELINES.len() + i];
+        let Some(mqplug) = PIPELINES
+            .iter()
+            .position(|p| p.concurrency == *in_flight && p.batch == 1)
+        else {
+            continue;
+        };
+        println!(
+            "| {in_flight} | {:.0} | {:.0} | {:.0}-{:.0} | {:.2} |",
+            median(&rates[mqplug]),
+            median(go),
+            go[0],
+            go[go.len() - 1],
+            median(&rates[mqplug]) / median(go)
         );
     }
     Ok(())

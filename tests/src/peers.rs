@@ -101,7 +101,41 @@ pub fn go_produce(name_server: &str, args: &[&str]) -> Result<Vec<GoSent>> {
         .collect()
 }
 
-/// A running `task-consumer`: every line it prints is kept, in order.
+/// `bench-peer produce`: `count` events sent with the Go producer's
+/// `SendSync` from `inflight` goroutines; its rate in messages per second.
+pub fn go_bench_produce(
+    name_server: &str,
+    topic: &str,
+    count: usize,
+    inflight: usize,
+) -> Result<f64> {
+    let output = Command::new(go_peers_dir()?.join("bench-peer"))
+        .args(["produce", "-nameserver", name_server, "-topic", topic])
+        .args([
+            "-count",
+            &count.to_string(),
+            "-inflight",
+            &inflight.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run bench-peer produce")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "bench-peer produce failed ({}): {stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let line: Value = serde_json::from_str(stdout.trim()).context("bench-peer produce's line")?;
+    line["rate"]
+        .as_f64()
+        .context("no rate in bench-peer's line")
+}
+
+/// A running `task-consumer` (or `bench-peer drain`): every line it prints
+/// is kept, in order.
 pub struct GoConsumer {
     child: Option<Child>,
     stdin: Option<ChildStdin>,
@@ -123,7 +157,8 @@ impl GoConsumer {
         group: &str,
         flags: &[&str],
     ) -> Result<GoConsumer> {
-        let mut child = Command::new(go_peers_dir()?.join("task-consumer"))
+        let mut command = Command::new(go_peers_dir()?.join("task-consumer"));
+        command
             .arg("-nameserver")
             .arg(name_server)
             .arg("-topic")
@@ -131,12 +166,45 @@ impl GoConsumer {
             .arg("-group")
             .arg(group)
             .arg("-from-first")
-            .args(flags)
+            .args(flags);
+        GoConsumer::spawn(command, "task-consumer")
+    }
+
+    /// `bench-peer drain`: the Go push consumer with its defaults, from the
+    /// first offset, printing `{"drained":N,"rate":R}` once `count`
+    /// messages were handled (and with `latency`, each message's id and
+    /// `handled_ns`).
+    pub fn bench_drain(
+        name_server: &str,
+        topic: &str,
+        group: &str,
+        count: usize,
+        latency: bool,
+    ) -> Result<GoConsumer> {
+        let mut command = Command::new(go_peers_dir()?.join("bench-peer"));
+        command
+            .arg("drain")
+            .arg("-nameserver")
+            .arg(name_server)
+            .arg("-topic")
+            .arg(topic)
+            .arg("-group")
+            .arg(group)
+            .arg("-count")
+            .arg(count.to_string());
+        if latency {
+            command.arg("-latency");
+        }
+        GoConsumer::spawn(command, "bench-peer drain")
+    }
+
+    fn spawn(mut command: Command, name: &str) -> Result<GoConsumer> {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("cannot start task-consumer")?;
+            .with_context(|| format!("cannot start {name}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let stdin = child.stdin.take();
         let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
@@ -156,7 +224,7 @@ impl GoConsumer {
         if !consumer.wait_until(Duration::from_secs(60), |lines| {
             lines.iter().any(|l| l["ready"] == true)
         }) {
-            bail!("task-consumer did not start: {:?}", consumer.lines());
+            bail!("{name} did not start: {:?}", consumer.lines());
         }
         Ok(consumer)
     }

@@ -247,6 +247,7 @@ impl Collect {
                 topic,
                 tags: "*".into(),
                 concurrency: 1,
+                batch: 1,
                 max_reconsume_times: 0,
                 prefetch: None,
                 consume_from: ConsumeFrom::First,

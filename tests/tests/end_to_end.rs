@@ -1304,3 +1304,88 @@ async fn a_new_group_from_last_handles_only_what_is_published_after_it_starts() 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_batch_each_message_keeps_its_own_outcome_and_only_failures_come_back() -> Result<()> {
+    use mqplug::mq::{MqRuntime, ProducerSettings, Publisher};
+    use mqplug::topic::TopicName;
+
+    let broker = LocalBroker::start()?;
+    // A backlog first, so the consumer's listener calls take several each.
+    let topic = TopicName::new("batch.topic")?;
+    let mq = MqRuntime::new(0)?;
+    let mut publisher = Publisher::start(
+        &mq,
+        ProducerSettings::new(broker.name_server.clone(), topic.clone()),
+    )
+    .await?;
+    publisher.create_topic(4).await?;
+    let (mut failing, mut passing) = (HashSet::new(), HashSet::new());
+    for user in 0..24 {
+        let (event_type, ids) = if user % 4 == 0 {
+            ("FAIL_ONCE", &mut failing)
+        } else {
+            ("USER_REGISTER", &mut passing)
+        };
+        ids.insert(
+            publisher
+                .publish(&sample_event(event_type, user))
+                .await?
+                .message_id,
+        );
+    }
+    publisher.shutdown().await;
+    mq.shutdown().await;
+
+    let recorder = Recorder::new();
+    let config = host_config(
+        &broker,
+        "batch.topic",
+        vec![PluginConfig {
+            concurrency: 1,
+            batch: 8,
+            deadline_ms: 3000,
+            ..PluginConfig::new("chaos", plugin_path("chaos")?)
+        }],
+    );
+    let host = Host::start(&config, recorder.observers()).await?;
+    let succeeded = |r: &Recorder| {
+        r.handled_by("chaos")
+            .iter()
+            .filter(|h| h.outcome == DeliveryOutcome::ConsumeSuccess)
+            .count()
+    };
+    let done = recorder.wait_until(WAIT, |r| succeeded(r) >= failing.len() + passing.len());
+    tokio::time::sleep(QUIET_PERIOD).await;
+    host.shutdown().await;
+    ensure!(done, "not every message succeeded:\n{}", broker.logs());
+
+    let chaos = recorder.handled_by("chaos");
+    let attempts = |id: &String| {
+        let mut attempts: Vec<_> = chaos
+            .iter()
+            .filter(|h| &h.message_id == id)
+            .map(|h| (h.reconsume_times, h.outcome))
+            .collect();
+        attempts.sort_by_key(|(times, _)| *times);
+        attempts
+    };
+    for id in &failing {
+        assert_eq!(
+            attempts(id),
+            [
+                (0, DeliveryOutcome::ConsumeRetryLater),
+                (1, DeliveryOutcome::ConsumeSuccess)
+            ],
+            "message {id}: fails first, comes back alone and succeeds"
+        );
+    }
+    for id in &passing {
+        assert_eq!(
+            attempts(id),
+            [(0, DeliveryOutcome::ConsumeSuccess)],
+            "message {id} succeeded in a batch with a failure and is not run again"
+        );
+    }
+    Ok(())
+}

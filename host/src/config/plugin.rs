@@ -43,6 +43,14 @@ pub struct PluginConfig {
     /// Messages handled at once by this plugin.
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
+    /// Messages handed to one listener call, handled one after the other,
+    /// each still with its own outcome (RocketMQ's
+    /// `consumeMessageBatchMaxSize`). 1 (the default) hands each message
+    /// over alone. More cuts the client's per-message thread hand-off; the
+    /// batch must fit the listener timeout (`batch` x `deadline_ms` at most
+    /// 28,000), and a plugin with follow-ups (`allowed_topics`) keeps 1.
+    #[serde(default = "default_batch")]
+    pub batch: u32,
     /// Redeliveries before the broker dead-letters a message.
     #[serde(default = "default_max_reconsume_times")]
     pub max_reconsume_times: i32,
@@ -172,6 +180,13 @@ pub(super) fn check_dedupe_lease(plugin: &PluginConfig) -> Result<(), String> {
     }
 }
 
+/// The most messages one listener call takes (`batch`).
+pub const MAX_BATCH: u32 = 32;
+
+pub(super) fn default_batch() -> u32 {
+    1
+}
+
 pub(super) fn default_deadline_ms() -> u64 {
     5000
 }
@@ -197,6 +212,7 @@ impl PluginConfig {
             group: None,
             tags: default_tags(),
             concurrency: default_concurrency(),
+            batch: default_batch(),
             max_reconsume_times: default_max_reconsume_times(),
             prefetch: None,
             instance_mode: InstanceMode::default(),
@@ -332,6 +348,7 @@ impl PluginConfig {
             topic: topic.clone(),
             tags: self.tags.clone(),
             concurrency: self.concurrency,
+            batch: self.batch,
             max_reconsume_times: self.max_reconsume_times,
             prefetch: self.prefetch,
             consume_from: self.consume_from,
@@ -410,6 +427,25 @@ impl PluginConfig {
         }
         if self.concurrency == 0 {
             return Err("concurrency must be at least 1".into());
+        }
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            return Err(format!("batch must be between 1 and {MAX_BATCH}"));
+        }
+        if u64::from(self.batch) * self.deadline_ms > super::MAX_DEADLINE_MS {
+            return Err(format!(
+                "batch = {} with deadline_ms = {} may take {} ms in one listener call, over the {} ms it may take: \
+                 lower batch or deadline_ms",
+                self.batch,
+                self.deadline_ms,
+                u64::from(self.batch) * self.deadline_ms,
+                super::MAX_DEADLINE_MS
+            ));
+        }
+        if self.batch > 1 && !self.allowed_topics.is_empty() {
+            return Err(
+                "batch > 1 with allowed_topics: follow-ups need the whole listener timeout of each message; keep batch = 1"
+                    .into(),
+            );
         }
         if let Some(prefetch) = self.prefetch
             && !(1..=MAX_PREFETCH).contains(&prefetch)

@@ -525,6 +525,7 @@ mod fuzz {
         "group",
         "tags",
         "concurrency",
+        "batch",
         "max_reconsume_times",
         "prefetch",
         "instance_mode",
@@ -587,4 +588,37 @@ mod fuzz {
             exercise(&text);
         }
     }
+}
+
+#[test]
+fn a_batch_must_fit_the_listener_timeout_and_keeps_follow_ups_out() {
+    let config =
+        parse("[[plugin]]\nname = 'a'\npath = 'a.wasm'\nbatch = 16\ndeadline_ms = 1750\n").unwrap();
+    config.validate().unwrap();
+    let topic = TopicName::new("t").unwrap();
+    assert_eq!(config.plugins[0].consumer_settings("ns", &topic).batch, 16);
+    assert_eq!(
+        parse("[[plugin]]\nname = 'a'\npath = 'a.wasm'\n")
+            .unwrap()
+            .plugins[0]
+            .batch,
+        1,
+        "one message a listener call unless asked"
+    );
+
+    let mut config = config;
+    config.plugins[0].deadline_ms = 1751;
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("batch = 16 with deadline_ms = 1751"), "{err}");
+
+    config.plugins[0].deadline_ms = 1000;
+    config.plugins[0].batch = 33;
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("batch must be between 1 and 32"), "{err}");
+
+    config.plugins[0].batch = 2;
+    config.producer.enabled = true;
+    config.plugins[0].allowed_topics = vec!["marketing.reward.granted".into()];
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("batch > 1 with allowed_topics"), "{err}");
 }

@@ -48,6 +48,8 @@ pub struct ConsumerSettings {
     pub tags: String,
     /// Messages handled at once.
     pub concurrency: u32,
+    /// Messages one listener call takes, handled one after the other.
+    pub batch: u32,
     /// Redeliveries before the broker dead-letters a message; -1 is
     /// RocketMQ's default (16).
     pub max_reconsume_times: i32,
@@ -79,9 +81,15 @@ type SharedConsumer = Arc<tokio::sync::Mutex<Option<DefaultMQPushConsumer>>>;
 /// start holds, and for the broker) before falling back to ConsumeRetryLater.
 const SEND_BACK_BUDGET: Duration = Duration::from_secs(10);
 
+/// What one listener call may take before the client counts it failed
+/// (its 30 s listener timeout), less a second for the answer.
+const LISTENER_BUDGET: Duration = Duration::from_secs(29);
+
 impl PluginConsumer {
     /// Subscribes and starts consuming. Every message is handed to `handler`
-    /// one at a time (batch size 1), so each gets its own outcome.
+    /// on its own and gets its own outcome, also when a listener call takes
+    /// several (`settings.batch`): a message of a batch that is not
+    /// acknowledged is sent back to the broker alone.
     pub async fn start(
         runtime: &MqRuntime,
         settings: &ConsumerSettings,
@@ -102,7 +110,7 @@ impl PluginConsumer {
             })
             .consume_thread_min(concurrency)
             .consume_thread_max(concurrency)
-            .consume_message_batch_max_size(1)
+            .consume_message_batch_max_size(settings.batch.max(1))
             .max_reconsume_times(settings.max_reconsume_times)
             .await_termination_millis_when_shutdown(drain_millis)
             .rpc_hook(runtime.rpc_hook());
@@ -269,9 +277,12 @@ impl Listener {
     /// dead-letter queue), as the Java client does with a context's
     /// `delayLevelWhenNextConsume`, which rocketmq-client-rust 1.0.0 does
     /// not let a listener set. `true` once the broker has it.
-    fn send_back(&self, msg: &MessageExt, delay_level: i32) -> bool {
+    /// Within what is left of the listener timeout since `started`, at most
+    /// [`SEND_BACK_BUDGET`].
+    fn send_back(&self, msg: &MessageExt, delay_level: i32, started: Instant) -> bool {
+        let budget = SEND_BACK_BUDGET.min(LISTENER_BUDGET.saturating_sub(started.elapsed()));
         let sent = self.runtime.block_on(async {
-            tokio::time::timeout(SEND_BACK_BUDGET, async {
+            tokio::time::timeout(budget, async {
                 let mut consumer = self.consumer.lock().await;
                 let Some(consumer) = consumer.as_mut() else {
                     return Err("the consumer is shutting down".to_string());
@@ -282,7 +293,7 @@ impl Listener {
                     .map_err(|err| err.to_string())
             })
             .await
-            .unwrap_or_else(|_| Err(format!("not done within {SEND_BACK_BUDGET:?}")))
+            .unwrap_or_else(|_| Err(format!("not done within {budget:?}")))
         });
         match sent {
             Ok(()) => true,
@@ -305,20 +316,27 @@ impl MessageListenerConcurrently for Listener {
         _context: &ConsumeConcurrentlyContext,
     ) -> ClientResult<ConsumeConcurrentlyStatus> {
         let _running = self.in_flight.begin();
-        // The batch size is 1; should the client ever pass more, every
-        // message is still handled and one failure retries the batch.
+        let started = Instant::now();
+        let alone = msgs.len() == 1;
         let mut status = ConsumeConcurrentlyStatus::ConsumeSuccess;
         for msg in msgs {
             let body = msg.body();
             let body = body.as_deref().unwrap_or_default();
             let delay_level = match self.handler.on_message(&delivery_of(msg), body) {
                 DeliveryOutcome::ConsumeSuccess => continue,
-                DeliveryOutcome::ConsumeRetryLater => None,
+                // Alone, the client sends it back on the broker's schedule.
+                DeliveryOutcome::ConsumeRetryLater if alone => None,
+                // In a batch, ReconsumeLater would send back the batch's
+                // successes too: this one goes back alone, on the broker's
+                // schedule (delay level 0, as the client's own send-back).
+                DeliveryOutcome::ConsumeRetryLater => Some(0),
                 DeliveryOutcome::RetryAfter { delay_level } => Some(i32::from(delay_level)),
                 DeliveryOutcome::DeadLetter => Some(-1),
             };
             // Sent back, the message is the broker's again: acknowledged here.
-            if !delay_level.is_some_and(|level| self.send_back(msg, level)) {
+            // If it could not be, the whole call is retried: its successes
+            // are delivered again (at least once).
+            if !delay_level.is_some_and(|level| self.send_back(msg, level, started)) {
                 status = ConsumeConcurrentlyStatus::ReconsumeLater;
             }
         }

@@ -1,7 +1,10 @@
 //! Draws the benchmarks' charts (PNG) from what the benchmarks wrote:
-//! - `docs/charts/drain-rounds.png`: the backlog drain per round, mqplug
-//!   and the native consumer (`target/bench-results/drain-rounds.csv`,
+//! - `docs/charts/drain-rounds.png`: the backlog drain per round, mqplug,
+//!   the native consumer and the Go push consumer (`target/bench-results/drain-rounds.csv`,
 //!   from `cargo bench -p mqplug-tests --bench broker_throughput`);
+//! - `docs/charts/latency.png`: publish-to-handled percentiles, mqplug and
+//!   the Go push consumer (`target/bench-results/latency.csv`, from `cargo
+//!   bench -p mqplug-tests --bench latency`);
 //! - `docs/charts/per-event-cost.png`: time per event by mode (criterion's
 //!   estimates under `target/criterion/per_event`, from `cargo bench -p
 //!   mqplug-tests --bench dispatch`);
@@ -24,6 +27,7 @@ use plotters::style::{FontStyle, register_font};
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const MQPLUG: RGBColor = RGBColor(33, 102, 172);
 const BASELINE: RGBColor = RGBColor(150, 150, 150);
+const GO: RGBColor = RGBColor(0, 173, 216);
 
 /// Draws one chart to the path given.
 type Draw<'a> = Box<dyn Fn(&Path) -> Result<()> + 'a>;
@@ -45,10 +49,14 @@ fn main() -> Result<()> {
     let results = root.join("target/bench-results");
     let out = root.join("docs/charts");
     std::fs::create_dir_all(&out)?;
-    let charts: [(&str, Draw<'_>); 3] = [
+    let charts: [(&str, Draw<'_>); 4] = [
         (
             "drain-rounds.png",
             Box::new(|path| drain_rounds(&results.join("drain-rounds.csv"), path)),
+        ),
+        (
+            "latency.png",
+            Box::new(|path| latency(&results.join("latency.csv"), path)),
         ),
         (
             "per-event-cost.png",
@@ -80,6 +88,24 @@ fn csv(path: &Path) -> Result<Vec<Vec<f64>>> {
             line.split(',')
                 .map(|cell| cell.trim().parse::<f64>().map_err(Into::into))
                 .collect()
+        })
+        .collect()
+}
+
+/// A CSV whose first column is a label and the rest numbers.
+fn csv_labelled(path: &Path) -> Result<Vec<(String, Vec<f64>)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{} (run its benchmark first)", path.display()))?;
+    text.lines()
+        .skip(1)
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let mut cells = line.split(',');
+            let label = cells.next().unwrap_or_default().trim().to_string();
+            let values = cells
+                .map(|cell| cell.trim().parse::<f64>().map_err(Into::into))
+                .collect::<Result<_>>()?;
+            Ok((label, values))
         })
         .collect()
 }
@@ -190,7 +216,7 @@ fn drain_rounds(csv_path: &Path, path: &Path) -> Result<()> {
     let labels: Vec<String> = rows.iter().map(|r| format!("round {}", r[0])).collect();
     grouped_bars(
         path,
-        "Backlog drain per round (ABBA order)",
+        "Backlog drain per round (order rotated)",
         "messages per second",
         &labels,
         &[
@@ -203,6 +229,40 @@ fn drain_rounds(csv_path: &Path, path: &Path) -> Result<()> {
                 "native Rust consumer",
                 BASELINE,
                 rows.iter().map(|r| r[2]).collect(),
+            ),
+            (
+                "Go push consumer (the platform's)",
+                GO,
+                // Rounds written before the Go consumer joined have no column.
+                rows.iter()
+                    .map(|r| r.get(3).copied().unwrap_or(0.0))
+                    .collect(),
+            ),
+        ],
+    )
+}
+
+fn latency(csv_path: &Path, path: &Path) -> Result<()> {
+    let rows = csv_labelled(csv_path)?;
+    if rows.is_empty() {
+        bail!("no percentiles in {}", csv_path.display());
+    }
+    let labels: Vec<String> = rows.iter().map(|(label, _)| label.clone()).collect();
+    grouped_bars(
+        path,
+        "Publish to handled at a steady rate, side by side",
+        "milliseconds",
+        &labels,
+        &[
+            (
+                "mqplug, no-op plugin",
+                MQPLUG,
+                rows.iter().map(|(_, r)| r[0]).collect(),
+            ),
+            (
+                "Go push consumer (the platform's)",
+                GO,
+                rows.iter().map(|(_, r)| r[1]).collect(),
             ),
         ],
     )
