@@ -11,6 +11,8 @@ pub mod v0_1 {
     wasmtime::component::bindgen!({
         path: "../wit/v0.1",
         world: "plugin",
+        // The handler is called async (on a fiber): see `Plugin::handle_async`.
+        exports: { default: async },
     });
 }
 
@@ -23,10 +25,11 @@ pub mod v0_2 {
         world: "plugin-with-state",
         // A message 0.2's `publish-error` has no case for traps (capability/publish.rs).
         imports: { "mqplug:plugin/publish.send": trappable },
+        exports: { default: async },
         // wasi:http and what it uses are wasmtime's own implementations.
         with: {
-            "wasi:http": wasmtime_wasi_http::p2::bindings::sync::http,
-            "wasi:io": wasmtime_wasi::p2::bindings::sync::io,
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
             "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
             "wasi:keyvalue/store.bucket": crate::wasm::capability::keyvalue::Bucket,
         },
@@ -106,10 +109,10 @@ impl<T: Send + 'static> PluginPre<T> {
         }
     }
 
-    pub fn instantiate(&self, store: &mut wasmtime::Store<T>) -> wasmtime::Result<Plugin> {
+    pub async fn instantiate(&self, store: &mut wasmtime::Store<T>) -> wasmtime::Result<Plugin> {
         Ok(match self {
-            PluginPre::V0_1(pre) => Plugin::V0_1(pre.instantiate(store)?),
-            PluginPre::V0_2(pre) => Plugin::V0_2(pre.instantiate(store)?),
+            PluginPre::V0_1(pre) => Plugin::V0_1(pre.instantiate_async(&mut *store).await?),
+            PluginPre::V0_2(pre) => Plugin::V0_2(pre.instantiate_async(&mut *store).await?),
         })
     }
 }
@@ -117,7 +120,7 @@ impl<T: Send + 'static> PluginPre<T> {
 impl Plugin {
     /// Calls `handle`: `Ok(Err((reason, disposition)))` when the handler
     /// returned `err`.
-    pub fn handle<T: Send + 'static>(
+    pub async fn handle<T: Send + 'static>(
         &self,
         store: &mut wasmtime::Store<T>,
         event: &crate::event::TaskEvent,
@@ -127,11 +130,13 @@ impl Plugin {
         Ok(match self {
             Plugin::V0_1(plugin) => plugin
                 .mqplug_plugin_handler()
-                .call_handle(store, &event.into(), &delivery.into())?
+                .call_handle(store, &event.into(), &delivery.into())
+                .await?
                 .map_err(|err| (err.reason, Disposition::Retry)),
             Plugin::V0_2(plugin) => plugin
                 .mqplug_plugin_handler()
-                .call_handle(store, &event.into(), &delivery.into())?
+                .call_handle(store, &event.into(), &delivery.into())
+                .await?
                 .map_err(|err| match err {
                     HandlerError::Retry(reason) => (reason, Disposition::Retry),
                     HandlerError::RetryAfter(after) => (

@@ -97,6 +97,8 @@ impl WasmRuntime {
             .total_core_instances(settings.max_instances * 8)
             .total_memories(settings.max_instances * 2)
             .total_tables(settings.max_instances * 4)
+            // A call runs on a fiber stack of its own, one per instance in use.
+            .total_stacks(settings.max_instances)
             .max_memory_size(settings.max_memory_bytes)
             // A slot going back to the pool: reset the pages the instance
             // touched in place (found with PAGEMAP_SCAN on Linux 6.7+, else
@@ -125,7 +127,9 @@ impl WasmRuntime {
         let mut linker = Linker::new(&engine);
         // WASI is linked because Rust's wasm32-wasip2 std imports it, but the
         // context grants nothing: no preopens, env, args, stdio or sockets.
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // Linked async: a plugin's wait (a sleep, a response) suspends its
+        // call and frees the thread, instead of parking it.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         // A blocking wait (a sleep) ends at the event's deadline.
         clocks::add_to_linker(&mut linker)?;
         // The capabilities (capability/), each picked out of the store's
@@ -134,7 +138,7 @@ impl WasmRuntime {
         Publish::add_to_linker(&mut linker, |state: &mut HostState| &mut state.publish)?;
         // Outbound HTTP: wasmtime's wasi:http, with mqplug's grant checks
         // in its hooks (capability/http.rs).
-        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         // The plugin's own config and secrets, nobody else's.
         ConfigStore::add_to_linker(&mut linker, |state: &mut HostState| &mut state.config)?;
         // The plugin's own buckets, and keys that expire.

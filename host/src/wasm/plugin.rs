@@ -294,8 +294,7 @@ impl Plugin {
         // Instantiated once to prove it can run, then dropped: an idle
         // plugin holds no instance (nor a pool slot), and its first message
         // instantiates again (microseconds).
-        let first = plugin
-            .instantiate()
+        let first = wasmtime_wasi::runtime::in_tokio(plugin.instantiate())
             .map_err(|cause| PluginLoadError::Instantiate { name, cause })?;
         plugin.memory_at_instantiation = first.store.data().memory_bytes;
         Ok(plugin)
@@ -354,12 +353,22 @@ impl Plugin {
     /// [`Plugin::handle_with_outbox`], with what a failed call saw when the
     /// plugin records failures.
     pub fn handle_recorded(&self, event: &TaskEvent, delivery: &Delivery) -> Handling {
+        wasmtime_wasi::runtime::in_tokio(self.handle_async(event, delivery))
+    }
+
+    /// [`Plugin::handle_recorded`] as a future, for a caller on a Tokio
+    /// runtime: the handler runs on a fiber of its own, and while it waits
+    /// (a sleep, an HTTP response) it holds no thread, so one thread can
+    /// keep many handlers waiting. Every limit is the same as in the
+    /// blocking call: the deadline's epoch interrupt and wait limit, fuel,
+    /// memory, and the instance pool.
+    pub async fn handle_async(&self, event: &TaskEvent, delivery: &Delivery) -> Handling {
         let failed = |outcome: HandlerFailure, recorded| Handling {
             outcome: HandlerOutcome::Failed(outcome),
             outbox: Vec::new(),
             recorded,
         };
-        let mut instance = match self.acquire() {
+        let mut instance = match self.acquire().await {
             Ok(instance) => instance,
             Err(failure) => return failed(failure, None),
         };
@@ -370,7 +379,8 @@ impl Plugin {
         }
         let result = instance
             .bindings
-            .handle(&mut instance.store, event, delivery);
+            .handle(&mut instance.store, event, delivery)
+            .await;
         let recorded = |instance: &mut Instance| {
             let state = instance.store.data_mut();
             let seen = state.take_tape()?;
@@ -446,13 +456,13 @@ impl Plugin {
         })
     }
 
-    fn acquire(&self) -> Result<Instance, HandlerFailure> {
+    async fn acquire(&self) -> Result<Instance, HandlerFailure> {
         if self.settings.instance_mode == InstanceMode::Reuse
             && let Some(instance) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
         {
             return Ok(instance);
         }
-        self.instantiate()
+        self.instantiate().await
     }
 
     fn release(&self, instance: Instance) {
@@ -464,8 +474,8 @@ impl Plugin {
         }
     }
 
-    fn instantiate(&self) -> Result<Instance, HandlerFailure> {
-        let _span = tracing::debug_span!("instantiate", plugin = %self.name).entered();
+    async fn instantiate(&self) -> Result<Instance, HandlerFailure> {
+        let span = tracing::debug_span!("instantiate", plugin = %self.name);
         let state = HostState::new(
             self.name.clone(),
             self.settings.memory_limit_bytes,
@@ -486,7 +496,7 @@ impl Plugin {
         // would interrupt the component's start at once.
         self.start_deadline(&mut store);
         self.refuel(&mut store)?;
-        match self.pre.instantiate(&mut store) {
+        match tracing::Instrument::instrument(self.pre.instantiate(&mut store), span).await {
             Ok(bindings) => Ok(Instance { store, bindings }),
             Err(err) => Err(self.classify(&store, err)),
         }
