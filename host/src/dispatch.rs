@@ -1,11 +1,14 @@
 //! From a message body to a RocketMQ outcome: decode, call the handler, map,
 //! log. Plain functions over small traits, testable without a broker or wasm.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, error, info_span, warn};
+use tracing::{Instrument, debug, error, info_span, warn};
 
 use crate::delivery::Delivery;
 use crate::event::TaskEvent;
@@ -47,7 +50,22 @@ pub trait EventHandler: Send + Sync + 'static {
             outbox: Vec::new(),
         }
     }
+
+    /// [`EventHandler::handle_full`] as a future, which the dispatcher
+    /// awaits. A wasm plugin waits in it without holding a thread; the
+    /// default runs the blocking call.
+    fn handle_full_async<'a>(
+        &'a self,
+        event: &'a TaskEvent,
+        delivery: &'a Delivery,
+    ) -> HandledFuture<'a> {
+        // Called when polled, where the dispatcher catches a panic.
+        Box::pin(async move { self.handle_full(event, delivery) })
+    }
 }
+
+/// What [`EventHandler::handle_full_async`] returns.
+pub type HandledFuture<'a> = Pin<Box<dyn Future<Output = Handled> + Send + 'a>>;
 
 /// What [`EventHandler::handle_full`] reports.
 pub struct Handled {
@@ -100,6 +118,21 @@ impl EventHandler for Plugin {
             outbox,
         }
     }
+
+    fn handle_full_async<'a>(
+        &'a self,
+        event: &'a TaskEvent,
+        delivery: &'a Delivery,
+    ) -> HandledFuture<'a> {
+        Box::pin(async move {
+            let handling = self.handle_async(event, delivery).await;
+            Handled {
+                outcome: handling.outcome,
+                version: None,
+                outbox: handling.outbox,
+            }
+        })
+    }
 }
 
 /// Hands one plugin's messages to its handler and decides their outcome.
@@ -146,8 +179,16 @@ impl Dispatcher {
     }
 
     /// Decodes the body, runs the handler, logs what happened and returns
-    /// what to tell the broker. Never panics.
+    /// what to tell the broker. Never panics. Blocks: call it from a thread
+    /// that runs no async tasks (a listener thread).
     pub fn dispatch(&self, delivery: &Delivery, body: &[u8]) -> DeliveryOutcome {
+        wasmtime_wasi::runtime::in_tokio(self.dispatch_async(delivery, body))
+    }
+
+    /// [`Dispatcher::dispatch`] as a future: a plugin that waits (a sleep,
+    /// an HTTP response) holds no thread meanwhile, so one thread can keep
+    /// many messages in their handlers at once.
+    pub async fn dispatch_async(&self, delivery: &Delivery, body: &[u8]) -> DeliveryOutcome {
         let started = Instant::now();
         // The handler and the follow-ups see the plugin's span's context.
         let trace = ProcessSpan::start(&self.plugin, self.group.as_deref(), delivery, body.len());
@@ -160,11 +201,12 @@ impl Dispatcher {
             message_id = %inert(&delivery.message_id, MAX_MESSAGE_ID_BYTES),
             reconsume_times = delivery.reconsume_times,
         );
-        let _entered = span.enter();
         let mut version = None;
         let mut failure = None;
-        let (outcome, cause) = match TaskEvent::decode(body, self.max_body_bytes) {
+        let decoded = span.in_scope(|| TaskEvent::decode(body, self.max_body_bytes));
+        let (outcome, cause) = match decoded {
             Err(err) => {
+                let _entered = span.enter();
                 let outcome = undecodable_outcome(self.undecodable);
                 // serde's message can quote the body.
                 let err = inert_owned(err.to_string(), MAX_UNTRUSTED_BYTES);
@@ -184,23 +226,24 @@ impl Dispatcher {
                 // library) must not take the listener thread with it: it is
                 // a host failure, the message is retried, and the instance
                 // that was in use is dropped as the panic unwinds.
-                let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    self.handler.handle_full(&event, delivery)
-                }))
-                .unwrap_or_else(|panic| {
-                    let detail = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic without a message".into());
-                    Handled {
-                        outcome: HandlerOutcome::Failed(HandlerFailure::Host {
-                            detail: format!("panicked while handling the event: {detail}"),
-                        }),
-                        version: None,
-                        outbox: Vec::new(),
-                    }
-                });
+                let handled = CatchUnwind(self.handler.handle_full_async(&event, delivery))
+                    .instrument(span.clone())
+                    .await
+                    .unwrap_or_else(|panic| {
+                        let detail = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic without a message".into());
+                        Handled {
+                            outcome: HandlerOutcome::Failed(HandlerFailure::Host {
+                                detail: format!("panicked while handling the event: {detail}"),
+                            }),
+                            version: None,
+                            outbox: Vec::new(),
+                        }
+                    });
+                let _entered = span.enter();
                 version = handled.version;
                 let outcome = delivery_outcome(&handled.outcome);
                 let cause = match handled.outcome {
@@ -241,22 +284,27 @@ impl Dispatcher {
                 // Follow-up messages go out before the event is acknowledged;
                 // if they cannot, the event is retried and republishes them
                 // with the same ids.
-                let unsent = (outcome == DeliveryOutcome::ConsumeSuccess
-                    && !handled.outbox.is_empty())
-                .then(|| {
-                    let sent = self.send_outbox(delivery, &handled.outbox, started.elapsed());
-                    self.observers.emit(|| HostEvent::FollowUps {
-                        plugin: self.plugin.clone(),
-                        topics: handled
-                            .outbox
-                            .iter()
-                            .map(|message| message.topic.configured().to_string())
-                            .collect(),
-                        sent: sent.is_ok(),
-                    });
-                    sent.err()
-                })
-                .flatten();
+                let unsent =
+                    if outcome == DeliveryOutcome::ConsumeSuccess && !handled.outbox.is_empty() {
+                        drop(_entered);
+                        let sent = self
+                            .send_outbox(delivery, &handled.outbox, started.elapsed())
+                            .instrument(span.clone())
+                            .await;
+                        self.observers.emit(|| HostEvent::FollowUps {
+                            plugin: self.plugin.clone(),
+                            topics: handled
+                                .outbox
+                                .iter()
+                                .map(|message| message.topic.configured().to_string())
+                                .collect(),
+                            sent: sent.is_ok(),
+                        });
+                        sent.err()
+                    } else {
+                        None
+                    };
+                let _entered = span.enter();
                 match unsent {
                     None => (outcome, cause),
                     Some(why) => {
@@ -288,7 +336,8 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    fn send_outbox(
+    /// Sends on a blocking thread: the sender waits for the broker.
+    async fn send_outbox(
         &self,
         delivery: &Delivery,
         outbox: &[OutgoingMessage],
@@ -305,13 +354,42 @@ impl Dispatcher {
                 crate::config::MAX_DEADLINE_MS
             ));
         }
-        sender.send(&self.plugin, delivery, outbox, budget)
+        let (sender, plugin) = (sender.clone(), self.plugin.clone());
+        let (delivery, outbox) = (delivery.clone(), outbox.to_vec());
+        tokio::task::spawn_blocking(move || sender.send(&plugin, &delivery, &outbox, budget))
+            .await
+            .unwrap_or_else(|err| Err(format!("the send stopped: {err}")))
+    }
+}
+
+/// A future that turns a panic while it is polled into an `Err`, as
+/// `std::panic::catch_unwind` does for a call.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
     }
 }
 
 impl MessageHandler for Dispatcher {
     fn on_message(&self, delivery: &Delivery, body: &[u8]) -> DeliveryOutcome {
         self.dispatch(delivery, body)
+    }
+
+    fn on_message_async<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        body: &'a [u8],
+    ) -> crate::mq::OutcomeFuture<'a> {
+        Box::pin(self.dispatch_async(delivery, body))
     }
 }
 

@@ -507,6 +507,22 @@ impl EventHandler for PluginSlot {
     }
 
     fn handle_full(&self, event: &TaskEvent, delivery: &Delivery) -> Handled {
+        wasmtime_wasi::runtime::in_tokio(self.handle_full_async(event, delivery))
+    }
+
+    fn handle_full_async<'a>(
+        &'a self,
+        event: &'a TaskEvent,
+        delivery: &'a Delivery,
+    ) -> crate::dispatch::HandledFuture<'a> {
+        Box::pin(self.handle_in_build(event, delivery))
+    }
+}
+
+impl PluginSlot {
+    /// Runs the event in the build that takes it (the canary's candidate
+    /// or the current one), and judges the canary.
+    async fn handle_in_build(&self, event: &TaskEvent, delivery: &Delivery) -> Handled {
         // Clone the build and let go of the lock: a reload may swap while
         // this message is in the handler; it finishes on this build.
         // A running canary's candidate takes its share of users; the
@@ -527,7 +543,7 @@ impl EventHandler for PluginSlot {
         // plugin's own log lines carry the build too.
         tracing::Span::current().record("version", short(&version));
         let started = Instant::now();
-        let handling = plugin.handle_recorded(event, delivery);
+        let handling = plugin.handle_async(event, delivery).await;
         let took = started.elapsed();
         let (mut outcome, outbox) = (handling.outcome, handling.outbox);
         if let Some((candidate, canary)) = canary {

@@ -278,14 +278,18 @@ impl HostConfig {
         self.plugins.iter().map(|p| p.concurrency as usize).sum()
     }
 
-    /// Instances the plugins may need at once: each plugin's concurrency,
+    /// Instances the plugins may need at once: each plugin's concurrency
+    /// times its batch (a batch's messages are in their handlers at once),
     /// plus one for a reload.
     pub fn instances_needed(&self) -> u64 {
         self.plugins
             .iter()
             // A canary's candidate keeps instances of its own beside the
             // current build's.
-            .map(|p| (u64::from(p.concurrency) + 1) * if p.canary.is_some() { 2 } else { 1 })
+            .map(|p| {
+                (u64::from(p.concurrency) * u64::from(p.batch) + 1)
+                    * if p.canary.is_some() { 2 } else { 1 }
+            })
             .sum()
     }
 
@@ -366,8 +370,8 @@ impl HostConfig {
         let wanted = self.instances_needed();
         if wanted > u64::from(self.runtime.max_instances) {
             return Err(ConfigError::Runtime(format!(
-                "the plugins may need {wanted} instances at once (each plugin's concurrency, \
-                 plus one for a reload, twice over for a plugin with a canary), over \
+                "the plugins may need {wanted} instances at once (each plugin's concurrency \
+                 times its batch, plus one for a reload, twice over for a plugin with a canary), over \
                  runtime.max_instances = {}",
                 self.runtime.max_instances
             )));

@@ -43,12 +43,14 @@ pub struct PluginConfig {
     /// Messages handled at once by this plugin.
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
-    /// Messages handed to one listener call, handled one after the other,
-    /// each still with its own outcome (RocketMQ's
-    /// `consumeMessageBatchMaxSize`). 1 (the default) hands each message
-    /// over alone. More cuts the client's per-message thread hand-off; the
-    /// batch must fit the listener timeout (`batch` x `deadline_ms` at most
-    /// 28,000), and a plugin with follow-ups (`allowed_topics`) keeps 1.
+    /// Messages handed to one listener call (RocketMQ's
+    /// `consumeMessageBatchMaxSize`), in their handlers at once on its
+    /// thread, each still with its own outcome. 1 (the default) hands each
+    /// message over alone. More cuts the client's per-message thread
+    /// hand-off and keeps `concurrency` x `batch` handlers waiting on
+    /// `concurrency` threads; the batch must fit the listener timeout
+    /// (`batch` x `deadline_ms` at most 28,000), and a plugin with
+    /// follow-ups (`allowed_topics`) keeps 1.
     #[serde(default = "default_batch")]
     pub batch: u32,
     /// Redeliveries before the broker dead-letters a message.

@@ -23,7 +23,18 @@ use crate::topic::TopicName;
 /// Whatever handles a message; the dispatcher in mqplug, a closure in tests.
 pub trait MessageHandler: Send + Sync + 'static {
     fn on_message(&self, delivery: &Delivery, body: &[u8]) -> DeliveryOutcome;
+
+    /// [`MessageHandler::on_message`] as a future: a listener call with
+    /// several messages awaits them all at once on its thread. The default
+    /// runs the blocking call.
+    fn on_message_async<'a>(&'a self, delivery: &'a Delivery, body: &'a [u8]) -> OutcomeFuture<'a> {
+        Box::pin(async move { self.on_message(delivery, body) })
+    }
 }
+
+/// What [`MessageHandler::on_message_async`] returns.
+pub type OutcomeFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = DeliveryOutcome> + Send + 'a>>;
 
 /// Where a consumer group that has no stored offset starts reading.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -48,7 +59,7 @@ pub struct ConsumerSettings {
     pub tags: String,
     /// Messages handled at once.
     pub concurrency: u32,
-    /// Messages one listener call takes, handled one after the other.
+    /// Messages one listener call takes, handled at once on its thread.
     pub batch: u32,
     /// Redeliveries before the broker dead-letters a message; -1 is
     /// RocketMQ's default (16).
@@ -318,11 +329,26 @@ impl MessageListenerConcurrently for Listener {
         let _running = self.in_flight.begin();
         let started = Instant::now();
         let alone = msgs.len() == 1;
+        let outcomes = if alone {
+            let body = msgs[0].body();
+            vec![
+                self.handler
+                    .on_message(&delivery_of(msgs[0]), body.as_deref().unwrap_or_default()),
+            ]
+        } else {
+            // A batch is handled at once on this thread: while one handler
+            // waits (a response, a sleep), the others run.
+            let deliveries: Vec<Delivery> = msgs.iter().map(|msg| delivery_of(msg)).collect();
+            let bodies: Vec<_> = msgs.iter().map(|msg| msg.body()).collect();
+            let handling = deliveries.iter().zip(&bodies).map(|(delivery, body)| {
+                self.handler
+                    .on_message_async(delivery, body.as_deref().unwrap_or_default())
+            });
+            self.runtime.block_on(join_all(handling.collect()))
+        };
         let mut status = ConsumeConcurrentlyStatus::ConsumeSuccess;
-        for msg in msgs {
-            let body = msg.body();
-            let body = body.as_deref().unwrap_or_default();
-            let delay_level = match self.handler.on_message(&delivery_of(msg), body) {
+        for (msg, outcome) in msgs.iter().zip(outcomes) {
+            let delay_level = match outcome {
                 DeliveryOutcome::ConsumeSuccess => continue,
                 // Alone, the client sends it back on the broker's schedule.
                 DeliveryOutcome::ConsumeRetryLater if alone => None,
@@ -342,6 +368,30 @@ impl MessageListenerConcurrently for Listener {
         }
         Ok(status)
     }
+}
+
+/// Awaits every future at once, polling each that is not done yet; their
+/// outputs in order.
+async fn join_all(mut futures: Vec<OutcomeFuture<'_>>) -> Vec<DeliveryOutcome> {
+    let mut outputs: Vec<Option<DeliveryOutcome>> = vec![None; futures.len()];
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(outcome) => *output = Some(outcome),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }
 
 /// Marks a listener call ended when it ends, however it ends.

@@ -11,7 +11,7 @@ mod reader;
 mod route;
 
 pub use client::{Credentials, MqRuntime};
-pub use consumer::{ConsumeFrom, ConsumerSettings, MessageHandler, PluginConsumer};
+pub use consumer::{ConsumeFrom, ConsumerSettings, MessageHandler, OutcomeFuture, PluginConsumer};
 pub use error::{MqError, error_chain};
 pub use publisher::{
     Backoff, DEFAULT_PRODUCER_GROUP, ProducerSettings, PublishReceipt, Publisher, PublisherOutbox,
