@@ -3,7 +3,11 @@
 //! resolution, a new connection, the whole response read), against the same
 //! request from plain Rust (hyper's HTTP/1 client, a new connection each
 //! time) to the same loopback server in the same run, and against the same
-//! plugin handling an event that makes no request.
+//! plugin handling an event that makes no request. The plugin's request is
+//! measured blocking (`Plugin::handle`, as a listener thread with one
+//! message) and awaited (`Plugin::handle_async` on the plain request's
+//! one-thread runtime, as a listener call with a batch); the ratios to
+//! the plain request are printed at the end.
 //!
 //!   cargo bench -p mqplug-tests --bench outbound
 
@@ -75,10 +79,45 @@ fn bench(c: &mut Criterion) {
     group.bench_function("mqplug_plugin_request", |b| {
         b.iter(|| assert_eq!(plugin.handle(&http, &delivery), HandlerOutcome::Accepted))
     });
+    // Awaited on the same one-thread runtime as the plain request: what a
+    // listener call's batch does.
+    group.bench_function("mqplug_plugin_request_awaited", |b| {
+        b.iter(|| {
+            let handling = client_runtime.block_on(plugin.handle_async(&http, &delivery));
+            assert_eq!(handling.outcome, HandlerOutcome::Accepted)
+        })
+    });
     group.bench_function("mqplug_plugin_no_request", |b| {
         b.iter(|| assert_eq!(plugin.handle(&plain, &delivery), HandlerOutcome::Accepted))
     });
     group.finish();
+    print_ratios();
+}
+
+/// Each plugin request against the plain one, from criterion's estimates.
+fn print_ratios() {
+    let mean = |name: &str| -> Option<f64> {
+        let path = mqplug_tests::workspace_root()
+            .join("target/criterion/outbound_request")
+            .join(name)
+            .join("new/estimates.json");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        json["mean"]["point_estimate"].as_f64()
+    };
+    let Some(plain) = mean("plain_rust_hyper") else {
+        return;
+    };
+    for name in ["mqplug_plugin_request", "mqplug_plugin_request_awaited"] {
+        if let Some(mqplug) = mean(name) {
+            println!(
+                "{name}: {:.1} us, {:.2}x plain hyper ({:.1} us)",
+                mqplug / 1000.0,
+                mqplug / plain,
+                plain / 1000.0
+            );
+        }
+    }
 }
 
 criterion_group!(benches, bench);

@@ -106,7 +106,7 @@ pub(super) fn default_http_max_in_flight() -> usize {
 pub const MAX_HTTP_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The largest `http_max_in_flight`.
-pub const MAX_HTTP_IN_FLIGHT: usize = 256;
+pub const MAX_HTTP_IN_FLIGHT: usize = 4096;
 
 /// Keys and values of `[plugin.config]` and `[plugin.secrets]`: bounded,
 /// no key in both, each secret with one source. Secret values are read at
