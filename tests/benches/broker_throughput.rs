@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mqplug::config::PluginConfig;
 use mqplug::event::DEFAULT_MAX_BODY_BYTES;
-use mqplug::mq::{ConsumeFrom, MqRuntime, ProducerSettings, Publisher};
+use mqplug::mq::{ConsumeFrom, MqRuntime};
 use mqplug::observe::{HostEvent, Observer, Observers};
 use mqplug::topic::TopicName;
 use mqplug::{Host, HostConfig, TaskEvent};
@@ -85,12 +85,7 @@ async fn main() -> Result<()> {
     let broker = LocalBroker::start()?;
     let topic = TopicName::new(TOPIC)?;
     let mq = MqRuntime::new(0)?;
-    let mut publisher = Publisher::start(
-        &mq,
-        ProducerSettings::new(broker.name_server.clone(), topic.clone()),
-    )
-    .await?;
-    publisher.create_topic(4).await?;
+    let publisher = mqplug_tests::topic_publisher(&mq, &broker.name_server, &topic).await?;
     let event = sample_event("USER_REGISTER", 123);
 
     // Publish rate, one task each, alternating to share the machine's noise.
@@ -443,6 +438,8 @@ async fn drain_mqplug(broker: &LocalBroker, round: usize, total: usize) -> Resul
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(1);
+    // A batch's messages are in their handlers at once: an instance each.
+    config.runtime.max_instances = config.runtime.max_instances.max(CONCURRENCY * batch + 16);
     config.plugins = vec![PluginConfig {
         group: Some(format!("bench-mqplug-{round}")),
         concurrency: CONCURRENCY,

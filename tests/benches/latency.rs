@@ -19,10 +19,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use mqplug::config::PluginConfig;
-use mqplug::mq::{ConsumeFrom, MqRuntime, ProducerSettings, Publisher};
+use mqplug::mq::{ConsumeFrom, MqRuntime};
 use mqplug::observe::{HostEvent, Observer, Observers};
 use mqplug::topic::TopicName;
 use mqplug::{Host, HostConfig};
+use mqplug_tests::env_or;
 use mqplug_tests::peers::GoConsumer;
 use mqplug_tests::{LocalBroker, plugins::plugin_path, sample_event};
 
@@ -31,13 +32,6 @@ const CONCURRENCY: u32 = 16;
 /// Events sent, unmeasured, before the measured ones: both consumers have
 /// their queues and the broker has compiled its paths.
 const WARM_UP_SECONDS: u64 = 5;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
 
 fn unix_nanos() -> i64 {
     SystemTime::now()
@@ -56,17 +50,12 @@ async fn main() -> Result<()> {
         println!("latency: run with `cargo bench`");
         return Ok(());
     }
-    let rate = env_or("MQPLUG_BENCH_RATE", 1000).max(1);
-    let seconds = env_or("MQPLUG_BENCH_SECONDS", 20).max(1);
+    let rate = env_or("MQPLUG_BENCH_RATE", 1000).max(1) as u64;
+    let seconds = env_or("MQPLUG_BENCH_SECONDS", 20).max(1) as u64;
     let broker = LocalBroker::start()?;
     let topic = TopicName::new(TOPIC)?;
     let mq = MqRuntime::new(0)?;
-    let mut publisher = Publisher::start(
-        &mq,
-        ProducerSettings::new(broker.name_server.clone(), topic.clone()),
-    )
-    .await?;
-    publisher.create_topic(4).await?;
+    let publisher = mqplug_tests::topic_publisher(&mq, &broker.name_server, &topic).await?;
     let publisher = Arc::new(publisher);
 
     // mqplug: the no-op plugin; an observer notes when each was handled.

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use mqplug::TaskEvent;
-use mqplug::mq::{MqRuntime, ProducerSettings, Publisher};
+use mqplug::mq::{MqRuntime, Publisher};
 use mqplug::publish::{Pipeline, publish_all};
 use mqplug::topic::TopicName;
+use mqplug_tests::env_or;
 use mqplug_tests::peers::go_bench_produce;
 use mqplug_tests::{LocalBroker, sample_event};
 
@@ -57,13 +58,6 @@ const PIPELINES: [Pipeline; 6] = [
         batch: 16,
     },
 ];
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Who sends in a measurement.
 #[derive(Clone, Copy)]
@@ -115,12 +109,7 @@ async fn main() -> Result<()> {
     let broker_started = Instant::now();
     let topic = TopicName::new(TOPIC)?;
     let mq = MqRuntime::new(0)?;
-    let mut publisher = Publisher::start(
-        &mq,
-        ProducerSettings::new(broker.name_server.clone(), topic.clone()),
-    )
-    .await?;
-    publisher.create_topic(4).await?;
+    let publisher = mqplug_tests::topic_publisher(&mq, &broker.name_server, &topic).await?;
     let publisher = Arc::new(publisher);
     let events: Arc<[TaskEvent]> = (0..per_round as u64)
         .map(|user| sample_event("USER_REGISTER", user))

@@ -12,7 +12,12 @@
 //!
 //! It prints each way's rate against the ideal (in flight / latency), the
 //! most threads the process had while they ran (`/proc/self/status`), and
-//! the ratio of the two rates.
+//! the ratio of the two rates. Then the same through a host and a real
+//! broker: a backlog of such events drained by the chaos plugin with
+//! `MQPLUG_BENCH_HOST_CONCURRENCY` (default 8) listener threads,
+//! `MQPLUG_BENCH_BATCH` (default 32) messages a call, against batch 1.
+//!
+//!   MQPLUG_BENCH_HOST_CONCURRENCY=32 cargo bench -p mqplug-tests --bench waiting
 //!
 //!   cargo bench -p mqplug-tests --bench waiting
 //!   MQPLUG_BENCH_IN_FLIGHT=100 cargo bench -p mqplug-tests --bench waiting
@@ -28,15 +33,9 @@ use mqplug::delivery::Delivery;
 use mqplug::outcome::HandlerOutcome;
 use mqplug::slot::load_plugin;
 use mqplug::wasm::{RuntimeSettings, WasmRuntime};
+use mqplug_tests::env_or;
 use mqplug_tests::plugins::plugin_path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The process's threads now.
 fn threads() -> usize {
@@ -60,7 +59,10 @@ struct ThreadPeak {
 
 impl ThreadPeak {
     fn start() -> ThreadPeak {
-        let (peak, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (peak, stop) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let (p, s) = (peak.clone(), stop.clone());
         let sampler = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -89,16 +91,20 @@ impl ThreadPeak {
 /// own runtime of one thread (its threads are counted too: it is the same
 /// for both ways).
 fn slow_server(latency: Duration) -> Result<std::net::SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // A backlog for a thousand connections at once: with the usual 128, the
+    // kernel drops SYNs and the client retries after a second, which is
+    // not the service's latency.
+    let listener = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.1:0".parse()?)?;
+        anyhow::Ok(socket.listen(4096)?)
+    })?;
     let addr = listener.local_addr()?;
-    listener.set_nonblocking(true)?;
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the server");
         runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("the listener");
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
                     continue;
@@ -199,7 +205,10 @@ fn main() -> Result<()> {
             })
         })
         .collect();
-    let failed: usize = handlers.into_iter().map(|h| h.join().unwrap_or(rounds)).sum();
+    let failed: usize = handlers
+        .into_iter()
+        .map(|h| h.join().unwrap_or(rounds))
+        .sum();
     let blocking_rate = total as f64 / started.elapsed().as_secs_f64();
     let blocking_threads = peak.finish();
     ensure!(failed == 0, "{failed} of {total} blocking calls failed");
@@ -223,7 +232,149 @@ fn main() -> Result<()> {
         awaited_rate / blocking_rate,
         awaited_threads as f64 / blocking_threads.max(1) as f64
     );
+    drop(plugin);
+
+    // The same through a host and a real broker: a backlog of HTTP events,
+    // `host_concurrency()` listener threads, each taking `batch` messages.
+    let host_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let batch = env_or("MQPLUG_BENCH_BATCH", 32);
+    let rows = host_runtime.block_on(async {
+        let broker = mqplug_tests::LocalBroker::start()?;
+        let mut rows = Vec::new();
+        for (round, batch) in [batch, 1].into_iter().enumerate() {
+            rows.push(drain_through_host(&broker, round, batch, &origin, latency).await?);
+        }
+        anyhow::Ok(rows)
+    })?;
+    println!();
+    println!(
+        "through a host: {} listener threads, the service answering in {} ms",
+        host_concurrency(),
+        latency.as_millis()
+    );
+    println!(
+        "| batch | handlers waiting at once | handled/s | vs waiting / latency | most threads in the process |"
+    );
+    println!("|---|---|---|---|---|");
+    for (batch, rate, threads) in rows {
+        let waiting = host_concurrency() as usize * batch;
+        println!(
+            "| {batch} | {waiting} | {rate:.0} | {:.2} | {threads} |",
+            rate / (waiting as f64 / latency.as_secs_f64())
+        );
+    }
     Ok(())
+}
+
+/// Listener threads of the host's plugin (`MQPLUG_BENCH_HOST_CONCURRENCY`,
+/// default 8).
+fn host_concurrency() -> u32 {
+    u32::try_from(env_or("MQPLUG_BENCH_HOST_CONCURRENCY", 8).clamp(1, 256)).unwrap_or(8)
+}
+
+/// Publishes 20 HTTP events per handler that can wait at once, drains them
+/// through a host (the chaos plugin, `host_concurrency()` x `batch`), and
+/// returns the batch, the rate from the first handled to the last, and the
+/// most threads the process had meanwhile.
+async fn drain_through_host(
+    broker: &mqplug_tests::LocalBroker,
+    round: usize,
+    batch: usize,
+    origin: &str,
+    latency: Duration,
+) -> Result<(usize, f64, usize)> {
+    use mqplug::mq::{ConsumeFrom, MqRuntime};
+    use mqplug::observe::{HostEvent, Observer, Observers};
+    use mqplug::topic::TopicName;
+
+    let waiting = host_concurrency() as usize * batch;
+    let total = waiting * 20;
+    let topic_name = format!("bench.waiting.{round}");
+    let topic = TopicName::new(&topic_name)?;
+    let mq = MqRuntime::new(0)?;
+    let publisher = mqplug_tests::topic_publisher(&mq, &broker.name_server, &topic).await?;
+    let event = mqplug_tests::sample_event_with(
+        "HTTP",
+        7,
+        serde_json::json!({"url": format!("{origin}/grants"), "method": "GET"}),
+    );
+    let published = mqplug::publish::publish_all(
+        &Arc::new(publisher),
+        vec![event; total],
+        mqplug::publish::Pipeline {
+            concurrency: 16,
+            batch: 16,
+        },
+        |_, _| {},
+    )
+    .await;
+    ensure!(
+        published.failed() == 0,
+        "{} not published",
+        published.failed()
+    );
+    mq.shutdown().await;
+
+    let handled = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let times: Arc<std::sync::Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
+    let (h, f, t) = (handled.clone(), failed.clone(), times.clone());
+    let observer: Observer = Arc::new(move |event: &HostEvent| {
+        if let HostEvent::Handled { outcome, cause, .. } = event {
+            if *outcome != mqplug::DeliveryOutcome::ConsumeSuccess {
+                if f.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("first failure: {cause:?}");
+                }
+                return;
+            }
+            let now = Instant::now();
+            let mut times = t.lock().unwrap();
+            times.0.get_or_insert(now);
+            times.1 = Some(now);
+            h.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let mut config = mqplug::HostConfig::default();
+    config.name_server.clone_from(&broker.name_server);
+    config.topic = topic_name;
+    config.runtime.max_instances = u32::try_from(waiting + 16)?;
+    config.plugins = vec![PluginConfig {
+        group: Some(format!("bench-waiting-{round}")),
+        concurrency: host_concurrency(),
+        batch: u32::try_from(batch)?,
+        deadline_ms: (28_000 / batch as u64).min(5_000),
+        consume_from: ConsumeFrom::First,
+        allowed_outbound_hosts: vec![origin.to_string()],
+        http_max_in_flight: waiting,
+        ..PluginConfig::new("chaos", plugin_path("chaos")?)
+    }];
+    let peak = ThreadPeak::start();
+    let host = mqplug::Host::start(&config, Observers::new(vec![observer])).await?;
+    let deadline = Instant::now() + Duration::from_secs(60) + latency * (total as u32);
+    while handled.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.shutdown().await;
+    let threads = peak.finish();
+    let count = handled.load(Ordering::Relaxed);
+    ensure!(
+        count >= total,
+        "only {count} of {total} handled ({} failures)",
+        failed.load(Ordering::Relaxed)
+    );
+    let (first, last) = *times.lock().unwrap();
+    let seconds = match (first, last) {
+        (Some(first), Some(last)) => last.duration_since(first).as_secs_f64().max(1e-9),
+        _ => anyhow::bail!("nothing handled"),
+    };
+    let failures = failed.load(Ordering::Relaxed);
+    if failures > 0 {
+        eprintln!("batch {batch}: {failures} deliveries failed and were retried");
+    }
+    Ok((batch, (count - 1) as f64 / seconds, threads))
 }
 
 fn delivery() -> Delivery {

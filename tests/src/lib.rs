@@ -149,3 +149,28 @@ pub fn sample_event_with(
     });
     mqplug::TaskEvent::decode(body.to_string().as_bytes(), usize::MAX).expect("a valid event")
 }
+
+/// A benchmark's setting from the environment (`MQPLUG_BENCH_...`), or
+/// `default` when unset or not a number.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+/// mqplug's publisher on `topic`, with the topic created on the broker
+/// (4 queues).
+pub async fn topic_publisher(
+    mq: &mqplug::mq::MqRuntime,
+    name_server: &str,
+    topic: &mqplug::topic::TopicName,
+) -> anyhow::Result<mqplug::mq::Publisher> {
+    let mut publisher = mqplug::mq::Publisher::start(
+        mq,
+        mqplug::mq::ProducerSettings::new(name_server.to_string(), topic.clone()),
+    )
+    .await?;
+    publisher.create_topic(4).await?;
+    Ok(publisher)
+}

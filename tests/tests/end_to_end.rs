@@ -1307,19 +1307,14 @@ async fn a_new_group_from_last_handles_only_what_is_published_after_it_starts() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_batch_each_message_keeps_its_own_outcome_and_only_failures_come_back() -> Result<()> {
-    use mqplug::mq::{MqRuntime, ProducerSettings, Publisher};
+    use mqplug::mq::MqRuntime;
     use mqplug::topic::TopicName;
 
     let broker = LocalBroker::start()?;
     // A backlog first, so the consumer's listener calls take several each.
     let topic = TopicName::new("batch.topic")?;
     let mq = MqRuntime::new(0)?;
-    let mut publisher = Publisher::start(
-        &mq,
-        ProducerSettings::new(broker.name_server.clone(), topic.clone()),
-    )
-    .await?;
-    publisher.create_topic(4).await?;
+    let publisher = mqplug_tests::topic_publisher(&mq, &broker.name_server, &topic).await?;
     let (mut failing, mut passing) = (HashSet::new(), HashSet::new());
     for user in 0..24 {
         let (event_type, ids) = if user % 4 == 0 {
