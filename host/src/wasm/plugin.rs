@@ -294,8 +294,20 @@ impl Plugin {
         // Instantiated once to prove it can run, then dropped: an idle
         // plugin holds no instance (nor a pool slot), and its first message
         // instantiates again (microseconds).
-        let first = wasmtime_wasi::runtime::in_tokio(plugin.instantiate())
-            .map_err(|cause| PluginLoadError::Instantiate { name, cause })?;
+        // A plugin may be loaded on a Tokio worker (a CLI command, a test):
+        // the first instantiation blocks on a thread of its own, outside
+        // any runtime's context.
+        let first = std::thread::scope(|scope| {
+            scope
+                .spawn(|| wasmtime_wasi::runtime::in_tokio(plugin.instantiate()))
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(HandlerFailure::Host {
+                        detail: "the host panicked while instantiating".into(),
+                    })
+                })
+        })
+        .map_err(|cause| PluginLoadError::Instantiate { name, cause })?;
         plugin.memory_at_instantiation = first.store.data().memory_bytes;
         Ok(plugin)
     }
