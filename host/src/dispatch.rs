@@ -111,12 +111,7 @@ impl EventHandler for Plugin {
 
     // A plugin used directly (not through a slot) keeps its follow-ups too.
     fn handle_full(&self, event: &TaskEvent, delivery: &Delivery) -> Handled {
-        let (outcome, outbox) = self.handle_with_outbox(event, delivery);
-        Handled {
-            outcome,
-            version: None,
-            outbox,
-        }
+        wasmtime_wasi::runtime::in_tokio(self.handle_full_async(event, delivery))
     }
 
     fn handle_full_async<'a>(
@@ -284,21 +279,24 @@ impl Dispatcher {
                 // Follow-up messages go out before the event is acknowledged;
                 // if they cannot, the event is retried and republishes them
                 // with the same ids.
+                // Not entered across the send's await.
+                drop(_entered);
                 let unsent =
                     if outcome == DeliveryOutcome::ConsumeSuccess && !handled.outbox.is_empty() {
-                        drop(_entered);
                         let sent = self
                             .send_outbox(delivery, &handled.outbox, started.elapsed())
                             .instrument(span.clone())
                             .await;
-                        self.observers.emit(|| HostEvent::FollowUps {
-                            plugin: self.plugin.clone(),
-                            topics: handled
-                                .outbox
-                                .iter()
-                                .map(|message| message.topic.configured().to_string())
-                                .collect(),
-                            sent: sent.is_ok(),
+                        span.in_scope(|| {
+                            self.observers.emit(|| HostEvent::FollowUps {
+                                plugin: self.plugin.clone(),
+                                topics: handled
+                                    .outbox
+                                    .iter()
+                                    .map(|message| message.topic.configured().to_string())
+                                    .collect(),
+                                sent: sent.is_ok(),
+                            })
                         });
                         sent.err()
                     } else {

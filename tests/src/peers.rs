@@ -53,6 +53,24 @@ pub(crate) fn go_build(
     Ok(())
 }
 
+/// Runs `command` (a Go peer, `name` in errors) to the end with no stdin;
+/// what it printed, or an error with its stdout and stderr if it failed.
+fn run_to_end(mut command: Command, name: &str) -> Result<String> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {name}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        bail!(
+            "{name} failed ({}):\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
 /// One line `task-producer` printed for an event it sent.
 #[derive(Debug, Clone)]
 pub struct GoSent {
@@ -68,22 +86,9 @@ pub struct GoSent {
 /// Runs `task-producer` to the end with `args` (besides `-nameserver`), and
 /// returns what it sent. Fails if any send failed.
 pub fn go_produce(name_server: &str, args: &[&str]) -> Result<Vec<GoSent>> {
-    let output = Command::new(go_peers_dir()?.join("task-producer"))
-        .arg("-nameserver")
-        .arg(name_server)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run task-producer")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "task-producer failed ({}):\n{stdout}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    stdout
+    let mut command = Command::new(go_peers_dir()?.join("task-producer"));
+    command.arg("-nameserver").arg(name_server).args(args);
+    run_to_end(command, "task-producer")?
         .lines()
         .map(|line| {
             let value: Value = serde_json::from_str(line)
@@ -109,25 +114,12 @@ pub fn go_bench_produce(
     count: usize,
     inflight: usize,
 ) -> Result<f64> {
-    let output = Command::new(go_peers_dir()?.join("bench-peer"))
+    let mut command = Command::new(go_peers_dir()?.join("bench-peer"));
+    command
         .args(["produce", "-nameserver", name_server, "-topic", topic])
-        .args([
-            "-count",
-            &count.to_string(),
-            "-inflight",
-            &inflight.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run bench-peer produce")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "bench-peer produce failed ({}): {stdout}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+        .args(["-count", &count.to_string()])
+        .args(["-inflight", &inflight.to_string()]);
+    let stdout = run_to_end(command, "bench-peer produce")?;
     let line: Value = serde_json::from_str(stdout.trim()).context("bench-peer produce's line")?;
     line["rate"]
         .as_f64()

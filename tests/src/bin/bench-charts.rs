@@ -79,15 +79,12 @@ fn main() -> Result<()> {
 
 /// The rows of a CSV file with a header, as numbers.
 fn csv(path: &Path) -> Result<Vec<Vec<f64>>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{} (run its benchmark first)", path.display()))?;
-    text.lines()
-        .skip(1)
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            line.split(',')
-                .map(|cell| cell.trim().parse::<f64>().map_err(Into::into))
-                .collect()
+    csv_labelled(path)?
+        .into_iter()
+        .map(|(first, rest)| {
+            let mut row = vec![first.parse::<f64>()?];
+            row.extend(rest);
+            Ok(row)
         })
         .collect()
 }
