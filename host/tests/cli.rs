@@ -150,24 +150,27 @@ fn chaos_config(dir: &std::path::Path, extra: &str) -> Result<std::path::PathBuf
 }
 
 /// `mqplug publish --file FILE`; returns what it printed.
-fn publish_file(name_server: &str, file: &std::path::Path) -> Result<String> {
+/// `mqplug publish --file FILE` to `broker`; a failure shows the broker's
+/// logs too (a broker that refuses sends says why only there).
+fn publish_file(broker: &LocalBroker, file: &std::path::Path) -> Result<String> {
     let publish = mqplug_command()
-        .args(["publish", "--name-server", name_server, "--file"])
+        .args(["publish", "--name-server", &broker.name_server, "--file"])
         .arg(file)
         .output()?;
     let out = String::from_utf8_lossy(&publish.stdout).into_owned();
     ensure!(
         publish.status.success(),
-        "publish failed: {out}{}",
-        String::from_utf8_lossy(&publish.stderr)
+        "publish failed: {out}{}\n{}",
+        String::from_utf8_lossy(&publish.stderr),
+        broker.logs()
     );
     Ok(out)
 }
 
 /// `mqplug publish --file examples/events.jsonl`: four good events and one
 /// whose count is not a number.
-fn publish_examples(name_server: &str) -> Result<()> {
-    let out = publish_file(name_server, &workspace_root().join("examples/events.jsonl"))?;
+fn publish_examples(broker: &LocalBroker) -> Result<()> {
+    let out = publish_file(broker, &workspace_root().join("examples/events.jsonl"))?;
     ensure!(out.contains("sent 5, failed 0"), "{out}");
     Ok(())
 }
@@ -200,7 +203,7 @@ fn run_and_publish_handle_the_sample_events_and_sigterm_exits_cleanly() -> Resul
         seen.join("\n")
     );
 
-    publish_examples(&broker.name_server)?;
+    publish_examples(&broker)?;
 
     let handled = |seen: &[String]| {
         seen.iter()
@@ -446,7 +449,7 @@ fn examples_in_rust_python_javascript_and_go_handle_the_same_published_events() 
             >= plugins.len()
     });
     ensure!(started, "mqplug did not start:\n{}", seen.join("\n"));
-    publish_examples(&broker.name_server)?;
+    publish_examples(&broker)?;
 
     let count = |seen: &[String], plugin: &str, what: &str| {
         let tag = format!("plugin={plugin} ");
@@ -727,7 +730,7 @@ fn the_admin_endpoints_and_json_logs_show_plugins_versions_and_counts() -> Resul
 
     // The topic does not exist until the producer creates it, so publish
     // after the consumer is up: it subscribes by name.
-    publish_examples(&broker.name_server)?;
+    publish_examples(&broker)?;
     let handled = wait_for_lines(&lines, &mut seen, Duration::from_secs(60), |seen| {
         seen.iter().filter(|l| l.contains("granting")).count() >= 4
     });
@@ -826,7 +829,7 @@ fn interrupt_mid_stream(signal: libc::c_int) -> Result<Interrupted> {
     let events = dir.path().join("events.jsonl");
     let lines: Vec<String> = (0..N).map(|user| busy_body(user, 100)).collect();
     std::fs::write(&events, lines.join("\n"))?;
-    publish_file(&broker.name_server, &events)?;
+    publish_file(&broker, &events)?;
 
     let spawn = || spawn_run_logging(&config, "info,mqplug::dispatch=debug");
 
@@ -1123,7 +1126,7 @@ fn mqplug_publish_feeds_the_platforms_go_consumer() -> Result<()> {
         .collect::<Result<_, _>>()?;
     // The Go consumer needs the topic to exist: the first publish creates it,
     // and the consumer starts from the first offset.
-    let out = publish_file(&broker.name_server, &file)?;
+    let out = publish_file(&broker, &file)?;
     ensure!(
         out.contains(&format!("sent {}, failed 0", expected.len())),
         "{out}"
@@ -1956,7 +1959,7 @@ fn a_topic_created_after_start_is_said_waited_for_and_picked_up_without_client_n
     );
 
     let published = Instant::now();
-    publish_examples(&broker.name_server)?;
+    publish_examples(&broker)?;
     let handled = |seen: &[String]| {
         seen.iter()
             .filter(|l| l.contains("granting") || l.contains("handler error: "))

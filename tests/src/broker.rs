@@ -195,6 +195,51 @@ fn spawn_logged(mut command: Command, log: &Path) -> Result<Child> {
         .with_context(|| format!("cannot start {:?}", command.get_program()))
 }
 
+/// A fresh directory for a name server's and brokers' stores and logs.
+///
+/// The Java broker refuses every send while the disk under its store is
+/// more than 90 % used (`diskSpaceWarningLevelRatio`, which its config may
+/// lower but not raise; "used" as `df` counts it). A build host's disk
+/// can cross that line while the suite runs: a debug target directory is
+/// many gigabytes. So the store goes to memory (`/dev/shm`) when that has
+/// room to spare, as the tests write a few megabytes each; to the system's
+/// temporary directory otherwise. `MQPLUG_TEST_BROKER_DIR` names another.
+fn store_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    /// What `/dev/shm` must have free before a store goes there (a
+    /// container's default is 64 MiB).
+    const ENOUGH: u64 = 4 << 30;
+    let parent = match std::env::var_os("MQPLUG_TEST_BROKER_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            let shm = Path::new("/dev/shm");
+            (available_bytes(shm).unwrap_or(0) >= ENOUGH).then(|| shm.to_path_buf())
+        }
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(prefix);
+    match parent {
+        Some(parent) => builder
+            .tempdir_in(&parent)
+            .with_context(|| format!("cannot make a broker directory in {}", parent.display())),
+        None => Ok(builder.tempdir()?),
+    }
+}
+
+/// The bytes an unprivileged process may still write under `path`.
+fn available_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a statvfs the call fills in.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs succeeded, so it filled the struct.
+    let stat = unsafe { stat.assume_init() };
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text
@@ -534,9 +579,7 @@ innerClientAuthenticationCredentials={{\"accessKey\":\"{user}\",\"secretKey\":\"
         extra_config: &str,
     ) -> Result<LocalBroker> {
         let install = rocketmq_install_dir(kind)?;
-        let dir = tempfile::Builder::new()
-            .prefix("mqplug-broker-")
-            .tempdir()?;
+        let dir = store_dir("mqplug-broker-")?;
         let ports = free_ports()?;
         let root = dir.path();
         let name_server = format!("127.0.0.1:{}", ports.namesrv);
@@ -817,9 +860,7 @@ impl LocalCluster {
     /// broker has registered.
     pub fn start(brokers: usize) -> Result<LocalCluster> {
         let install = rocketmq_install_dir(BrokerKind::Java)?;
-        let dir = tempfile::Builder::new()
-            .prefix("mqplug-cluster-")
-            .tempdir()?;
+        let dir = store_dir("mqplug-cluster-")?;
         let root = dir.path();
         write_logback_configs(root)?;
         let namesrv_port = free_ports()?.namesrv;

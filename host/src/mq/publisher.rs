@@ -383,12 +383,18 @@ impl Publisher {
         let timeout = u64::try_from(self.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
         let failure = |action: String, err: ClientError| {
             let mut error = MqError::new(action, &err);
-            if err.broker_response_code() == Some(NO_PERMISSION) {
-                // The client drops the broker's remark; say what code 16 means.
-                error.cause = format!(
-                    "the broker refused it: no permission (code 16): the credentials' user may not publish to {wire}, or the credentials are wrong or missing; {}",
-                    error.cause
-                );
+            // The client drops the broker's remark: say what its code means.
+            match err.broker_response_code() {
+                Some(NO_PERMISSION) => {
+                    error.cause = format!(
+                        "the broker refused it: no permission (code 16): the credentials' user may not publish to {wire}, or the credentials are wrong or missing; {}",
+                        error.cause
+                    );
+                }
+                Some(code) => {
+                    error.cause = format!("{}: {}", broker_code_meaning(code), error.cause);
+                }
+                None => {}
             }
             SendFailure {
                 permanent: permanent(&err),
@@ -497,6 +503,28 @@ struct SendFailure {
 const MESSAGE_ILLEGAL: i32 = 13;
 const NO_PERMISSION: i32 = 16;
 
+/// What a broker's response code to a send means, for an operator.
+fn broker_code_meaning(code: i32) -> String {
+    let meaning = match code {
+        1 => {
+            "a system error: the broker could not store it (its store busy, or a commit log file it could not create)"
+        }
+        2 => "the broker is busy and sheds load",
+        14 => {
+            "the broker's store takes no messages: its disk is more than 90 % used (it refuses sends past its diskSpaceWarningLevelRatio), or it is a slave or shutting down"
+        }
+        17 => {
+            "the topic does not exist and the broker does not create topics (autoCreateTopicEnable)"
+        }
+        _ => "",
+    };
+    if meaning.is_empty() {
+        format!("the broker answered code {code}")
+    } else {
+        format!("the broker answered code {code}, {meaning}")
+    }
+}
+
 /// Whether no retry can mend `err`: the client refused the message itself
 /// (an empty or oversized body, an illegal property), or the broker refused
 /// it as illegal or not permitted. Anything else (a timeout, a refused
@@ -596,5 +624,13 @@ mod tests {
         };
         let pauses: Vec<u128> = (1..=5).map(|n| backoff.pause(n).as_millis()).collect();
         assert_eq!(pauses, [200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn a_refused_send_names_the_brokers_code_and_what_it_means() {
+        let full = broker_code_meaning(14);
+        assert!(full.contains("code 14") && full.contains("disk"), "{full}");
+        assert!(broker_code_meaning(17).contains("autoCreateTopicEnable"));
+        assert_eq!(broker_code_meaning(215), "the broker answered code 215");
     }
 }
