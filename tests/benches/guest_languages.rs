@@ -5,6 +5,12 @@
 //! SpiderMonkey's start-up run on every event).
 //!
 //!   cargo bench -p mqplug-tests --bench guest_languages
+//!
+//! To profile one language's events, run only those, in a loop, with the
+//! plugins' functions named for perf:
+//!
+//!   MQPLUG_WASM_PERFMAP=1 MQPLUG_BENCH_PROFILE=Go:reused \
+//!     perf record -g -- target/release/deps/guest_languages-* --bench
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -45,6 +51,9 @@ fn main() -> Result<()> {
         topic: "marketing_task_completed".into(),
         ..Delivery::default()
     };
+    if let Ok(profile) = std::env::var("MQPLUG_BENCH_PROFILE") {
+        return profile_one(&plugins, &profile, &event, &delivery);
+    }
     println!(
         "| reward-logger in | component | memory at instantiation | cold compile + instantiate | \
          cached load + instantiate | one event, reused instance | one event, fresh instance |"
@@ -95,6 +104,51 @@ fn main() -> Result<()> {
             fresh.as_secs_f64() * 1e6,
         );
     }
+    Ok(())
+}
+
+/// `LANGUAGE:reused` or `LANGUAGE:fresh`: that plugin's events alone, for
+/// `MQPLUG_BENCH_SECONDS` (default 10), after one unmeasured second.
+fn profile_one(
+    plugins: &[(&str, std::path::PathBuf)],
+    profile: &str,
+    event: &mqplug::event::TaskEvent,
+    delivery: &Delivery,
+) -> Result<()> {
+    let (language, mode) = profile.split_once(':').unwrap_or((profile, "reused"));
+    let Some((_, path)) = plugins
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(language))
+    else {
+        anyhow::bail!("MQPLUG_BENCH_PROFILE: no plugin in {language}");
+    };
+    let mode = match mode {
+        "reused" => InstanceMode::Reuse,
+        "fresh" => InstanceMode::FreshPerEvent,
+        other => anyhow::bail!("MQPLUG_BENCH_PROFILE: {other} is neither reused nor fresh"),
+    };
+    let seconds: u64 = std::env::var("MQPLUG_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let runtime = WasmRuntime::new(RuntimeSettings::default()).map_err(anyhow::Error::msg)?;
+    let plugin = load(&runtime, path, mode)?;
+    let run = |length: Duration| -> Result<(u32, Duration)> {
+        let started = Instant::now();
+        let mut events = 0;
+        while started.elapsed() < length {
+            let outcome = plugin.handle(event, delivery);
+            ensure!(outcome == HandlerOutcome::Accepted, "{outcome:?}");
+            events += 1;
+        }
+        Ok((events, started.elapsed()))
+    };
+    run(Duration::from_secs(1))?;
+    let (events, took) = run(Duration::from_secs(seconds))?;
+    println!(
+        "{profile}: {events} events, {:.1} us each",
+        took.as_secs_f64() * 1e6 / f64::from(events)
+    );
     Ok(())
 }
 

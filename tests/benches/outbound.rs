@@ -10,6 +10,12 @@
 //! the plain request are printed at the end.
 //!
 //!   cargo bench -p mqplug-tests --bench outbound
+//!
+//! To profile one way alone (`plain`, `blocking`, `awaited`), in a loop for
+//! `MQPLUG_BENCH_SECONDS` (default 10), printing the requests made:
+//!
+//!   MQPLUG_BENCH_PROFILE=awaited perf stat -e task-clock,context-switches \
+//!     -- target/release/deps/outbound-* --bench
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -54,39 +60,59 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let addr = server.addr;
-    group.bench_function("plain_rust_hyper", |b| {
-        b.iter(|| {
-            client_runtime.block_on(async {
-                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                let (mut sender, connection) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                let driver = tokio::spawn(connection);
-                let request = hyper::Request::get("/grants")
-                    .header("host", addr.to_string())
-                    .header("idempotency-key", "C0A8000100002A9F0000000000000001")
-                    .body(Empty::<bytes::Bytes>::new())
+    let plain_request = || {
+        client_runtime.block_on(async {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
                     .unwrap();
-                let response = sender.send_request(request).await.unwrap();
-                let body = response.into_body().collect().await.unwrap().to_bytes();
-                assert_eq!(&body[..], b"granted");
-                drop(sender);
-                let _ = driver.await;
-            })
+            let driver = tokio::spawn(connection);
+            let request = hyper::Request::get("/grants")
+                .header("host", addr.to_string())
+                .header("idempotency-key", "C0A8000100002A9F0000000000000001")
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"granted");
+            drop(sender);
+            let _ = driver.await;
         })
-    });
-    group.bench_function("mqplug_plugin_request", |b| {
-        b.iter(|| assert_eq!(plugin.handle(&http, &delivery), HandlerOutcome::Accepted))
-    });
+    };
+    let blocking_request = || assert_eq!(plugin.handle(&http, &delivery), HandlerOutcome::Accepted);
     // Awaited on the same one-thread runtime as the plain request: what a
     // listener call's batch does.
-    group.bench_function("mqplug_plugin_request_awaited", |b| {
-        b.iter(|| {
-            let handling = client_runtime.block_on(plugin.handle_async(&http, &delivery));
-            assert_eq!(handling.outcome, HandlerOutcome::Accepted)
-        })
-    });
+    let awaited_request = || {
+        let handling = client_runtime.block_on(plugin.handle_async(&http, &delivery));
+        assert_eq!(handling.outcome, HandlerOutcome::Accepted)
+    };
+    if let Ok(way) = std::env::var("MQPLUG_BENCH_PROFILE") {
+        let request: &dyn Fn() = match way.as_str() {
+            "plain" => &plain_request,
+            "blocking" => &blocking_request,
+            "awaited" => &awaited_request,
+            other => panic!("MQPLUG_BENCH_PROFILE: {other} is not plain, blocking or awaited"),
+        };
+        let seconds = std::env::var("MQPLUG_BENCH_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
+        let started = std::time::Instant::now();
+        let mut requests = 0u32;
+        while started.elapsed() < Duration::from_secs(seconds) {
+            request();
+            requests += 1;
+        }
+        println!(
+            "{way}: {requests} requests, {:.1} us each",
+            started.elapsed().as_secs_f64() * 1e6 / f64::from(requests)
+        );
+        return;
+    }
+    group.bench_function("plain_rust_hyper", |b| b.iter(plain_request));
+    group.bench_function("mqplug_plugin_request", |b| b.iter(blocking_request));
+    group.bench_function("mqplug_plugin_request_awaited", |b| b.iter(awaited_request));
     group.bench_function("mqplug_plugin_no_request", |b| {
         b.iter(|| assert_eq!(plugin.handle(&plain, &delivery), HandlerOutcome::Accepted))
     });

@@ -280,6 +280,54 @@ fn a_granted_request_reaches_the_server_with_the_granted_authority() {
 }
 
 #[test]
+fn a_request_goes_out_whole_with_its_length_never_in_chunks() {
+    let server = Server::start(Answer::Ok("granted"));
+    let recorder = Recorder::new();
+    let plugin = chaos_granted(&[server.origin()], &[], 10 * SECOND, &recorder);
+    let url = format!("{}/grants", server.origin());
+    let requests = [
+        ("GET", None),
+        ("DELETE", None),
+        ("POST", Some(r#"{"points":10}"#)),
+    ];
+    for (i, (method, body)) in requests.into_iter().enumerate() {
+        let outcome = plugin.handle(
+            &http_event(&url, method, body),
+            &delivery(&format!("w-{i}")),
+        );
+        assert_eq!(outcome, HandlerOutcome::Accepted, "{method}");
+    }
+    let requests = server.requests();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    for (head, _) in &requests {
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding"),
+            "sent in chunks: {head}"
+        );
+    }
+    // A request without a body says nothing about one, whatever its method
+    // (hyper assumes none for a GET; a DELETE it would send in chunks).
+    for (i, method) in ["GET", "DELETE"].into_iter().enumerate() {
+        let (head, body) = &requests[i];
+        assert!(
+            head.starts_with(&format!("{method} /grants HTTP/1.1")),
+            "{head}"
+        );
+        assert!(
+            !head.to_ascii_lowercase().contains("content-length"),
+            "{head}"
+        );
+        assert_eq!(body, "");
+    }
+    let (post, body) = &requests[2];
+    assert!(
+        post.to_ascii_lowercase().contains("content-length: 13"),
+        "{post}"
+    );
+    assert_eq!(body, r#"{"points":10}"#);
+}
+
+#[test]
 fn requests_outside_the_grants_are_refused_as_errors_the_handler_sees() {
     let server = Server::start(Answer::Ok("never"));
     let recorder = Recorder::new();

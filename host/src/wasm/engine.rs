@@ -7,7 +7,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::Linker;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ProfilingStrategy,
+};
 
 use super::cache::{CompileCache, DEFAULT_CACHE_MAX_BYTES};
 use super::capability::config::ConfigStore;
@@ -88,6 +90,9 @@ pub struct WasmRuntime {
 
 type LogBudgets = Arc<Mutex<Vec<Weak<LogBudget>>>>;
 
+/// `MQPLUG_WASM_PERFMAP=1`: write a perf map of the plugins' code.
+pub const PERFMAP_VARIABLE: &str = "MQPLUG_WASM_PERFMAP";
+
 impl WasmRuntime {
     pub fn new(settings: RuntimeSettings) -> wasmtime::Result<Arc<Self>> {
         let mut pooling = PoolingAllocationConfig::default();
@@ -122,6 +127,11 @@ impl WasmRuntime {
             .epoch_interruption(true)
             .consume_fuel(settings.fuel)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        if std::env::var_os(PERFMAP_VARIABLE).is_some_and(|on| on == "1") {
+            // Names the plugins' compiled functions for `perf` in
+            // /tmp/perf-<pid>.map (docs/operating.md, "Profiling a plugin").
+            config.profiler(ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);

@@ -389,7 +389,7 @@ pub use once::Once;
 pub mod http {
     use crate::bindings::wasi::http::outgoing_handler;
     use crate::bindings::wasi::http::types::{
-        Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, Scheme,
+        Fields, FutureIncomingResponse, IncomingBody, Method, OutgoingBody, OutgoingRequest, Scheme,
     };
     use crate::bindings::wasi::io::streams::StreamError;
 
@@ -426,13 +426,20 @@ pub mod http {
             Some(at) => rest.split_at(at),
             None => (rest, "/"),
         };
-        let fields = Fields::from_list(
-            &headers
+        let mut entries: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+            .collect();
+        // The body's length up front: the request goes out with it, not
+        // in chunks.
+        if let Some(body) = body
+            && !headers
                 .iter()
-                .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
-                .collect::<Vec<_>>(),
-        )
-        .map_err(|err| format!("header: {err:?}"))?;
+                .any(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        {
+            entries.push(("content-length".into(), body.len().to_string().into_bytes()));
+        }
+        let fields = Fields::from_list(&entries).map_err(|err| format!("header: {err:?}"))?;
         let request = OutgoingRequest::new(fields);
         let method = match method {
             "GET" => Method::Get,
@@ -459,12 +466,20 @@ pub mod http {
         let outgoing = request
             .body()
             .map_err(|()| "request body taken".to_string())?;
+        let Some(body) = body else {
+            // No body: finished before the request is sent, so it goes out
+            // as one without a body.
+            OutgoingBody::finish(outgoing, None).map_err(|err| format!("{err:?}"))?;
+            let future =
+                outgoing_handler::handle(request, None).map_err(|err| format!("{err:?}"))?;
+            return read_response(future, None);
+        };
         let future = outgoing_handler::handle(request, None).map_err(|err| format!("{err:?}"))?;
         // A body that cannot be written is usually the request failing (a
         // refused origin, a closed connection): the response's error says
         // why, the same way every time, so it is reported first.
         let mut write_error = None;
-        if let Some(body) = body {
+        {
             let stream = outgoing
                 .write()
                 .map_err(|()| "request body stream taken".to_string())?;
@@ -483,6 +498,15 @@ pub mod http {
             // Unfinished: the request's body ends in an error.
             drop(outgoing);
         }
+        read_response(future, write_error)
+    }
+
+    /// Waits for `future`'s response and reads it whole; `write_error`, the
+    /// request body's, is reported after the response's own error.
+    fn read_response(
+        future: FutureIncomingResponse,
+        write_error: Option<String>,
+    ) -> Result<Response, String> {
         future.subscribe().block();
         let response = future
             .get()

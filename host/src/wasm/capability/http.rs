@@ -628,6 +628,7 @@ impl OutboundGrants {
             .path_and_query(path)
             .build()
             .map_err(|_| Error::HttpRequestUriInvalid)?;
+        let request = request.map(settled);
         let response = tokio::time::timeout_at(end_tokio, sender.send_request(request))
             .await
             .map_err(|_| expired(Error::HttpResponseTimeout))?
@@ -899,6 +900,55 @@ impl WasiHttpHooks for HttpHooks {
                 }
             }
         })
+    }
+}
+
+/// A request body as it stands when the request goes out. One the guest
+/// finished before sending, empty, becomes no body at all, so hyper writes
+/// a DELETE or an empty POST whole, without an empty chunked body and the
+/// write of its end (for a GET it assumes none anyway); a body still being
+/// written streams as it comes.
+fn settled(mut body: WasiBody) -> WasiBody {
+    if body.is_end_stream() {
+        return body;
+    }
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut body).poll_frame(&mut cx) {
+        // Polled again, with hyper's waker, when it wants the frame.
+        Poll::Pending => body,
+        Poll::Ready(None) => http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+        Poll::Ready(Some(first)) => Settled {
+            first: Some(first),
+            rest: body,
+        }
+        .boxed_unsync(),
+    }
+}
+
+/// A body whose first frame was taken by [`settled`].
+struct Settled {
+    first: Option<Result<Frame<Bytes>, Error>>,
+    rest: WasiBody,
+}
+
+impl Body for Settled {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        match self.first.take() {
+            Some(first) => Poll::Ready(Some(first)),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
     }
 }
 

@@ -98,15 +98,26 @@ func (Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, fmt.Errorf("wasi:http refused the request line of %s %s", req.Method, req.URL.Redacted())
 	}
 	body := outgoing.Body().Ok()
+	var written error
+	if req.Body == nil || req.Body == http.NoBody {
+		// No body: finished before the request is sent, so it goes out
+		// as one without a body (no chunked framing, one write).
+		written = writeBody(body, nil)
+		body = nil
+	}
 	future := wasi_http_outgoing_handler.Handle(outgoing, types.None[*web.RequestOptions]())
 	if future.IsErr() {
-		body.Drop()
+		if body != nil {
+			body.Drop()
+		}
 		return nil, httpError(future.Err())
 	}
 	pending := future.Ok()
 	// A request the host refuses may fail the body's write first: the
 	// response's error (the refusal) is the one reported either way.
-	written := writeBody(body, req.Body)
+	if body != nil {
+		written = writeBody(body, req.Body)
+	}
 	for {
 		got := pending.Get()
 		if got.IsSome() {
