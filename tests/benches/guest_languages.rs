@@ -127,27 +127,16 @@ fn profile_one(
         "fresh" => InstanceMode::FreshPerEvent,
         other => anyhow::bail!("MQPLUG_BENCH_PROFILE: {other} is neither reused nor fresh"),
     };
-    let seconds: u64 = std::env::var("MQPLUG_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
     let runtime = WasmRuntime::new(RuntimeSettings::default()).map_err(anyhow::Error::msg)?;
     let plugin = load(&runtime, path, mode)?;
-    let run = |length: Duration| -> Result<(u32, Duration)> {
-        let started = Instant::now();
-        let mut events = 0;
-        while started.elapsed() < length {
-            let outcome = plugin.handle(event, delivery);
-            ensure!(outcome == HandlerOutcome::Accepted, "{outcome:?}");
-            events += 1;
-        }
-        Ok((events, started.elapsed()))
-    };
-    run(Duration::from_secs(1))?;
-    let (events, took) = run(Duration::from_secs(seconds))?;
+    let (events, each) = mqplug_tests::repeat_for_profile(|| {
+        let outcome = plugin.handle(event, delivery);
+        ensure!(outcome == HandlerOutcome::Accepted, "{outcome:?}");
+        Ok(())
+    })?;
     println!(
         "{profile}: {events} events, {:.1} us each",
-        took.as_secs_f64() * 1e6 / f64::from(events)
+        each.as_secs_f64() * 1e6
     );
     Ok(())
 }

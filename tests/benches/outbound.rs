@@ -12,7 +12,8 @@
 //!   cargo bench -p mqplug-tests --bench outbound
 //!
 //! To profile one way alone (`plain`, `blocking`, `awaited`), in a loop for
-//! `MQPLUG_BENCH_SECONDS` (default 10), printing the requests made:
+//! `MQPLUG_BENCH_SECONDS` (default 10) after an unmeasured second, printing
+//! the requests made:
 //!
 //!   MQPLUG_BENCH_PROFILE=awaited perf stat -e task-clock,context-switches \
 //!     -- target/release/deps/outbound-* --bench
@@ -94,19 +95,14 @@ fn bench(c: &mut Criterion) {
             "awaited" => &awaited_request,
             other => panic!("MQPLUG_BENCH_PROFILE: {other} is not plain, blocking or awaited"),
         };
-        let seconds = std::env::var("MQPLUG_BENCH_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(10);
-        let started = std::time::Instant::now();
-        let mut requests = 0u32;
-        while started.elapsed() < Duration::from_secs(seconds) {
+        let (requests, each) = mqplug_tests::repeat_for_profile(|| {
             request();
-            requests += 1;
-        }
+            Ok(())
+        })
+        .unwrap();
         println!(
             "{way}: {requests} requests, {:.1} us each",
-            started.elapsed().as_secs_f64() * 1e6 / f64::from(requests)
+            each.as_secs_f64() * 1e6
         );
         return;
     }

@@ -159,6 +159,26 @@ pub fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// A bench's profile mode: `once` over and over for `MQPLUG_BENCH_SECONDS`
+/// (default 10), after one unmeasured second; how many times, and the
+/// mean time of one.
+pub fn repeat_for_profile(
+    mut once: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(u32, std::time::Duration)> {
+    let mut run = |length: std::time::Duration| -> anyhow::Result<(u32, std::time::Duration)> {
+        let started = std::time::Instant::now();
+        let mut times = 0u32;
+        while started.elapsed() < length {
+            once()?;
+            times += 1;
+        }
+        Ok((times, started.elapsed() / times.max(1)))
+    };
+    run(std::time::Duration::from_secs(1))?;
+    let seconds = env_or("MQPLUG_BENCH_SECONDS", 10) as u64;
+    run(std::time::Duration::from_secs(seconds))
+}
+
 /// mqplug's publisher on `topic`, with the topic created on the broker
 /// (4 queues).
 pub async fn topic_publisher(

@@ -506,22 +506,21 @@ const NO_PERMISSION: i32 = 16;
 /// What a broker's response code to a send means, for an operator.
 fn broker_code_meaning(code: i32) -> String {
     let meaning = match code {
-        1 => {
-            "a system error: the broker could not store it (its store busy, or a commit log file it could not create)"
-        }
-        2 => "the broker is busy and sheds load",
-        14 => {
-            "the broker's store takes no messages: its disk is more than 90 % used (it refuses sends past its diskSpaceWarningLevelRatio), or it is a slave or shutting down"
-        }
-        17 => {
-            "the topic does not exist and the broker does not create topics (autoCreateTopicEnable)"
-        }
-        _ => "",
+        1 => Some(
+            "a system error: the broker could not store it (its store busy, or a commit log file it could not create)",
+        ),
+        2 => Some("the broker is busy and sheds load"),
+        14 => Some(
+            "the broker's store takes no messages: its disk is more than 90 % used (it refuses sends past its diskSpaceWarningLevelRatio), or it is a slave or shutting down",
+        ),
+        17 => Some(
+            "the topic does not exist and the broker does not create topics (autoCreateTopicEnable)",
+        ),
+        _ => None,
     };
-    if meaning.is_empty() {
-        format!("the broker answered code {code}")
-    } else {
-        format!("the broker answered code {code}, {meaning}")
+    match meaning {
+        Some(meaning) => format!("the broker answered code {code}, {meaning}"),
+        None => format!("the broker answered code {code}"),
     }
 }
 
